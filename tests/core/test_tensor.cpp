@@ -89,3 +89,16 @@ TEST_CASE("copy: converts types and keeps strides", "[core][tensor]") {
   tensor<float, 2> wrong({3, 2});
   CHECK_THROWS_AS(copy(tensor_view<const double, 2>(a), wrong.view()), shape_error);
 }
+
+#include "alloc_counter.hpp"
+
+TEST_CASE("alloc_counter: sees tensor storage and frees", "[core][tensor]") {
+  seqmix::testing::allocation_scope scope;
+  {
+    tensor<float, 2> t({256, 256});
+    CHECK(scope.stats().count == 1);
+    CHECK(scope.stats().live_bytes == 256 * 256 * sizeof(float));
+  }
+  CHECK(scope.stats().live_bytes == 0);
+  CHECK(scope.stats().peak_bytes == 256 * 256 * sizeof(float));
+}

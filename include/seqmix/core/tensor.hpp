@@ -52,11 +52,15 @@ constexpr index_t element_count(const shape_t<R>& shape) {
   return n;
 }
 
-struct aligned_deleter {
-  void operator()(void* p) const noexcept { std::free(p); }
-};
-
 inline constexpr std::size_t tensor_alignment = 64;
+
+// Aligned operator new/delete (not aligned_alloc) so that allocation counters that replace the
+// global operators (tests/support/alloc_counter.cpp) see tensor storage too.
+struct aligned_deleter {
+  void operator()(void* p) const noexcept {
+    ::operator delete (p, std::align_val_t{tensor_alignment});
+  }
+};
 
 }  // namespace detail
 
@@ -272,10 +276,7 @@ class tensor {
   void allocate() {
     const std::size_t n = bytes();
     if (n == 0) return;
-    const std::size_t rounded =
-        (n + detail::tensor_alignment - 1) / detail::tensor_alignment * detail::tensor_alignment;
-    void* p = std::aligned_alloc(detail::tensor_alignment, rounded);
-    if (!p) throw std::bad_alloc();
+    void* p = ::operator new (n, std::align_val_t{detail::tensor_alignment});
     data_.reset(static_cast<T*>(p));
   }
   std::string describe() const { return detail::format_shape({shape_.data(), shape_.size()}); }
