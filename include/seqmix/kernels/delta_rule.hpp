@@ -1,0 +1,553 @@
+// SPDX-License-Identifier: MIT
+// The delta-rule engine behind seqmix::delta_net and seqmix::gated_delta_net (SPEC.md §2).
+//
+// Recurrence, per (sequence, value head), q_t, k_t rows of K (l2-normalised first when asked,
+// q scaled by s), v_t a row of V, S a [K, V] matrix, gate g_t = 0 for DeltaNet:
+//     S'_t = exp(g_t) S_{t-1}                 (decay first)
+//     u_t  = beta_t (v_t - S'_tᵀ k_t)          (the correction reads the decayed state)
+//     S_t  = S'_t + k_t u_tᵀ
+//     o_t  = S_tᵀ (s q_t)
+//
+// Dimensions: B batch, T tokens, H q/k heads, HV value heads (GVA: HV % H == 0, value head hv
+// reads q/k head hv / (HV / H)), K key width, V value width, N packed sequences, C chunk length.
+//
+// Forms and their cost (per value head, FLOPs count multiply and add as two):
+//  - recurrent: 7·K·V per token (decay 1, Sᵀk 2, rank-1 update 2, Sᵀq 2); O(1) extra memory,
+//    nothing allocated. Implemented column-tile-major: the columns of S evolve independently
+//    (column j only sees v_t[j]), so a [K, 64] column tile of S stays in L1 while all tokens of
+//    the sequence stream past it, and one pass over the tile per token does the update of
+//    token t and the reads Sᵀk_{t+1}, Sᵀq_{t+1} of the next token:
+//        o_t = exp(g_t) S_{t-1}ᵀ q_t + (k_t·q_t) u_t      (same value as S_tᵀ q_t).
+//  - chunked (WY/UT transform, chunk C): per chunk
+//        A_ij = beta_i (k_i·k_j) exp(G_i - G_j), j < i    (G: chunk-local cumulative gate)
+//        T    = (I + A)^-1                                   (forward substitution)
+//        W    = T diag(beta ⊙ exp(G)) K,   U = T diag(beta) V
+//        V'   = U - W S_n
+//        O    = (s Q ⊙ exp(G)) S_n + ((s Q Kᵀ) ⊙ D) V',     D_ij = exp(G_i - G_j), j <= i
+//        S_{n+1} = exp(G_C) S_n + (K ⊙ exp(G_C - G))ᵀ V'
+//    ≈ 2C(3K + 2V) + C²/3 + 6·K·V FLOPs per token (GEMMs through Eigen), O(C·(K+V) + K·V)
+//    working memory per thread, independent of T.
+//
+// Gates. Every exponent above is <= 0 when the gates are <= 0 (no exp(G_i)·exp(-G_j)
+// factoring). G is accumulated in double, with each gate clamped at -1000 first: exp(-1000) is 0
+// in float and double alike, so the clamp changes no result, while it turns -inf gates ("forget
+// everything") into finite numbers so that G_i - G_j never becomes -inf - (-inf) = NaN, and the
+// double sum keeps G_i - G_j exact to ~1e-11 even after gates of -1e4.
+//
+// Stability. The recurrence multiplies S by (I - beta k kᵀ) along k: eigenvalue
+// 1 - beta·|k|². It is stable while |1 - beta·|k|²| <= 1 (beta in [0, 2] with unit keys, which
+// use_qk_l2norm gives). Outside that range S grows geometrically in every form; both forms then
+// compute the same growing numbers, but rounding errors grow with them, so chunked and recurrent
+// agree only to about float epsilon times the growth factor over the chunk (T = (I + A)^-1 has
+// entries of that size), and once the growth overflows float both produce inf. Tested in
+// tests/mixers/test_delta_net.cpp ("unstable").
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/parallel.hpp>
+#include <seqmix/core/simd.hpp>
+#include <seqmix/core/tensor.hpp>
+
+namespace seqmix::kernels::delta_rule {
+
+/// Everything one call of the engine needs. Views keep the caller's strides.
+template <class T>
+struct problem {
+  tensor_view<const T, 4> q;     // [B, T, H, K]
+  tensor_view<const T, 4> k;     // [B, T, H, K]
+  tensor_view<const T, 4> v;     // [B, T, HV, V]
+  tensor_view<const T, 3> g;     // [B, T, HV] natural-log gates; empty for DeltaNet
+  tensor_view<const T, 3> beta;  // [B, T, HV]
+  tensor_view<T, 4> o;           // [B, T, HV, V]
+  tensor_view<T, 4> state;       // [B or N, HV, K, V]
+  T scale = T(1);
+  bool l2norm = false;
+  std::span<const index_t> cu_seqlens{};  // empty: B sequences of length T
+
+  bool gated() const { return !g.empty(); }
+  index_t sequences() const {
+    return cu_seqlens.empty() ? q.extent(0) : static_cast<index_t>(cu_seqlens.size()) - 1;
+  }
+};
+
+/// One sequence: batch row b, tokens [t0, t0 + len), state row n.
+struct segment {
+  index_t b, t0, len, n;
+};
+
+template <class T>
+inline segment segment_of(const problem<T>& p, index_t i) {
+  if (p.cu_seqlens.empty()) return {i, 0, p.q.extent(1), i};
+  const auto u = static_cast<std::size_t>(i);
+  return {0, p.cu_seqlens[u], p.cu_seqlens[u + 1] - p.cu_seqlens[u], i};
+}
+
+/// Gates below this are clamped (exp(-1000) == 0 in float and double; see the header comment).
+inline constexpr double gate_floor = -1000.0;
+
+// ---- validation ------------------------------------------------------------------------------
+
+/// Validates a full-sequence call (forward_*). Throws shape_error naming the argument.
+template <class T>
+void validate(const checker& check, const problem<T>& p, index_t chunk_size = 1) {
+  const auto& qs = p.q.shape();
+  const index_t B = qs[0], TT = qs[1], H = qs[2], K = qs[3];
+  check.nonempty("q", p.q);
+  check.require(p.v.extent(2) > 0 && p.v.extent(3) > 0, "v",
+                "must not be empty, got shape " +
+                    detail::format_shape({p.v.shape().data(), p.v.shape().size()}));
+  const index_t HV = p.v.extent(2), V = p.v.extent(3);
+  check.shape("k", p.k, {B, TT, H, K});
+  check.shape("v", p.v, {B, TT, any_extent, any_extent});
+  check.require(HV % H == 0, "v",
+                "value heads (" + std::to_string(HV) + ") must be a multiple of q/k heads (" +
+                    std::to_string(H) + ")");
+  if (p.gated()) check.shape("g", p.g, {B, TT, HV});
+  check.shape("beta", p.beta, {B, TT, HV});
+  check.shape("o", p.o, {B, TT, HV, V});
+  check.require(chunk_size > 0, "chunk_size", "must be > 0, got " + std::to_string(chunk_size));
+  if (p.cu_seqlens.empty()) {
+    check.shape("state", p.state, {B, HV, K, V});
+  } else {
+    const auto& cu = p.cu_seqlens;
+    check.require(B == 1, "q",
+                  "packed variable-length input needs B == 1, got B = " + std::to_string(B));
+    check.require(cu.size() >= 2, "cu_seqlens", "needs at least 2 offsets [0, ..., T]");
+    check.require(cu.front() == 0, "cu_seqlens",
+                  "must start at 0, got " + std::to_string(cu.front()));
+    check.require(cu.back() == TT, "cu_seqlens",
+                  "must end at T = " + std::to_string(TT) + ", got " + std::to_string(cu.back()));
+    for (std::size_t i = 1; i < cu.size(); ++i) {
+      check.require(cu[i] >= cu[i - 1], "cu_seqlens",
+                    "must be non-decreasing (offset " + std::to_string(i) + " is " +
+                        std::to_string(cu[i]) + " < " + std::to_string(cu[i - 1]) + ")");
+    }
+    check.shape("state", p.state, {static_cast<index_t>(cu.size()) - 1, HV, K, V});
+  }
+  check.inner_contiguous("q", p.q);
+  check.inner_contiguous("k", p.k);
+  check.inner_contiguous("v", p.v);
+  check.inner_contiguous("o", p.o);
+  check.inner_contiguous("state", p.state);
+  if (p.gated()) check.log_gate("g", p.g);
+  check.finite("beta", p.beta);
+  check.require(std::isfinite(p.scale), "scale", "must be finite");
+}
+
+// ---- recurrent form --------------------------------------------------------------------------
+
+// Lane policies: the column-tile kernel is written once over "a vector of columns", either an
+// xsimd batch or a plain scalar (for the columns left over after the full batches).
+template <class T>
+struct simd_lane {
+  using type = simd::batch<T>;
+  static constexpr index_t width = simd::lanes<T>;
+  static type load(const T* p) { return simd::load(p); }
+  static void store(T* p, const type& x) { simd::store(p, x); }
+  static type fma(const type& a, const type& b, const type& c) { return simd::fma(a, b, c); }
+  static type zero() { return type(T(0)); }
+  static type bcast(T x) { return type(x); }
+};
+template <class T>
+struct scalar_lane {
+  using type = T;
+  static constexpr index_t width = 1;
+  static T load(const T* p) { return *p; }
+  static void store(T* p, T x) { *p = x; }
+  static T fma(T a, T b, T c) { return std::fma(a, b, c); }
+  static T zero() { return T(0); }
+  static T bcast(T x) { return x; }
+};
+
+/// Row pointers of one token of one (segment, value head); `t` counts from the segment start.
+template <class T>
+struct token_rows {
+  const problem<T>& p;
+  segment sg;
+  index_t hv, hq;
+  const T* q(index_t t) const {
+    return p.q.data() + sg.b * p.q.stride(0) + (sg.t0 + t) * p.q.stride(1) + hq * p.q.stride(2);
+  }
+  const T* k(index_t t) const {
+    return p.k.data() + sg.b * p.k.stride(0) + (sg.t0 + t) * p.k.stride(1) + hq * p.k.stride(2);
+  }
+  const T* v(index_t t) const {
+    return p.v.data() + sg.b * p.v.stride(0) + (sg.t0 + t) * p.v.stride(1) + hv * p.v.stride(2);
+  }
+  T* o(index_t t) const {
+    return p.o.data() + sg.b * p.o.stride(0) + (sg.t0 + t) * p.o.stride(1) + hv * p.o.stride(2);
+  }
+  T beta(index_t t) const {
+    return p.beta
+        .data()[sg.b * p.beta.stride(0) + (sg.t0 + t) * p.beta.stride(1) + hv * p.beta.stride(2)];
+  }
+  T gate(index_t t) const {
+    return p.g.data()[sg.b * p.g.stride(0) + (sg.t0 + t) * p.g.stride(1) + hv * p.g.stride(2)];
+  }
+};
+
+/// 1 / sqrt(Σx² + 1e-6) when l2-normalising, else 1.
+template <class T>
+inline T inv_norm(const T* x, index_t n, bool l2norm) {
+  return l2norm ? T(1) / std::sqrt(simd::dot(x, x, n) + T(1e-6)) : T(1);
+}
+
+/// Runs all tokens of one segment over the columns [c0, c0 + NB·width) of one state matrix
+/// S ([K, V], row stride lds), updating S in place and writing those columns of o.
+template <class T, class Lane, std::size_t NB, bool Gated>
+inline void recurrent_columns(const token_rows<T>& rows, index_t K, index_t c0, T* S, index_t lds) {
+  using vec = typename Lane::type;
+  constexpr index_t W = Lane::width;
+  const problem<T>& p = rows.p;
+  const index_t n = rows.sg.len;
+  if (n == 0) return;
+  std::array<vec, NB> acc_k, acc_q, u;  // Sᵀk_t, Sᵀq_t (raw k, q), u_t on this column tile
+  for (std::size_t r = 0; r < NB; ++r) acc_k[r] = acc_q[r] = Lane::zero();
+  {  // prologue: Sᵀk_0 and Sᵀq_0 from S_0
+    const T* kt = rows.k(0);
+    const T* qt = rows.q(0);
+    for (index_t i = 0; i < K; ++i) {
+      const vec ki = Lane::bcast(kt[i]), qi = Lane::bcast(qt[i]);
+      const T* s = S + i * lds + c0;
+      for (std::size_t r = 0; r < NB; ++r) {
+        const vec x = Lane::load(s + index_t(r) * W);
+        acc_k[r] = Lane::fma(ki, x, acc_k[r]);
+        acc_q[r] = Lane::fma(qi, x, acc_q[r]);
+      }
+    }
+  }
+  for (index_t t = 0; t < n; ++t) {
+    const T* kt = rows.k(t);
+    const T* qt = rows.q(t);
+    const T rk = inv_norm(kt, K, p.l2norm);
+    const T cq = p.scale * inv_norm(qt, K, p.l2norm);  // q_t = cq · q_raw
+    const T kq = rk * cq * simd::dot(kt, qt, K);       // k_t · q_t (normalised, scaled)
+    const T decay = Gated ? std::exp(std::max(rows.gate(t), T(gate_floor))) : T(1);
+    const T bt = rows.beta(t);
+    const T* vt = rows.v(t) + c0;
+    T* ot = rows.o(t) + c0;
+    // u = beta (v - decay·rk·Sᵀk_raw);  o = cq·decay·Sᵀq_raw + (k·q) u
+    const vec vrk = Lane::bcast(-decay * rk), vb = Lane::bcast(bt), vcq = Lane::bcast(cq * decay),
+              vkq = Lane::bcast(kq);
+    for (std::size_t r = 0; r < NB; ++r) {
+      u[r] = vb * Lane::fma(vrk, acc_k[r], Lane::load(vt + index_t(r) * W));
+      Lane::store(ot + index_t(r) * W, Lane::fma(vkq, u[r], vcq * acc_q[r]));
+    }
+    // S = decay·S + k uᵀ, and in the same pass Sᵀk_{t+1}, Sᵀq_{t+1} for the next token.
+    const vec vdecay = Lane::bcast(decay);
+    if (t + 1 < n) {
+      const T* kn = rows.k(t + 1);
+      const T* qn = rows.q(t + 1);
+      for (std::size_t r = 0; r < NB; ++r) acc_k[r] = acc_q[r] = Lane::zero();
+      for (index_t i = 0; i < K; ++i) {
+        const vec ki = Lane::bcast(rk * kt[i]), kx = Lane::bcast(kn[i]), qx = Lane::bcast(qn[i]);
+        T* s = S + i * lds + c0;
+        for (std::size_t r = 0; r < NB; ++r) {
+          vec x = Lane::load(s + index_t(r) * W);
+          x = Lane::fma(ki, u[r], Gated ? vdecay * x : x);
+          Lane::store(s + index_t(r) * W, x);
+          acc_k[r] = Lane::fma(kx, x, acc_k[r]);
+          acc_q[r] = Lane::fma(qx, x, acc_q[r]);
+        }
+      }
+    } else {
+      for (index_t i = 0; i < K; ++i) {
+        const vec ki = Lane::bcast(rk * kt[i]);
+        T* s = S + i * lds + c0;
+        for (std::size_t r = 0; r < NB; ++r) {
+          const vec x = Lane::load(s + index_t(r) * W);
+          Lane::store(s + index_t(r) * W, Lane::fma(ki, u[r], Gated ? vdecay * x : x));
+        }
+      }
+    }
+  }
+}
+
+/// Column tile width (elements) of the recurrent kernel: 4 registers of columns where there are
+/// 32 vector registers (AVX-512), 2 otherwise (3·NB accumulators must stay in registers).
+template <class T>
+inline constexpr std::size_t tile_batches = sizeof(simd::batch<T>) >= 64 ? 4 : 2;
+template <class T>
+inline constexpr index_t tile_width = index_t(tile_batches<T>) * simd::lanes<T>;
+
+/// Runs the recurrent form over every (segment, value head, column tile) in parallel.
+/// Allocates nothing: all per-token scalars are recomputed per tile (3 dots of K per token).
+template <class T>
+void run_recurrent(const problem<T>& p) {
+  const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
+  const index_t group = HV / H;
+  const index_t N = p.sequences();
+  constexpr index_t TW = tile_width<T>;
+  const index_t tiles = (V + TW - 1) / TW;
+  const bool gated = p.gated();
+  parallel_for(N * HV * tiles, [&](index_t job) {
+    const index_t tile = job % tiles, hv = (job / tiles) % HV, seq = job / (tiles * HV);
+    const segment sg = segment_of(p, seq);
+    if (sg.len == 0) return;
+    const token_rows<T> rows{p, sg, hv, hv / group};
+    T* S = p.state.data() + sg.n * p.state.stride(0) + hv * p.state.stride(1);
+    const index_t lds = p.state.stride(2);
+    index_t c = tile * TW;
+    const index_t end = std::min(V, c + TW);
+    auto run = [&]<class Lane, std::size_t NB>(index_t col) {
+      if (gated) {
+        recurrent_columns<T, Lane, NB, true>(rows, K, col, S, lds);
+      } else {
+        recurrent_columns<T, Lane, NB, false>(rows, K, col, S, lds);
+      }
+    };
+    if (end - c == TW) {
+      run.template operator()<simd_lane<T>, tile_batches<T>>(c);
+      return;
+    }
+    for (; c + simd::lanes<T> <= end; c += simd::lanes<T>) {
+      run.template operator()<simd_lane<T>, 1>(c);
+    }
+    for (; c < end; ++c) run.template operator()<scalar_lane<T>, 1>(c);
+  });
+}
+
+// ---- chunked form (WY/UT transform) ---------------------------------------------------------
+
+template <class T>
+using row_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using row_map = Eigen::Map<row_matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+template <class T>
+using const_row_map = Eigen::Map<const row_matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+template <class T>
+inline row_map<T> mat(T* p, index_t rows, index_t cols, index_t ld) {
+  return row_map<T>(p, rows, cols, Eigen::OuterStride<>(ld));
+}
+
+/// Per-thread scratch of the chunked form: O(C·(K+V) + C² + K·V) elements.
+template <class T>
+struct chunk_workspace {
+  index_t C = 0, K = 0, V = 0;
+  std::vector<T, Eigen::aligned_allocator<T>> kq;  // [2C, K]: rows [0,c) keys, [c,2c) queries
+  std::vector<T, Eigen::aligned_allocator<T>> kk;  // [2C, C]: K Kᵀ on top, Q Kᵀ (-> P) below
+  std::vector<T, Eigen::aligned_allocator<T>> a;   // [C, C] A (strictly lower)
+  std::vector<T, Eigen::aligned_allocator<T>> tm;  // [C, C] T = (I + A)^-1
+  std::vector<T, Eigen::aligned_allocator<T>> x;   // [C, K] diag(beta·exp(G)) K
+  std::vector<T, Eigen::aligned_allocator<T>> y;   // [C, V] diag(beta) V
+  std::vector<T, Eigen::aligned_allocator<T>> w;   // [C, K] W
+  std::vector<T, Eigen::aligned_allocator<T>> uu;  // [C, V] U, then V' in place
+  std::vector<T, Eigen::aligned_allocator<T>> s;   // [K, V] the running state S_n
+  std::vector<T> e;                                // [C] a row of exponents
+  std::vector<double> G;                           // [C] chunk-local cumulative gate
+  std::vector<T> eg, egc, bt;                      // [C] exp(G), exp(G_c - G), beta
+
+  void resize(index_t c, index_t k, index_t v) {
+    C = c, K = k, V = v;
+    auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
+    kq.resize(sz(2 * c * k));
+    kk.resize(sz(2 * c * c));
+    a.resize(sz(c * c));
+    tm.resize(sz(c * c));
+    x.resize(sz(c * k));
+    y.resize(sz(c * v));
+    w.resize(sz(c * k));
+    uu.resize(sz(c * v));
+    s.resize(sz(k * v));
+    e.resize(sz(c));
+    G.resize(sz(c));
+    eg.resize(sz(c));
+    egc.resize(sz(c));
+    bt.resize(sz(c));
+  }
+};
+
+/// One (segment, value head): all chunks in order, state carried in ws.s.
+template <class T>
+void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
+                      chunk_workspace<T>& ws) {
+  const index_t K = p.q.extent(3), V = p.v.extent(3);
+  const index_t len = rows.sg.len;
+  T* Sp = p.state.data() + rows.sg.n * p.state.stride(0) + rows.hv * p.state.stride(1);
+  const index_t lds = p.state.stride(2);
+  auto S = mat(ws.s.data(), K, V, V);  // S_n: [K, V], a contiguous copy of the caller's state
+  S = mat(Sp, K, V, lds);
+  const bool gated = p.gated();
+  const index_t ldo = p.o.stride(1);
+
+  for (index_t t0 = 0; t0 < len; t0 += C) {
+    const index_t c = std::min(C, len - t0);
+    const auto uc = static_cast<std::size_t>(c);
+    // phase 1: chunk-local inputs. kc: [c, K] normalised keys; qc: [c, K] s·normalised queries
+    T* kc = ws.kq.data();
+    T* qc = ws.kq.data() + c * K;
+    double G = 0;
+    for (index_t i = 0; i < c; ++i) {
+      const T* kr = rows.k(t0 + i);
+      const T* qr = rows.q(t0 + i);
+      const T rk = inv_norm(kr, K, p.l2norm);
+      const T cq = p.scale * inv_norm(qr, K, p.l2norm);
+      for (index_t j = 0; j < K; ++j) {
+        kc[i * K + j] = rk * kr[j];
+        qc[i * K + j] = cq * qr[j];
+      }
+      if (gated) G += std::max(static_cast<double>(rows.gate(t0 + i)), gate_floor);
+      ws.G[std::size_t(i)] = G;
+      ws.bt[std::size_t(i)] = rows.beta(t0 + i);
+    }
+    for (index_t i = 0; i < c; ++i) {
+      const auto ui = std::size_t(i);
+      ws.e[ui] = static_cast<T>(ws.G[ui]);
+      ws.egc[ui] = static_cast<T>(ws.G[uc - 1] - ws.G[ui]);
+    }
+    simd::exp(ws.e.data(), ws.eg.data(), c);     // exp(G_i) <= 1
+    simd::exp(ws.egc.data(), ws.egc.data(), c);  // exp(G_c - G_i) <= 1
+    const T gamma = ws.eg[uc - 1];               // exp(G_c)
+
+    // [K; Q] Kᵀ: [2c, c] (top: K Kᵀ, bottom: s Q Kᵀ)
+    auto KQ = mat(ws.kq.data(), 2 * c, K, K);
+    auto Kc = mat(kc, c, K, K);
+    auto KK = mat(ws.kk.data(), 2 * c, c, c);
+    KK.noalias() = KQ * Kc.transpose();
+    // A (strictly lower) and P = (s Q Kᵀ) ⊙ D (lower with diagonal), D_ij = exp(G_i - G_j)
+    T* A = ws.a.data();
+    T* P = ws.kk.data() + c * c;
+    for (index_t i = 0; i < c; ++i) {
+      for (index_t j = 0; j <= i; ++j)
+        ws.e[std::size_t(j)] = static_cast<T>(ws.G[std::size_t(i)] - ws.G[std::size_t(j)]);
+      simd::exp(ws.e.data(), ws.e.data(), i + 1);
+      const T b = ws.bt[std::size_t(i)];
+      for (index_t j = 0; j < i; ++j)
+        A[i * c + j] = b * ws.kk[std::size_t(i * c + j)] * ws.e[std::size_t(j)];
+      for (index_t j = 0; j <= i; ++j) P[i * c + j] *= ws.e[std::size_t(j)];
+      for (index_t j = i + 1; j < c; ++j) P[i * c + j] = T(0);
+    }
+    // T = (I + A)^-1 by forward substitution, row by row: T_i = e_i - Σ_{m<i} A_im T_m
+    T* Tm = ws.tm.data();
+    for (index_t i = 0; i < c; ++i) {
+      T* ti = Tm + i * c;
+      std::fill_n(ti, c, T(0));
+      ti[i] = T(1);
+      for (index_t m = 0; m < i; ++m) simd::axpy(ti, -A[i * c + m], Tm + m * c, m + 1);
+    }
+    // X = diag(beta ⊙ exp(G)) K, Y = diag(beta) V; W = T X, U = T Y
+    for (index_t i = 0; i < c; ++i) {
+      const auto ui = std::size_t(i);
+      const T fx = ws.bt[ui] * ws.eg[ui];
+      for (index_t j = 0; j < K; ++j) ws.x[std::size_t(i * K + j)] = fx * kc[i * K + j];
+      const T* vr = rows.v(t0 + i);
+      for (index_t j = 0; j < V; ++j) ws.y[std::size_t(i * V + j)] = ws.bt[ui] * vr[j];
+    }
+    auto Tmat = mat(Tm, c, c, c);
+    auto Wm = mat(ws.w.data(), c, K, K);
+    auto Um = mat(ws.uu.data(), c, V, V);
+    Wm.noalias() = Tmat * mat(ws.x.data(), c, K, K);
+    Um.noalias() = Tmat * mat(ws.y.data(), c, V, V);
+    // Q ⊙ exp(G) in place; K ⊙ exp(G_c - G) in place (kc is not needed as plain keys any more)
+    for (index_t i = 0; i < c; ++i) {
+      simd::scale(qc + i * K, ws.eg[std::size_t(i)], K);
+      simd::scale(kc + i * K, ws.egc[std::size_t(i)], K);
+    }
+    // phase 2 (sequential over chunks): V' = U - W S_n;  O = (Q ⊙ exp(G)) S_n + P V'
+    Um.noalias() -= Wm * S;
+    auto O = mat(rows.o(t0), c, V, ldo);
+    O.noalias() = mat(qc, c, K, K) * S;
+    O.noalias() += mat(P, c, c, c) * Um;
+    // S_{n+1} = exp(G_c) S_n + (K ⊙ exp(G_c - G))ᵀ V'
+    S *= gamma;
+    S.noalias() += Kc.transpose() * Um;
+  }
+  mat(Sp, K, V, lds) = S;
+}
+
+/// Runs the chunked form over every (segment, value head) in parallel; one workspace per thread.
+template <class T>
+void run_chunked(const problem<T>& p, index_t chunk_size) {
+  const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
+  const index_t group = HV / H;
+  const index_t N = p.sequences();
+  std::vector<chunk_workspace<T>> ws(static_cast<std::size_t>(std::max(1, max_slots())));
+  for (auto& w : ws) w.resize(chunk_size, K, V);
+  parallel_for_with_slot(N * HV, [&](index_t job, int slot) {
+    const index_t hv = job % HV, seq = job / HV;
+    const segment sg = segment_of(p, seq);
+    if (sg.len == 0) return;
+    const token_rows<T> rows{p, sg, hv, hv / group};
+    chunked_sequence(p, rows, chunk_size, ws[static_cast<std::size_t>(slot)]);
+  });
+}
+
+/// Measured switch-over (bench/bench_delta.cpp): below this many tokens per sequence the
+/// recurrent form is faster than the chunked one.
+inline constexpr index_t chunked_min_tokens = 64;
+
+// ---- gate helper ----------------------------------------------------------------------------
+
+/// g = -exp(A_log) · softplus(a + dt_bias), finite for every finite input: computed in double
+/// (long double for double), clamped to the lowest finite value of T when it overflows, and
+/// 0 when softplus underflows (never -inf · 0 = NaN).
+template <class T>
+inline T gate_value(T a, T A_log, T dt_bias) {
+  using W = std::conditional_t<std::is_same_v<T, float>, double, long double>;
+  const W x = W(a) + W(dt_bias);
+  const W sp = x > W(20) ? x : std::log1p(std::exp(x));
+  const W r = -std::exp(W(A_log)) * sp;
+  const W lo = W(std::numeric_limits<T>::lowest());
+  if (!std::isfinite(r)) return sp == W(0) ? T(0) : std::numeric_limits<T>::lowest();
+  return static_cast<T>(std::max(r, lo));
+}
+
+}  // namespace seqmix::kernels::delta_rule
+
+namespace seqmix::kernels::delta_rule {
+
+// ---- one-token views (step) ----------------------------------------------------------------
+
+/// [B, H, D] -> [B, 1, H, D] (same memory; the stride of the length-1 time axis is unused).
+template <class T>
+inline tensor_view<T, 4> as_one_token(const tensor_view<T, 3>& x) {
+  return {x.data(),
+          {x.extent(0), 1, x.extent(1), x.extent(2)},
+          {x.stride(0), 0, x.stride(1), x.stride(2)}};
+}
+/// [B, H] -> [B, 1, H].
+template <class T>
+inline tensor_view<T, 3> as_one_token(const tensor_view<T, 2>& x) {
+  return {x.data(), {x.extent(0), 1, x.extent(1)}, {x.stride(0), 0, x.stride(1)}};
+}
+
+/// Validates a one-token call (step), naming the [B, H, D] arguments; allocates nothing unless
+/// it throws.
+template <class T>
+void validate_step(const checker& check, tensor_view<const T, 3> q, tensor_view<const T, 3> k,
+                   tensor_view<const T, 3> v, tensor_view<const T, 2> g, bool gated,
+                   tensor_view<const T, 2> beta, tensor_view<T, 3> o, tensor_view<T, 4> state,
+                   T scale) {
+  check.nonempty("q", q);
+  check.nonempty("v", v);
+  const index_t B = q.extent(0), H = q.extent(1), K = q.extent(2);
+  const index_t HV = v.extent(1), V = v.extent(2);
+  check.shape("k", k, {B, H, K});
+  check.shape("v", v, {B, any_extent, any_extent});
+  check.require(HV % H == 0, "v", "value heads must be a multiple of q/k heads");
+  if (gated) check.shape("g", g, {B, HV});
+  check.shape("beta", beta, {B, HV});
+  check.shape("o", o, {B, HV, V});
+  check.shape("state", state, {B, HV, K, V});
+  check.inner_contiguous("q", q);
+  check.inner_contiguous("k", k);
+  check.inner_contiguous("v", v);
+  check.inner_contiguous("o", o);
+  check.inner_contiguous("state", state);
+  if (gated) check.log_gate("g", g);
+  check.finite("beta", beta);
+  check.require(std::isfinite(scale), "scale", "must be finite");
+}
+
+}  // namespace seqmix::kernels::delta_rule

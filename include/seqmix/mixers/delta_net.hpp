@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: MIT
+// DeltaNet (Schlag et al. 2021; Yang et al. 2024, parallelised), SPEC.md §2.
+//
+//     u_t = beta_t (v_t - S_{t-1}ᵀ k_t)        (beta_t per value head, usually sigmoid(·))
+//     S_t = S_{t-1} + k_t u_tᵀ
+//     o_t = S_tᵀ (s q_t)                       (s = K^-1/2 unless given)
+//
+// Dimensions: B batch, T tokens, H q/k heads, HV value heads (GVA: HV % H == 0, value head hv
+// uses q/k head hv / (HV / H)), K key width, V value width, N packed sequences, C chunk length.
+// Layouts: q, k [B, T, H, K]; v, o [B, T, HV, V]; beta [B, T, HV]; state [B, HV, K, V].
+//
+// Cost per value head (FLOPs, multiply-add = 2):
+//  - forward_recurrent / step: 7·K·V per token, O(1) extra memory, allocation-free;
+//  - forward_chunked (WY/UT, chunk C): about 2C(3K + 2V) + C²/3 + 6·K·V per token in GEMMs,
+//    O(C·(K+V) + K·V) working memory per thread;
+//  - forward: recurrent below kernels::delta_rule::chunked_min_tokens tokens per sequence,
+//    chunked above (the switch-over measured by bench/bench_delta.cpp).
+// Numerics, -inf gates and the unstable regime (|1 - beta·|k|²| > 1): kernels/delta_rule.hpp.
+#pragma once
+
+#include <cmath>
+#include <optional>
+#include <span>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/kernels/delta_rule.hpp>
+
+namespace seqmix {
+
+/// DeltaNet mixer over float or double.
+template <class T>
+class delta_net {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "delta_net<T>: T is float or double");
+
+ public:
+  using value_type = T;
+  struct options {
+    std::optional<T> scale{};    ///< multiplies q; default K^-1/2
+    bool use_qk_l2norm = false;  ///< q, k -> x / sqrt(Σx² + 1e-6) before scaling
+    index_t chunk_size = 64;     ///< chunk length C of forward_chunked
+  };
+
+  delta_net() : delta_net(options{}) {}
+  explicit delta_net(const options& opt) : opt_(opt) {}
+
+  const options& config() const { return opt_; }
+
+  /// A zero state [B, HV, K, V] (B = N for packed input).
+  static tensor<T, 4> make_state(index_t B, index_t HV, index_t K, index_t V) {
+    return tensor<T, 4>({B, HV, K, V});
+  }
+
+  /// Chunked-parallel form (WY/UT transform).
+  /// @param q     [B, T, H, K] queries (in)
+  /// @param k     [B, T, H, K] keys (in)
+  /// @param v     [B, T, HV, V] values (in)
+  /// @param beta  [B, T, HV] write strengths, finite (in)
+  /// @param o     [B, T, HV, V] outputs (out; must not overlap the inputs)
+  /// @param state [B, HV, K, V] S_0 (in), S_T (out)
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<const T, 3> beta, tensor_view<T, 4> o,
+                       tensor_view<T, 4> state) const {
+    run("delta_net::forward_chunked", form::chunked, {q, k, v, {}, beta, o, state, {}});
+  }
+  /// Packed variable-length chunked form: B == 1, `cu_seqlens` [N+1] (0, ..., T, non-decreasing),
+  /// state [N, HV, K, V], one row per sequence.
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<const T, 3> beta, tensor_view<T, 4> o,
+                       tensor_view<T, 4> state, std::span<const index_t> cu_seqlens) const {
+    run("delta_net::forward_chunked", form::chunked, {q, k, v, {}, beta, o, state, cu_seqlens});
+  }
+
+  /// Token-by-token form; same arguments as forward_chunked. Allocates nothing.
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<const T, 3> beta,
+                         tensor_view<T, 4> o, tensor_view<T, 4> state) const {
+    run("delta_net::forward_recurrent", form::recurrent, {q, k, v, {}, beta, o, state, {}});
+  }
+  /// Packed variable-length recurrent form (see forward_chunked).
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<const T, 3> beta,
+                         tensor_view<T, 4> o, tensor_view<T, 4> state,
+                         std::span<const index_t> cu_seqlens) const {
+    run("delta_net::forward_recurrent", form::recurrent, {q, k, v, {}, beta, o, state, cu_seqlens});
+  }
+
+  /// Picks the faster form for the shape (recurrent for short sequences, chunked otherwise).
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<const T, 3> beta, tensor_view<T, 4> o, tensor_view<T, 4> state) const {
+    run("delta_net::forward", form::automatic, {q, k, v, {}, beta, o, state, {}});
+  }
+  /// Packed variable-length form choosing by the mean sequence length.
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<const T, 3> beta, tensor_view<T, 4> o, tensor_view<T, 4> state,
+               std::span<const index_t> cu_seqlens) const {
+    run("delta_net::forward", form::automatic, {q, k, v, {}, beta, o, state, cu_seqlens});
+  }
+
+  /// One token per sequence (decode), state updated in place; allocates nothing.
+  /// @param q, k  [B, H, K] (in);  v [B, HV, V] (in);  beta [B, HV] (in)
+  /// @param o     [B, HV, V] (out);  state [B, HV, K, V] (in/out)
+  void step(tensor_view<const T, 3> q, tensor_view<const T, 3> k, tensor_view<const T, 3> v,
+            tensor_view<const T, 2> beta, tensor_view<T, 3> o, tensor_view<T, 4> state) const {
+    namespace dr = kernels::delta_rule;
+    const checker check{"delta_net::step"};
+    const T s = scale_for(q.extent(2));
+    dr::validate_step<T>(check, q, k, v, {}, false, beta, o, state, s);
+    dr::problem<T> p{dr::as_one_token(q),
+                     dr::as_one_token(k),
+                     dr::as_one_token(v),
+                     {},
+                     dr::as_one_token(beta),
+                     dr::as_one_token(o),
+                     state,
+                     s,
+                     opt_.use_qk_l2norm,
+                     {}};
+    dr::run_recurrent(p);
+  }
+
+  /// The scale applied to q for key width K.
+  T scale_for(index_t K) const {
+    return opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(K));
+  }
+
+ private:
+  enum class form { chunked, recurrent, automatic };
+  struct call {
+    tensor_view<const T, 4> q, k, v;
+    tensor_view<const T, 3> g, beta;
+    tensor_view<T, 4> o, state;
+    std::span<const index_t> cu;
+  };
+
+  void run(const char* where, form f, const call& c) const {
+    namespace dr = kernels::delta_rule;
+    const checker check{where};
+    dr::problem<T> p{
+        c.q, c.k, c.v, c.g, c.beta, c.o, c.state, scale_for(c.q.extent(3)), opt_.use_qk_l2norm,
+        c.cu};
+    dr::validate(check, p, opt_.chunk_size);
+    if (f == form::automatic) {
+      f = c.q.extent(1) / std::max<index_t>(1, p.sequences()) >= dr::chunked_min_tokens
+              ? form::chunked
+              : form::recurrent;
+    }
+    if (f == form::chunked) {
+      dr::run_chunked(p, opt_.chunk_size);
+    } else {
+      dr::run_recurrent(p);
+    }
+  }
+
+  options opt_;
+};
+
+}  // namespace seqmix

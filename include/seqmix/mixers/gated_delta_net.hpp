@@ -1,0 +1,195 @@
+// SPDX-License-Identifier: MIT
+// Gated DeltaNet (Yang et al. 2024; the mixer of Qwen3-Next-style hybrids), SPEC.md §2.
+//
+//     S'_t = exp(g_t) S_{t-1}                  (decay first: g_t natural-log gate per value head)
+//     u_t  = beta_t (v_t - S'_tᵀ k_t)
+//     S_t  = S'_t + k_t u_tᵀ
+//     o_t  = S_tᵀ (s q_t)                       (s = K^-1/2 unless given)
+//
+// Dimensions: B batch, T tokens, H q/k heads, HV value heads (GVA: HV % H == 0, value head hv
+// uses q/k head hv / (HV / H)), K key width, V value width, N packed sequences, C chunk length.
+// Layouts: q, k [B, T, H, K]; v, o [B, T, HV, V]; g, beta [B, T, HV]; state [B, HV, K, V].
+//
+// Cost per value head (FLOPs, multiply-add = 2):
+//  - forward_recurrent / step: 7·K·V per token, O(1) extra memory, allocation-free;
+//  - forward_chunked (WY/UT, chunk C): about 2C(3K + 2V) + C²/3 + 6·K·V per token in GEMMs,
+//    O(C·(K+V) + K·V) working memory per thread;
+//  - forward: recurrent below kernels::delta_rule::chunked_min_tokens tokens per sequence,
+//    chunked above (the switch-over measured by bench/bench_delta.cpp).
+// Numerics, -inf gates and the unstable regime (|1 - beta·|k|²| > 1): kernels/delta_rule.hpp.
+#pragma once
+
+#include <cmath>
+#include <optional>
+#include <span>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/kernels/delta_rule.hpp>
+
+namespace seqmix {
+
+/// Gated DeltaNet mixer over float or double.
+template <class T>
+class gated_delta_net {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "gated_delta_net<T>: T is float or double");
+
+ public:
+  using value_type = T;
+  struct options {
+    std::optional<T> scale{};    ///< multiplies q; default K^-1/2
+    bool use_qk_l2norm = false;  ///< q, k -> x / sqrt(Σx² + 1e-6) before scaling
+    index_t chunk_size = 64;     ///< chunk length C of forward_chunked
+  };
+
+  gated_delta_net() : gated_delta_net(options{}) {}
+  explicit gated_delta_net(const options& opt) : opt_(opt) {}
+
+  const options& config() const { return opt_; }
+
+  /// A zero state [B, HV, K, V] (B = N for packed input).
+  static tensor<T, 4> make_state(index_t B, index_t HV, index_t K, index_t V) {
+    return tensor<T, 4>({B, HV, K, V});
+  }
+
+  /// Chunked-parallel form (WY/UT transform).
+  /// @param q     [B, T, H, K] queries (in)
+  /// @param k     [B, T, H, K] keys (in)
+  /// @param v     [B, T, HV, V] values (in)
+  /// @param g     [B, T, HV] natural-log gates, finite or -inf (in)
+  /// @param beta  [B, T, HV] write strengths, finite (in)
+  /// @param o     [B, T, HV, V] outputs (out; must not overlap the inputs)
+  /// @param state [B, HV, K, V] S_0 (in), S_T (out)
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<const T, 3> g,
+                       tensor_view<const T, 3> beta, tensor_view<T, 4> o,
+                       tensor_view<T, 4> state) const {
+    run("gated_delta_net::forward_chunked", form::chunked, {q, k, v, g, beta, o, state, {}});
+  }
+  /// Packed variable-length chunked form: B == 1, `cu_seqlens` [N+1] (0, ..., T, non-decreasing),
+  /// state [N, HV, K, V], one row per sequence.
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<const T, 3> g,
+                       tensor_view<const T, 3> beta, tensor_view<T, 4> o, tensor_view<T, 4> state,
+                       std::span<const index_t> cu_seqlens) const {
+    run("gated_delta_net::forward_chunked", form::chunked,
+        {q, k, v, g, beta, o, state, cu_seqlens});
+  }
+
+  /// Token-by-token form; same arguments as forward_chunked. Allocates nothing.
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<const T, 3> g,
+                         tensor_view<const T, 3> beta, tensor_view<T, 4> o,
+                         tensor_view<T, 4> state) const {
+    run("gated_delta_net::forward_recurrent", form::recurrent, {q, k, v, g, beta, o, state, {}});
+  }
+  /// Packed variable-length recurrent form (see forward_chunked).
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<const T, 3> g,
+                         tensor_view<const T, 3> beta, tensor_view<T, 4> o, tensor_view<T, 4> state,
+                         std::span<const index_t> cu_seqlens) const {
+    run("gated_delta_net::forward_recurrent", form::recurrent,
+        {q, k, v, g, beta, o, state, cu_seqlens});
+  }
+
+  /// Picks the faster form for the shape (recurrent for short sequences, chunked otherwise).
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<const T, 3> g, tensor_view<const T, 3> beta, tensor_view<T, 4> o,
+               tensor_view<T, 4> state) const {
+    run("gated_delta_net::forward", form::automatic, {q, k, v, g, beta, o, state, {}});
+  }
+  /// Packed variable-length form choosing by the mean sequence length.
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<const T, 3> g, tensor_view<const T, 3> beta, tensor_view<T, 4> o,
+               tensor_view<T, 4> state, std::span<const index_t> cu_seqlens) const {
+    run("gated_delta_net::forward", form::automatic, {q, k, v, g, beta, o, state, cu_seqlens});
+  }
+
+  /// One token per sequence (decode), state updated in place; allocates nothing.
+  /// @param q, k  [B, H, K] (in);  v [B, HV, V] (in);  g, beta [B, HV] (in)
+  /// @param o     [B, HV, V] (out);  state [B, HV, K, V] (in/out)
+  void step(tensor_view<const T, 3> q, tensor_view<const T, 3> k, tensor_view<const T, 3> v,
+            tensor_view<const T, 2> g, tensor_view<const T, 2> beta, tensor_view<T, 3> o,
+            tensor_view<T, 4> state) const {
+    namespace dr = kernels::delta_rule;
+    const checker check{"gated_delta_net::step"};
+    const T s = scale_for(q.extent(2));
+    dr::validate_step<T>(check, q, k, v, g, true, beta, o, state, s);
+    dr::problem<T> p{dr::as_one_token(q),
+                     dr::as_one_token(k),
+                     dr::as_one_token(v),
+                     dr::as_one_token(g),
+                     dr::as_one_token(beta),
+                     dr::as_one_token(o),
+                     state,
+                     s,
+                     opt_.use_qk_l2norm,
+                     {}};
+    dr::run_recurrent(p);
+  }
+
+  /// The scale applied to q for key width K.
+  T scale_for(index_t K) const {
+    return opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(K));
+  }
+
+ private:
+  enum class form { chunked, recurrent, automatic };
+  struct call {
+    tensor_view<const T, 4> q, k, v;
+    tensor_view<const T, 3> g, beta;
+    tensor_view<T, 4> o, state;
+    std::span<const index_t> cu;
+  };
+
+  void run(const char* where, form f, const call& c) const {
+    namespace dr = kernels::delta_rule;
+    const checker check{where};
+    check.require(!c.g.empty(), "g", "must not be empty");
+    dr::problem<T> p{
+        c.q, c.k, c.v, c.g, c.beta, c.o, c.state, scale_for(c.q.extent(3)), opt_.use_qk_l2norm,
+        c.cu};
+    dr::validate(check, p, opt_.chunk_size);
+    if (f == form::automatic) {
+      f = c.q.extent(1) / std::max<index_t>(1, p.sequences()) >= dr::chunked_min_tokens
+              ? form::chunked
+              : form::recurrent;
+    }
+    if (f == form::chunked) {
+      dr::run_chunked(p, opt_.chunk_size);
+    } else {
+      dr::run_recurrent(p);
+    }
+  }
+
+  options opt_;
+};
+
+/// Gate helper of Gated DeltaNet layers: g = -exp(A_log_h) · softplus(a + dt_bias_h) and
+/// beta = sigmoid(b), finite for every finite input (clamped at the lowest finite value).
+/// @param a, b     [B, T, HV] projections (in)
+/// @param A_log    [HV] (in);  dt_bias [HV] (in)
+/// @param g, beta  [B, T, HV] (out)
+template <class T>
+void gated_delta_gates(tensor_view<const T, 3> a, tensor_view<const T, 3> b,
+                       tensor_view<const T, 1> A_log, tensor_view<const T, 1> dt_bias,
+                       tensor_view<T, 3> g, tensor_view<T, 3> beta) {
+  const checker check{"gated_delta_gates"};
+  const index_t B = a.extent(0), TT = a.extent(1), HV = a.extent(2);
+  check.shape("b", b, {B, TT, HV});
+  check.shape("A_log", A_log, {HV});
+  check.shape("dt_bias", dt_bias, {HV});
+  check.shape("g", g, {B, TT, HV});
+  check.shape("beta", beta, {B, TT, HV});
+  check.finite("A_log", A_log);
+  check.finite("dt_bias", dt_bias);
+  for (index_t i = 0; i < B; ++i)
+    for (index_t t = 0; t < TT; ++t)
+      for (index_t h = 0; h < HV; ++h) {
+        g(i, t, h) = kernels::delta_rule::gate_value(a(i, t, h), A_log(h), dt_bias(h));
+        beta(i, t, h) = math::sigmoid(b(i, t, h));
+      }
+}
+
+}  // namespace seqmix

@@ -1,0 +1,103 @@
+// SPDX-License-Identifier: MIT
+// Plain references of the delta-rule family (SPEC.md §2): a readable token loop over any scalar
+// type, written for clarity, not speed. Tests compare every fast form against these (in double).
+//
+// DeltaNet, per (sequence, value head), with q_t, k_t rows of K, v_t a row of V, S a [K, V] matrix:
+//     u_t = beta_t (v_t - S_{t-1}ᵀ k_t)
+//     S_t = S_{t-1} + k_t u_tᵀ
+//     o_t = S_tᵀ (s q_t)
+// Gated DeltaNet (scalar natural-log gate g_t per head): decay first, then the correction
+//     S'_t = exp(g_t) S_{t-1};  u_t = beta_t (v_t - S'_tᵀ k_t);  S_t = S'_t + k_t u_tᵀ
+//
+// Dimensions: B batch, T tokens, H query/key heads, HV value heads (HV % H == 0; value head hv
+// reads q/k head hv / (HV / H)), K key width, V value width.
+// Cost: O(B·T·HV·K·V) time, O(K + V) extra memory.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <seqmix/core/tensor.hpp>
+
+namespace seqmix::reference {
+
+/// Delta rule (DeltaNet, or Gated DeltaNet when `g` is non-empty), token by token.
+/// @param q      [B, T, H, K]  queries (in)
+/// @param k      [B, T, H, K]  keys (in)
+/// @param v      [B, T, HV, V] values (in)
+/// @param g      [B, T, HV]    natural-log gates (in); an empty view means no gate (DeltaNet)
+/// @param beta   [B, T, HV]    write strengths (in)
+/// @param o      [B, T, HV, V] outputs (out)
+/// @param state  [B, HV, K, V] S_0 (in) and S_T (out)
+/// @param scale  multiplies q (after l2norm)
+/// @param use_qk_l2norm  replace q, k by x / sqrt(Σx² + 1e-6) first
+template <class T>
+void delta_rule(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                tensor_view<const T, 3> g, tensor_view<const T, 3> beta, tensor_view<T, 4> o,
+                tensor_view<T, 4> state, T scale, bool use_qk_l2norm) {
+  const index_t B = q.extent(0), TT = q.extent(1), H = q.extent(2), K = q.extent(3);
+  const index_t HV = v.extent(2), V = v.extent(3);
+  const index_t group = HV / H;
+  const bool gated = !g.empty();
+  std::vector<T> qn(static_cast<std::size_t>(K)), kn(static_cast<std::size_t>(K));
+  std::vector<T> u(static_cast<std::size_t>(V));
+  auto l2 = [&](std::vector<T>& x) {
+    if (!use_qk_l2norm) return;
+    T ss = 0;
+    for (T e : x) ss += e * e;
+    const T r = T(1) / std::sqrt(ss + T(1e-6));
+    for (T& e : x) e *= r;
+  };
+  for (index_t b = 0; b < B; ++b) {
+    for (index_t hv = 0; hv < HV; ++hv) {
+      const index_t h = hv / group;  // GVA: consecutive value heads share a q/k head
+      for (index_t t = 0; t < TT; ++t) {
+        for (index_t i = 0; i < K; ++i) {
+          qn[std::size_t(i)] = q(b, t, h, i);
+          kn[std::size_t(i)] = k(b, t, h, i);
+        }
+        l2(qn);
+        l2(kn);
+        for (T& e : qn) e *= scale;
+        // decay first (Gated DeltaNet): S' = exp(g_t) S
+        if (gated) {
+          const T decay = std::exp(g(b, t, hv));
+          for (index_t i = 0; i < K; ++i)
+            for (index_t j = 0; j < V; ++j) state(b, hv, i, j) *= decay;
+        }
+        // u = beta (v - S'ᵀ k)
+        for (index_t j = 0; j < V; ++j) {
+          T sk = 0;
+          for (index_t i = 0; i < K; ++i) sk += state(b, hv, i, j) * kn[std::size_t(i)];
+          u[std::size_t(j)] = beta(b, t, hv) * (v(b, t, hv, j) - sk);
+        }
+        // S = S' + k uᵀ
+        for (index_t i = 0; i < K; ++i)
+          for (index_t j = 0; j < V; ++j)
+            state(b, hv, i, j) += kn[std::size_t(i)] * u[std::size_t(j)];
+        // o = Sᵀ (s q)
+        for (index_t j = 0; j < V; ++j) {
+          T acc = 0;
+          for (index_t i = 0; i < K; ++i) acc += state(b, hv, i, j) * qn[std::size_t(i)];
+          o(b, t, hv, j) = acc;
+        }
+      }
+    }
+  }
+}
+
+/// The Gated DeltaNet gate helper in plain form: g = -exp(A_log) · softplus(a + dt_bias),
+/// evaluated in long double and clamped to the finite range of T.
+template <class T>
+T gated_delta_gate(T a, T A_log, T dt_bias) {
+  using L = long double;
+  const L x = L(a) + L(dt_bias);
+  const L sp = x > 20 ? x : std::log1p(std::exp(x));
+  const L r = -std::exp(L(A_log)) * sp;
+  const L lo = L(std::numeric_limits<T>::lowest());
+  return T(std::isfinite(r) ? std::max(r, lo) : (sp == 0 ? L(0) : lo));
+}
+
+}  // namespace seqmix::reference
