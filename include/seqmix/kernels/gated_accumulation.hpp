@@ -1,0 +1,778 @@
+// SPDX-License-Identifier: MIT
+// The gated-accumulation engine (SPEC.md §1): one chunk pipeline and one recurrent sweep for
+// linear attention, simple GLA, retention, Lightning, GLA and Mamba2 SSD. The mixers in
+// include/seqmix/mixers/ are thin fronts: they check shapes and pick a gate policy.
+//
+//   S_t = Diag(exp(gk_t)) · exp(g_t) · S_{t-1} · Diag(exp(gv_t)) + (c_t k_t) v_tᵀ
+//   o_t = S_tᵀ (s q_t)            (optionally divided by s q_t · z_t + 1e-10, z_t = a_t z_{t-1} +
+//   c_t k_t)
+//
+// Dimensions: B batch, T tokens, H heads of v/o/state, Hk heads of q/k (H % Hk == 0: head h
+// reads q/k head h / (H / Hk), Mamba2's groups), K key size (Mamba2's N), V value size (P),
+// C chunk length, N packed sequences (varlen). c_t is a per-token key scale (Mamba2's dt, else 1).
+//
+// Gate policies (compile-time): no_gate, scalar_gate (g [B,T,H]), constant_gate (g_gamma [H]),
+// key_gate (gk [B,T,H,K] and optional gv [B,T,H,V]); a front may add its own (mamba2_ssd.hpp).
+//
+// Forms and cost per (sequence, head), T tokens:
+// - recurrent: head-major sweep, a column tile of S kept in L1 across tokens and the state row
+//   tile in registers; 5·K·V FLOP per token, O(1) extra memory, no allocation at all.
+// - chunked: per chunk of C tokens, A = (sQ Kᵀ) ⊙ D (C×C), O = [A | sQ ⊙ e^G] · [V ; S],
+//   S ← e^{G_C} S + (K ⊙ e^{G_C - G})ᵀ V; 2C(K+V) + 4KV FLOP per token; extra memory
+//   O(C·(C+K+V) + K·V) per thread (independent of T).
+//
+// Numerics (SPEC §1): cumulative gates are chunk-local and accumulated in double, every
+// exponential has an argument <= 0 when gates are <= 0, and differences are formed in double
+// before rounding to T, so no precision is lost to a large cumulative sum. A log gate below
+// kill_threshold<T> (including -inf) is "forget everything": exp of it is below the smallest
+// normal float (double), so treating it as an exact zero changes nothing representable and keeps
+// -inf - -inf out of the arithmetic. Per-key gates use sub-chunks of 16 rows: blocks below the
+// diagonal are factored through the first row r of the sub-chunk, exp(G_i - G_r)·exp(G_r - G_j)
+// with both factors <= 1; the 16×16 diagonal blocks are computed exactly, pair by pair, from
+// sub-chunk-local sums (at most 16 gates, each above the kill threshold).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/parallel.hpp>
+#include <seqmix/core/simd.hpp>
+#include <seqmix/core/tensor.hpp>
+
+namespace seqmix::kernels::gated {
+
+/// Log gates below this are treated as -inf ("forget everything"): exp of it is < 1e-34 (float)
+/// or < 1e-304 (double), far below what the state's precision can see.
+template <class T>
+inline constexpr double kill_threshold = std::is_same_v<T, float> ? -80.0 : -700.0;
+
+// ---- gate policies ---------------------------------------------------------------------------
+// A policy answers, per (b, t, h): the scalar log gate (log_gate) or the per-key row (key_gate,
+// K values) and optionally a per-value row (value_gate), and a key scale (k_scale).
+
+/// No decay (linear attention).
+template <class T>
+struct no_gate {
+  static constexpr bool has_gate = false, per_key = false, scales_k = false;
+  T log_gate(index_t, index_t, index_t) const { return T(0); }
+  T k_scale(index_t, index_t, index_t) const { return T(1); }
+  bool has_value_gate() const { return false; }
+};
+
+/// Data-dependent scalar gate g: [B,T,H] (simple GLA).
+template <class T>
+struct scalar_gate {
+  static constexpr bool has_gate = true, per_key = false, scales_k = false;
+  tensor_view<const T, 3> g;  // [B,T,H]
+  T log_gate(index_t b, index_t t, index_t h) const { return g(b, t, h); }
+  T k_scale(index_t, index_t, index_t) const { return T(1); }
+  bool has_value_gate() const { return false; }
+};
+
+/// Constant per-head gate g_gamma: [H] (retention, Lightning).
+template <class T>
+struct constant_gate {
+  static constexpr bool has_gate = true, per_key = false, scales_k = false;
+  tensor_view<const T, 1> g_gamma;  // [H]
+  T log_gate(index_t, index_t, index_t h) const { return g_gamma(h); }
+  T k_scale(index_t, index_t, index_t) const { return T(1); }
+  bool has_value_gate() const { return false; }
+};
+
+/// Per-key gate gk: [B,T,H,K] and optional per-value gate gv: [B,T,H,V] (GLA).
+template <class T>
+struct key_gate {
+  static constexpr bool has_gate = true, per_key = true, scales_k = false;
+  tensor_view<const T, 4> gk;  // [B,T,H,K]
+  tensor_view<const T, 4> gv;  // [B,T,H,V] or empty
+  const T* key_gate_row(index_t b, index_t t, index_t h) const { return gk.ptr({b, t, h, 0}); }
+  const T* value_gate_row(index_t b, index_t t, index_t h) const { return gv.ptr({b, t, h, 0}); }
+  T k_scale(index_t, index_t, index_t) const { return T(1); }
+  bool has_value_gate() const { return gv.data() != nullptr && gv.size() > 0; }
+};
+
+// ---- the problem -----------------------------------------------------------------------------
+
+/// One call of the engine. Views are validated by the fronts (validate() below).
+template <class T>
+struct problem {
+  tensor_view<const T, 4> q, k;  // [B,T,Hk,K]
+  tensor_view<const T, 4> v;     // [B,T,H,V]
+  tensor_view<T, 4> o;           // [B,T,H,V] out
+  tensor_view<T, 4> state;       // [N,H,K,V] in S_0, out S_T
+  tensor_view<T, 3> z;           // [N,H,K] normaliser state, or empty
+  T scale = T(1);
+  std::span<const index_t> cu_seqlens;  // empty: N = B sequences of length T
+
+  index_t heads() const { return v.extent(2); }
+  index_t group() const { return v.extent(2) / q.extent(2); }
+  index_t sequences() const {
+    return cu_seqlens.empty() ? q.extent(0) : static_cast<index_t>(cu_seqlens.size()) - 1;
+  }
+  bool normalised() const { return z.data() != nullptr && z.size() > 0; }
+};
+
+/// Token range [t0, t1) of batch row b, whose state row is n.
+struct segment {
+  index_t b, t0, t1, n;
+};
+
+template <class T>
+segment segment_of(const problem<T>& p, index_t n) {
+  if (p.cu_seqlens.empty()) return {n, 0, p.q.extent(1), n};
+  const auto u = static_cast<std::size_t>(n);
+  return {0, p.cu_seqlens[u], p.cu_seqlens[u + 1], n};
+}
+
+/// Shape checks shared by every front. q, k: [B,T,Hk,K]; v, o: [B,T,H,V]; state: [N,H,K,V].
+template <class T>
+void validate(const checker& check, const problem<T>& p, index_t chunk_size) {
+  check.nonempty("q", p.q);
+  const index_t B = p.q.extent(0), TT = p.q.extent(1), Hk = p.q.extent(2), K = p.q.extent(3);
+  check.shape("k", p.k, {B, TT, Hk, K});
+  check.nonempty("v", p.v);
+  const index_t H = p.v.extent(2), V = p.v.extent(3);
+  check.shape("v", p.v, {B, TT, any_extent, any_extent});
+  // messages are built only on failure: `step` must not allocate
+  if (H % Hk != 0) {
+    check.fail("v", "heads of v (" + std::to_string(H) +
+                        ") must be a multiple of the heads of q/k (" + std::to_string(Hk) + ")");
+  }
+  check.shape("o", p.o, {B, TT, H, V});
+  if (chunk_size <= 0) check.fail("chunk_size", "must be > 0, got " + std::to_string(chunk_size));
+  index_t N = B;
+  if (!p.cu_seqlens.empty()) {
+    const auto& cu = p.cu_seqlens;
+    if (B != 1)
+      check.fail("cu_seqlens", "packed sequences need B == 1, got B = " + std::to_string(B));
+    check.require(cu.size() >= 2, "cu_seqlens", "needs at least 2 offsets (N + 1)");
+    check.require(cu.front() == 0, "cu_seqlens", "first offset must be 0");
+    if (cu.back() != TT) {
+      check.fail("cu_seqlens", "last offset must be T = " + std::to_string(TT) + ", got " +
+                                   std::to_string(cu.back()));
+    }
+    for (std::size_t i = 1; i < cu.size(); ++i) {
+      check.require(cu[i] >= cu[i - 1], "cu_seqlens", "offsets must be non-decreasing");
+    }
+    N = static_cast<index_t>(cu.size()) - 1;
+  }
+  check.shape("state", p.state, {N, H, K, V});
+  if (p.normalised()) check.shape("z", p.z, {N, H, K});
+  check.inner_contiguous("q", p.q);
+  check.inner_contiguous("k", p.k);
+  check.inner_contiguous("v", p.v);
+  check.inner_contiguous("o", p.o);
+  check.inner_contiguous("state", p.state);
+  if (p.normalised()) check.inner_contiguous("z", p.z);
+}
+
+namespace detail {
+
+using simd::batch;
+
+/// C (row-major, m×n, ldc) = A·B (+ C when accumulate), A m×k and B k×n either row-major
+/// (trans = false) or the transpose of a row-major buffer. Eigen's own GEMM kernel, called
+/// without its OpenMP layer: single-threaded and with a thread-count-independent blocking, so
+/// results are bitwise identical for any number of seqmix threads.
+template <class T, bool TransA, bool TransB>
+void gemm(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb, T* c,
+          index_t ldc, bool accumulate) {
+  if (!accumulate) {
+    for (index_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
+  }
+  if (m == 0 || n == 0 || k == 0) return;
+  using namespace Eigen;
+  using gemm_t =
+      internal::general_matrix_matrix_product<index_t, T, TransA ? ColMajor : RowMajor, false, T,
+                                              TransB ? ColMajor : RowMajor, false, RowMajor, 1>;
+  internal::gemm_blocking_space<RowMajor, T, T, Dynamic, Dynamic, Dynamic> blocking(m, n, k, 1,
+                                                                                    true);
+  gemm_t::run(m, n, k, a, lda, b, ldb, c, 1, ldc, T(1), blocking, nullptr);
+}
+
+// Chunk-local cumulative gate: value (double) and epoch (number of kills so far in the chunk).
+// Two positions a >= b combine to exp(val_a - val_b) in the same epoch, else 0.
+template <class T>
+inline T rel_arg(double va, std::int32_t ea, double vb, std::int32_t eb) {
+  return ea == eb ? static_cast<T>(va - vb) : -std::numeric_limits<T>::infinity();
+}
+
+// ---- recurrent ------------------------------------------------------------------------------
+
+/// Processes tokens [t0, t1) of one (sequence, head) for state columns [j0, j0 + NV·L):
+/// the tile of S stays in L1 across tokens, the row tile and v/o tiles in registers.
+template <class T, class Gate, std::size_t NV>
+void recurrent_tile(const problem<T>& p, const Gate& gate, const segment& sg, index_t h, T* S,
+                    index_t lds, index_t j0) {
+  constexpr index_t L = simd::lanes<T>;
+  using B = batch<T>;
+  const index_t K = p.q.extent(3), hk = h / p.group();
+  const bool has_gv = gate.has_value_gate();
+  constexpr std::size_t UL = static_cast<std::size_t>(L);
+  alignas(64) T dec[UL];
+  for (index_t t = sg.t0; t < sg.t1; ++t) {
+    const T* q = p.q.ptr({sg.b, t, hk, 0});  // [K]
+    const T* k = p.k.ptr({sg.b, t, hk, 0});  // [K]
+    const T* v = p.v.ptr({sg.b, t, h, j0});  // [NV·L] tile of v_t
+    T* o = p.o.ptr({sg.b, t, h, j0});        // [NV·L] tile of o_t
+    const T ks = Gate::scales_k ? gate.k_scale(sg.b, t, h) : T(1);
+    T a = T(1);
+    if constexpr (Gate::has_gate && !Gate::per_key) a = std::exp(gate.log_gate(sg.b, t, h));
+    B vv[NV], oo[NV], bb[NV];
+    for (std::size_t u = 0; u < NV; ++u) {
+      vv[u] = simd::load(v + u * UL);
+      oo[u] = B(T(0));
+      bb[u] = B(T(1));
+    }
+    if constexpr (Gate::per_key) {
+      if (has_gv) {
+        const T* gv = gate.value_gate_row(sg.b, t, h) + j0;
+        for (std::size_t u = 0; u < NV; ++u) bb[u] = simd::exp(simd::load(gv + u * UL));
+      }
+    }
+    const T* gk = nullptr;
+    if constexpr (Gate::per_key) gk = gate.key_gate_row(sg.b, t, h);
+    for (index_t i0 = 0; i0 < K; i0 += L) {
+      const index_t rows = std::min(L, K - i0);
+      if constexpr (Gate::per_key) {
+        // decays of L state rows at once (vector exp), exp(-inf) = 0
+        const B e = rows == L ? simd::exp(simd::load(gk + i0))
+                              : simd::exp(simd::load_partial(gk + i0, rows));
+        e.store_aligned(dec);
+      }
+      for (index_t ii = 0; ii < rows; ++ii) {
+        const index_t i = i0 + ii;
+        T* row = S + i * lds + j0;
+        const B kb(ks * k[i]), qb(p.scale * q[i]);
+        if constexpr (Gate::per_key) {
+          const B ab(dec[static_cast<std::size_t>(ii)]);
+          if (has_gv) {
+            for (std::size_t u = 0; u < NV; ++u) {
+              B s = simd::load(row + u * UL) * (ab * bb[u]);
+              s = simd::fma(kb, vv[u], s);
+              simd::store(row + u * UL, s);
+              oo[u] = simd::fma(qb, s, oo[u]);
+            }
+          } else {
+            for (std::size_t u = 0; u < NV; ++u) {
+              B s = simd::fma(kb, vv[u], simd::load(row + u * UL) * ab);
+              simd::store(row + u * UL, s);
+              oo[u] = simd::fma(qb, s, oo[u]);
+            }
+          }
+        } else if constexpr (Gate::has_gate) {
+          const B ab(a);
+          for (std::size_t u = 0; u < NV; ++u) {
+            B s = simd::fma(kb, vv[u], simd::load(row + u * UL) * ab);
+            simd::store(row + u * UL, s);
+            oo[u] = simd::fma(qb, s, oo[u]);
+          }
+        } else {
+          for (std::size_t u = 0; u < NV; ++u) {
+            B s = simd::fma(kb, vv[u], simd::load(row + u * UL));
+            simd::store(row + u * UL, s);
+            oo[u] = simd::fma(qb, s, oo[u]);
+          }
+        }
+      }
+    }
+    for (std::size_t u = 0; u < NV; ++u) simd::store(o + u * UL, oo[u]);
+  }
+}
+
+/// Columns [j0, V) (fewer than one vector) of one (sequence, head): plain scalar loop.
+template <class T, class Gate>
+void recurrent_tail(const problem<T>& p, const Gate& gate, const segment& sg, index_t h, T* S,
+                    index_t lds, index_t j0) {
+  const index_t K = p.q.extent(3), V = p.v.extent(3), hk = h / p.group();
+  const bool has_gv = gate.has_value_gate();
+  for (index_t t = sg.t0; t < sg.t1; ++t) {
+    const T* q = p.q.ptr({sg.b, t, hk, 0});
+    const T* k = p.k.ptr({sg.b, t, hk, 0});
+    const T* v = p.v.ptr({sg.b, t, h, 0});
+    T* o = p.o.ptr({sg.b, t, h, 0});
+    const T ks = Gate::scales_k ? gate.k_scale(sg.b, t, h) : T(1);
+    T a = T(1);
+    if constexpr (Gate::has_gate && !Gate::per_key) a = std::exp(gate.log_gate(sg.b, t, h));
+    for (index_t j = j0; j < V; ++j) o[j] = T(0);
+    for (index_t i = 0; i < K; ++i) {
+      T ai = a;
+      if constexpr (Gate::per_key) ai = std::exp(gate.key_gate_row(sg.b, t, h)[i]);
+      const T kk = ks * k[i], qq = p.scale * q[i];
+      for (index_t j = j0; j < V; ++j) {
+        T aij = ai;
+        if constexpr (Gate::per_key) {
+          if (has_gv) aij = ai * std::exp(gate.value_gate_row(sg.b, t, h)[j]);
+        }
+        T& s = S[i * lds + j];
+        s = std::fma(kk, v[j], s * aij);
+        o[j] = std::fma(qq, s, o[j]);
+      }
+    }
+  }
+}
+
+/// Normaliser pass (linear attention): z_t = a_t z_{t-1} + c_t k_t, o_t /= s q_t · z_t + 1e-10.
+/// Runs after the numerator pass of either form; O(T·(K + V)) per (sequence, head).
+template <class T, class Gate>
+void normaliser_pass(const problem<T>& p, const Gate& gate, const segment& sg, index_t h) {
+  static_assert(!Gate::per_key, "the normaliser is defined for scalar gates only");
+  const index_t K = p.q.extent(3), V = p.v.extent(3), hk = h / p.group();
+  T* z = p.z.ptr({sg.n, h, 0});  // [K]
+  for (index_t t = sg.t0; t < sg.t1; ++t) {
+    const T* q = p.q.ptr({sg.b, t, hk, 0});
+    const T* k = p.k.ptr({sg.b, t, hk, 0});
+    const T ks = Gate::scales_k ? gate.k_scale(sg.b, t, h) : T(1);
+    const T a = Gate::has_gate ? std::exp(gate.log_gate(sg.b, t, h)) : T(1);
+    T den = T(0);
+    for (index_t i = 0; i < K; ++i) {
+      z[i] = std::fma(ks, k[i], a * z[i]);
+      den = std::fma(p.scale * q[i], z[i], den);
+    }
+    den += T(1e-10);
+    simd::scale(p.o.ptr({sg.b, t, h, 0}), T(1) / den, V);
+  }
+}
+
+/// The recurrent form for one (sequence, head), in place on its state row.
+template <class T, class Gate>
+void recurrent_head(const problem<T>& p, const Gate& gate, const segment& sg, index_t h) {
+  constexpr index_t L = simd::lanes<T>;
+  const index_t K = p.q.extent(3), V = p.v.extent(3);
+  T* S = p.state.ptr({sg.n, h, 0, 0});  // [K, V], row stride lds
+  const index_t lds = p.state.stride(2);
+  if (sg.t1 > sg.t0) {
+    // Widest tile whose K×W block stays in L1 over a sweep (a single token: the widest).
+    index_t max_nv = 8;
+    if (sg.t1 - sg.t0 > 1) {
+      max_nv = std::max<index_t>(1, (24 * 1024) / (K * L * static_cast<index_t>(sizeof(T))));
+    }
+    index_t j0 = 0;
+    while (V - j0 >= L) {
+      const index_t nv = std::min(max_nv, (V - j0) / L);
+      if (nv >= 8) {
+        recurrent_tile<T, Gate, 8>(p, gate, sg, h, S, lds, j0);
+        j0 += 8 * L;
+      } else if (nv >= 4) {
+        recurrent_tile<T, Gate, 4>(p, gate, sg, h, S, lds, j0);
+        j0 += 4 * L;
+      } else if (nv >= 2) {
+        recurrent_tile<T, Gate, 2>(p, gate, sg, h, S, lds, j0);
+        j0 += 2 * L;
+      } else {
+        recurrent_tile<T, Gate, 1>(p, gate, sg, h, S, lds, j0);
+        j0 += L;
+      }
+    }
+    if (j0 < V) recurrent_tail<T, Gate>(p, gate, sg, h, S, lds, j0);
+  }
+  if constexpr (!Gate::per_key) {
+    if (p.normalised()) normaliser_pass<T, Gate>(p, gate, sg, h);
+  }
+}
+
+// ---- chunked --------------------------------------------------------------------------------
+
+/// Per-thread buffers of the chunked form: O(C·(C + K + V) + K·V), independent of T.
+template <class T>
+struct chunk_scratch {
+  std::vector<T> aq;          // [C, C + K]: [A | sQ ⊙ e^G], row stride L + K
+  std::vector<T> vs;          // [C + K, V]: rows C-L..C-1 the chunk's V, rows C.. the state S
+  std::vector<T> qs, kc, kt;  // [C, K]: s·q, c·k, c·k ⊙ e^{G_L - G}
+  std::vector<T> e;           // [C, max(C, K)] exponent buffer
+  std::vector<T> qi, kj;      // [16, K], [C, K]: sub-chunk factors (per-key gates)
+  std::vector<T> loc, lep;    // [C, K]: sub-chunk-local cumulative gate and epoch (as T)
+  std::vector<T> dk;          // [K] chunk decay of the state rows
+  std::vector<T> vt, ev;      // [C, V]: per-value gate buffers
+  std::vector<double> gval;   // [C, Kg] cumulative gate (Kg = K per-key, 1 scalar)
+  std::vector<std::int32_t> gep;
+  std::vector<double> vval;  // [C, V] cumulative per-value gate
+  std::vector<std::int32_t> vep;
+
+  void resize(index_t C, index_t K, index_t V, bool per_key, bool value_gate) {
+    auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
+    aq.resize(sz(C * (C + K)));
+    vs.resize(sz((C + K) * V));
+    qs.resize(sz(C * K));
+    kc.resize(sz(C * K));
+    kt.resize(sz(C * K));
+    e.resize(sz(C * std::max(C, K)));
+    dk.resize(sz(K));
+    const index_t Kg = per_key ? K : 1;
+    gval.resize(sz(C * Kg));
+    gep.resize(sz(C * Kg));
+    if (per_key) {
+      qi.resize(sz(16 * K));
+      kj.resize(sz(C * K));
+      loc.resize(sz(C * K));
+      lep.resize(sz(C * K));
+    }
+    if (value_gate) {
+      vt.resize(sz(C * V));
+      ev.resize(sz(C * std::max(C, V)));
+      vval.resize(sz(C * V));
+      vep.resize(sz(C * V));
+    }
+  }
+};
+
+/// Cumulative chunk-local gates of rows 0..L-1, width W, from `row(i)` (a pointer to W log gates
+/// of token i), with kills (gates below the threshold) starting a new epoch at value 0.
+template <class T, class Row>
+void cumulate(index_t L, index_t W, Row&& row, double* val, std::int32_t* ep) {
+  for (index_t i = 0; i < L; ++i) {
+    const T* g = row(i);
+    for (index_t c = 0; c < W; ++c) {
+      const double pv = i ? val[(i - 1) * W + c] : 0.0;
+      const std::int32_t pe = i ? ep[(i - 1) * W + c] : 0;
+      const double gi = static_cast<double>(g[c]);
+      if (gi < kill_threshold<T>) {
+        val[i * W + c] = 0.0;
+        ep[i * W + c] = pe + 1;
+      } else {
+        val[i * W + c] = pv + gi;
+        ep[i * W + c] = pe;
+      }
+    }
+  }
+}
+
+/// Per-value gates inside a chunk (GLA's optional gv): applied on the output side of O and on
+/// the state's columns. o_iv = Σ_j A_ij e^{Gv_iv - Gv_jv} v_jv + (Q̃_i S)_v e^{Gv_iv}.
+/// Computed with the same sub-chunk scheme as the keys: blocks below the diagonal factor
+/// through the first row r of the sub-chunk, diagonal blocks exactly.
+template <class T>
+void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, const T* Vc,
+                        const T* S, T* o, index_t ldo) {
+  constexpr index_t sub = 16;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const double* gv = w.vval.data();
+  const std::int32_t* ge = w.vep.data();
+  T* A = w.aq.data();  // [L, L], stride L + K
+  const index_t lda = L + K;
+  // inter-chunk term: (Q̃ S) ⊙ e^{Gv_i}
+  gemm<T, false, false>(L, V, K, A + L, lda, S, V, o, ldo, false);
+  for (index_t i = 0; i < L; ++i) {
+    T* e = w.ev.data();
+    for (index_t c = 0; c < V; ++c) e[c] = rel_arg<T>(gv[i * V + c], ge[i * V + c], 0.0, 0);
+    simd::exp(e, e, V);
+    for (index_t c = 0; c < V; ++c) o[i * ldo + c] *= e[c];
+  }
+  // intra-chunk term
+  for (index_t r0 = 0; r0 < L; r0 += sub) {
+    const index_t r1 = std::min(L, r0 + sub);
+    T* tmp = w.vt.data();  // [r1-r0, V] block result before the row factor
+    if (r0 > 0) {
+      // Ṽ_j = v_j ⊙ e^{Gv_r - Gv_j} for j < r0 (<= 1), then rows i scale by e^{Gv_i - Gv_r}
+      T* vj = w.ev.data();  // [r0, V]
+      for (index_t j = 0; j < r0; ++j) {
+        for (index_t c = 0; c < V; ++c) {
+          vj[j * V + c] = rel_arg<T>(gv[r0 * V + c], ge[r0 * V + c], gv[j * V + c], ge[j * V + c]);
+        }
+      }
+      simd::exp(vj, vj, r0 * V);
+      for (index_t n = 0; n < r0 * V; ++n) vj[n] *= Vc[n];
+      gemm<T, false, false>(r1 - r0, V, r0, A + r0 * lda, lda, vj, V, tmp, V, false);
+      for (index_t i = r0; i < r1; ++i) {
+        T* e = w.ev.data();
+        for (index_t c = 0; c < V; ++c) {
+          e[c] = rel_arg<T>(gv[i * V + c], ge[i * V + c], gv[r0 * V + c], ge[r0 * V + c]);
+        }
+        simd::exp(e, e, V);
+        for (index_t c = 0; c < V; ++c) o[i * ldo + c] += e[c] * tmp[(i - r0) * V + c];
+      }
+    }
+    // diagonal block, exact: every pair j <= i inside the sub-chunk
+    for (index_t i = r0; i < r1; ++i) {
+      for (index_t j = r0; j <= i; ++j) {
+        const T aij = A[i * lda + j];
+        if (aij == T(0)) continue;
+        T* e = w.ev.data();
+        for (index_t c = 0; c < V; ++c) {
+          e[c] =
+              ge[i * V + c] == ge[j * V + c] ? static_cast<T>(gv[i * V + c] - gv[j * V + c]) : ninf;
+        }
+        simd::exp(e, e, V);
+        for (index_t c = 0; c < V; ++c) o[i * ldo + c] += aij * e[c] * Vc[j * V + c];
+      }
+    }
+  }
+}
+
+/// The chunked form for one (sequence, head), sequential over its chunks, state in `w.vs`.
+template <class T, class Gate>
+void chunk_head(const problem<T>& p, const Gate& gate, const segment& sg, index_t h, index_t C,
+                chunk_scratch<T>& w) {
+  constexpr index_t sub = 16;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const index_t K = p.q.extent(3), V = p.v.extent(3), hk = h / p.group();
+  const bool has_gv = gate.has_value_gate();
+  T* S = w.vs.data() + C * V;  // [K, V] working state
+  {
+    const T* src = p.state.ptr({sg.n, h, 0, 0});
+    for (index_t i = 0; i < K; ++i) std::copy_n(src + i * p.state.stride(2), V, S + i * V);
+  }
+  for (index_t c0 = sg.t0; c0 < sg.t1; c0 += C) {
+    const index_t L = std::min(C, sg.t1 - c0);
+    const index_t lda = L + K;
+    T* A = w.aq.data();   // [L, L] at stride lda
+    T* Qt = A + L;        // [L, K] at stride lda: s·q ⊙ e^{G_i}
+    T* Vc = S - L * V;    // [L, V]: v of the chunk, directly above S
+    T* qs = w.qs.data();  // [L, K]
+    T* kc = w.kc.data();  // [L, K]
+    T* kt = w.kt.data();  // [L, K]
+    T* e = w.e.data();
+    // pack: s·q, c·k, v
+    for (index_t i = 0; i < L; ++i) {
+      const index_t t = c0 + i;
+      const T* q = p.q.ptr({sg.b, t, hk, 0});
+      const T* k = p.k.ptr({sg.b, t, hk, 0});
+      const T ks = Gate::scales_k ? gate.k_scale(sg.b, t, h) : T(1);
+      for (index_t c = 0; c < K; ++c) {
+        qs[i * K + c] = p.scale * q[c];
+        kc[i * K + c] = ks * k[c];
+      }
+      std::copy_n(p.v.ptr({sg.b, t, h, 0}), V, Vc + i * V);
+    }
+    if constexpr (!Gate::per_key) {
+      double* gv = w.gval.data();
+      std::int32_t* ge = w.gep.data();
+      if constexpr (Gate::has_gate) {
+        // one scalar per token; the row lambda hands cumulate() a pointer to it
+        T gtok[1];
+        cumulate<T>(
+            L, 1,
+            [&](index_t i) {
+              gtok[0] = gate.log_gate(sg.b, c0 + i, h);
+              return static_cast<const T*>(gtok);
+            },
+            gv, ge);
+      } else {
+        std::fill_n(gv, L, 0.0);
+        std::fill_n(ge, L, 0);
+      }
+      // A = (sQ) Kᵀ ⊙ D, D_ij = e^{G_i - G_j} for j <= i, else 0
+      gemm<T, false, true>(L, L, K, qs, K, kc, K, A, lda, false);
+      for (index_t i = 0; i < L; ++i) {
+        for (index_t j = 0; j < L; ++j) {
+          e[i * L + j] = j <= i ? rel_arg<T>(gv[i], ge[i], gv[j], ge[j]) : ninf;
+        }
+      }
+      simd::exp(e, e, L * L);
+      for (index_t i = 0; i < L; ++i) {
+        for (index_t j = 0; j < L; ++j) A[i * lda + j] *= e[i * L + j];
+      }
+      // Q̃ = sQ ⊙ e^{G_i}, K̃ = cK ⊙ e^{G_L - G_j}, state decay e^{G_L}
+      for (index_t i = 0; i < L; ++i) {
+        e[i] = rel_arg<T>(gv[i], ge[i], 0.0, 0);
+        e[L + i] = rel_arg<T>(gv[L - 1], ge[L - 1], gv[i], ge[i]);
+      }
+      e[2 * L] = rel_arg<T>(gv[L - 1], ge[L - 1], 0.0, 0);
+      simd::exp(e, e, 2 * L + 1);
+      for (index_t i = 0; i < L; ++i) {
+        for (index_t c = 0; c < K; ++c) {
+          Qt[i * lda + c] = qs[i * K + c] * e[i];
+          kt[i * K + c] = kc[i * K + c] * e[L + i];
+        }
+      }
+      std::fill_n(w.dk.data(), K, e[2 * L]);
+    } else {
+      double* gv = w.gval.data();
+      std::int32_t* ge = w.gep.data();
+      cumulate<T>(
+          L, K, [&](index_t i) { return gate.key_gate_row(sg.b, c0 + i, h); }, gv, ge);
+      // Q̃_ik = sq_ik e^{G_ik}; K̃_jk = ck_jk e^{G_Lk - G_jk}; decay e^{G_Lk}
+      for (index_t i = 0; i < L; ++i) {
+        for (index_t c = 0; c < K; ++c)
+          e[i * K + c] = rel_arg<T>(gv[i * K + c], ge[i * K + c], 0, 0);
+      }
+      simd::exp(e, e, L * K);
+      for (index_t i = 0; i < L; ++i) {
+        for (index_t c = 0; c < K; ++c) Qt[i * lda + c] = qs[i * K + c] * e[i * K + c];
+      }
+      const double* gl = gv + (L - 1) * K;
+      const std::int32_t* el = ge + (L - 1) * K;
+      for (index_t i = 0; i < L; ++i) {
+        for (index_t c = 0; c < K; ++c) {
+          e[i * K + c] = rel_arg<T>(gl[c], el[c], gv[i * K + c], ge[i * K + c]);
+        }
+      }
+      simd::exp(e, e, L * K);
+      for (index_t n = 0; n < L * K; ++n) kt[n] = kc[n] * e[n];
+      for (index_t c = 0; c < K; ++c)
+        w.dk[static_cast<std::size_t>(c)] = rel_arg<T>(gl[c], el[c], 0, 0);
+      simd::exp(w.dk.data(), w.dk.data(), K);
+      // A, sub-chunk by sub-chunk
+      for (index_t i = 0; i < L; ++i) std::fill_n(A + i * lda, L, T(0));
+      T* loc = w.loc.data();
+      T* lep = w.lep.data();
+      for (index_t r0 = 0; r0 < L; r0 += sub) {
+        const index_t r1 = std::min(L, r0 + sub);
+        const double* gr = gv + r0 * K;
+        const std::int32_t* er = ge + r0 * K;
+        if (r0 > 0) {
+          // below the diagonal: (sq_i ⊙ e^{G_i - G_r}) · (ck_j ⊙ e^{G_r - G_j}), both <= 1
+          T* qi = w.qi.data();  // [r1-r0, K]
+          T* kj = w.kj.data();  // [r0, K]
+          for (index_t i = r0; i < r1; ++i) {
+            for (index_t c = 0; c < K; ++c) {
+              qi[(i - r0) * K + c] = rel_arg<T>(gv[i * K + c], ge[i * K + c], gr[c], er[c]);
+            }
+          }
+          for (index_t j = 0; j < r0; ++j) {
+            for (index_t c = 0; c < K; ++c) {
+              kj[j * K + c] = rel_arg<T>(gr[c], er[c], gv[j * K + c], ge[j * K + c]);
+            }
+          }
+          simd::exp(qi, qi, (r1 - r0) * K);
+          simd::exp(kj, kj, r0 * K);
+          for (index_t n = 0; n < (r1 - r0) * K; ++n) qi[n] *= qs[r0 * K + n];
+          for (index_t n = 0; n < r0 * K; ++n) kj[n] *= kc[n];
+          gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false);
+        }
+        // diagonal block, exact. loc: cumulative gate relative to row r0 (same epoch) or to the
+        // kill that opened its epoch; lep: epoch relative to row r0. Within an epoch,
+        // loc_i - loc_j = G_i - G_j.
+        for (index_t i = r0; i < r1; ++i) {
+          for (index_t c = 0; c < K; ++c) {
+            const bool same = ge[i * K + c] == er[c];
+            loc[i * K + c] = static_cast<T>(same ? gv[i * K + c] - gr[c] : gv[i * K + c]);
+            lep[i * K + c] = static_cast<T>(ge[i * K + c] - er[c]);
+          }
+        }
+        constexpr index_t VL = simd::lanes<T>;
+        using B = batch<T>;
+        const B binf(ninf);
+        for (index_t i = r0; i < r1; ++i) {
+          for (index_t j = r0; j <= i; ++j) {
+            B acc(T(0));
+            index_t c = 0;
+            const T *li = loc + i * K, *lj = loc + j * K, *ei = lep + i * K, *ej = lep + j * K;
+            const T *qq = qs + i * K, *kk = kc + j * K;
+            for (; c + VL <= K; c += VL) {
+              const B d = xsimd::select(simd::load(ei + c) == simd::load(ej + c),
+                                        simd::load(li + c) - simd::load(lj + c), binf);
+              acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), simd::exp(d), acc);
+            }
+            T s = simd::reduce_sum(acc);
+            for (; c < K; ++c) {
+              const T d = ei[c] == ej[c] ? li[c] - lj[c] : ninf;
+              s += qq[c] * kk[c] * std::exp(d);
+            }
+            A[i * lda + j] = s;
+          }
+        }
+      }
+    }
+    T* o = p.o.ptr({sg.b, c0, h, 0});
+    const index_t ldo = p.o.stride(1);
+    if constexpr (Gate::per_key) {
+      if (has_gv) {
+        // per-value gates: output and state columns carry e^{Gv}
+        double* vv = w.vval.data();
+        std::int32_t* ve = w.vep.data();
+        cumulate<T>(
+            L, V, [&](index_t i) { return gate.value_gate_row(sg.b, c0 + i, h); }, vv, ve);
+        value_gated_output<T>(L, K, V, w, Vc, S, o, ldo);
+        // S ← Diag(e^{Gk_L}) S Diag(e^{Gv_L}) + K̃ᵀ Ṽ, Ṽ_j = v_j ⊙ e^{Gv_L - Gv_j}
+        T* vt = w.vt.data();
+        for (index_t j = 0; j < L; ++j) {
+          for (index_t c = 0; c < V; ++c) {
+            vt[j * V + c] =
+                rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], vv[j * V + c], ve[j * V + c]);
+          }
+        }
+        simd::exp(vt, vt, L * V);
+        for (index_t n = 0; n < L * V; ++n) vt[n] *= Vc[n];
+        T* dv = w.ev.data();
+        for (index_t c = 0; c < V; ++c)
+          dv[c] = rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], 0, 0);
+        simd::exp(dv, dv, V);
+        for (index_t i = 0; i < K; ++i) {
+          const T di = w.dk[static_cast<std::size_t>(i)];
+          for (index_t c = 0; c < V; ++c) S[i * V + c] *= di * dv[c];
+        }
+        gemm<T, true, false>(K, V, L, kt, K, vt, V, S, V, true);
+        continue;
+      }
+    }
+    // O = [A | Q̃] · [V ; S]: one GEMM of depth L + K for both terms
+    gemm<T, false, false>(L, V, L + K, A, lda, Vc, V, o, ldo, false);
+    // S ← Diag(decay) S + K̃ᵀ V
+    for (index_t i = 0; i < K; ++i) simd::scale(S + i * V, w.dk[static_cast<std::size_t>(i)], V);
+    gemm<T, true, false>(K, V, L, kt, K, Vc, V, S, V, true);
+  }
+  T* dst = p.state.ptr({sg.n, h, 0, 0});
+  for (index_t i = 0; i < K; ++i) std::copy_n(S + i * V, V, dst + i * p.state.stride(2));
+  if constexpr (!Gate::per_key) {
+    if (p.normalised()) normaliser_pass<T, Gate>(p, gate, sg, h);
+  }
+}
+
+}  // namespace detail
+
+/// Recurrent form: every (sequence, head) swept token by token, in parallel over them.
+/// Allocates nothing. `p` must have been validated.
+template <class T, class Gate>
+void forward_recurrent(const problem<T>& p, const Gate& gate) {
+  const index_t H = p.heads(), N = p.sequences();
+  parallel_for(N * H, [&](index_t i) {
+    detail::recurrent_head<T, Gate>(p, gate, segment_of(p, i / H), i % H);
+  });
+}
+
+/// Chunked form with chunk length `chunk`: (sequence, head) pairs in parallel, chunks in order
+/// inside each. Extra memory O(C·(C + K + V) + K·V) per thread.
+template <class T, class Gate>
+void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
+  const index_t H = p.heads(), N = p.sequences();
+  const index_t K = p.q.extent(3), V = p.v.extent(3);
+  const index_t C = std::max<index_t>(1, std::min(chunk, p.q.extent(1)));
+  std::vector<detail::chunk_scratch<T>> scratch(static_cast<std::size_t>(std::max(1, max_slots())));
+  for (auto& s : scratch) s.resize(C, K, V, Gate::per_key, gate.has_value_gate());
+  parallel_for_with_slot(N * H, [&](index_t i, int tid) {
+    detail::chunk_head<T, Gate>(p, gate, segment_of(p, i / H), i % H, C,
+                                scratch[static_cast<std::size_t>(tid)]);
+  });
+}
+
+/// Which form a front runs.
+enum class form { chunked, recurrent, automatic };
+
+/// Runs `p` in form `f`; `automatic` takes the recurrent form when the mean sequence length is
+/// below `switch_over` tokens (measured per front, see bench/bench_gated.cpp), else chunked.
+template <class T, class Gate>
+void run(form f, const problem<T>& p, const Gate& gate, index_t chunk, index_t switch_over) {
+  if (f == form::automatic) {
+    const index_t mean_len = p.q.extent(1) * p.q.extent(0) / std::max<index_t>(1, p.sequences());
+    f = mean_len < switch_over ? form::recurrent : form::chunked;
+  }
+  if (f == form::recurrent) {
+    forward_recurrent<T, Gate>(p, gate);
+  } else {
+    forward_chunked<T, Gate>(p, gate, chunk);
+  }
+}
+
+/// Views of one-token inputs [B,H,D] as [B,1,H,D] (no copy), so `step` is the recurrent form
+/// on T = 1 and shares its code exactly.
+template <class T>
+tensor_view<T, 4> as_one_token(const tensor_view<T, 3>& x) {
+  return tensor_view<T, 4>(x.data(), {x.extent(0), 1, x.extent(1), x.extent(2)},
+                           {x.stride(0), x.stride(0), x.stride(1), x.stride(2)});
+}
+template <class T>
+tensor_view<T, 3> as_one_token(const tensor_view<T, 2>& x) {
+  return tensor_view<T, 3>(x.data(), {x.extent(0), 1, x.extent(1)},
+                           {x.stride(0), x.stride(0), x.stride(1)});
+}
+
+}  // namespace seqmix::kernels::gated

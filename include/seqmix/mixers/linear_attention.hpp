@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: MIT
+// Linear attention (no gate), optionally normalised: a thin front over
+// kernels/gated_accumulation.hpp (SPEC.md §1).
+//
+//   S_t = S_{t-1} + k_t v_tᵀ;   o_t = S_tᵀ (s q_t)                 s defaults to K^-1/2
+//   with the normaliser: z_t = z_{t-1} + k_t,  o_t = S_tᵀ (s q_t) / (s q_t · z_t + 1e-10)
+//
+// Dimensions: B batch, T tokens, H heads, K key size, V value size, C chunk (default 64).
+// Cost per (sequence, head) and token: recurrent 4·K·V FLOP, no extra memory; chunked
+// 2C(K+V) + 4KV FLOP, O(C·(C+K+V) + K·V) scratch per thread; the normaliser adds O(K + V).
+#pragma once
+
+#include <cmath>
+#include <optional>
+#include <span>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/kernels/gated_accumulation.hpp>
+
+namespace seqmix {
+
+/// Linear attention. The overloads taking `z` ([B,H,K], in/out) use the normaliser.
+template <class T>
+class linear_attention {
+ public:
+  struct options {
+    std::optional<T> scale{};  ///< multiplies q; default K^-1/2
+    index_t chunk_size = 64;   ///< chunk length C of forward_chunked
+  };
+  /// forward() runs the recurrent form below this many tokens per sequence (bench_gated).
+  static constexpr index_t switch_over_t = 64;
+
+  linear_attention() = default;
+  explicit linear_attention(options opt) : opt_(opt) {}
+  const options& get_options() const { return opt_; }
+
+  /// A zero state [B,H,K,V].
+  static tensor<T, 4> make_state(index_t B, index_t H, index_t K, index_t V) {
+    return tensor<T, 4>({B, H, K, V});
+  }
+  /// A zero normaliser state [B,H,K].
+  static tensor<T, 3> make_normaliser_state(index_t B, index_t H, index_t K) {
+    return tensor<T, 3>({B, H, K});
+  }
+
+  /// Chunked form. q, k: [B,T,H,K] in; v: [B,T,H,V] in; o: [B,T,H,V] out; state: [B,H,K,V]
+  /// (or [N,H,K,V] with cu_seqlens [N+1], B == 1) in S_0, out S_T.
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<T, 4> o, tensor_view<T, 4> state,
+                       std::span<const index_t> cu_seqlens = {}) const {
+    run("linear_attention::forward_chunked", kernels::gated::form::chunked, q, k, v, o, state, {},
+        cu_seqlens);
+  }
+  /// Recurrent form; arguments as forward_chunked.
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<T, 4> o, tensor_view<T, 4> state,
+                         std::span<const index_t> cu_seqlens = {}) const {
+    run("linear_attention::forward_recurrent", kernels::gated::form::recurrent, q, k, v, o, state,
+        {}, cu_seqlens);
+  }
+  /// The faster form for this shape.
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<T, 4> o, tensor_view<T, 4> state,
+               std::span<const index_t> cu_seqlens = {}) const {
+    run("linear_attention::forward", kernels::gated::form::automatic, q, k, v, o, state, {},
+        cu_seqlens);
+  }
+  /// One token per sequence, allocates nothing. q1, k1: [B,H,K]; v1, o1: [B,H,V]; state in/out.
+  void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
+            tensor_view<T, 3> o1, tensor_view<T, 4> state) const {
+    using kernels::gated::as_one_token;
+    run("linear_attention::step", kernels::gated::form::recurrent, as_one_token(q1),
+        as_one_token(k1), as_one_token(v1), as_one_token(o1), state, {}, {});
+  }
+
+  /// Normalised overloads: z [B,H,K] (or [N,H,K]) is the normaliser state, in/out.
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<T, 4> o, tensor_view<T, 4> state,
+                       tensor_view<T, 3> z, std::span<const index_t> cu_seqlens = {}) const {
+    run("linear_attention::forward_chunked", kernels::gated::form::chunked, q, k, v, o, state,
+        require_z("linear_attention::forward_chunked", z), cu_seqlens);
+  }
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<T, 4> o, tensor_view<T, 4> state,
+                         tensor_view<T, 3> z, std::span<const index_t> cu_seqlens = {}) const {
+    run("linear_attention::forward_recurrent", kernels::gated::form::recurrent, q, k, v, o, state,
+        require_z("linear_attention::forward_recurrent", z), cu_seqlens);
+  }
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<T, 4> o, tensor_view<T, 4> state, tensor_view<T, 3> z,
+               std::span<const index_t> cu_seqlens = {}) const {
+    run("linear_attention::forward", kernels::gated::form::automatic, q, k, v, o, state,
+        require_z("linear_attention::forward", z), cu_seqlens);
+  }
+  void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
+            tensor_view<T, 3> o1, tensor_view<T, 4> state, tensor_view<T, 3> z) const {
+    using kernels::gated::as_one_token;
+    run("linear_attention::step", kernels::gated::form::recurrent, as_one_token(q1),
+        as_one_token(k1), as_one_token(v1), as_one_token(o1), state,
+        require_z("linear_attention::step", z), {});
+  }
+
+ private:
+  static tensor_view<T, 3> require_z(const char* where, tensor_view<T, 3> z) {
+    checker{where}.nonempty("z", z);
+    return z;
+  }
+  void run(const char* where, kernels::gated::form f, tensor_view<const T, 4> q,
+           tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> o,
+           tensor_view<T, 4> state, tensor_view<T, 3> z, std::span<const index_t> cu) const {
+    const checker check{where};
+    kernels::gated::problem<T> p{q, k, v, o, state, z, T(1), cu};
+    kernels::gated::validate(check, p, opt_.chunk_size);
+    check.require(v.extent(2) == q.extent(2), "v", "must have the heads of q");
+    p.scale = opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(q.extent(3)));
+    kernels::gated::run(f, p, kernels::gated::no_gate<T>{}, opt_.chunk_size, switch_over_t);
+  }
+
+  options opt_;
+};
+
+}  // namespace seqmix

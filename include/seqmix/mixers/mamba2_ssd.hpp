@@ -1,0 +1,176 @@
+// SPDX-License-Identifier: MIT
+// Mamba2's state-space dual (SSD) scan: simple GLA with q = C, k = B, v = dt·x, g = dt·A,
+// scale 1, plus the D skip (SPEC.md §4). A thin front over kernels/gated_accumulation.hpp with
+// its own gate policy (dt computed on the fly, so `step` allocates nothing).
+//
+//   dt_t = clamp(softplus(dt_raw_t + dt_bias_h), dt_min, dt_max)      (softplus optional)
+//   A_h  = -exp(A_log_h)
+//   S_t  = exp(dt_t A_h) S_{t-1} + B_t (dt_t x_t)ᵀ                     S: [N, P]
+//   y_t  = S_tᵀ C_t + D_h x_t
+//
+// State layout: seqmix returns [B,H,N,P] (fla's [K,V] layout). mamba's reference
+// implementations use [B,H,P,N]: convert with mamba2_state_to_pn / mamba2_state_from_pn.
+//
+// Dimensions: B batch, T tokens, H heads, P head dim, G groups of B/C (head h uses group
+// h / (H/G)), N state size, C chunk (default 64). Cost per (sequence, head) and token:
+// recurrent 5·N·P FLOP, no extra memory; chunked 2C(N+P) + 4NP FLOP, O(C·(C+N+P) + N·P) scratch
+// per thread.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <span>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/simd.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/kernels/gated_accumulation.hpp>
+
+namespace seqmix {
+
+/// [B,H,N,P] (seqmix) -> [B,H,P,N] (mamba's ssd_minimal / mamba_chunk_scan_combined).
+template <class T>
+tensor<T, 4> mamba2_state_to_pn(tensor_view<const T, 4> s) {
+  tensor<T, 4> out({s.extent(0), s.extent(1), s.extent(3), s.extent(2)});
+  for (index_t b = 0; b < s.extent(0); ++b)
+    for (index_t h = 0; h < s.extent(1); ++h)
+      for (index_t n = 0; n < s.extent(2); ++n)
+        for (index_t p = 0; p < s.extent(3); ++p) out(b, h, p, n) = s(b, h, n, p);
+  return out;
+}
+/// [B,H,P,N] (mamba) -> [B,H,N,P] (seqmix).
+template <class T>
+tensor<T, 4> mamba2_state_from_pn(tensor_view<const T, 4> s) {
+  return mamba2_state_to_pn<T>(s);  // the transpose of the last two dimensions is an involution
+}
+
+namespace kernels::gated {
+/// Mamba2's gate policy: dt from the raw input on the fly; log gate dt·A, key scale dt.
+template <class T>
+struct mamba2_gate {
+  static constexpr bool has_gate = true, per_key = false, scales_k = true;
+  tensor_view<const T, 3> dt;       // [B,T,H] raw
+  tensor_view<const T, 1> dt_bias;  // [H] or empty
+  tensor_view<const T, 1> A_log;    // [H]
+  bool softplus = true;
+  T dt_min = T(0), dt_max = std::numeric_limits<T>::infinity();
+
+  T delta(index_t b, index_t t, index_t h) const {
+    T x = dt(b, t, h) + (dt_bias.data() ? dt_bias(h) : T(0));
+    if (softplus) x = math::softplus(x);
+    return std::min(std::max(x, dt_min), dt_max);
+  }
+  T log_gate(index_t b, index_t t, index_t h) const {
+    const T d = delta(b, t, h);
+    return d == T(0) ? T(0) : -std::exp(A_log(h)) * d;  // 0·inf would be NaN
+  }
+  T k_scale(index_t b, index_t t, index_t h) const { return delta(b, t, h); }
+  bool has_value_gate() const { return false; }
+};
+}  // namespace kernels::gated
+
+/// Mamba2 SSD scan.
+template <class T>
+class mamba2_ssd {
+ public:
+  struct options {
+    index_t chunk_size = 64;                        ///< chunk length of forward_chunked
+    bool dt_softplus = true;                        ///< dt = softplus(dt_raw + dt_bias)
+    T dt_min = T(0);                                ///< clamp of dt (after softplus)
+    T dt_max = std::numeric_limits<T>::infinity();  ///< clamp of dt
+  };
+  /// forward() runs the recurrent form below this many tokens per sequence (bench_gated).
+  static constexpr index_t switch_over_t = 64;
+
+  mamba2_ssd() = default;
+  explicit mamba2_ssd(options opt) : opt_(opt) {}
+  const options& get_options() const { return opt_; }
+
+  /// A zero state [B,H,N,P] (layout N, P: see mamba2_state_to_pn).
+  static tensor<T, 4> make_state(index_t B, index_t H, index_t N, index_t P) {
+    return tensor<T, 4>({B, H, N, P});
+  }
+
+  /// Chunked form. x: [B,T,H,P]; dt: [B,T,H] raw; A_log: [H]; Bm, Cm: [B,T,G,N]; D: [H] or
+  /// empty; dt_bias: [H] or empty; y: [B,T,H,P] out; state: [B,H,N,P] (or [Nseq,H,N,P] with
+  /// cu_seqlens, B == 1) in/out.
+  void forward_chunked(tensor_view<const T, 4> x, tensor_view<const T, 3> dt,
+                       tensor_view<const T, 1> A_log, tensor_view<const T, 4> Bm,
+                       tensor_view<const T, 4> Cm, tensor_view<const T, 1> D,
+                       tensor_view<const T, 1> dt_bias, tensor_view<T, 4> y,
+                       tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
+    run("mamba2_ssd::forward_chunked", kernels::gated::form::chunked, x, dt, A_log, Bm, Cm, D,
+        dt_bias, y, state, cu_seqlens);
+  }
+  /// Recurrent form; arguments as forward_chunked.
+  void forward_recurrent(tensor_view<const T, 4> x, tensor_view<const T, 3> dt,
+                         tensor_view<const T, 1> A_log, tensor_view<const T, 4> Bm,
+                         tensor_view<const T, 4> Cm, tensor_view<const T, 1> D,
+                         tensor_view<const T, 1> dt_bias, tensor_view<T, 4> y,
+                         tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
+    run("mamba2_ssd::forward_recurrent", kernels::gated::form::recurrent, x, dt, A_log, Bm, Cm, D,
+        dt_bias, y, state, cu_seqlens);
+  }
+  /// The faster form for this shape.
+  void forward(tensor_view<const T, 4> x, tensor_view<const T, 3> dt, tensor_view<const T, 1> A_log,
+               tensor_view<const T, 4> Bm, tensor_view<const T, 4> Cm, tensor_view<const T, 1> D,
+               tensor_view<const T, 1> dt_bias, tensor_view<T, 4> y, tensor_view<T, 4> state,
+               std::span<const index_t> cu_seqlens = {}) const {
+    run("mamba2_ssd::forward", kernels::gated::form::automatic, x, dt, A_log, Bm, Cm, D, dt_bias, y,
+        state, cu_seqlens);
+  }
+  /// One token per sequence, allocates nothing. x1, y1: [B,H,P]; dt1: [B,H]; B1, C1: [B,G,N].
+  void step(tensor_view<const T, 3> x1, tensor_view<const T, 2> dt1, tensor_view<const T, 1> A_log,
+            tensor_view<const T, 3> B1, tensor_view<const T, 3> C1, tensor_view<const T, 1> D,
+            tensor_view<const T, 1> dt_bias, tensor_view<T, 3> y1, tensor_view<T, 4> state) const {
+    using kernels::gated::as_one_token;
+    run("mamba2_ssd::step", kernels::gated::form::recurrent, as_one_token(x1), as_one_token(dt1),
+        A_log, as_one_token(B1), as_one_token(C1), D, dt_bias, as_one_token(y1), state, {});
+  }
+
+ private:
+  void run(const char* where, kernels::gated::form f, tensor_view<const T, 4> x,
+           tensor_view<const T, 3> dt, tensor_view<const T, 1> A_log, tensor_view<const T, 4> Bm,
+           tensor_view<const T, 4> Cm, tensor_view<const T, 1> D, tensor_view<const T, 1> dt_bias,
+           tensor_view<T, 4> y, tensor_view<T, 4> state, std::span<const index_t> cu) const {
+    const checker check{where};
+    // engine roles: q = C, k = B, v = x, o = y (Hk = G groups)
+    kernels::gated::problem<T> p{Cm, Bm, x, y, state, {}, T(1), cu};
+    check.nonempty("x", x);
+    check.nonempty("Bm", Bm);
+    check.shape("Cm", Cm, {Bm.extent(0), Bm.extent(1), Bm.extent(2), Bm.extent(3)});
+    check.shape("Bm", Bm, {x.extent(0), x.extent(1), any_extent, any_extent});
+    kernels::gated::validate(check, p, opt_.chunk_size);
+    const index_t B = x.extent(0), TT = x.extent(1), H = x.extent(2);
+    check.shape("dt", dt, {B, TT, H});
+    check.finite("dt", dt);
+    check.shape("A_log", A_log, {H});
+    check.finite("A_log", A_log);
+    if (D.data()) {
+      check.shape("D", D, {H});
+      check.finite("D", D);
+    }
+    if (dt_bias.data()) {
+      check.shape("dt_bias", dt_bias, {H});
+      check.finite("dt_bias", dt_bias);
+    }
+    check.require(!(opt_.dt_min > opt_.dt_max) && opt_.dt_min >= T(0), "dt_min",
+                  "need 0 <= dt_min <= dt_max");
+    const kernels::gated::mamba2_gate<T> gate{dt,          dt_bias,    A_log, opt_.dt_softplus,
+                                              opt_.dt_min, opt_.dt_max};
+    kernels::gated::run(f, p, gate, opt_.chunk_size, switch_over_t);
+    if (D.data()) {
+      // the D skip: y += D_h x, rows of P
+      const index_t P = x.extent(3);
+      parallel_for(B * TT, [&](index_t bt) {
+        const index_t b = bt / TT, t = bt % TT;
+        for (index_t h = 0; h < H; ++h)
+          simd::axpy(y.ptr({b, t, h, 0}), D(h), x.ptr({b, t, h, 0}), P);
+      });
+    }
+  }
+
+  options opt_;
+};
+
+}  // namespace seqmix

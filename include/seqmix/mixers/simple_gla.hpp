@@ -1,0 +1,180 @@
+// SPDX-License-Identifier: MIT
+// Simple GLA (scalar gate per head and token), retention and Lightning attention (constant gate
+// per head): a thin front over kernels/gated_accumulation.hpp (SPEC.md §1).
+//
+//   S_t = exp(g_t) S_{t-1} + k_t v_tᵀ        g: [B,T,H] data-dependent, or g_gamma: [H] constant
+//   o_t = S_tᵀ (s q_t)                       s defaults to K^-1/2
+//
+// Dimensions: B batch, T tokens, H heads, K key size, V value size, C chunk (default 64),
+// N packed sequences (cu_seqlens). Cost per (sequence, head) and token: recurrent 5·K·V FLOP and
+// no extra memory; chunked 2C(K+V) + 4KV FLOP and O(C·(C+K+V) + K·V) scratch per thread.
+//
+// Retention: g_gamma = retention_g_gamma(H) = ln(1 - 2^(-5-h)). Lightning: g_gamma from
+// lightning_g_gamma_transnormer(H, layer, layers) (scale K^-1/2) or lightning_g_gamma_alibi(H)
+// (Linear-MoE; use scale 1).
+#pragma once
+
+#include <cmath>
+#include <optional>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/kernels/gated_accumulation.hpp>
+
+namespace seqmix {
+
+/// Retention's decays: g_gamma_h = ln(1 - 2^(-5-h)), h = 0..H-1.
+template <class T>
+std::vector<T> retention_g_gamma(index_t H) {
+  std::vector<T> g(static_cast<std::size_t>(H));
+  for (index_t h = 0; h < H; ++h) {
+    g[static_cast<std::size_t>(h)] = static_cast<T>(std::log1p(-std::exp2(-5.0 - double(h))));
+  }
+  return g;
+}
+
+/// Lightning attention, TransNormerLLM / fla schedule: g_gamma_h = -(8/H)(1 - layer/layers)·h.
+template <class T>
+std::vector<T> lightning_g_gamma_transnormer(index_t H, index_t layer, index_t layers) {
+  if (H <= 0 || layers <= 0 || layer < 0 || layer >= layers) {
+    throw shape_error("seqmix::lightning_g_gamma_transnormer: need H > 0 and 0 <= layer < layers");
+  }
+  std::vector<T> g(static_cast<std::size_t>(H));
+  for (index_t h = 0; h < H; ++h) {
+    g[static_cast<std::size_t>(h)] =
+        static_cast<T>(-(8.0 / double(H)) * (1.0 - double(layer) / double(layers)) * double(h));
+  }
+  return g;
+}
+
+/// Lightning attention, ALiBi slopes (Linear-MoE): g_gamma_h = -2^(-8(h+1)/H) (H a power of 2).
+template <class T>
+std::vector<T> lightning_g_gamma_alibi(index_t H) {
+  if (H <= 0 || (H & (H - 1)) != 0) {
+    throw shape_error("seqmix::lightning_g_gamma_alibi: argument 'H': must be a power of two");
+  }
+  std::vector<T> g(static_cast<std::size_t>(H));
+  for (index_t h = 0; h < H; ++h) {
+    g[static_cast<std::size_t>(h)] = static_cast<T>(-std::exp2(-8.0 * double(h + 1) / double(H)));
+  }
+  return g;
+}
+
+/// Simple GLA / retention / Lightning. With `options::g_gamma` empty, every call takes a
+/// data-dependent gate g [B,T,H]; with g_gamma set ([H]), the gate-less overloads are used.
+template <class T>
+class simple_gla {
+ public:
+  struct options {
+    std::optional<T> scale{};  ///< multiplies q; default K^-1/2
+    index_t chunk_size = 64;   ///< chunk length C of forward_chunked
+    std::vector<T> g_gamma{};  ///< constant log gate per head [H]; empty: g given per call
+  };
+  /// forward() runs the recurrent form below this many tokens per sequence (bench_gated).
+  static constexpr index_t switch_over_t = 64;
+
+  simple_gla() = default;
+  explicit simple_gla(options opt) : opt_(std::move(opt)) {}
+  const options& get_options() const { return opt_; }
+
+  /// A zero state [B,H,K,V].
+  static tensor<T, 4> make_state(index_t B, index_t H, index_t K, index_t V) {
+    return tensor<T, 4>({B, H, K, V});
+  }
+
+  /// Chunked form. q, k: [B,T,H,K] in; v: [B,T,H,V] in; g: [B,T,H] log gates in; o: [B,T,H,V]
+  /// out; state: [B,H,K,V] (or [N,H,K,V] with cu_seqlens [N+1], B == 1) in S_0, out S_T.
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<const T, 3> g, tensor_view<T, 4> o,
+                       tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
+    run_g("simple_gla::forward_chunked", kernels::gated::form::chunked, q, k, v, g, o, state,
+          cu_seqlens);
+  }
+  /// Recurrent form; arguments as forward_chunked.
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<const T, 3> g, tensor_view<T, 4> o,
+                         tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
+    run_g("simple_gla::forward_recurrent", kernels::gated::form::recurrent, q, k, v, g, o, state,
+          cu_seqlens);
+  }
+  /// The faster form for this shape (recurrent below switch_over_t tokens per sequence).
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<const T, 3> g, tensor_view<T, 4> o, tensor_view<T, 4> state,
+               std::span<const index_t> cu_seqlens = {}) const {
+    run_g("simple_gla::forward", kernels::gated::form::automatic, q, k, v, g, o, state, cu_seqlens);
+  }
+  /// One token per sequence, in place, allocates nothing. q1, k1: [B,H,K]; v1: [B,H,V];
+  /// g1: [B,H]; o1: [B,H,V] out; state: [B,H,K,V] in/out.
+  void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
+            tensor_view<const T, 2> g1, tensor_view<T, 3> o1, tensor_view<T, 4> state) const {
+    using kernels::gated::as_one_token;
+    run_g("simple_gla::step", kernels::gated::form::recurrent, as_one_token(q1), as_one_token(k1),
+          as_one_token(v1), as_one_token(g1), as_one_token(o1), state, {});
+  }
+
+  /// Constant-gate overloads (options::g_gamma set): as above without g.
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<T, 4> o, tensor_view<T, 4> state,
+                       std::span<const index_t> cu_seqlens = {}) const {
+    run_c("simple_gla::forward_chunked", kernels::gated::form::chunked, q, k, v, o, state,
+          cu_seqlens);
+  }
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<T, 4> o, tensor_view<T, 4> state,
+                         std::span<const index_t> cu_seqlens = {}) const {
+    run_c("simple_gla::forward_recurrent", kernels::gated::form::recurrent, q, k, v, o, state,
+          cu_seqlens);
+  }
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<T, 4> o, tensor_view<T, 4> state,
+               std::span<const index_t> cu_seqlens = {}) const {
+    run_c("simple_gla::forward", kernels::gated::form::automatic, q, k, v, o, state, cu_seqlens);
+  }
+  void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
+            tensor_view<T, 3> o1, tensor_view<T, 4> state) const {
+    using kernels::gated::as_one_token;
+    run_c("simple_gla::step", kernels::gated::form::recurrent, as_one_token(q1), as_one_token(k1),
+          as_one_token(v1), as_one_token(o1), state, {});
+  }
+
+ private:
+  kernels::gated::problem<T> make_problem(const checker& check, tensor_view<const T, 4> q,
+                                          tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                                          tensor_view<T, 4> o, tensor_view<T, 4> state,
+                                          std::span<const index_t> cu) const {
+    kernels::gated::problem<T> p{q, k, v, o, state, {}, T(1), cu};
+    kernels::gated::validate(check, p, opt_.chunk_size);
+    check.require(v.extent(2) == q.extent(2), "v", "must have the heads of q");
+    p.scale = opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(q.extent(3)));
+    return p;
+  }
+  void run_g(const char* where, kernels::gated::form f, tensor_view<const T, 4> q,
+             tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<const T, 3> g,
+             tensor_view<T, 4> o, tensor_view<T, 4> state, std::span<const index_t> cu) const {
+    const checker check{where};
+    const auto p = make_problem(check, q, k, v, o, state, cu);
+    check.require(opt_.g_gamma.empty(), "g",
+                  "options::g_gamma is set: call the overload without g");
+    check.shape("g", g, {q.extent(0), q.extent(1), q.extent(2)});
+    check.log_gate("g", g);
+    kernels::gated::run(f, p, kernels::gated::scalar_gate<T>{g}, opt_.chunk_size, switch_over_t);
+  }
+  void run_c(const char* where, kernels::gated::form f, tensor_view<const T, 4> q,
+             tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> o,
+             tensor_view<T, 4> state, std::span<const index_t> cu) const {
+    const checker check{where};
+    const auto p = make_problem(check, q, k, v, o, state, cu);
+    const tensor_view<const T, 1> gg(opt_.g_gamma.data(),
+                                     {static_cast<index_t>(opt_.g_gamma.size())});
+    check.shape("g_gamma", gg, {q.extent(2)});
+    check.log_gate("g_gamma", gg);
+    kernels::gated::run(f, p, kernels::gated::constant_gate<T>{gg}, opt_.chunk_size, switch_over_t);
+  }
+
+  options opt_;
+};
+
+}  // namespace seqmix
