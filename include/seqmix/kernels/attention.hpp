@@ -1,0 +1,360 @@
+// SPDX-License-Identifier: MIT
+// Flash-style softmax attention engine (SPEC.md §5): the shared kernel behind
+// mixers/softmax_attention.hpp and mixers/sliding_window_attention.hpp.
+//
+//   logit_tj = s q_t · k_j                for j <= t and t - j < W   (W = ∞ when absent)
+//   o_t = Σ_j exp(logit_tj - m_t) v_j / (Σ_j exp(logit_tj - m_t) + [exp(sink_h - m_t)])
+//
+// Legend: B batch, T tokens, H query heads, Hkv key/value heads (GQA: query head h reads kv
+// head h / (H / Hkv)), K key dim, V value dim, W window, L cached tokens, Bq query tile,
+// Bk key tile (the mixer's chunk_size).
+//
+// Forms and cost (per query head):
+//  - tiles (prefill / training): for every query tile of Bq rows, walk the key tiles it can see
+//    with a running max m and sum l per query row (online softmax); S = K·(sQ)ᵀ and O += P·V go
+//    through register-blocked SIMD micro-kernels. Time O(T·min(T, W)·(K+V)), memory
+//    O(Bq·(K + V + Bk)) scratch per thread: no T×T matrix ever exists.
+//  - decode (one query row per head against L cached keys): memory-bound sweep over the cache,
+//    online softmax in blocks of 64 keys; time O(min(L, W)·(K+V)), no allocation.
+//
+// Layout trick of the tile kernel: scores are computed transposed, S^T [Bk, Bq], with queries
+// along the SIMD lanes. Then the row max, exp and row sum of the online softmax are plain
+// lane-wise operations over key rows (no horizontal reductions), Q is the only operand that is
+// packed (once per query tile, scaled by s), and K and V are read in place from their strided
+// [T, H, D] rows: a broadcast of k[j][d] times a vector of 16 queries' q[d].
+//
+// Determinism: every (segment, query tile) work item is computed by one thread in a fixed order,
+// so results are bitwise identical for any thread count.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <seqmix/core/parallel.hpp>
+#include <seqmix/core/simd.hpp>
+#include <seqmix/core/tensor.hpp>
+
+namespace seqmix::kernels::attention {
+
+/// One attention problem of a single query head: nq query rows at key positions
+/// q_pos0 .. q_pos0 + nq - 1 against the keys 0 .. q_pos0 + nq - 1 (causal, optional window).
+template <class T>
+struct segment {
+  const T* q = nullptr;  // q rows: [nq, K], row stride q_stride
+  index_t q_stride = 0;
+  const T* k = nullptr;  // key rows: [q_pos0 + nq, K], row stride k_stride
+  index_t k_stride = 0;
+  const T* v = nullptr;  // value rows: [q_pos0 + nq, V], row stride v_stride
+  index_t v_stride = 0;
+  T* o = nullptr;  // output rows: [nq, V], row stride o_stride
+  index_t o_stride = 0;
+  index_t nq = 0;                                // query rows
+  index_t q_pos0 = 0;                            // key index of the first query's own key
+  T sink = -std::numeric_limits<T>::infinity();  // sink logit (-inf: no sink)
+};
+
+/// Parameters shared by all segments of a call.
+template <class T>
+struct params {
+  index_t key_dim = 0;    // K
+  index_t value_dim = 0;  // V
+  T scale = T(1);         // s
+  index_t window = 0;     // W (0: unbounded)
+  index_t key_tile = 64;  // Bk
+};
+
+namespace detail {
+
+template <class T>
+using batch = simd::batch<T>;
+template <class T>
+inline constexpr index_t L = simd::lanes<T>;
+
+// Query tile: QV vectors of queries (64 floats / 32 doubles on AVX-512).
+inline constexpr index_t qv = 4;
+template <class T>
+inline constexpr index_t bq = qv* L<T>;
+// Micro-kernel register blocks: RK key rows x qv query vectors for S, RQ query rows x CV value
+// vectors for P·V (24 and 16 accumulators: fit the 32 AVX-512 registers with the operands).
+inline constexpr index_t rk = 6;
+inline constexpr index_t rq = 4;
+inline constexpr index_t cv = 4;
+
+/// S^T[r][0:Bq] = Σ_d k[r][d] · qt[d][0:Bq] for R key rows (qt: [K, Bq], packed, scaled).
+template <class T, index_t R>
+inline void scores_block(const T* k, index_t k_stride, const T* qt, index_t key_dim, T* st) {
+  constexpr auto NR = static_cast<std::size_t>(R), NC = static_cast<std::size_t>(qv);
+  std::array<std::array<batch<T>, NC>, NR> acc;
+  for (std::size_t r = 0; r < NR; ++r)
+    for (std::size_t c = 0; c < NC; ++c) acc[r][c] = batch<T>(T(0));
+  for (index_t d = 0; d < key_dim; ++d) {
+    std::array<batch<T>, NC> qd;
+    for (std::size_t c = 0; c < NC; ++c) qd[c] = simd::load(qt + d * bq<T> + index_t(c) * L<T>);
+    for (std::size_t r = 0; r < NR; ++r) {
+      const batch<T> kr(k[index_t(r) * k_stride + d]);
+      for (std::size_t c = 0; c < NC; ++c) acc[r][c] = simd::fma(kr, qd[c], acc[r][c]);
+    }
+  }
+  for (std::size_t r = 0; r < NR; ++r)
+    for (std::size_t c = 0; c < NC; ++c)
+      simd::store(st + index_t(r) * bq<T> + index_t(c) * L<T>, acc[r][c]);
+}
+
+/// acc[i][c0:c0+CV·L] = alpha[i] · acc[i][..] + Σ_j pt[j][i] · v[j][c0:..] for RQ rows i.
+template <class T, index_t CV>
+inline void pv_block(const T* pt, index_t kn, const T* v, index_t v_stride, const T* alpha, T* acc,
+                     index_t acc_stride) {
+  constexpr auto NR = static_cast<std::size_t>(rq), NC = static_cast<std::size_t>(CV);
+  std::array<std::array<batch<T>, NC>, NR> a;
+  for (std::size_t r = 0; r < NR; ++r) {
+    const batch<T> al(alpha[r]);
+    for (std::size_t c = 0; c < NC; ++c)
+      a[r][c] = al * simd::load(acc + index_t(r) * acc_stride + index_t(c) * L<T>);
+  }
+  for (index_t j = 0; j < kn; ++j) {
+    std::array<batch<T>, NC> vj;
+    for (std::size_t c = 0; c < NC; ++c) vj[c] = simd::load(v + j * v_stride + index_t(c) * L<T>);
+    for (std::size_t r = 0; r < NR; ++r) {
+      const batch<T> p(pt[j * bq<T> + index_t(r)]);
+      for (std::size_t c = 0; c < NC; ++c) a[r][c] = simd::fma(p, vj[c], a[r][c]);
+    }
+  }
+  for (std::size_t r = 0; r < NR; ++r)
+    for (std::size_t c = 0; c < NC; ++c)
+      simd::store(acc + index_t(r) * acc_stride + index_t(c) * L<T>, a[r][c]);
+}
+
+/// Per-thread scratch of the tile kernel.
+template <class T>
+struct tile_scratch {
+  std::vector<T, xsimd::aligned_allocator<T, 64>> qt, st, acc, m, l, alpha;
+  index_t acc_stride = 0;
+  void resize(index_t key_dim, index_t value_dim, index_t key_tile) {
+    acc_stride = (value_dim + L<T> - 1) / L<T> * L<T>;
+    qt.assign(static_cast<std::size_t>(key_dim * bq<T>), T(0));
+    st.assign(static_cast<std::size_t>(key_tile * bq<T>), T(0));
+    acc.assign(static_cast<std::size_t>(bq<T> * acc_stride), T(0));
+    m.assign(static_cast<std::size_t>(bq<T>), T(0));
+    l.assign(static_cast<std::size_t>(bq<T>), T(0));
+    alpha.assign(static_cast<std::size_t>(bq<T>), T(0));
+  }
+};
+
+/// One query tile (rows i0 .. i0 + Bq - 1 of `seg`) against every key tile it can see.
+template <class T>
+void run_tile(const segment<T>& seg, const params<T>& p, index_t i0, tile_scratch<T>& w) {
+  const index_t K = p.key_dim, V = p.value_dim, Bk = p.key_tile;
+  constexpr index_t Q = bq<T>;
+  const index_t nqi = std::min(Q, seg.nq - i0);
+  const T ninf = -std::numeric_limits<T>::infinity();
+
+  // pack: qt[d][i] = s · q[i0 + i][d] (zero rows past the end of the segment)
+  T* qt = w.qt.data();
+  for (index_t i = 0; i < Q; ++i) {
+    if (i < nqi) {
+      const T* qi = seg.q + (i0 + i) * seg.q_stride;
+      for (index_t d = 0; d < K; ++d) qt[d * Q + i] = p.scale * qi[d];
+    } else {
+      for (index_t d = 0; d < K; ++d) qt[d * Q + i] = T(0);
+    }
+  }
+  // online-softmax state: the sink acts as one extra key of value 0 seen first
+  const bool has_sink = seg.sink > ninf;
+  std::fill(w.m.begin(), w.m.end(), seg.sink);
+  std::fill(w.l.begin(), w.l.end(), has_sink ? T(1) : T(0));
+  std::fill(w.acc.begin(), w.acc.end(), T(0));
+
+  const index_t pos_lo = seg.q_pos0 + i0;            // key index of query row 0 of the tile
+  const index_t pos_hi = seg.q_pos0 + i0 + nqi - 1;  // ... of the last real row
+  const index_t kb = p.window > 0 ? std::max<index_t>(0, pos_lo - p.window + 1) : 0;
+  const index_t ke = pos_hi + 1;
+  T* st = w.st.data();
+  const index_t acc_stride = w.acc_stride;
+  const index_t Vfull = V / (cv * L<T>)*(cv * L<T>);
+  const index_t Vvec = V / L<T> * L<T>;
+
+  std::array<batch<T>, static_cast<std::size_t>(qv)> iota;
+  {
+    alignas(64) std::array<T, static_cast<std::size_t>(Q)> idx{};
+    for (index_t i = 0; i < Q; ++i) idx[static_cast<std::size_t>(i)] = T(i);
+    for (std::size_t c = 0; c < iota.size(); ++c)
+      iota[c] = batch<T>::load_aligned(idx.data() + index_t(c) * L<T>);
+  }
+
+  for (index_t j0 = kb; j0 < ke; j0 += Bk) {
+    const index_t kn = std::min(Bk, ke - j0);
+    const T* kj = seg.k + j0 * seg.k_stride;
+    // phase 1: S^T = K_tile · (sQ)^T
+    index_t j = 0;
+    for (; j + rk <= kn; j += rk)
+      scores_block<T, rk>(kj + j * seg.k_stride, seg.k_stride, qt, K, st + j * Q);
+    for (; j < kn; ++j) scores_block<T, 1>(kj + j * seg.k_stride, seg.k_stride, qt, K, st + j * Q);
+    // phase 2: mask (causal diagonal, window edge): key j0+j is visible to row i iff
+    //   j0 + j <= pos_lo + i  and  j0 + j > pos_lo + i - W
+    const bool diag = j0 + kn - 1 > pos_lo;
+    const bool edge = p.window > 0 && j0 <= pos_hi - p.window;
+    if (diag || edge) {
+      for (j = 0; j < kn; ++j) {
+        // row i visible iff lo <= i < hi, with lo = key - pos_lo, hi = lo + W (clamped: exact)
+        const index_t rel = j0 + j - pos_lo;
+        const T lo = T(std::clamp<index_t>(rel, -1, Q + 1));
+        const T hi = p.window > 0 ? T(std::clamp<index_t>(rel + p.window, -1, Q + 1)) : T(Q + 1);
+        for (index_t c = 0; c < qv; ++c) {
+          T* sp = st + j * Q + c * L<T>;
+          const auto& ic = iota[static_cast<std::size_t>(c)];
+          const auto vis = (ic >= batch<T>(lo)) && (ic < batch<T>(hi));
+          simd::store(sp, xsimd::select(vis, simd::load(sp), batch<T>(ninf)));
+        }
+      }
+    }
+    // phase 3: online softmax over the kn key rows, lane-wise over queries
+    for (index_t c = 0; c < qv; ++c) {
+      const index_t off = c * L<T>;
+      const batch<T> m_old = simd::load(w.m.data() + off);
+      batch<T> m_new = m_old;
+      for (j = 0; j < kn; ++j) m_new = xsimd::max(m_new, simd::load(st + j * Q + off));
+      // rows that saw no visible key yet keep m = -inf; subtract 0 instead (exp(-inf) = 0)
+      const batch<T> m_use = xsimd::select(m_new == batch<T>(ninf), batch<T>(T(0)), m_new);
+      const batch<T> alpha = simd::exp(m_old - m_use);
+      batch<T> sum(T(0));
+      for (j = 0; j < kn; ++j) {
+        T* sp = st + j * Q + off;
+        const batch<T> e = simd::exp(simd::load(sp) - m_use);
+        simd::store(sp, e);
+        sum += e;
+      }
+      simd::store(w.l.data() + off, simd::fma(simd::load(w.l.data() + off), alpha, sum));
+      simd::store(w.m.data() + off, m_new);
+      simd::store(w.alpha.data() + off, alpha);
+    }
+    // phase 4: acc = diag(alpha) · acc + P · V_tile
+    const T* vj = seg.v + j0 * seg.v_stride;
+    for (index_t i = 0; i < Q; i += rq) {
+      T* acc_i = w.acc.data() + i * acc_stride;
+      index_t c0 = 0;
+      for (; c0 < Vfull; c0 += cv * L<T>)
+        pv_block<T, cv>(st + i, kn, vj + c0, seg.v_stride, w.alpha.data() + i, acc_i + c0,
+                        acc_stride);
+      for (; c0 < Vvec; c0 += L<T>)
+        pv_block<T, 1>(st + i, kn, vj + c0, seg.v_stride, w.alpha.data() + i, acc_i + c0,
+                       acc_stride);
+      for (; c0 < V; ++c0) {  // scalar tail of odd value dims
+        for (index_t r = 0; r < rq; ++r) {
+          T a = w.alpha[static_cast<std::size_t>(i + r)] * acc_i[r * acc_stride + c0];
+          for (j = 0; j < kn; ++j) a += st[j * Q + i + r] * vj[j * seg.v_stride + c0];
+          acc_i[r * acc_stride + c0] = a;
+        }
+      }
+    }
+  }
+  // epilogue: o = acc / l
+  for (index_t i = 0; i < nqi; ++i) {
+    const T inv = T(1) / w.l[static_cast<std::size_t>(i)];
+    const T* a = w.acc.data() + i * acc_stride;
+    T* oi = seg.o + (i0 + i) * seg.o_stride;
+    for (index_t c = 0; c < V; ++c) oi[c] = a[c] * inv;
+  }
+}
+
+}  // namespace detail
+
+/// Query tile size Bq of the tile kernel for T (a multiple of the SIMD width).
+template <class T>
+constexpr index_t query_tile() {
+  return detail::bq<T>;
+}
+
+/// Runs every segment (all query tiles) in one parallel region. Work items are
+/// (segment, query tile), ordered per segment 0, n-1, 1, n-2, ... so that a static split of the
+/// list balances the causal triangle.
+template <class T>
+void run_tiles(const std::vector<segment<T>>& segs, const params<T>& p) {
+  constexpr index_t Q = detail::bq<T>;
+  struct item {
+    index_t seg, i0;
+  };
+  std::vector<item> items;
+  for (index_t s = 0; s < static_cast<index_t>(segs.size()); ++s) {
+    const index_t nt = (segs[static_cast<std::size_t>(s)].nq + Q - 1) / Q;
+    for (index_t a = 0, b = nt - 1; a <= b; ++a, --b) {
+      items.push_back({s, a * Q});
+      if (a != b) items.push_back({s, b * Q});
+    }
+  }
+  const int slots = max_slots();
+  std::vector<detail::tile_scratch<T>> scratch(static_cast<std::size_t>(slots));
+  for (auto& w : scratch) w.resize(p.key_dim, p.value_dim, p.key_tile);
+  parallel_for_with_slot(static_cast<index_t>(items.size()), [&](index_t n, int tid) {
+    const item& it = items[static_cast<std::size_t>(n)];
+    detail::run_tile(segs[static_cast<std::size_t>(it.seg)], p, it.i0,
+                     scratch[static_cast<std::size_t>(tid)]);
+  });
+}
+
+/// A run of n contiguous cached key/value rows (row strides k_stride / v_stride).
+template <class T>
+struct key_run {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  index_t n = 0;
+  index_t k_stride = 0, v_stride = 0;
+};
+
+/// Decode: G query rows q[g] ([K], already unscaled) of the heads of one GQA group attend over
+/// up to two runs of cached rows (a ring buffer wraps once); o[g] ([V], stride o_stride) is
+/// used as the accumulator. Allocates nothing: scores live in a 64-key block on the stack.
+template <class T>
+void decode_group(const T* q, index_t q_stride, index_t G, const key_run<T>* runs, int nruns, T* o,
+                  index_t o_stride, const T* sinks, const params<T>& p) {
+  constexpr index_t blk = 64;
+  constexpr index_t gmax = 16;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const index_t K = p.key_dim, V = p.value_dim;
+  for (index_t g0 = 0; g0 < G; g0 += gmax) {
+    const index_t gn = std::min(gmax, G - g0);
+    std::array<T, gmax> m{}, l{};
+    for (index_t g = 0; g < gn; ++g) {
+      const T sink = sinks ? sinks[g0 + g] : ninf;
+      m[static_cast<std::size_t>(g)] = sink;
+      l[static_cast<std::size_t>(g)] = sink > ninf ? T(1) : T(0);
+      std::fill_n(o + (g0 + g) * o_stride, V, T(0));
+    }
+    for (int r = 0; r < nruns; ++r) {
+      const key_run<T>& run = runs[r];
+      for (index_t j0 = 0; j0 < run.n; j0 += blk) {
+        const index_t kn = std::min(blk, run.n - j0);
+        const T* kj = run.k + j0 * run.k_stride;
+        const T* vj = run.v + j0 * run.v_stride;
+        for (index_t g = 0; g < gn; ++g) {
+          const auto gs = static_cast<std::size_t>(g);
+          const T* qg = q + (g0 + g) * q_stride;
+          alignas(64) std::array<T, blk> s;
+          T bmax = ninf;
+          for (index_t j = 0; j < kn; ++j) {
+            const T x = p.scale * simd::dot(qg, kj + j * run.k_stride, K);
+            s[static_cast<std::size_t>(j)] = x;
+            bmax = std::max(bmax, x);
+          }
+          const T m_new = std::max(m[gs], bmax);
+          const T m_use = m_new == ninf ? T(0) : m_new;
+          const T alpha = std::exp(m[gs] - m_use);
+          for (index_t j = 0; j < kn; ++j) s[static_cast<std::size_t>(j)] -= m_use;
+          simd::exp(s.data(), s.data(), kn);
+          l[gs] = l[gs] * alpha + simd::sum(s.data(), kn);
+          m[gs] = m_new;
+          T* og = o + (g0 + g) * o_stride;
+          simd::scale(og, alpha, V);
+          for (index_t j = 0; j < kn; ++j)
+            simd::axpy(og, s[static_cast<std::size_t>(j)], vj + j * run.v_stride, V);
+        }
+      }
+    }
+    for (index_t g = 0; g < gn; ++g)
+      simd::scale(o + (g0 + g) * o_stride, T(1) / l[static_cast<std::size_t>(g)], V);
+  }
+}
+
+}  // namespace seqmix::kernels::attention

@@ -1,0 +1,455 @@
+// SPDX-License-Identifier: MIT
+// softmax_attention<T>: causal softmax attention (SPEC.md §5), the O(N²) baseline every linear
+// mixer is compared with. GQA, optional window W, optional per-head sink logit, packed
+// variable-length input.
+//
+//   logit_tj = s q_t · k_j                for j <= t and t - j < W   (W = ∞ when absent)
+//   o_t = Σ_j exp(logit_tj - m_t) v_j / (Σ_j exp(logit_tj - m_t) + [exp(sink_h - m_t)])
+//
+// Legend: B batch, T tokens, H query heads, Hkv key/value heads (query head h reads kv head
+// h / (H / Hkv), H a multiple of Hkv), K key dim, V value dim, W window, L tokens already in a
+// cache, N packed sequences.
+//
+// Forms (see kernels/attention.hpp for the engine):
+//  - forward_chunked: flash-style tiles with a running max and sum. Time O(T·min(T, W)·(K+V))
+//    per head, memory O(T·(K+V)) (inputs) + O(64·(K+V+chunk_size)) scratch per thread; never a
+//    T×T matrix. With a kv_cache it is the prefill: the T new tokens attend over the L cached
+//    ones and themselves, and are appended.
+//  - step / forward_recurrent: decode against the kv_cache (the recurrent "state"): one token
+//    per sequence, appended, then attending over min(L+1, W) cached rows. Time O(min(L, W)·(K+V))
+//    per head and token, memory-bound; step allocates nothing.
+//  - prefill with forward_chunked then step()s gives the outputs of one forward_chunked over the
+//    whole sequence (up to float rounding).
+// The "state" is the cache: kv_cache::full grows with T (capacity set by the user, overflow is
+// an error), kv_cache::ring keeps the last W tokens (constant memory; windowed attention only).
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/parallel.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/kernels/attention.hpp>
+#include <seqmix/mixers/kv_cache.hpp>
+
+namespace seqmix {
+
+template <class T>
+class softmax_attention {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "softmax_attention<T>: T is float or double");
+
+ public:
+  struct options {
+    std::optional<T> scale{};         ///< s; default K^-1/2
+    std::optional<index_t> window{};  ///< W >= 1: token t sees keys t-W+1 .. t; absent: all
+    std::vector<T> sink{};            ///< empty, or [H] per-head sink logits (finite or -inf)
+    index_t chunk_size = 64;          ///< key tile of the chunked form (> 0)
+  };
+
+  softmax_attention() : softmax_attention(options{}) {}
+  explicit softmax_attention(options opt) : opt_(std::move(opt)) {
+    checker check{"softmax_attention"};
+    if (opt_.window) {
+      check.require(
+          *opt_.window >= 1, "options.window",
+          "must be >= 1 (a token always sees itself), got " + std::to_string(*opt_.window));
+    }
+    check.require(opt_.chunk_size > 0, "options.chunk_size",
+                  "must be > 0, got " + std::to_string(opt_.chunk_size));
+    if (opt_.scale) check.require(std::isfinite(*opt_.scale), "options.scale", "must be finite");
+    for (T s : opt_.sink) {
+      check.require(!std::isnan(s) && !(std::isinf(s) && s > 0), "options.sink",
+                    "sink logits must be finite or -inf");
+    }
+  }
+
+  const options& get_options() const noexcept { return opt_; }
+  /// W, or 0 when unbounded.
+  index_t window() const noexcept { return opt_.window ? *opt_.window : 0; }
+
+  /// A cache for decode: a ring of the last W tokens when the window is set (capacity is then
+  /// ignored: memory constant in T), else a full cache of `capacity` tokens per sequence.
+  kv_cache<T> make_cache(index_t B, index_t Hkv, index_t K, index_t V, index_t capacity) const {
+    if (opt_.window) return kv_cache<T>::ring(B, Hkv, K, V, *opt_.window);
+    return kv_cache<T>::full(B, Hkv, K, V, capacity);
+  }
+
+  /// Chunked (flash-style) forward over whole sequences.
+  /// q: [B,T,H,K] in; k: [B,T,Hkv,K] in; v: [B,T,Hkv,V] in; o: [B,T,H,V] out.
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<T, 4> o) const {
+    checker check{"softmax_attention::forward_chunked"};
+    const dims d = validate(check, q, k, v, o);
+    std::vector<seq> seqs;
+    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
+    run_chunked(d, q, k, v, o, seqs, nullptr);
+  }
+
+  /// Packed variable-length forward: B == 1, sequence n is tokens cu_seqlens[n] ..
+  /// cu_seqlens[n+1]-1; nothing crosses a boundary (windows included).
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<T, 4> o,
+                       std::span<const index_t> cu_seqlens) const {
+    checker check{"softmax_attention::forward_chunked"};
+    const dims d = validate(check, q, k, v, o);
+    run_chunked(d, q, k, v, o, varlen_seqs(check, d, cu_seqlens), nullptr);
+  }
+
+  /// Prefill: the T new tokens of each sequence attend over the cache's tokens and themselves,
+  /// and are appended to `cache` ([B] sequences; kv heads, K, V as k and v).
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<T, 4> o, kv_cache<T>& cache) const {
+    checker check{"softmax_attention::forward_chunked"};
+    const dims d = validate(check, q, k, v, o);
+    std::vector<seq> seqs;
+    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
+    validate_cache(check, d, cache, d.B, seqs);
+    run_chunked(d, q, k, v, o, seqs, &cache);
+  }
+
+  /// Packed variable-length prefill: sequence n appends to row n of `cache` ([N] sequences).
+  void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                       tensor_view<const T, 4> v, tensor_view<T, 4> o, kv_cache<T>& cache,
+                       std::span<const index_t> cu_seqlens) const {
+    checker check{"softmax_attention::forward_chunked"};
+    const dims d = validate(check, q, k, v, o);
+    auto seqs = varlen_seqs(check, d, cu_seqlens);
+    validate_cache(check, d, cache, static_cast<index_t>(cu_seqlens.size()) - 1, seqs);
+    run_chunked(d, q, k, v, o, seqs, &cache);
+  }
+
+  /// Decode one token per sequence: appends k1, v1 to `cache`, then attends over it.
+  /// q1: [B,H,K] in; k1: [B,Hkv,K] in; v1: [B,Hkv,V] in; o1: [B,H,V] out; cache: [B] sequences,
+  /// updated in place. Allocates nothing.
+  void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
+            tensor_view<T, 3> o1, kv_cache<T>& cache) const {
+    checker check{"softmax_attention::step"};
+    check.nonempty("q1", q1);
+    const index_t B = q1.extent(0), H = q1.extent(1), K = q1.extent(2);
+    check.nonempty("k1", k1);
+    const index_t Hkv = k1.extent(1);
+    check.shape("k1", k1, {B, any_extent, K});
+    check_heads(check, H, Hkv);
+    check.nonempty("v1", v1);
+    const index_t V = v1.extent(2);
+    check.shape("v1", v1, {B, Hkv, V});
+    check.shape("o1", o1, {B, H, V});
+    check.inner_contiguous("q1", q1);
+    check.inner_contiguous("k1", k1);
+    check.inner_contiguous("v1", v1);
+    check.inner_contiguous("o1", o1);
+    const dims d{B, 1, H, Hkv, K, V};
+    check_cache_geometry(check, d, cache, B);
+    for (index_t b = 0; b < B; ++b) check_room(check, cache, b, 1);
+    step_unchecked(d, q1, k1, v1, o1, cache);
+  }
+
+  /// Recurrent form: T decode steps (token loop), appending to `cache`.
+  /// q: [B,T,H,K] in; k: [B,T,Hkv,K] in; v: [B,T,Hkv,V] in; o: [B,T,H,V] out.
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<T, 4> o, kv_cache<T>& cache) const {
+    checker check{"softmax_attention::forward_recurrent"};
+    const dims d = validate(check, q, k, v, o);
+    check_cache_geometry(check, d, cache, d.B);
+    for (index_t b = 0; b < d.B; ++b) check_room(check, cache, b, d.Tn);
+    const dims d1{d.B, 1, d.H, d.Hkv, d.K, d.V};
+    for (index_t t = 0; t < d.Tn; ++t) {
+      step_unchecked(d1, q.template select<1>(t), k.template select<1>(t), v.template select<1>(t),
+                     o.template select<1>(t), cache);
+    }
+  }
+
+  /// Recurrent form over whole sequences with a cache of its own (ring of W or full of T).
+  void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<T, 4> o) const {
+    checker check{"softmax_attention::forward_recurrent"};
+    const dims d = validate(check, q, k, v, o);
+    kv_cache<T> cache = make_cache(d.B, d.Hkv, d.K, d.V, d.Tn);
+    forward_recurrent(q, k, v, o, cache);
+  }
+
+  /// Picks the form: chunked for whole sequences (tiles are faster for any T > 1).
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<T, 4> o) const {
+    forward_chunked(q, k, v, o);
+  }
+  /// With a cache: one token per sequence decodes with step, longer inputs prefill (chunked).
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               tensor_view<T, 4> o, kv_cache<T>& cache) const {
+    if (q.extent(1) == 1 && k.extent(1) == 1 && v.extent(1) == 1 && o.extent(1) == 1) {
+      step(q.template select<1>(0), k.template select<1>(0), v.template select<1>(0),
+           o.template select<1>(0), cache);
+    } else {
+      forward_chunked(q, k, v, o, cache);
+    }
+  }
+
+ private:
+  struct dims {
+    index_t B, Tn, H, Hkv, K, V;
+  };
+  // one sequence: tokens t0 .. t0+len-1 of batch row qb of the inputs; cache row `row`
+  struct seq {
+    index_t qb, t0, len, row;
+  };
+
+  T scale_for(index_t K) const { return opt_.scale ? *opt_.scale : T(1) / std::sqrt(T(K)); }
+
+  // Checks below build their message only on failure: step() must not allocate.
+  void check_heads(const checker& check, index_t H, index_t Hkv) const {
+    if (Hkv < 1 || H % Hkv != 0) {
+      check.fail("k", "query heads (" + std::to_string(H) +
+                          ") must be a multiple of key/value heads (" + std::to_string(Hkv) + ")");
+    }
+    if (!opt_.sink.empty() && static_cast<index_t>(opt_.sink.size()) != H) {
+      check.fail("options.sink", "must be empty or hold one logit per query head (" +
+                                     std::to_string(H) + "), got " +
+                                     std::to_string(opt_.sink.size()));
+    }
+  }
+
+  dims validate(const checker& check, const tensor_view<const T, 4>& q,
+                const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
+                const tensor_view<T, 4>& o) const {
+    check.nonempty("q", q);
+    dims d{q.extent(0), q.extent(1), q.extent(2), k.extent(2), q.extent(3), v.extent(3)};
+    check.nonempty("k", k);
+    check.shape("k", k, {d.B, d.Tn, any_extent, d.K});
+    check_heads(check, d.H, d.Hkv);
+    check.nonempty("v", v);
+    check.shape("v", v, {d.B, d.Tn, d.Hkv, any_extent});
+    check.shape("o", o, {d.B, d.Tn, d.H, d.V});
+    check.inner_contiguous("q", q);
+    check.inner_contiguous("k", k);
+    check.inner_contiguous("v", v);
+    check.inner_contiguous("o", o);
+    return d;
+  }
+
+  std::vector<seq> varlen_seqs(const checker& check, const dims& d,
+                               std::span<const index_t> cu) const {
+    check.require(d.B == 1, "q",
+                  "packed variable-length input needs B == 1, got B = " + std::to_string(d.B));
+    check.require(cu.size() >= 2, "cu_seqlens",
+                  "needs N+1 >= 2 offsets, got " + std::to_string(cu.size()));
+    check.require(cu.front() == 0, "cu_seqlens", "must start at 0");
+    check.require(cu.back() == d.Tn, "cu_seqlens",
+                  "must end at T = " + std::to_string(d.Tn) + ", got " + std::to_string(cu.back()));
+    std::vector<seq> seqs;
+    for (std::size_t n = 0; n + 1 < cu.size(); ++n) {
+      check.require(cu[n + 1] >= cu[n], "cu_seqlens", "must be non-decreasing");
+      seqs.push_back({0, cu[n], cu[n + 1] - cu[n], static_cast<index_t>(n)});
+    }
+    return seqs;
+  }
+
+  void check_cache_geometry(const checker& check, const dims& d, const kv_cache<T>& cache,
+                            index_t rows) const {
+    if (cache.batch() != rows || cache.kv_heads() != d.Hkv || cache.key_dim() != d.K ||
+        cache.value_dim() != d.V) {
+      check.fail("cache",
+                 "expected [sequences, kv heads, K, V] = " +
+                     detail::format_shape(std::array<index_t, 4>{rows, d.Hkv, d.K, d.V}) +
+                     ", got " +
+                     detail::format_shape(std::array<index_t, 4>{
+                         cache.batch(), cache.kv_heads(), cache.key_dim(), cache.value_dim()}));
+    }
+    if (cache.is_ring() && (window() == 0 || cache.capacity() < window())) {
+      check.fail("cache",
+                 "a ring cache of " + std::to_string(cache.capacity()) +
+                     " rows needs a mixer whose window W is set and <= the ring size (W = " +
+                     std::to_string(window()) + ")");
+    }
+  }
+  void check_room(const checker& check, const kv_cache<T>& cache, index_t row, index_t n) const {
+    if (cache.is_ring()) return;
+    const index_t len = cache.length(row);
+    if (len + n > cache.capacity()) {
+      check.fail("cache", "capacity " + std::to_string(cache.capacity()) + " exceeded: sequence " +
+                              std::to_string(row) + " holds " + std::to_string(len) +
+                              " tokens, appending " + std::to_string(n) +
+                              " (grow it with kv_cache::reserve)");
+    }
+  }
+  void validate_cache(const checker& check, const dims& d, const kv_cache<T>& cache, index_t rows,
+                      const std::vector<seq>& seqs) const {
+    check_cache_geometry(check, d, cache, rows);
+    for (const seq& s : seqs) check_room(check, cache, s.row, s.len);
+  }
+
+  kernels::attention::params<T> kernel_params(const dims& d) const {
+    kernels::attention::params<T> p;
+    p.key_dim = d.K;
+    p.value_dim = d.V;
+    p.scale = scale_for(d.K);
+    p.window = window();
+    p.key_tile = opt_.chunk_size;
+    return p;
+  }
+  T sink_of(index_t h) const {
+    return opt_.sink.empty() ? -std::numeric_limits<T>::infinity()
+                             : opt_.sink[static_cast<std::size_t>(h)];
+  }
+
+  void run_chunked(const dims& d, const tensor_view<const T, 4>& q,
+                   const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
+                   const tensor_view<T, 4>& o, const std::vector<seq>& seqs,
+                   kv_cache<T>* cache) const {
+    using kernels::attention::segment;
+    const index_t G = d.H / d.Hkv;
+    std::vector<segment<T>> segs;
+    segs.reserve(seqs.size() * static_cast<std::size_t>(d.H));
+    // Keys/values of each (sequence, kv head): the inputs themselves (no cache), the cache rows
+    // (full cache: append, then read L + len rows), or a gathered copy of the ring's last W-1
+    // rows followed by the new ones (ring: the window may wrap).
+    std::vector<const T*> kp(seqs.size() * static_cast<std::size_t>(d.Hkv));
+    std::vector<const T*> vp(kp.size());
+    std::vector<index_t> pos0(seqs.size(), 0);
+    index_t ks = k.stride(1), vs = v.stride(1);
+    tensor<T, 4> gk, gv;  // ring only: [sequences, Hkv, keep + len, K / V]
+    for (std::size_t n = 0; n < seqs.size(); ++n) {
+      const seq& s = seqs[n];
+      for (index_t h = 0; h < d.Hkv; ++h) {
+        kp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
+            k.ptr({s.qb, s.t0, h, 0});
+        vp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
+            v.ptr({s.qb, s.t0, h, 0});
+      }
+    }
+    if (cache && !cache->is_ring()) {
+      ks = d.K;
+      vs = d.V;
+      for (std::size_t n = 0; n < seqs.size(); ++n) {
+        const seq& s = seqs[n];
+        const index_t len0 = cache->length(s.row);
+        pos0[n] = len0;
+        for (index_t h = 0; h < d.Hkv; ++h) {
+          for (index_t t = 0; t < s.len; ++t) {
+            std::copy_n(k.ptr({s.qb, s.t0 + t, h, 0}), d.K, cache->key_row(s.row, h, len0 + t));
+            std::copy_n(v.ptr({s.qb, s.t0 + t, h, 0}), d.V, cache->value_row(s.row, h, len0 + t));
+          }
+          kp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
+              cache->key_row(s.row, h, 0);
+          vp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
+              cache->value_row(s.row, h, 0);
+        }
+      }
+    } else if (cache) {
+      const index_t R = cache->capacity(), W = window();
+      index_t rows = 0;
+      for (std::size_t n = 0; n < seqs.size(); ++n) {
+        pos0[n] = std::min(cache->length(seqs[n].row), W - 1);
+        rows = std::max(rows, pos0[n] + seqs[n].len);
+      }
+      gk = tensor<T, 4>({static_cast<index_t>(seqs.size()), d.Hkv, rows, d.K});
+      gv = tensor<T, 4>({static_cast<index_t>(seqs.size()), d.Hkv, rows, d.V});
+      ks = d.K;
+      vs = d.V;
+      for (std::size_t n = 0; n < seqs.size(); ++n) {
+        const seq& s = seqs[n];
+        const index_t len0 = cache->length(s.row), keep = pos0[n];
+        const auto ni = static_cast<index_t>(n);
+        for (index_t h = 0; h < d.Hkv; ++h) {
+          for (index_t r = 0; r < keep; ++r) {  // positions len0-keep .. len0-1, in order
+            const index_t slot = (len0 - keep + r) % R;
+            std::copy_n(cache->key_row(s.row, h, slot), d.K, gk.view().ptr({ni, h, r, 0}));
+            std::copy_n(cache->value_row(s.row, h, slot), d.V, gv.view().ptr({ni, h, r, 0}));
+          }
+          for (index_t t = 0; t < s.len; ++t) {
+            std::copy_n(k.ptr({s.qb, s.t0 + t, h, 0}), d.K, gk.view().ptr({ni, h, keep + t, 0}));
+            std::copy_n(v.ptr({s.qb, s.t0 + t, h, 0}), d.V, gv.view().ptr({ni, h, keep + t, 0}));
+          }
+          kp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
+              gk.view().ptr({ni, h, 0, 0});
+          vp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
+              gv.view().ptr({ni, h, 0, 0});
+        }
+      }
+    }
+    for (std::size_t n = 0; n < seqs.size(); ++n) {
+      const seq& s = seqs[n];
+      if (s.len == 0) continue;
+      for (index_t h = 0; h < d.H; ++h) {
+        const std::size_t kv =
+            n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h / G);
+        segment<T> sg;
+        sg.q = q.ptr({s.qb, s.t0, h, 0});
+        sg.q_stride = q.stride(1);
+        sg.k = kp[kv];
+        sg.k_stride = ks;
+        sg.v = vp[kv];
+        sg.v_stride = vs;
+        sg.o = o.ptr({s.qb, s.t0, h, 0});
+        sg.o_stride = o.stride(1);
+        sg.nq = s.len;
+        sg.q_pos0 = pos0[n];
+        sg.sink = sink_of(h);
+        segs.push_back(sg);
+      }
+    }
+    kernels::attention::run_tiles(segs, kernel_params(d));
+    if (!cache) return;
+    for (const seq& s : seqs) {
+      const index_t len0 = cache->length(s.row);
+      if (cache->is_ring()) {  // the ring keeps the last R positions: write the new ones there
+        const index_t R = cache->capacity();
+        for (index_t t = std::max<index_t>(0, s.len - R); t < s.len; ++t) {
+          const index_t slot = (len0 + t) % R;
+          for (index_t h = 0; h < d.Hkv; ++h) {
+            std::copy_n(k.ptr({s.qb, s.t0 + t, h, 0}), d.K, cache->key_row(s.row, h, slot));
+            std::copy_n(v.ptr({s.qb, s.t0 + t, h, 0}), d.V, cache->value_row(s.row, h, slot));
+          }
+        }
+      }
+      cache->set_length(s.row, len0 + s.len);
+    }
+  }
+
+  void step_unchecked(const dims& d, const tensor_view<const T, 3>& q1,
+                      const tensor_view<const T, 3>& k1, const tensor_view<const T, 3>& v1,
+                      const tensor_view<T, 3>& o1, kv_cache<T>& cache) const {
+    using kernels::attention::key_run;
+    const index_t G = d.H / d.Hkv;
+    const index_t R = cache.capacity(), W = window();
+    const bool ring = cache.is_ring();
+    const auto p = kernel_params(d);
+    const T* sinks = opt_.sink.empty() ? nullptr : opt_.sink.data();
+    parallel_for(d.B * d.Hkv, [&](index_t n) {
+      const index_t b = n / d.Hkv, h = n % d.Hkv;
+      const index_t pos = cache.length(b);  // position of the new token
+      const index_t slot = ring ? pos % R : pos;
+      std::copy_n(k1.ptr({b, h, 0}), d.K, cache.key_row(b, h, slot));
+      std::copy_n(v1.ptr({b, h, 0}), d.V, cache.value_row(b, h, slot));
+      // visible positions first .. pos
+      const index_t first = W > 0 ? std::max<index_t>(0, pos - W + 1) : 0;
+      std::array<key_run<T>, 2> runs{};
+      int nruns = 1;
+      if (!ring) {
+        runs[0] = {cache.key_row(b, h, first), cache.value_row(b, h, first), pos - first + 1, d.K,
+                   d.V};
+      } else {
+        const index_t s0 = first % R, count = pos - first + 1;
+        const index_t n0 = std::min(count, R - s0);
+        runs[0] = {cache.key_row(b, h, s0), cache.value_row(b, h, s0), n0, d.K, d.V};
+        if (count > n0) {
+          runs[1] = {cache.key_row(b, h, 0), cache.value_row(b, h, 0), count - n0, d.K, d.V};
+          nruns = 2;
+        }
+      }
+      kernels::attention::decode_group(q1.ptr({b, h * G, 0}), q1.stride(1), G, runs.data(), nruns,
+                                       o1.ptr({b, h * G, 0}), o1.stride(1),
+                                       sinks ? sinks + h * G : nullptr, p);
+    });
+    for (index_t b = 0; b < d.B; ++b) cache.set_length(b, cache.length(b) + 1);
+  }
+
+  options opt_;
+};
+
+}  // namespace seqmix
