@@ -74,14 +74,24 @@ template <class T>
 inline constexpr index_t L = simd::lanes<T>;
 
 // Query tile: QV vectors of queries (64 floats / 32 doubles on AVX-512).
-inline constexpr index_t qv = 4;
+#ifndef SEQMIX_ATTN_QV
+#define SEQMIX_ATTN_QV 4
+#define SEQMIX_ATTN_RK 6
+#define SEQMIX_ATTN_RQ 8
+#define SEQMIX_ATTN_CV 2
+#endif
+inline constexpr index_t qv = SEQMIX_ATTN_QV;
 template <class T>
 inline constexpr index_t bq = qv* L<T>;
-// Micro-kernel register blocks: RK key rows x qv query vectors for S, RQ query rows x CV value
+// Micro-kernel register blocks: RK key rows x QV query vectors for S, RQ query rows x CV value
 // vectors for P·V (24 and 16 accumulators: fit the 32 AVX-512 registers with the operands).
-inline constexpr index_t rk = 6;
-inline constexpr index_t rq = 4;
-inline constexpr index_t cv = 4;
+// Measured on the 2-core Zen 4 VM, T = 2048, 1 thread (GFLOP/s at D = 64 / 128): (QV,RK,RQ,CV) =
+// (4,6,8,2) 85 / 86, (4,6,4,4) 78 / 74, (2,12,8,2) 83 / 78, (4,6,16,1) 73 / 70, (4,4,4,4) 70 / 67.
+// Key tile (chunk_size) 64..256 changes < 3 %. Overridable for experiments only.
+inline constexpr index_t rk = SEQMIX_ATTN_RK;
+inline constexpr index_t rq = SEQMIX_ATTN_RQ;
+inline constexpr index_t cv = SEQMIX_ATTN_CV;
+static_assert(qv * 2 % rq == 0, "the query tile must be a whole number of RQ-row blocks");
 
 /// S^T[r][0:Bq] = Σ_d k[r][d] · qt[d][0:Bq] for R key rows (qt: [K, Bq], packed, scaled).
 template <class T, index_t R>
