@@ -91,7 +91,6 @@ inline constexpr index_t bq = qv* L<T>;
 inline constexpr index_t rk = SEQMIX_ATTN_RK;
 inline constexpr index_t rq = SEQMIX_ATTN_RQ;
 inline constexpr index_t cv = SEQMIX_ATTN_CV;
-static_assert(qv * 2 % rq == 0, "the query tile must be a whole number of RQ-row blocks");
 
 /// S^T[r][0:Bq] = Σ_d k[r][d] · qt[d][0:Bq] for R key rows (qt: [K, Bq], packed, scaled).
 template <class T, index_t R>
@@ -158,6 +157,7 @@ template <class T>
 void run_tile(const segment<T>& seg, const params<T>& p, index_t i0, tile_scratch<T>& w) {
   const index_t K = p.key_dim, V = p.value_dim, Bk = p.key_tile;
   constexpr index_t Q = bq<T>;
+  static_assert(Q % rq == 0, "the query tile must be a whole number of RQ-row blocks");
   const index_t nqi = std::min(Q, seg.nq - i0);
   const T ninf = -std::numeric_limits<T>::infinity();
 
