@@ -89,15 +89,17 @@ void delta_rule(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_vie
 }
 
 /// The Gated DeltaNet gate helper in plain form: g = -exp(A_log) · softplus(a + dt_bias),
-/// evaluated in long double and clamped to the finite range of T.
+/// written as -exp(A_log + log softplus(x)) in long double (so exp(A_log) = inf never meets
+/// softplus = 0), clamped to the finite range of T.
 template <class T>
 T gated_delta_gate(T a, T A_log, T dt_bias) {
   using L = long double;
   const L x = L(a) + L(dt_bias);
-  const L sp = x > 20 ? x : std::log1p(std::exp(x));
-  const L r = -std::exp(L(A_log)) * sp;
+  // log softplus(x): log(x) above torch's threshold 20, x far below 0 (softplus(x) ~ e^x)
+  const L lsp = x > 20 ? std::log(x) : x < -40 ? x : std::log(std::log1p(std::exp(x)));
+  const L r = -std::exp(L(A_log) + lsp);
   const L lo = L(std::numeric_limits<T>::lowest());
-  return T(std::isfinite(r) ? std::max(r, lo) : (sp == 0 ? L(0) : lo));
+  return T(std::isfinite(r) ? std::max(r, lo) : lo);
 }
 
 }  // namespace seqmix::reference
