@@ -108,7 +108,12 @@ T reduce_max(const batch<T>& b) {
 
 template <class T>
 batch<T> exp(const batch<T>& x) {
-  return xsimd::exp(x);
+  // Clamp far outside the finite range first: the result is unchanged (0 or +inf), and xsimd
+  // would otherwise convert ±inf to an integer exponent (undefined behaviour in its scalar
+  // fallback for double). NaN passes through unchanged.
+  const batch<T> bound(T(1000));
+  const batch<T> clamped = xsimd::min(xsimd::max(x, -bound), bound);
+  return xsimd::exp(xsimd::select(x != x, x, clamped));
 }
 template <class T>
 batch<T> log(const batch<T>& x) {
@@ -116,18 +121,18 @@ batch<T> log(const batch<T>& x) {
 }
 template <class T>
 batch<T> sigmoid(const batch<T>& x) {
-  const batch<T> e = xsimd::exp(-xsimd::abs(x));
+  const batch<T> e = simd::exp(-xsimd::abs(x));
   const batch<T> one(T(1));
   const batch<T> r = one / (one + e);
   return xsimd::select(x >= batch<T>(T(0)), r, e * r);
 }
 template <class T>
 batch<T> logsigmoid(const batch<T>& x) {
-  return xsimd::min(x, batch<T>(T(0))) - xsimd::log1p(xsimd::exp(-xsimd::abs(x)));
+  return xsimd::min(x, batch<T>(T(0))) - xsimd::log1p(simd::exp(-xsimd::abs(x)));
 }
 template <class T>
 batch<T> softplus(const batch<T>& x) {
-  const batch<T> smooth = xsimd::max(x, batch<T>(T(0))) + xsimd::log1p(xsimd::exp(-xsimd::abs(x)));
+  const batch<T> smooth = xsimd::max(x, batch<T>(T(0))) + xsimd::log1p(simd::exp(-xsimd::abs(x)));
   return xsimd::select(x > batch<T>(T(20)), x, smooth);
 }
 template <class T>
