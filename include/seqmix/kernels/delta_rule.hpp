@@ -284,6 +284,9 @@ inline constexpr std::size_t tile_batches = sizeof(simd::batch<T>) >= 64 ? 4 : 2
 template <class T>
 inline constexpr index_t tile_width = index_t(tile_batches<T>) * simd::lanes<T>;
 
+/// Recurrent calls with less work than this (FLOPs) run on the calling thread only.
+inline constexpr double serial_below_flops = 5e5;
+
 /// Runs the recurrent form over every (segment, value head, column tile) in parallel.
 /// Allocates nothing: all per-token scalars are recomputed per tile (3 dots of K per token).
 template <class T>
@@ -294,7 +297,7 @@ void run_recurrent(const problem<T>& p) {
   constexpr index_t TW = tile_width<T>;
   const index_t tiles = (V + TW - 1) / TW;
   const bool gated = p.gated();
-  parallel_for(N * HV * tiles, [&](index_t job) {
+  auto body = [&](index_t job) {
     const index_t tile = job % tiles, hv = (job / tiles) % HV, seq = job / (tiles * HV);
     const segment sg = segment_of(p, seq);
     if (sg.len == 0) return;
@@ -318,7 +321,17 @@ void run_recurrent(const problem<T>& p) {
       run.template operator()<simd_lane<T>, 1>(c);
     }
     for (; c < end; ++c) run.template operator()<scalar_lane<T>, 1>(c);
-  });
+  };
+  // A decode step of H = 8, K = V = 64 is ~2 µs of work; waking a second thread costs about as
+  // much (ggml_peer.md: 1.6 µs dispatch floor on 2 threads), so small calls stay serial. The
+  // result does not depend on this choice (each job is computed the same way).
+  const double work =
+      7.0 * double(p.q.extent(0)) * double(p.q.extent(1)) * double(HV) * double(K) * double(V);
+  if (work < serial_below_flops) {
+    for (index_t job = 0; job < N * HV * tiles; ++job) body(job);
+  } else {
+    parallel_for(N * HV * tiles, body);
+  }
 }
 
 // ---- chunked form (WY/UT transform) ---------------------------------------------------------
