@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-// seqmix: header-only C++20 sequence-mixing kernels for CPUs. The umbrella header.
+// seqmix: header-only C++20 sequence-mixing kernels for CPUs. The umbrella header: the core,
+// every mixer (chunked + recurrent forms, step) and the plain references in seqmix::reference.
 #pragma once
 
 #include <seqmix/core/error.hpp>
@@ -8,3 +9,21 @@
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/version.hpp>
+
+// gated accumulation: linear attention, simple GLA / retention / Lightning, GLA, Mamba2 SSD
+#include <seqmix/mixers/gla.hpp>
+#include <seqmix/mixers/linear_attention.hpp>
+#include <seqmix/mixers/mamba2_ssd.hpp>
+#include <seqmix/mixers/simple_gla.hpp>
+#include <seqmix/reference/gated_accumulation.hpp>
+
+// delta rule: DeltaNet, Gated DeltaNet
+#include <seqmix/mixers/delta_net.hpp>
+#include <seqmix/mixers/gated_delta_net.hpp>
+#include <seqmix/reference/delta_rule.hpp>
+
+// softmax attention (flash-style, KV cache) and sliding-window attention (ring buffer)
+#include <seqmix/mixers/kv_cache.hpp>
+#include <seqmix/mixers/sliding_window_attention.hpp>
+#include <seqmix/mixers/softmax_attention.hpp>
+#include <seqmix/reference/attention.hpp>
