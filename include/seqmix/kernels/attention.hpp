@@ -136,6 +136,14 @@ inline void pv_block(const T* pt, index_t kn, const T* v, index_t v_stride, cons
       simd::store(acc + index_t(r) * acc_stride + index_t(c) * L<T>, a[r][c]);
 }
 
+/// exp(x) for x <= 0 that may be -inf (masked scores, rows with no key yet). Clamped first:
+/// xsimd's double exp converts its argument to int64 through scalar code on AVX-512 without DQ
+/// conversions, which is undefined for -inf (UBSan); exp(-1e4) is 0 in both types anyway.
+template <class T>
+inline batch<T> exp_nonpositive(const batch<T>& x) {
+  return simd::exp(xsimd::max(x, batch<T>(T(-1e4))));
+}
+
 /// Per-thread scratch of the tile kernel.
 template <class T>
 struct tile_scratch {
@@ -228,11 +236,11 @@ void run_tile(const segment<T>& seg, const params<T>& p, index_t i0, tile_scratc
       for (j = 0; j < kn; ++j) m_new = xsimd::max(m_new, simd::load(st + j * Q + off));
       // rows that saw no visible key yet keep m = -inf; subtract 0 instead (exp(-inf) = 0)
       const batch<T> m_use = xsimd::select(m_new == batch<T>(ninf), batch<T>(T(0)), m_new);
-      const batch<T> alpha = simd::exp(m_old - m_use);
+      const batch<T> alpha = exp_nonpositive<T>(m_old - m_use);
       batch<T> sum(T(0));
       for (j = 0; j < kn; ++j) {
         T* sp = st + j * Q + off;
-        const batch<T> e = simd::exp(simd::load(sp) - m_use);
+        const batch<T> e = exp_nonpositive<T>(simd::load(sp) - m_use);
         simd::store(sp, e);
         sum += e;
       }
