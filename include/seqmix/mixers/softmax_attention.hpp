@@ -322,7 +322,31 @@ class softmax_attention {
             v.ptr({s.qb, s.t0, h, 0});
       }
     }
-    if (cache && !cache->is_ring()) {
+    tensor<T, 4> pk, pv;  // no cache, strided rows: [B, Hkv, T, K / V] head-major copies
+    if (!cache && (ks != d.K || vs != d.V)) {
+      // The rows of one head sit H·D apart in [B, T, H, D]; at D = 128, H = 8 that is 4 KiB, so
+      // a tile's 64 key rows share a few L1 sets and evict each other. One head-major copy
+      // (O(T·D), memory-bound) made T = 8192 prefill 27 % faster on this machine.
+      pk = tensor<T, 4>({d.B, d.Hkv, d.Tn, d.K});
+      pv = tensor<T, 4>({d.B, d.Hkv, d.Tn, d.V});
+      parallel_for(d.B * d.Hkv, [&](index_t n) {
+        const index_t b = n / d.Hkv, h = n % d.Hkv;
+        for (index_t t = 0; t < d.Tn; ++t) {
+          std::copy_n(k.ptr({b, t, h, 0}), d.K, pk.view().ptr({b, h, t, 0}));
+          std::copy_n(v.ptr({b, t, h, 0}), d.V, pv.view().ptr({b, h, t, 0}));
+        }
+      });
+      ks = d.K;
+      vs = d.V;
+      for (std::size_t n = 0; n < seqs.size(); ++n) {
+        for (index_t h = 0; h < d.Hkv; ++h) {
+          kp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
+              pk.view().ptr({seqs[n].qb, h, seqs[n].t0, 0});
+          vp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
+              pv.view().ptr({seqs[n].qb, h, seqs[n].t0, 0});
+        }
+      }
+    } else if (cache && !cache->is_ring()) {
       ks = d.K;
       vs = d.V;
       for (std::size_t n = 0; n < seqs.size(); ++n) {
