@@ -356,10 +356,10 @@ struct chunk_workspace {
   std::vector<T, Eigen::aligned_allocator<T>> kk;  // [2C, C]: K Kᵀ on top, Q Kᵀ (-> P) below
   std::vector<T, Eigen::aligned_allocator<T>> a;   // [C, C] A (strictly lower)
   std::vector<T, Eigen::aligned_allocator<T>> tm;  // [C, C] T = (I + A)^-1
-  std::vector<T, Eigen::aligned_allocator<T>> x;   // [C, K] diag(beta·exp(G)) K
-  std::vector<T, Eigen::aligned_allocator<T>> y;   // [C, V] diag(beta) V
-  std::vector<T, Eigen::aligned_allocator<T>> w;   // [C, K] W
-  std::vector<T, Eigen::aligned_allocator<T>> uu;  // [C, V] U, then V' in place
+  std::vector<T, Eigen::aligned_allocator<T>> x;   // [C, K+V] diag(beta·exp(G)) K | diag(beta) V
+  std::vector<T, Eigen::aligned_allocator<T>> y;   // [2C, K] W over Q ⊙ exp(G)
+  std::vector<T, Eigen::aligned_allocator<T>> w;   // [C, K+V] W | U
+  std::vector<T, Eigen::aligned_allocator<T>> uu;  // [2C, V] W S_n -> V' over (Q ⊙ e^G) S_n
   std::vector<T, Eigen::aligned_allocator<T>> s;   // [K, V] the running state S_n
   std::vector<T> e;                                // [C] a row of exponents
   std::vector<double> G;                           // [C] chunk-local cumulative gate
@@ -372,10 +372,10 @@ struct chunk_workspace {
     kk.resize(sz(2 * c * c));
     a.resize(sz(c * c));
     tm.resize(sz(c * c));
-    x.resize(sz(c * k));
-    y.resize(sz(c * v));
-    w.resize(sz(c * k));
-    uu.resize(sz(c * v));
+    x.resize(sz(c * (k + v)));
+    y.resize(sz(2 * c * k));
+    w.resize(sz(c * (k + v)));
+    uu.resize(sz(2 * c * v));
     s.resize(sz(k * v));
     e.resize(sz(c));
     G.resize(sz(c));
@@ -453,32 +453,45 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
       ti[i] = T(1);
       for (index_t m = 0; m < i; ++m) simd::axpy(ti, -A[i * c + m], Tm + m * c, m + 1);
     }
-    // X = diag(beta ⊙ exp(G)) K, Y = diag(beta) V; W = T X, U = T Y
+    // X = diag(beta ⊙ exp(G)) K, Y = diag(beta) V side by side; [W U] = T [X Y] (one GEMM)
+    const index_t KV = K + V;
+    T* xy = ws.x.data();  // [c, K+V]
     for (index_t i = 0; i < c; ++i) {
       const auto ui = std::size_t(i);
       const T fx = ws.bt[ui] * ws.eg[ui];
-      for (index_t j = 0; j < K; ++j) ws.x[std::size_t(i * K + j)] = fx * kc[i * K + j];
+      T* row = xy + i * KV;
+      for (index_t j = 0; j < K; ++j) row[j] = fx * kc[i * K + j];
       const T* vr = rows.v(t0 + i);
-      for (index_t j = 0; j < V; ++j) ws.y[std::size_t(i * V + j)] = ws.bt[ui] * vr[j];
+      for (index_t j = 0; j < V; ++j) row[K + j] = ws.bt[ui] * vr[j];
     }
-    auto Tmat = mat(Tm, c, c, c);
-    auto Wm = mat(ws.w.data(), c, K, K);
-    auto Um = mat(ws.uu.data(), c, V, V);
-    Wm.noalias() = Tmat * mat(ws.x.data(), c, K, K);
-    Um.noalias() = Tmat * mat(ws.y.data(), c, V, V);
-    // Q ⊙ exp(G) in place; K ⊙ exp(G_c - G) in place (kc is not needed as plain keys any more)
+    T* wu = ws.w.data();  // [c, K+V]: W | U
+    mat(wu, c, KV, KV).noalias() = mat(Tm, c, c, c) * mat(xy, c, KV, KV);
+    // WQ = [W; Q ⊙ exp(G)]: [2c, K], so that W S_n and (Q ⊙ e^G) S_n are one GEMM.
+    // K ⊙ exp(G_c - G) in place (kc is not needed as plain keys any more).
+    T* wq = ws.y.data();
     for (index_t i = 0; i < c; ++i) {
-      simd::scale(qc + i * K, ws.eg[std::size_t(i)], K);
+      std::copy_n(wu + i * KV, K, wq + i * K);
+      const T e = ws.eg[std::size_t(i)];
+      const T* qi = qc + i * K;
+      T* dst = wq + (c + i) * K;
+      for (index_t j = 0; j < K; ++j) dst[j] = e * qi[j];
       simd::scale(kc + i * K, ws.egc[std::size_t(i)], K);
     }
-    // phase 2 (sequential over chunks): V' = U - W S_n;  O = (Q ⊙ exp(G)) S_n + P V'
-    Um.noalias() -= Wm * S;
+    // phase 2 (sequential over chunks): R = WQ S_n; V' = U - R_top; O = R_bottom + P V'
+    T* r = ws.uu.data();  // [2c, V]
+    mat(r, 2 * c, V, V).noalias() = mat(wq, 2 * c, K, K) * S;
+    for (index_t i = 0; i < c; ++i) {
+      T* ri = r + i * V;
+      const T* ui = wu + i * KV + K;
+      for (index_t j = 0; j < V; ++j) ri[j] = ui[j] - ri[j];
+    }
+    auto Vp = mat(r, c, V, V);
     auto O = mat(rows.o(t0), c, V, ldo);
-    O.noalias() = mat(qc, c, K, K) * S;
-    O.noalias() += mat(P, c, c, c) * Um;
+    O = mat(r + c * V, c, V, V);
+    O.noalias() += mat(P, c, c, c) * Vp;
     // S_{n+1} = exp(G_c) S_n + (K ⊙ exp(G_c - G))ᵀ V'
     S *= gamma;
-    S.noalias() += Kc.transpose() * Um;
+    S.noalias() += Kc.transpose() * Vp;
   }
   mat(Sp, K, V, lds) = S;
 }
@@ -489,6 +502,16 @@ void run_chunked(const problem<T>& p, index_t chunk_size) {
   const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
   const index_t group = HV / H;
   const index_t N = p.sequences();
+  // Eigen parallelises large products with OpenMP by itself when called outside a parallel
+  // region (e.g. one job, or seqmix's thread setting 1 while OpenMP's is 2): it must stay
+  // single-threaded here (DESIGN §3), so its setting is pinned to 1 for the call and restored.
+  struct eigen_serial {
+    int saved = Eigen::nbThreads();
+    eigen_serial() { Eigen::setNbThreads(1); }
+    ~eigen_serial() { Eigen::setNbThreads(saved); }
+    eigen_serial(const eigen_serial&) = delete;
+    eigen_serial& operator=(const eigen_serial&) = delete;
+  } pin;
   std::vector<chunk_workspace<T>> ws(static_cast<std::size_t>(std::max(1, max_slots())));
   for (auto& w : ws) w.resize(chunk_size, K, V);
   parallel_for_with_slot(N * HV, [&](index_t job, int slot) {
