@@ -523,9 +523,23 @@ void run_chunked(const problem<T>& p, index_t chunk_size) {
   });
 }
 
-/// Measured switch-over (bench/bench_delta.cpp): below this many tokens per sequence the
-/// recurrent form is faster than the chunked one.
-inline constexpr index_t chunked_min_tokens = 64;
+/// Which form forward() runs. Measured on the reference machine (2-core Zen 4-class VM, AVX-512,
+/// bench/bench_delta.cpp, B = 1, H = 8, T = 64 ... 65536, 1 and 2 threads): the column-tiled
+/// recurrent form, whose [K, 64] state tile stays in L1, runs at 60-65 % of the FMA peak and
+/// executes 7·K·V FLOPs per token, while the chunked form executes 1.6x (K = V = 128) to 2.3x
+/// (K = V = 64) as many FLOPs at 45-55 % of peak through Eigen GEMMs. The recurrent form was
+/// faster at every T measured for K = V in {64, 128, 256} (e.g. K = V = 128, T = 1024, 1 thread:
+/// 13.8 ms recurrent vs 24.4 ms chunked), so there is no switch-over T on this machine: forward()
+/// runs the recurrent form unless the sequences are at least `chunked_min_tokens` long and K·V is
+/// at least `chunked_min_kv` (both unreachable defaults here, kept as the knobs for machines where
+/// GEMMs are relatively faster, e.g. with AMX or a tuned BLAS).
+inline constexpr index_t chunked_min_tokens = std::numeric_limits<index_t>::max();
+inline constexpr index_t chunked_min_kv = std::numeric_limits<index_t>::max();
+
+/// True when forward() should run the chunked form for this shape (see above).
+inline bool prefer_chunked(index_t tokens_per_sequence, index_t K, index_t V) {
+  return tokens_per_sequence >= chunked_min_tokens && K * V >= chunked_min_kv;
+}
 
 // ---- gate helper ----------------------------------------------------------------------------
 

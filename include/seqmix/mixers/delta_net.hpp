@@ -13,8 +13,8 @@
 //  - forward_recurrent / step: 7·K·V per token, O(1) extra memory, allocation-free;
 //  - forward_chunked (WY/UT, chunk C): about 2C(3K + 2V) + C²/3 + 6·K·V per token in GEMMs,
 //    O(C·(K+V) + K·V) working memory per thread;
-//  - forward: recurrent below kernels::delta_rule::chunked_min_tokens tokens per sequence,
-//    chunked above (the switch-over measured by bench/bench_delta.cpp).
+//  - forward: the form measured faster for the shape (kernels::delta_rule::prefer_chunked): on
+//    the reference machine the recurrent form won at every T, so forward() runs it.
 // Numerics, -inf gates and the unstable regime (|1 - beta·|k|²| > 1): kernels/delta_rule.hpp.
 #pragma once
 
@@ -142,7 +142,8 @@ class delta_net {
         c.cu};
     dr::validate(check, p, opt_.chunk_size);
     if (f == form::automatic) {
-      f = c.q.extent(1) / std::max<index_t>(1, p.sequences()) >= dr::chunked_min_tokens
+      f = dr::prefer_chunked(c.q.extent(1) / std::max<index_t>(1, p.sequences()), c.q.extent(3),
+                             c.v.extent(3))
               ? form::chunked
               : form::recurrent;
     }
