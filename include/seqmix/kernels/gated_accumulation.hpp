@@ -178,17 +178,104 @@ namespace detail {
 
 using simd::batch;
 
+/// Register-blocked micro-kernel: an MR×(NV·lanes) tile of C (row-major, ldc) += A·B over
+/// depth k, A element (i, p) at a[i·rsa + p·csa] (broadcast from memory, so A may be
+/// transposed for free), B row-major (ldb). The tile's accumulators stay in registers.
+template <class T, std::size_t MR, std::size_t NV>
+inline void micro_tile(index_t k, const T* a, index_t rsa, index_t csa, const T* b, index_t ldb,
+                       T* c, index_t ldc, bool accumulate) {
+  using B = batch<T>;
+  constexpr index_t L = simd::lanes<T>;
+  B acc[MR][NV];
+  for (std::size_t r = 0; r < MR; ++r) {
+    for (std::size_t u = 0; u < NV; ++u) {
+      acc[r][u] = accumulate
+                      ? simd::load(c + static_cast<index_t>(r) * ldc + static_cast<index_t>(u) * L)
+                      : B(T(0));
+    }
+  }
+  for (index_t p = 0; p < k; ++p) {
+    const T* bp = b + p * ldb;
+    B bb[NV];
+    for (std::size_t u = 0; u < NV; ++u) bb[u] = simd::load(bp + static_cast<index_t>(u) * L);
+    const T* ap = a + p * csa;
+    for (std::size_t r = 0; r < MR; ++r) {
+      const B ar(ap[static_cast<index_t>(r) * rsa]);
+      for (std::size_t u = 0; u < NV; ++u) acc[r][u] = simd::fma(ar, bb[u], acc[r][u]);
+    }
+  }
+  for (std::size_t r = 0; r < MR; ++r) {
+    for (std::size_t u = 0; u < NV; ++u)
+      simd::store(c + static_cast<index_t>(r) * ldc + static_cast<index_t>(u) * L, acc[r][u]);
+  }
+}
+
+/// All rows of one column panel of NV vectors: tiles of 6 rows, then the remaining 1-5.
+template <class T, std::size_t NV>
+void micro_panel(index_t m, index_t k, const T* a, index_t rsa, index_t csa, const T* b,
+                 index_t ldb, T* c, index_t ldc, bool accumulate) {
+  index_t i = 0;
+  for (; i + 6 <= m; i += 6)
+    micro_tile<T, 6, NV>(k, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate);
+  const T* ai = a + i * rsa;
+  T* ci = c + i * ldc;
+  switch (m - i) {
+    case 5:
+      micro_tile<T, 5, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      break;
+    case 4:
+      micro_tile<T, 4, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      break;
+    case 3:
+      micro_tile<T, 3, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      break;
+    case 2:
+      micro_tile<T, 2, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      break;
+    case 1:
+      micro_tile<T, 1, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      break;
+    default:
+      break;
+  }
+}
+
 /// C (row-major, m×n, ldc) = A·B (+ C when accumulate), A m×k and B k×n either row-major
-/// (trans = false) or the transpose of a row-major buffer. Eigen's own GEMM kernel, called
-/// without its OpenMP layer: single-threaded and with a thread-count-independent blocking, so
+/// (trans = false) or the transpose of a row-major buffer. Chunk-sized products (m, k <= a few
+/// hundred) whose n is a multiple of the SIMD width run on the register-blocked kernel above
+/// (B transposed is packed first, into `pack`); other shapes (odd value sizes) use Eigen's GEMM
+/// kernel without its OpenMP layer. Both are single-threaded with a fixed summation order, so
 /// results are bitwise identical for any number of seqmix threads.
 template <class T, bool TransA, bool TransB>
 void gemm(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb, T* c,
-          index_t ldc, bool accumulate) {
-  if (!accumulate) {
+          index_t ldc, bool accumulate, std::vector<T>& pack) {
+  constexpr index_t L = simd::lanes<T>;
+  if (!accumulate && (k == 0 || n % L != 0)) {
     for (index_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
   }
   if (m == 0 || n == 0 || k == 0) return;
+  if (n % L == 0) {
+    const T* bb = b;
+    index_t lb = ldb;
+    if constexpr (TransB) {
+      // B = (row-major n×k buffer)ᵀ: pack it k×n
+      pack.resize(static_cast<std::size_t>(k * n));
+      for (index_t j = 0; j < n; ++j) {
+        for (index_t p = 0; p < k; ++p) pack[static_cast<std::size_t>(p * n + j)] = b[j * ldb + p];
+      }
+      bb = pack.data();
+      lb = n;
+    }
+    const index_t rsa = TransA ? 1 : lda, csa = TransA ? lda : 1;
+    index_t j = 0;
+    for (; j + 4 * L <= n; j += 4 * L)
+      micro_panel<T, 4>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate);
+    const index_t rest = (n - j) / L;
+    if (rest == 3) micro_panel<T, 3>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate);
+    if (rest == 2) micro_panel<T, 2>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate);
+    if (rest == 1) micro_panel<T, 1>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate);
+    return;
+  }
   using namespace Eigen;
   using gemm_t =
       internal::general_matrix_matrix_product<index_t, T, TransA ? ColMajor : RowMajor, false, T,
@@ -421,6 +508,7 @@ struct chunk_scratch {
   std::vector<T> vt, ev;      // [C, V]: per-value gate buffers
   std::vector<double> gval;   // [C, Kg] cumulative gate (Kg = K per-key, 1 scalar)
   std::vector<epoch_t> gep;
+  std::vector<T> pack;       // GEMM packing of a transposed B
   std::vector<double> vval;  // [C, V] cumulative per-value gate
   std::vector<epoch_t> vep;
 
@@ -484,13 +572,54 @@ void cumulate(index_t L, index_t W, Row&& row, double* __restrict val, epoch_t* 
 template <class T>
 void rel_args(index_t n, const double* __restrict va, const epoch_t* __restrict ea,
               const double* __restrict vb, const epoch_t* __restrict eb, T* __restrict out) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  if (vb == nullptr) {
-    for (index_t c = 0; c < n; ++c) out[c] = ea[c] == 0.0 ? static_cast<T>(va[c]) : ninf;
-  } else {
-    for (index_t c = 0; c < n; ++c) {
-      out[c] = ea[c] == eb[c] ? static_cast<T>(va[c] - vb[c]) : ninf;
+  // Two simple loops per block (all-double select, then the narrowing conversion): each
+  // vectorises on its own, the fused form does not (mixed lane widths).
+  constexpr index_t block = 256;
+  alignas(64) double tmp[block];
+  const double ninf = -std::numeric_limits<double>::infinity();
+  for (index_t c0 = 0; c0 < n; c0 += block) {
+    const index_t m = std::min(block, n - c0);
+    if (vb == nullptr) {
+      for (index_t c = 0; c < m; ++c) tmp[c] = ea[c0 + c] == 0.0 ? va[c0 + c] : ninf;
+    } else {
+      for (index_t c = 0; c < m; ++c) {
+        tmp[c] = ea[c0 + c] == eb[c0 + c] ? va[c0 + c] - vb[c0 + c] : ninf;
+      }
     }
+    for (index_t c = 0; c < m; ++c) out[c0 + c] = static_cast<T>(tmp[c]);
+  }
+}
+
+/// out[j] = exponent of e^{G_a - G_j} for one position a against n positions j.
+template <class T>
+void rel_args_row(index_t n, double va, epoch_t ea, const double* __restrict vb,
+                  const epoch_t* __restrict eb, T* __restrict out) {
+  constexpr index_t block = 256;
+  alignas(64) double tmp[block];
+  const double ninf = -std::numeric_limits<double>::infinity();
+  for (index_t c0 = 0; c0 < n; c0 += block) {
+    const index_t m = std::min(block, n - c0);
+    for (index_t c = 0; c < m; ++c) tmp[c] = ea == eb[c0 + c] ? va - vb[c0 + c] : ninf;
+    for (index_t c = 0; c < m; ++c) out[c0 + c] = static_cast<T>(tmp[c]);
+  }
+}
+
+/// Sub-chunk-local gates: loc = va - vb in the same epoch, else va (relative to the kill that
+/// opened the epoch); lep = ea - eb. Blocks of two vectorisable loops, as rel_args.
+template <class T>
+void local_args(index_t n, const double* __restrict va, const epoch_t* __restrict ea,
+                const double* __restrict vb, const epoch_t* __restrict eb, T* __restrict loc,
+                T* __restrict lep) {
+  constexpr index_t block = 256;
+  alignas(64) double tmp[block];
+  for (index_t c0 = 0; c0 < n; c0 += block) {
+    const index_t m = std::min(block, n - c0);
+    for (index_t c = 0; c < m; ++c) {
+      tmp[c] = ea[c0 + c] == eb[c0 + c] ? va[c0 + c] - vb[c0 + c] : va[c0 + c];
+    }
+    for (index_t c = 0; c < m; ++c) loc[c0 + c] = static_cast<T>(tmp[c]);
+    for (index_t c = 0; c < m; ++c) tmp[c] = ea[c0 + c] - eb[c0 + c];
+    for (index_t c = 0; c < m; ++c) lep[c0 + c] = static_cast<T>(tmp[c]);
   }
 }
 
@@ -508,7 +637,7 @@ void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, co
   T* A = w.aq.data();  // [L, L], stride L + K
   const index_t lda = L + K;
   // inter-chunk term: (Q̃ S) ⊙ e^{Gv_i}
-  gemm<T, false, false>(L, V, K, A + L, lda, S, V, o, ldo, false);
+  gemm<T, false, false>(L, V, K, A + L, lda, S, V, o, ldo, false, w.pack);
   for (index_t i = 0; i < L; ++i) {
     T* e = w.ev.data();
     for (index_t c = 0; c < V; ++c) e[c] = rel_arg<T>(gv[i * V + c], ge[i * V + c], 0.0, 0);
@@ -529,7 +658,7 @@ void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, co
       }
       simd::exp(vj, vj, r0 * V);
       for (index_t n = 0; n < r0 * V; ++n) vj[n] *= Vc[n];
-      gemm<T, false, false>(r1 - r0, V, r0, A + r0 * lda, lda, vj, V, tmp, V, false);
+      gemm<T, false, false>(r1 - r0, V, r0, A + r0 * lda, lda, vj, V, tmp, V, false, w.pack);
       for (index_t i = r0; i < r1; ++i) {
         T* e = w.ev.data();
         for (index_t c = 0; c < V; ++c) {
@@ -579,9 +708,16 @@ void chunk_head(const problem<T>& p, const Gate& gate, const segment& sg, index_
     T* kc = w.kc.data();  // [L, K]
     T* kt = w.kt.data();  // [L, K]
     T* e = w.e.data();
-    // pack: s·q, c·k, v
+    // pack: s·q, c·k, v (rows of the [T, H, D] layout are a page apart: prefetch ahead, and
+    // this chunk's gate rows for the gate pass that follows)
     for (index_t i = 0; i < L; ++i) {
       const index_t t = c0 + i;
+      if (t + 8 < sg.t1) {
+        prefetch(p.q.ptr({sg.b, t + 8, hk, 0}), K);
+        prefetch(p.k.ptr({sg.b, t + 8, hk, 0}), K);
+        prefetch(p.v.ptr({sg.b, t + 8, h, 0}), V);
+      }
+      if constexpr (Gate::per_key) prefetch(gate.key_gate_row(sg.b, t, h), K);
       const T* q = p.q.ptr({sg.b, t, hk, 0});
       const T* k = p.k.ptr({sg.b, t, hk, 0});
       const T ks = Gate::scales_k ? gate.k_scale(sg.b, t, h) : T(1);
@@ -609,15 +745,15 @@ void chunk_head(const problem<T>& p, const Gate& gate, const segment& sg, index_
         std::fill_n(ge, L, 0);
       }
       // A = (sQ) Kᵀ ⊙ D, D_ij = e^{G_i - G_j} for j <= i, else 0
-      gemm<T, false, true>(L, L, K, qs, K, kc, K, A, lda, false);
+      gemm<T, false, true>(L, L, K, qs, K, kc, K, A, lda, false, w.pack);
       for (index_t i = 0; i < L; ++i) {
-        for (index_t j = 0; j < L; ++j) {
-          e[i * L + j] = j <= i ? rel_arg<T>(gv[i], ge[i], gv[j], ge[j]) : ninf;
+        T* a = A + i * lda;  // row i of A: columns j <= i decay, j > i are masked
+        if constexpr (Gate::has_gate) {
+          rel_args_row<T>(i + 1, gv[i], ge[i], gv, ge, e);
+          simd::exp(e, e, i + 1);
+          for (index_t j = 0; j <= i; ++j) a[j] *= e[j];
         }
-      }
-      simd::exp(e, e, L * L);
-      for (index_t i = 0; i < L; ++i) {
-        for (index_t j = 0; j < L; ++j) A[i * lda + j] *= e[i * L + j];
+        std::fill(a + i + 1, a + L, T(0));
       }
       // Q̃ = sQ ⊙ e^{G_i}, K̃ = cK ⊙ e^{G_L - G_j}, state decay e^{G_L}
       for (index_t i = 0; i < L; ++i) {
@@ -672,18 +808,13 @@ void chunk_head(const problem<T>& p, const Gate& gate, const segment& sg, index_
           simd::exp(kj, kj, r0 * K);
           for (index_t n = 0; n < (r1 - r0) * K; ++n) qi[n] *= qs[r0 * K + n];
           for (index_t n = 0; n < r0 * K; ++n) kj[n] *= kc[n];
-          gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false);
+          gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false, w.pack);
         }
         // diagonal block, exact. loc: cumulative gate relative to row r0 (same epoch) or to the
         // kill that opened its epoch; lep: epoch relative to row r0. Within an epoch,
         // loc_i - loc_j = G_i - G_j.
-        for (index_t i = r0; i < r1; ++i) {
-          for (index_t c = 0; c < K; ++c) {
-            const bool same = ge[i * K + c] == er[c];
-            loc[i * K + c] = static_cast<T>(same ? gv[i * K + c] - gr[c] : gv[i * K + c]);
-            lep[i * K + c] = static_cast<T>(ge[i * K + c] - er[c]);
-          }
-        }
+        for (index_t i = r0; i < r1; ++i)
+          local_args<T>(K, gv + i * K, ge + i * K, gr, er, loc + i * K, lep + i * K);
         constexpr index_t VL = simd::lanes<T>;
         using B = batch<T>;
         const B binf(ninf);
@@ -736,15 +867,15 @@ void chunk_head(const problem<T>& p, const Gate& gate, const segment& sg, index_
           const T di = w.dk[static_cast<std::size_t>(i)];
           for (index_t c = 0; c < V; ++c) S[i * V + c] *= di * dv[c];
         }
-        gemm<T, true, false>(K, V, L, kt, K, vt, V, S, V, true);
+        gemm<T, true, false>(K, V, L, kt, K, vt, V, S, V, true, w.pack);
         continue;
       }
     }
     // O = [A | Q̃] · [V ; S]: one GEMM of depth L + K for both terms
-    gemm<T, false, false>(L, V, L + K, A, lda, Vc, V, o, ldo, false);
+    gemm<T, false, false>(L, V, L + K, A, lda, Vc, V, o, ldo, false, w.pack);
     // S ← Diag(decay) S + K̃ᵀ V
     for (index_t i = 0; i < K; ++i) simd::scale(S + i * V, w.dk[static_cast<std::size_t>(i)], V);
-    gemm<T, true, false>(K, V, L, kt, K, Vc, V, S, V, true);
+    gemm<T, true, false>(K, V, L, kt, K, Vc, V, S, V, true, w.pack);
   }
   T* dst = p.state.ptr({sg.n, h, 0, 0});
   for (index_t i = 0; i < K; ++i) std::copy_n(S + i * V, V, dst + i * p.state.stride(2));
