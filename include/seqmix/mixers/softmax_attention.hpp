@@ -24,6 +24,8 @@
 // an error), kv_cache::ring keeps the last W tokens (constant memory; windowed attention only).
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <optional>
