@@ -174,6 +174,30 @@ void validate(const checker& check, const problem<T>& p, index_t chunk_size) {
   if (p.normalised()) check.inner_contiguous("z", p.z);
 }
 
+/// Log gates must be finite or -inf (SPEC: NaN and +inf would poison the state silently). One
+/// vectorised pass for contiguous views (gates are as large as q), checker::log_gate otherwise.
+template <class T, std::size_t R>
+void check_log_gate(const checker& check, std::string_view name, tensor_view<const T, R> g) {
+  if (!g.is_contiguous()) {
+    check.log_gate(name, g);
+    return;
+  }
+  const T* x = g.data();
+  const index_t n = g.size();
+  // x - x is 0 for finite x, NaN for ±inf and NaN; -inf passes separately
+  using B = simd::batch<T>;
+  constexpr index_t L = simd::lanes<T>;
+  const T inf = std::numeric_limits<T>::infinity();
+  bool bad = false;
+  index_t i = 0;
+  for (; i + L <= n && !bad; i += L) {
+    const B v = simd::load(x + i);
+    bad = !xsimd::all((v - v == B(T(0))) || (v == B(-inf)));
+  }
+  for (; i < n && !bad; ++i) bad = std::isnan(x[i]) || x[i] == inf;
+  if (bad) check.fail(name, "log gates must be finite or -inf (found NaN or +inf)");
+}
+
 namespace detail {
 
 using simd::batch;
@@ -712,12 +736,12 @@ void chunk_head(const problem<T>& p, const Gate& gate, const segment& sg, index_
     // this chunk's gate rows for the gate pass that follows)
     for (index_t i = 0; i < L; ++i) {
       const index_t t = c0 + i;
-      if (t + 8 < sg.t1) {
-        prefetch(p.q.ptr({sg.b, t + 8, hk, 0}), K);
-        prefetch(p.k.ptr({sg.b, t + 8, hk, 0}), K);
-        prefetch(p.v.ptr({sg.b, t + 8, h, 0}), V);
+      if (t + 16 < sg.t1) {
+        prefetch(p.q.ptr({sg.b, t + 16, hk, 0}), K);
+        prefetch(p.k.ptr({sg.b, t + 16, hk, 0}), K);
+        prefetch(p.v.ptr({sg.b, t + 16, h, 0}), V);
+        if constexpr (Gate::per_key) prefetch(gate.key_gate_row(sg.b, t + 16, h), K);
       }
-      if constexpr (Gate::per_key) prefetch(gate.key_gate_row(sg.b, t, h), K);
       const T* q = p.q.ptr({sg.b, t, hk, 0});
       const T* k = p.k.ptr({sg.b, t, hk, 0});
       const T ks = Gate::scales_k ? gate.k_scale(sg.b, t, h) : T(1);
@@ -827,7 +851,7 @@ void chunk_head(const problem<T>& p, const Gate& gate, const segment& sg, index_
             for (; c + VL <= K; c += VL) {
               const B d = xsimd::select(simd::load(ei + c) == simd::load(ej + c),
                                         simd::load(li + c) - simd::load(lj + c), binf);
-              acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), simd::exp(d), acc);
+              acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), xsimd::exp(d), acc);
             }
             T s = simd::reduce_sum(acc);
             for (; c < K; ++c) {

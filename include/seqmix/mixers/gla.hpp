@@ -116,11 +116,11 @@ class gla {
     check.require(v.extent(2) == q.extent(2), "v", "must have the heads of q");
     check.shape("gk", gk, {q.extent(0), q.extent(1), q.extent(2), q.extent(3)});
     check.inner_contiguous("gk", gk);
-    check.log_gate("gk", gk);
+    kernels::gated::check_log_gate<T>(check, "gk", gk);
     if (gv.data()) {
       check.shape("gv", gv, {v.extent(0), v.extent(1), v.extent(2), v.extent(3)});
       check.inner_contiguous("gv", gv);
-      check.log_gate("gv", gv);
+      kernels::gated::check_log_gate<T>(check, "gv", gv);
     }
     p.scale = opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(q.extent(3)));
     kernels::gated::run(f, p, kernels::gated::key_gate<T>{gk, gv}, opt_.chunk_size, switch_over_t);

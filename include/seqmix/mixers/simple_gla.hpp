@@ -159,7 +159,7 @@ class simple_gla {
     check.require(opt_.g_gamma.empty(), "g",
                   "options::g_gamma is set: call the overload without g");
     check.shape("g", g, {q.extent(0), q.extent(1), q.extent(2)});
-    check.log_gate("g", g);
+    kernels::gated::check_log_gate<T>(check, "g", g);
     kernels::gated::run(f, p, kernels::gated::scalar_gate<T>{g}, opt_.chunk_size, switch_over_t);
   }
   void run_c(const char* where, kernels::gated::form f, tensor_view<const T, 4> q,
@@ -170,7 +170,7 @@ class simple_gla {
     const tensor_view<const T, 1> gg(opt_.g_gamma.data(),
                                      {static_cast<index_t>(opt_.g_gamma.size())});
     check.shape("g_gamma", gg, {q.extent(2)});
-    check.log_gate("g_gamma", gg);
+    kernels::gated::check_log_gate<T>(check, "g_gamma", gg);
     kernels::gated::run(f, p, kernels::gated::constant_gate<T>{gg}, opt_.chunk_size, switch_over_t);
   }
 
