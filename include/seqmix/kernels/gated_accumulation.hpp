@@ -547,7 +547,6 @@ void recurrent_items(const problem<T>& p, const Gate& gate, index_t i0, index_t 
 template <class T>
 struct chunk_scratch {
   std::vector<T> aq;          // [C, C + K]: [A | sQ ⊙ e^G], row stride L + K
-  std::vector<T> vs;          // [C + K, V]: rows C-L..C-1 the chunk's V, rows C.. the state S
   std::vector<T> qs, kc, kt;  // [C, K]: s·q, c·k, c·k ⊙ e^{G_L - G}
   std::vector<T> e;           // [C, max(C, K)] exponent buffer
   std::vector<T> qi, kj;      // [16, K], [C, K]: sub-chunk factors (per-key gates)
@@ -563,7 +562,6 @@ struct chunk_scratch {
   void resize(index_t C, index_t K, index_t V, bool per_key, bool value_gate) {
     auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
     aq.resize(sz(C * (C + K)));
-    vs.resize(sz((C + K) * V));
     qs.resize(sz(C * K));
     kc.resize(sz(C * K));
     kt.resize(sz(C * K));
@@ -733,202 +731,229 @@ void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, co
   }
 }
 
-/// The chunked form for one (sequence, head), sequential over its chunks, state in `w.vs`.
+/// One chunk [c0, c0 + L) of one (sequence, head): outputs of its tokens, and the state (rows
+/// C.. of `vs`, [K, V]) advanced from S_n to S_{n+1}. `vs` rows C-L..C-1 receive the chunk's v.
 template <class T, class Gate>
-void chunk_head(const problem<T>& p, const Gate& gate, const segment& sg, index_t h, index_t C,
-                chunk_scratch<T>& w) {
+void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_t c0, index_t h,
+                index_t C, chunk_scratch<T>& w, T* vs) {
   constexpr index_t sub = 16;
   const T ninf = -std::numeric_limits<T>::infinity();
   const index_t K = p.q.extent(3), V = p.v.extent(3), hk = h / p.group();
   const bool has_gv = gate.has_value_gate();
-  T* S = w.vs.data() + C * V;  // [K, V] working state
-  {
-    const T* src = p.state.ptr({sg.n, h, 0, 0});
-    for (index_t i = 0; i < K; ++i) std::copy_n(src + i * p.state.stride(2), V, S + i * V);
+  T* S = vs + C * V;  // [K, V] working state
+  const index_t L = std::min(C, sg.t1 - c0);
+  const index_t lda = L + K;
+  T* A = w.aq.data();   // [L, L] at stride lda
+  T* Qt = A + L;        // [L, K] at stride lda: s·q ⊙ e^{G_i}
+  T* Vc = S - L * V;    // [L, V]: v of the chunk, directly above S
+  T* qs = w.qs.data();  // [L, K]
+  T* kc = w.kc.data();  // [L, K]
+  T* kt = w.kt.data();  // [L, K]
+  T* e = w.e.data();
+  // pack: s·q, c·k, v (rows of the [T, H, D] layout are a page apart: prefetch ahead, and
+  // this chunk's gate rows for the gate pass that follows)
+  for (index_t i = 0; i < L; ++i) {
+    const index_t t = c0 + i;
+    if (t + 16 < sg.t1) {
+      prefetch(p.q.ptr({sg.b, t + 16, hk, 0}), K);
+      prefetch(p.k.ptr({sg.b, t + 16, hk, 0}), K);
+      prefetch(p.v.ptr({sg.b, t + 16, h, 0}), V);
+      if constexpr (Gate::per_key) prefetch(gate.key_gate_row(sg.b, t + 16, h), K);
+    }
+    const T* q = p.q.ptr({sg.b, t, hk, 0});
+    const T* k = p.k.ptr({sg.b, t, hk, 0});
+    const T ks = Gate::scales_k ? gate.k_scale(sg.b, t, h) : T(1);
+    for (index_t c = 0; c < K; ++c) {
+      qs[i * K + c] = p.scale * q[c];
+      kc[i * K + c] = ks * k[c];
+    }
+    std::copy_n(p.v.ptr({sg.b, t, h, 0}), V, Vc + i * V);
   }
-  for (index_t c0 = sg.t0; c0 < sg.t1; c0 += C) {
-    const index_t L = std::min(C, sg.t1 - c0);
-    const index_t lda = L + K;
-    T* A = w.aq.data();   // [L, L] at stride lda
-    T* Qt = A + L;        // [L, K] at stride lda: s·q ⊙ e^{G_i}
-    T* Vc = S - L * V;    // [L, V]: v of the chunk, directly above S
-    T* qs = w.qs.data();  // [L, K]
-    T* kc = w.kc.data();  // [L, K]
-    T* kt = w.kt.data();  // [L, K]
-    T* e = w.e.data();
-    // pack: s·q, c·k, v (rows of the [T, H, D] layout are a page apart: prefetch ahead, and
-    // this chunk's gate rows for the gate pass that follows)
-    for (index_t i = 0; i < L; ++i) {
-      const index_t t = c0 + i;
-      if (t + 16 < sg.t1) {
-        prefetch(p.q.ptr({sg.b, t + 16, hk, 0}), K);
-        prefetch(p.k.ptr({sg.b, t + 16, hk, 0}), K);
-        prefetch(p.v.ptr({sg.b, t + 16, h, 0}), V);
-        if constexpr (Gate::per_key) prefetch(gate.key_gate_row(sg.b, t + 16, h), K);
-      }
-      const T* q = p.q.ptr({sg.b, t, hk, 0});
-      const T* k = p.k.ptr({sg.b, t, hk, 0});
-      const T ks = Gate::scales_k ? gate.k_scale(sg.b, t, h) : T(1);
-      for (index_t c = 0; c < K; ++c) {
-        qs[i * K + c] = p.scale * q[c];
-        kc[i * K + c] = ks * k[c];
-      }
-      std::copy_n(p.v.ptr({sg.b, t, h, 0}), V, Vc + i * V);
-    }
-    if constexpr (!Gate::per_key) {
-      double* gv = w.gval.data();
-      epoch_t* ge = w.gep.data();
-      if constexpr (Gate::has_gate) {
-        // one scalar per token; the row lambda hands cumulate() a pointer to it
-        T gtok[1];
-        cumulate<T>(
-            L, 1,
-            [&](index_t i) {
-              gtok[0] = gate.log_gate(sg.b, c0 + i, h);
-              return static_cast<const T*>(gtok);
-            },
-            gv, ge);
-      } else {
-        std::fill_n(gv, L, 0.0);
-        std::fill_n(ge, L, 0);
-      }
-      // A = (sQ) Kᵀ ⊙ D, D_ij = e^{G_i - G_j} for j <= i, else 0
-      gemm<T, false, true>(L, L, K, qs, K, kc, K, A, lda, false, w.pack);
-      for (index_t i = 0; i < L; ++i) {
-        T* a = A + i * lda;  // row i of A: columns j <= i decay, j > i are masked
-        if constexpr (Gate::has_gate) {
-          rel_args_row<T>(i + 1, gv[i], ge[i], gv, ge, e);
-          simd::exp(e, e, i + 1);
-          for (index_t j = 0; j <= i; ++j) a[j] *= e[j];
-        }
-        std::fill(a + i + 1, a + L, T(0));
-      }
-      // Q̃ = sQ ⊙ e^{G_i}, K̃ = cK ⊙ e^{G_L - G_j}, state decay e^{G_L}
-      for (index_t i = 0; i < L; ++i) {
-        e[i] = rel_arg<T>(gv[i], ge[i], 0.0, 0);
-        e[L + i] = rel_arg<T>(gv[L - 1], ge[L - 1], gv[i], ge[i]);
-      }
-      e[2 * L] = rel_arg<T>(gv[L - 1], ge[L - 1], 0.0, 0);
-      simd::exp(e, e, 2 * L + 1);
-      for (index_t i = 0; i < L; ++i) {
-        for (index_t c = 0; c < K; ++c) {
-          Qt[i * lda + c] = qs[i * K + c] * e[i];
-          kt[i * K + c] = kc[i * K + c] * e[L + i];
-        }
-      }
-      std::fill_n(w.dk.data(), K, e[2 * L]);
-    } else {
-      double* gv = w.gval.data();
-      epoch_t* ge = w.gep.data();
-      cumulate<T>(
-          L, K, [&](index_t i) { return gate.key_gate_row(sg.b, c0 + i, h); }, gv, ge);
-      // Q̃_ik = sq_ik e^{G_ik}; K̃_jk = ck_jk e^{G_Lk - G_jk}; decay e^{G_Lk}
-      rel_args<T>(L * K, gv, ge, nullptr, nullptr, e);
-      simd::exp(e, e, L * K);
-      for (index_t i = 0; i < L; ++i) {
-        for (index_t c = 0; c < K; ++c) Qt[i * lda + c] = qs[i * K + c] * e[i * K + c];
-      }
-      const double* gl = gv + (L - 1) * K;
-      const epoch_t* el = ge + (L - 1) * K;
-      for (index_t i = 0; i < L; ++i) rel_args<T>(K, gl, el, gv + i * K, ge + i * K, e + i * K);
-      simd::exp(e, e, L * K);
-      for (index_t n = 0; n < L * K; ++n) kt[n] = kc[n] * e[n];
-      rel_args<T>(K, gl, el, nullptr, nullptr, w.dk.data());
-      simd::exp(w.dk.data(), w.dk.data(), K);
-      // A, sub-chunk by sub-chunk
-      for (index_t i = 0; i < L; ++i) std::fill_n(A + i * lda, L, T(0));
-      T* loc = w.loc.data();
-      T* lep = w.lep.data();
-      for (index_t r0 = 0; r0 < L; r0 += sub) {
-        const index_t r1 = std::min(L, r0 + sub);
-        const double* gr = gv + r0 * K;
-        const epoch_t* er = ge + r0 * K;
-        if (r0 > 0) {
-          // below the diagonal: (sq_i ⊙ e^{G_i - G_r}) · (ck_j ⊙ e^{G_r - G_j}), both <= 1
-          T* qi = w.qi.data();  // [r1-r0, K]
-          T* kj = w.kj.data();  // [r0, K]
-          for (index_t i = r0; i < r1; ++i) {
-            rel_args<T>(K, gv + i * K, ge + i * K, gr, er, qi + (i - r0) * K);
-          }
-          for (index_t j = 0; j < r0; ++j)
-            rel_args<T>(K, gr, er, gv + j * K, ge + j * K, kj + j * K);
-          simd::exp(qi, qi, (r1 - r0) * K);
-          simd::exp(kj, kj, r0 * K);
-          for (index_t n = 0; n < (r1 - r0) * K; ++n) qi[n] *= qs[r0 * K + n];
-          for (index_t n = 0; n < r0 * K; ++n) kj[n] *= kc[n];
-          gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false, w.pack);
-        }
-        // diagonal block, exact. loc: cumulative gate relative to row r0 (same epoch) or to the
-        // kill that opened its epoch; lep: epoch relative to row r0. Within an epoch,
-        // loc_i - loc_j = G_i - G_j.
-        for (index_t i = r0; i < r1; ++i)
-          local_args<T>(K, gv + i * K, ge + i * K, gr, er, loc + i * K, lep + i * K);
-        constexpr index_t VL = simd::lanes<T>;
-        using B = batch<T>;
-        const B binf(ninf);
-        for (index_t i = r0; i < r1; ++i) {
-          for (index_t j = r0; j <= i; ++j) {
-            B acc(T(0));
-            index_t c = 0;
-            const T *li = loc + i * K, *lj = loc + j * K, *ei = lep + i * K, *ej = lep + j * K;
-            const T *qq = qs + i * K, *kk = kc + j * K;
-            for (; c + VL <= K; c += VL) {
-              const B d = xsimd::select(simd::load(ei + c) == simd::load(ej + c),
-                                        simd::load(li + c) - simd::load(lj + c), binf);
-              acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), xsimd::exp(d), acc);
-            }
-            T s = simd::reduce_sum(acc);
-            for (; c < K; ++c) {
-              const T d = ei[c] == ej[c] ? li[c] - lj[c] : ninf;
-              s += qq[c] * kk[c] * std::exp(d);
-            }
-            A[i * lda + j] = s;
-          }
-        }
-      }
-    }
-    T* o = p.o.ptr({sg.b, c0, h, 0});
-    const index_t ldo = p.o.stride(1);
-    if constexpr (Gate::per_key) {
-      if (has_gv) {
-        // per-value gates: output and state columns carry e^{Gv}
-        double* vv = w.vval.data();
-        epoch_t* ve = w.vep.data();
-        cumulate<T>(
-            L, V, [&](index_t i) { return gate.value_gate_row(sg.b, c0 + i, h); }, vv, ve);
-        value_gated_output<T>(L, K, V, w, Vc, S, o, ldo);
-        // S ← Diag(e^{Gk_L}) S Diag(e^{Gv_L}) + K̃ᵀ Ṽ, Ṽ_j = v_j ⊙ e^{Gv_L - Gv_j}
-        T* vt = w.vt.data();
-        for (index_t j = 0; j < L; ++j) {
-          for (index_t c = 0; c < V; ++c) {
-            vt[j * V + c] =
-                rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], vv[j * V + c], ve[j * V + c]);
-          }
-        }
-        simd::exp(vt, vt, L * V);
-        for (index_t n = 0; n < L * V; ++n) vt[n] *= Vc[n];
-        T* dv = w.ev.data();
-        for (index_t c = 0; c < V; ++c)
-          dv[c] = rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], 0, 0);
-        simd::exp(dv, dv, V);
-        for (index_t i = 0; i < K; ++i) {
-          const T di = w.dk[static_cast<std::size_t>(i)];
-          for (index_t c = 0; c < V; ++c) S[i * V + c] *= di * dv[c];
-        }
-        gemm<T, true, false>(K, V, L, kt, K, vt, V, S, V, true, w.pack);
-        continue;
-      }
-    }
-    // O = [A | Q̃] · [V ; S]: one GEMM of depth L + K for both terms
-    gemm<T, false, false>(L, V, L + K, A, lda, Vc, V, o, ldo, false, w.pack);
-    // S ← Diag(decay) S + K̃ᵀ V
-    for (index_t i = 0; i < K; ++i) simd::scale(S + i * V, w.dk[static_cast<std::size_t>(i)], V);
-    gemm<T, true, false>(K, V, L, kt, K, Vc, V, S, V, true, w.pack);
-  }
-  T* dst = p.state.ptr({sg.n, h, 0, 0});
-  for (index_t i = 0; i < K; ++i) std::copy_n(S + i * V, V, dst + i * p.state.stride(2));
   if constexpr (!Gate::per_key) {
-    if (p.normalised()) normaliser_pass<T, Gate>(p, gate, sg, h);
+    double* gv = w.gval.data();
+    epoch_t* ge = w.gep.data();
+    if constexpr (Gate::has_gate) {
+      // one scalar per token; the row lambda hands cumulate() a pointer to it
+      T gtok[1];
+      cumulate<T>(
+          L, 1,
+          [&](index_t i) {
+            gtok[0] = gate.log_gate(sg.b, c0 + i, h);
+            return static_cast<const T*>(gtok);
+          },
+          gv, ge);
+    } else {
+      std::fill_n(gv, L, 0.0);
+      std::fill_n(ge, L, 0);
+    }
+    // A = (sQ) Kᵀ ⊙ D, D_ij = e^{G_i - G_j} for j <= i, else 0
+    gemm<T, false, true>(L, L, K, qs, K, kc, K, A, lda, false, w.pack);
+    for (index_t i = 0; i < L; ++i) {
+      T* a = A + i * lda;  // row i of A: columns j <= i decay, j > i are masked
+      if constexpr (Gate::has_gate) {
+        rel_args_row<T>(i + 1, gv[i], ge[i], gv, ge, e);
+        simd::exp(e, e, i + 1);
+        for (index_t j = 0; j <= i; ++j) a[j] *= e[j];
+      }
+      std::fill(a + i + 1, a + L, T(0));
+    }
+    // Q̃ = sQ ⊙ e^{G_i}, K̃ = cK ⊙ e^{G_L - G_j}, state decay e^{G_L}
+    for (index_t i = 0; i < L; ++i) {
+      e[i] = rel_arg<T>(gv[i], ge[i], 0.0, 0);
+      e[L + i] = rel_arg<T>(gv[L - 1], ge[L - 1], gv[i], ge[i]);
+    }
+    e[2 * L] = rel_arg<T>(gv[L - 1], ge[L - 1], 0.0, 0);
+    simd::exp(e, e, 2 * L + 1);
+    for (index_t i = 0; i < L; ++i) {
+      for (index_t c = 0; c < K; ++c) {
+        Qt[i * lda + c] = qs[i * K + c] * e[i];
+        kt[i * K + c] = kc[i * K + c] * e[L + i];
+      }
+    }
+    std::fill_n(w.dk.data(), K, e[2 * L]);
+  } else {
+    double* gv = w.gval.data();
+    epoch_t* ge = w.gep.data();
+    cumulate<T>(
+        L, K, [&](index_t i) { return gate.key_gate_row(sg.b, c0 + i, h); }, gv, ge);
+    // Q̃_ik = sq_ik e^{G_ik}; K̃_jk = ck_jk e^{G_Lk - G_jk}; decay e^{G_Lk}
+    rel_args<T>(L * K, gv, ge, nullptr, nullptr, e);
+    simd::exp(e, e, L * K);
+    for (index_t i = 0; i < L; ++i) {
+      for (index_t c = 0; c < K; ++c) Qt[i * lda + c] = qs[i * K + c] * e[i * K + c];
+    }
+    const double* gl = gv + (L - 1) * K;
+    const epoch_t* el = ge + (L - 1) * K;
+    for (index_t i = 0; i < L; ++i) rel_args<T>(K, gl, el, gv + i * K, ge + i * K, e + i * K);
+    simd::exp(e, e, L * K);
+    for (index_t n = 0; n < L * K; ++n) kt[n] = kc[n] * e[n];
+    rel_args<T>(K, gl, el, nullptr, nullptr, w.dk.data());
+    simd::exp(w.dk.data(), w.dk.data(), K);
+    // A, sub-chunk by sub-chunk
+    for (index_t i = 0; i < L; ++i) std::fill_n(A + i * lda, L, T(0));
+    T* loc = w.loc.data();
+    T* lep = w.lep.data();
+    for (index_t r0 = 0; r0 < L; r0 += sub) {
+      const index_t r1 = std::min(L, r0 + sub);
+      const double* gr = gv + r0 * K;
+      const epoch_t* er = ge + r0 * K;
+      if (r0 > 0) {
+        // below the diagonal: (sq_i ⊙ e^{G_i - G_r}) · (ck_j ⊙ e^{G_r - G_j}), both <= 1
+        T* qi = w.qi.data();  // [r1-r0, K]
+        T* kj = w.kj.data();  // [r0, K]
+        for (index_t i = r0; i < r1; ++i) {
+          rel_args<T>(K, gv + i * K, ge + i * K, gr, er, qi + (i - r0) * K);
+        }
+        for (index_t j = 0; j < r0; ++j) rel_args<T>(K, gr, er, gv + j * K, ge + j * K, kj + j * K);
+        simd::exp(qi, qi, (r1 - r0) * K);
+        simd::exp(kj, kj, r0 * K);
+        for (index_t n = 0; n < (r1 - r0) * K; ++n) qi[n] *= qs[r0 * K + n];
+        for (index_t n = 0; n < r0 * K; ++n) kj[n] *= kc[n];
+        gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false, w.pack);
+      }
+      // diagonal block, exact. loc: cumulative gate relative to row r0 (same epoch) or to the
+      // kill that opened its epoch; lep: epoch relative to row r0. Within an epoch,
+      // loc_i - loc_j = G_i - G_j.
+      for (index_t i = r0; i < r1; ++i)
+        local_args<T>(K, gv + i * K, ge + i * K, gr, er, loc + i * K, lep + i * K);
+      constexpr index_t VL = simd::lanes<T>;
+      using B = batch<T>;
+      const B binf(ninf);
+      for (index_t i = r0; i < r1; ++i) {
+        for (index_t j = r0; j <= i; ++j) {
+          B acc(T(0));
+          index_t c = 0;
+          const T *li = loc + i * K, *lj = loc + j * K, *ei = lep + i * K, *ej = lep + j * K;
+          const T *qq = qs + i * K, *kk = kc + j * K;
+          for (; c + VL <= K; c += VL) {
+            const B d = xsimd::select(simd::load(ei + c) == simd::load(ej + c),
+                                      simd::load(li + c) - simd::load(lj + c), binf);
+            acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), xsimd::exp(d), acc);
+          }
+          T s = simd::reduce_sum(acc);
+          for (; c < K; ++c) {
+            const T d = ei[c] == ej[c] ? li[c] - lj[c] : ninf;
+            s += qq[c] * kk[c] * std::exp(d);
+          }
+          A[i * lda + j] = s;
+        }
+      }
+    }
+  }
+  T* o = p.o.ptr({sg.b, c0, h, 0});
+  const index_t ldo = p.o.stride(1);
+  if constexpr (Gate::per_key) {
+    if (has_gv) {
+      // per-value gates: output and state columns carry e^{Gv}
+      double* vv = w.vval.data();
+      epoch_t* ve = w.vep.data();
+      cumulate<T>(
+          L, V, [&](index_t i) { return gate.value_gate_row(sg.b, c0 + i, h); }, vv, ve);
+      value_gated_output<T>(L, K, V, w, Vc, S, o, ldo);
+      // S ← Diag(e^{Gk_L}) S Diag(e^{Gv_L}) + K̃ᵀ Ṽ, Ṽ_j = v_j ⊙ e^{Gv_L - Gv_j}
+      T* vt = w.vt.data();
+      for (index_t j = 0; j < L; ++j) {
+        for (index_t c = 0; c < V; ++c) {
+          vt[j * V + c] =
+              rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], vv[j * V + c], ve[j * V + c]);
+        }
+      }
+      simd::exp(vt, vt, L * V);
+      for (index_t n = 0; n < L * V; ++n) vt[n] *= Vc[n];
+      T* dv = w.ev.data();
+      for (index_t c = 0; c < V; ++c)
+        dv[c] = rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], 0, 0);
+      simd::exp(dv, dv, V);
+      for (index_t i = 0; i < K; ++i) {
+        const T di = w.dk[static_cast<std::size_t>(i)];
+        for (index_t c = 0; c < V; ++c) S[i * V + c] *= di * dv[c];
+      }
+      gemm<T, true, false>(K, V, L, kt, K, vt, V, S, V, true, w.pack);
+      return;
+    }
+  }
+  // O = [A | Q̃] · [V ; S]: one GEMM of depth L + K for both terms
+  gemm<T, false, false>(L, V, L + K, A, lda, Vc, V, o, ldo, false, w.pack);
+  // S ← Diag(decay) S + K̃ᵀ V
+  for (index_t i = 0; i < K; ++i) simd::scale(S + i * V, w.dk[static_cast<std::size_t>(i)], V);
+  gemm<T, true, false>(K, V, L, kt, K, Vc, V, S, V, true, w.pack);
+}
+
+/// The chunked form for the (sequence, head) items [i0, i1) (item i = n·H + h): chunk by chunk,
+/// every item of the range in turn (the heads of a token share its rows' pages, as in
+/// recurrent_items); each item keeps its state in its own [C + K, V] buffer of `vs`.
+template <class T, class Gate>
+void chunk_items(const problem<T>& p, const Gate& gate, index_t i0, index_t i1, index_t C,
+                 chunk_scratch<T>& w, std::vector<T>& vs) {
+  const index_t H = p.heads(), K = p.q.extent(3), V = p.v.extent(3);
+  const index_t per = (C + K) * V;
+  vs.resize(static_cast<std::size_t>((i1 - i0) * per));
+  auto state_of = [&](index_t i) { return vs.data() + (i - i0) * per + C * V; };
+  for (index_t i = i0; i < i1; ++i) {
+    const T* src = p.state.ptr({i / H, i % H, 0, 0});
+    for (index_t r = 0; r < K; ++r)
+      std::copy_n(src + r * p.state.stride(2), V, state_of(i) + r * V);
+  }
+  for (index_t off = 0;; off += C) {
+    bool any = false;
+    for (index_t i = i0; i < i1; ++i) {
+      const segment sg = segment_of(p, i / H);
+      if (sg.t0 + off >= sg.t1) continue;
+      any = true;
+      chunk_step<T, Gate>(p, gate, sg, sg.t0 + off, i % H, C, w, state_of(i) - C * V);
+    }
+    if (!any) break;
+  }
+  for (index_t i = i0; i < i1; ++i) {
+    T* dst = p.state.ptr({i / H, i % H, 0, 0});
+    for (index_t r = 0; r < K; ++r)
+      std::copy_n(state_of(i) + r * V, V, dst + r * p.state.stride(2));
+  }
+  if constexpr (!Gate::per_key) {
+    if (p.normalised()) {
+      for (index_t i = i0; i < i1; ++i)
+        normaliser_pass<T, Gate>(p, gate, segment_of(p, i / H), i % H);
+    }
   }
 }
 
@@ -960,15 +985,24 @@ void forward_recurrent(const problem<T>& p, const Gate& gate) {
 /// inside each. Extra memory O(C·(C + K + V) + K·V) per thread.
 template <class T, class Gate>
 void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
-  const index_t H = p.heads(), N = p.sequences();
+  const index_t items = p.heads() * p.sequences();
   const index_t K = p.q.extent(3), V = p.v.extent(3);
   const index_t C = std::max<index_t>(1, std::min(chunk, p.q.extent(1)));
-  std::vector<detail::chunk_scratch<T>> scratch(static_cast<std::size_t>(std::max(1, max_slots())));
+  // one contiguous range of items per thread (static, like parallel_for's own partition)
+  const index_t groups = std::min<index_t>(items, std::max(1, num_threads()));
+  std::vector<detail::chunk_scratch<T>> scratch(static_cast<std::size_t>(groups));
+  std::vector<std::vector<T>> states(static_cast<std::size_t>(groups));
   for (auto& s : scratch) s.resize(C, K, V, Gate::per_key, gate.has_value_gate());
-  parallel_for_with_slot(N * H, [&](index_t i, int tid) {
-    detail::chunk_head<T, Gate>(p, gate, segment_of(p, i / H), i % H, C,
-                                scratch[static_cast<std::size_t>(tid)]);
-  });
+  auto body = [&](index_t g) {
+    const auto u = static_cast<std::size_t>(g);
+    detail::chunk_items<T, Gate>(p, gate, g * items / groups, (g + 1) * items / groups, C,
+                                 scratch[u], states[u]);
+  };
+  if (groups == 1) {
+    body(0);
+  } else {
+    parallel_for(groups, body);
+  }
 }
 
 /// Which form a front runs.
