@@ -123,10 +123,10 @@ void BM_delta_net_recurrent(benchmark::State& s) {
 }
 
 BENCHMARK(BM_gated_delta_net_chunked)->Apply([](auto* b) {
-  shapes(b, {64, 128, 256, 512, 2048, 8192, 65536});
+  shapes(b, {64, 128, 256, 512, 2048, 4096, 8192, 65536});
 });
 BENCHMARK(BM_gated_delta_net_recurrent)->Apply([](auto* b) {
-  shapes(b, {64, 128, 256, 512, 2048, 8192, 65536});
+  shapes(b, {64, 128, 256, 512, 2048, 4096, 8192, 65536});
 });
 BENCHMARK(BM_delta_net_chunked)->Apply([](auto* b) { shapes(b, {512, 8192}); });
 BENCHMARK(BM_delta_net_recurrent)->Apply([](auto* b) { shapes(b, {512, 8192}); });
