@@ -156,17 +156,18 @@ TEST_CASE("linear_attention: bad inputs raise shape_error", "[linear_attention]"
 
 TEST_CASE(
     "gated engine: recurrent and step allocate nothing per token; chunked memory is "
-    "O(C(C+K+V) + KV) per thread, independent of T",
+    "O(C(C+K+V)) per thread + O((C+K)V) per head, independent of T",
     "[linear_attention][alloc]") {
   auto rng = seqmix::testing::make_rng(34);
-  const index_t H = 2, K = 64, V = 64;
+  const std::size_t H = 2, K = 64, V = 64;
+  const auto h = static_cast<index_t>(H), k = static_cast<index_t>(K), vv = static_cast<index_t>(V);
   seqmix::simple_gla<float> m;
   for (index_t T : {256, 2048}) {
-    auto q = seqmix::testing::random_normal<float, 4>({1, T, H, K}, rng);
-    auto v = seqmix::testing::random_normal<float, 4>({1, T, H, V}, rng);
-    auto g = random_gate<float, 3>({1, T, H}, rng, 1.0);
-    tensor<float, 4> o({1, T, H, V});
-    auto s = m.make_state(1, H, K, V);
+    auto q = seqmix::testing::random_normal<float, 4>({1, T, h, k}, rng);
+    auto v = seqmix::testing::random_normal<float, 4>({1, T, h, vv}, rng);
+    auto g = random_gate<float, 3>({1, T, h}, rng, 1.0);
+    tensor<float, 4> o({1, T, h, vv});
+    auto s = m.make_state(1, h, k, vv);
     {
       seqmix::testing::allocation_scope scope;
       m.forward_recurrent(q, q, v, g, o, s);
@@ -187,8 +188,10 @@ TEST_CASE(
       m.forward_chunked(q, q, v, g, o, s);
       const auto peak = scope.stats().peak_bytes;
       const std::size_t C = 64;
-      const std::size_t bound = static_cast<std::size_t>(seqmix::max_slots()) * sizeof(float) *
-                                    (4 * C * (C + K + V) + 2 * K * V) +
+      // per thread O(C·(C+K+V)) scratch, plus (C+K)·V per (sequence, head) item: nothing in T
+      const std::size_t bound = sizeof(float) * (static_cast<std::size_t>(seqmix::max_slots()) *
+                                                     (4 * C * (C + K + V) + 2 * K * V) +
+                                                 H * (C + K) * V) +
                                 (64u << 10);
       INFO("chunked T " << T << ": peak " << peak << " B, bound " << bound << " B");
       CHECK(peak <= bound);  // no term in T: the same bound holds at T = 256 and T = 2048

@@ -15,11 +15,17 @@
 // key_gate (gk [B,T,H,K] and optional gv [B,T,H,V]); a front may add its own (mamba2_ssd.hpp).
 //
 // Forms and cost per (sequence, head), T tokens:
-// - recurrent: head-major sweep, a column tile of S kept in L1 across tokens and the state row
-//   tile in registers; 5·K·V FLOP per token, O(1) extra memory, no allocation at all.
+// - recurrent: a column tile of S (up to 8 vectors wide, <= 128 KiB) swept over the tokens with
+//   the state row tile, v and o tiles in registers; 5·K·V FLOP per token (4·K·V ungated), no
+//   allocation at all. A thread's heads take turns over blocks of 64 tokens, so the rows of a
+//   token (all heads share one page of the [T, H, D] layout) are read once from memory.
 // - chunked: per chunk of C tokens, A = (sQ Kᵀ) ⊙ D (C×C), O = [A | sQ ⊙ e^G] · [V ; S],
-//   S ← e^{G_C} S + (K ⊙ e^{G_C - G})ᵀ V; 2C(K+V) + 4KV FLOP per token; extra memory
-//   O(C·(C+K+V) + K·V) per thread (independent of T).
+//   S ← e^{G_C} S + (K ⊙ e^{G_C - G})ᵀ V; 2C(K+V) + 4KV FLOP per token, on a register-blocked
+//   GEMM kernel; a thread's heads take turns chunk by chunk. Extra memory per thread
+//   O(C·(C+K+V) + heads_per_thread·(C+K)·V), independent of T.
+// Which is faster: measured on the 2-core AVX-512 dev machine the recurrent form wins at every
+// T (its 5KV FLOP against 2C(K+V) + 4KV run at similar efficiency), so the fronts' forward()
+// takes it; the chunked form stays for machines and shapes where the GEMMs run further ahead.
 //
 // Numerics (SPEC §1): cumulative gates are chunk-local and accumulated in double, every
 // exponential has an argument <= 0 when gates are <= 0, and differences are formed in double
@@ -981,8 +987,9 @@ void forward_recurrent(const problem<T>& p, const Gate& gate) {
   });
 }
 
-/// Chunked form with chunk length `chunk`: (sequence, head) pairs in parallel, chunks in order
-/// inside each. Extra memory O(C·(C + K + V) + K·V) per thread.
+/// Chunked form with chunk length `chunk`: (sequence, head) items split into one contiguous
+/// range per thread, chunks in order inside each. Extra memory O(C·(C + K + V)) per thread plus
+/// (C + K)·V per item.
 template <class T, class Gate>
 void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
   const index_t items = p.heads() * p.sequences();
