@@ -208,6 +208,18 @@ namespace detail {
 
 using simd::batch;
 
+/// exp of log-gate arithmetic: arguments are first raised to -1e4 (exp is already 0 there in
+/// float and double), so -inf sentinels and huge negative gates never reach the integer
+/// conversion inside the vector exp (undefined for them in xsimd's double path).
+template <class T>
+inline batch<T> gexp(const batch<T>& x) {
+  return xsimd::exp(xsimd::max(x, batch<T>(T(-1e4))));
+}
+template <class T>
+void gexp(const T* in, T* out, index_t n) {
+  simd::transform(in, out, n, [](const batch<T>& x) { return gexp<T>(x); });
+}
+
 /// Register-blocked micro-kernel: an MR×(NV·lanes) tile of C (row-major, ldc) += A·B over
 /// depth k, A element (i, p) at a[i·rsa + p·csa] (broadcast from memory, so A may be
 /// transposed for free), B row-major (ldb). The tile's accumulators stay in registers.
@@ -379,7 +391,7 @@ void recurrent_tile(const problem<T>& p, const Gate& gate, const segment& sg, in
     if constexpr (Gate::per_key) {
       if (has_gv) {
         const T* gv = gate.value_gate_row(sg.b, t, h) + j0;
-        for (std::size_t u = 0; u < NV; ++u) bb[u] = simd::exp(simd::load(gv + u * UL));
+        for (std::size_t u = 0; u < NV; ++u) bb[u] = gexp<T>(simd::load(gv + u * UL));
       }
     }
     const T* gk = nullptr;
@@ -388,8 +400,8 @@ void recurrent_tile(const problem<T>& p, const Gate& gate, const segment& sg, in
       const index_t rows = std::min(L, K - i0);
       if constexpr (Gate::per_key) {
         // decays of L state rows at once (vector exp), exp(-inf) = 0
-        const B e = rows == L ? simd::exp(simd::load(gk + i0))
-                              : simd::exp(simd::load_partial(gk + i0, rows));
+        const B e =
+            rows == L ? gexp<T>(simd::load(gk + i0)) : gexp<T>(simd::load_partial(gk + i0, rows));
         e.store_aligned(dec);
       }
       for (index_t ii = 0; ii < rows; ++ii) {
@@ -693,7 +705,7 @@ void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, co
   for (index_t i = 0; i < L; ++i) {
     T* e = w.ev.data();
     for (index_t c = 0; c < V; ++c) e[c] = rel_arg<T>(gv[i * V + c], ge[i * V + c], 0.0, 0);
-    simd::exp(e, e, V);
+    gexp<T>(e, e, V);
     for (index_t c = 0; c < V; ++c) o[i * ldo + c] *= e[c];
   }
   // intra-chunk term
@@ -708,7 +720,7 @@ void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, co
           vj[j * V + c] = rel_arg<T>(gv[r0 * V + c], ge[r0 * V + c], gv[j * V + c], ge[j * V + c]);
         }
       }
-      simd::exp(vj, vj, r0 * V);
+      gexp<T>(vj, vj, r0 * V);
       for (index_t n = 0; n < r0 * V; ++n) vj[n] *= Vc[n];
       gemm<T, false, false>(r1 - r0, V, r0, A + r0 * lda, lda, vj, V, tmp, V, false, w.pack);
       for (index_t i = r0; i < r1; ++i) {
@@ -716,7 +728,7 @@ void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, co
         for (index_t c = 0; c < V; ++c) {
           e[c] = rel_arg<T>(gv[i * V + c], ge[i * V + c], gv[r0 * V + c], ge[r0 * V + c]);
         }
-        simd::exp(e, e, V);
+        gexp<T>(e, e, V);
         for (index_t c = 0; c < V; ++c) o[i * ldo + c] += e[c] * tmp[(i - r0) * V + c];
       }
     }
@@ -730,7 +742,7 @@ void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, co
           e[c] =
               ge[i * V + c] == ge[j * V + c] ? static_cast<T>(gv[i * V + c] - gv[j * V + c]) : ninf;
         }
-        simd::exp(e, e, V);
+        gexp<T>(e, e, V);
         for (index_t c = 0; c < V; ++c) o[i * ldo + c] += aij * e[c] * Vc[j * V + c];
       }
     }
@@ -798,7 +810,7 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
       T* a = A + i * lda;  // row i of A: columns j <= i decay, j > i are masked
       if constexpr (Gate::has_gate) {
         rel_args_row<T>(i + 1, gv[i], ge[i], gv, ge, e);
-        simd::exp(e, e, i + 1);
+        gexp<T>(e, e, i + 1);
         for (index_t j = 0; j <= i; ++j) a[j] *= e[j];
       }
       std::fill(a + i + 1, a + L, T(0));
@@ -809,7 +821,7 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
       e[L + i] = rel_arg<T>(gv[L - 1], ge[L - 1], gv[i], ge[i]);
     }
     e[2 * L] = rel_arg<T>(gv[L - 1], ge[L - 1], 0.0, 0);
-    simd::exp(e, e, 2 * L + 1);
+    gexp<T>(e, e, 2 * L + 1);
     for (index_t i = 0; i < L; ++i) {
       for (index_t c = 0; c < K; ++c) {
         Qt[i * lda + c] = qs[i * K + c] * e[i];
@@ -824,17 +836,17 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
         L, K, [&](index_t i) { return gate.key_gate_row(sg.b, c0 + i, h); }, gv, ge);
     // Q̃_ik = sq_ik e^{G_ik}; K̃_jk = ck_jk e^{G_Lk - G_jk}; decay e^{G_Lk}
     rel_args<T>(L * K, gv, ge, nullptr, nullptr, e);
-    simd::exp(e, e, L * K);
+    gexp<T>(e, e, L * K);
     for (index_t i = 0; i < L; ++i) {
       for (index_t c = 0; c < K; ++c) Qt[i * lda + c] = qs[i * K + c] * e[i * K + c];
     }
     const double* gl = gv + (L - 1) * K;
     const epoch_t* el = ge + (L - 1) * K;
     for (index_t i = 0; i < L; ++i) rel_args<T>(K, gl, el, gv + i * K, ge + i * K, e + i * K);
-    simd::exp(e, e, L * K);
+    gexp<T>(e, e, L * K);
     for (index_t n = 0; n < L * K; ++n) kt[n] = kc[n] * e[n];
     rel_args<T>(K, gl, el, nullptr, nullptr, w.dk.data());
-    simd::exp(w.dk.data(), w.dk.data(), K);
+    gexp<T>(w.dk.data(), w.dk.data(), K);
     // A, sub-chunk by sub-chunk
     for (index_t i = 0; i < L; ++i) std::fill_n(A + i * lda, L, T(0));
     T* loc = w.loc.data();
@@ -851,8 +863,8 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
           rel_args<T>(K, gv + i * K, ge + i * K, gr, er, qi + (i - r0) * K);
         }
         for (index_t j = 0; j < r0; ++j) rel_args<T>(K, gr, er, gv + j * K, ge + j * K, kj + j * K);
-        simd::exp(qi, qi, (r1 - r0) * K);
-        simd::exp(kj, kj, r0 * K);
+        gexp<T>(qi, qi, (r1 - r0) * K);
+        gexp<T>(kj, kj, r0 * K);
         for (index_t n = 0; n < (r1 - r0) * K; ++n) qi[n] *= qs[r0 * K + n];
         for (index_t n = 0; n < r0 * K; ++n) kj[n] *= kc[n];
         gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false, w.pack);
@@ -874,7 +886,7 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
           for (; c + VL <= K; c += VL) {
             const B d = xsimd::select(simd::load(ei + c) == simd::load(ej + c),
                                       simd::load(li + c) - simd::load(lj + c), binf);
-            acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), xsimd::exp(d), acc);
+            acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), gexp<T>(d), acc);
           }
           T s = simd::reduce_sum(acc);
           for (; c < K; ++c) {
@@ -904,12 +916,12 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
               rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], vv[j * V + c], ve[j * V + c]);
         }
       }
-      simd::exp(vt, vt, L * V);
+      gexp<T>(vt, vt, L * V);
       for (index_t n = 0; n < L * V; ++n) vt[n] *= Vc[n];
       T* dv = w.ev.data();
       for (index_t c = 0; c < V; ++c)
         dv[c] = rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], 0, 0);
-      simd::exp(dv, dv, V);
+      gexp<T>(dv, dv, V);
       for (index_t i = 0; i < K; ++i) {
         const T di = w.dk[static_cast<std::size_t>(i)];
         for (index_t c = 0; c < V; ++c) S[i * V + c] *= di * dv[c];
