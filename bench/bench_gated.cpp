@@ -10,6 +10,10 @@
 // ggml peer shapes (anchors/ggml_peer.md): gated_linear_attn at H=8, K=V=64, T=8192 (150-190k
 // tokens/s on 1 thread, 230-270k on 2; decode 6.0 µs) and Mamba2 ssm_scan at H=8, P=N=64
 // (185k / 345k tokens/s, decode 6.2 µs): BM_gla_* and BM_mamba2_ssd_* with {8192, 64, t}.
+// Switch-over: BM_linear_attention_* sweeps T = 16..256 and the forward benchmarks T = 512..65536;
+// on the 2-core dev machine the recurrent form is faster at every T, so forward() takes it.
+// The decode step runs on the calling thread below 2^20 state updates (a parallel region costs
+// more than the step), so its threads:2 rows measure the same code as threads:1.
 #include <random>
 
 #include <seqmix/mixers/gla.hpp>
