@@ -12,9 +12,12 @@
 //
 // Forms (see kernels/attention.hpp for the engine):
 //  - forward_chunked: flash-style tiles with a running max and sum. Time O(T·min(T, W)·(K+V))
-//    per head, memory O(T·(K+V)) (inputs) + O(64·(K+V+chunk_size)) scratch per thread; never a
-//    T×T matrix. With a kv_cache it is the prefill: the T new tokens attend over the L cached
-//    ones and themselves, and are appended.
+//    per head; memory O(T·Hkv·(K+V)) for a head-major copy of k and v (when their rows are
+//    strided, i.e. Hkv > 1) + O(64·(K+V+chunk_size)) scratch per thread; never a T×T matrix.
+//    Measured (B=1, H=8, D=128, T=2048..8192, fp32): 77-87 GFLOP/s on 1 thread, 152-165 on 2
+//    (66-71 % of the 2-core FMA peak), causal FLOP = 2·H·T²·D.
+//    With a kv_cache it is the prefill: the T new tokens attend over the L cached ones and
+//    themselves, and are appended.
 //  - step / forward_recurrent: decode against the kv_cache (the recurrent "state"): one token
 //    per sequence, appended, then attending over min(L+1, W) cached rows. Time O(min(L, W)·(K+V))
 //    per head and token, memory-bound; step allocates nothing.
