@@ -212,7 +212,11 @@ using simd::batch;
 /// float and double), so -inf sentinels and huge negative gates never reach the integer
 /// conversion inside the vector exp (undefined for them in xsimd's double path).
 template <class T>
-inline batch<T> gexp(const batch<T>& x) {
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline batch<T>
+gexp(const batch<T>& x) {
   return xsimd::exp(xsimd::max(x, batch<T>(T(-1e4))));
 }
 template <class T>
@@ -360,7 +364,7 @@ void recurrent_tile(const problem<T>& p, const Gate& gate, const segment& sg, in
   const index_t K = p.q.extent(3), hk = h / p.group();
   const bool has_gv = gate.has_value_gate();
   constexpr std::size_t UL = static_cast<std::size_t>(L);
-  alignas(64) T dec[UL];
+  alignas(64) T dec[8 * UL];  // decays of up to 8 vectors of rows
   for (index_t t = sg.t0; t < sg.t1; ++t) {
     const T* q = p.q.ptr({sg.b, t, hk, 0});  // [K]
     const T* k = p.k.ptr({sg.b, t, hk, 0});  // [K]
@@ -396,13 +400,15 @@ void recurrent_tile(const problem<T>& p, const Gate& gate, const segment& sg, in
     }
     const T* gk = nullptr;
     if constexpr (Gate::per_key) gk = gate.key_gate_row(sg.b, t, h);
-    for (index_t i0 = 0; i0 < K; i0 += L) {
-      const index_t rows = std::min(L, K - i0);
+    for (index_t i0 = 0; i0 < K; i0 += 8 * L) {
+      const index_t rows = std::min(8 * L, K - i0);
       if constexpr (Gate::per_key) {
-        // decays of L state rows at once (vector exp), exp(-inf) = 0
-        const B e =
-            rows == L ? gexp<T>(simd::load(gk + i0)) : gexp<T>(simd::load_partial(gk + i0, rows));
-        e.store_aligned(dec);
+        // decays of up to 8·L state rows: independent vector exps that pipeline, exp(-inf) = 0
+        for (index_t r = 0; r < rows; r += L) {
+          const B e = rows - r >= L ? gexp<T>(simd::load(gk + i0 + r))
+                                    : gexp<T>(simd::load_partial(gk + i0 + r, rows - r));
+          e.store_aligned(dec + r);
+        }
       }
       for (index_t ii = 0; ii < rows; ++ii) {
         const index_t i = i0 + ii;
