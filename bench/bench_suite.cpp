@@ -22,7 +22,8 @@
 //   delta rule, chunked: 2·C·(3K + 2V) + C²/3 + 6·K·V (WY/UT: A, T solve, W, U, QKᵀ, PV', QS, KᵀV')
 //   softmax causal prefill: 2·T·D per token on average (QKᵀ and PV, each 2·T²·D/2 per head)
 //   softmax decode at cache length L: 4·L·D per head; bytes = L·(K + V)·4 per kv head
-//   sliding window W: 4·min(T, W)·D per token (upper bound; the first W tokens see fewer)
+//   sliding window W: 4·D·(mean keys per token), mean = (T+1)/2 for T <= W, else
+//   (W(W+1)/2 + (T-W)·W)/T: exactly the keys the window visits
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -131,6 +132,11 @@ double flops_delta_chunked() {
 }
 double flops_delta_recurrent() {
   return 6.0 * K * V;
+}
+// Mean number of keys a token attends to under a causal window W over T tokens.
+double window_keys(index_t T) {
+  if (T <= W) return (double(T) + 1) / 2;
+  return (double(W) * (W + 1) / 2 + double(T - W) * double(W)) / double(T);
 }
 
 // Runs `body` per iteration; the state is zeroed inside the timed loop (B·H·K·V floats, noise).
@@ -310,7 +316,7 @@ std::vector<entry> registry() {
                  inputs in(B, T);
                  seqmix::sliding_window_attention<float> m({.window = W});
                  timed(st, in, [&] { m.forward_chunked(in.q, in.k, in.v, in.o); });
-                 report(st, B, T, 4.0 * double(std::min<index_t>(T, W)) * K);
+                 report(st, B, T, 4.0 * window_keys(T) * K);
                }});
   r.push_back({"sliding_window", "recurrent", 0, [](auto& st, index_t B, index_t T) {
                  inputs in(B, T);
@@ -320,7 +326,7 @@ std::vector<entry> registry() {
                    cache.reset();
                    m.forward_recurrent(in.q, in.k, in.v, in.o, cache);
                  });
-                 report(st, B, T, 4.0 * double(std::min<index_t>(T, W)) * K);
+                 report(st, B, T, 4.0 * window_keys(T) * K);
                }});
   r.push_back({"sliding_window", "step", 0, [](auto& st, index_t B, index_t) {
                  // steady state: the ring already holds W tokens

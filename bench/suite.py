@@ -299,11 +299,19 @@ def main():
     fig.savefig(p1, dpi=110)
 
     fig, ax = plt.subplots(figsize=(10, 6))
+    mem_mixers = sorted({m for (m, f) in mem_series})
+    mem_colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(
+        [m for m in mem_mixers if m not in ("activations", "naive_softmax")])}
+    mem_colors["activations"] = "0.55"
+    mem_colors["naive_softmax"] = "black"
     for (mixer, form), s in sorted(mem_series.items()):
         ts = sorted(s)
-        ax.plot(ts, [max(s[t], 1) / 2**20 for t in ts], styles.get(form, "-"),
-                marker=markers.get(form, "o"), label=f"{mixer} · {form}", markersize=4,
-                color=colors.get(mixer, None) if mixer in colors else None)
+        ax.plot(ts, [max(s[t], 1) / 2**20 for t in ts],
+                "-." if mixer in ("activations", "naive_softmax") else
+                ("-" if form.startswith("chunked") else "--"),
+                marker="o" if form.startswith("chunked") else "s", label=f"{mixer} · {form}",
+                markersize=4, color=mem_colors[mixer],
+                linewidth=2.5 if mixer == "naive_softmax" else 1.5)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T (tokens)")
