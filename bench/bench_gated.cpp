@@ -195,7 +195,8 @@ void forward_args(benchmark::internal::Benchmark* b) {
     for (index_t K : {64, 128}) {
       for (index_t T : {512, 2048, 8192}) b->Args({T, K, threads});
     }
-    b->Args({65536, 128, threads});
+    // the performance gate: K = V = 128, T >= 4096
+    for (index_t T : {4096, 16384, 65536}) b->Args({T, 128, threads});
   }
   b->UseRealTime();
 }

@@ -331,6 +331,63 @@ void gemm(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, 
   gemm_t::run(m, n, k, a, lda, b, ldb, c, 1, ldc, T(1), blocking, nullptr);
 }
 
+/// Rows [i, i + MR) of C = tril(A)·B1 + A2·B2 for lower_gemm: the triangular part needs depth
+/// i + MR only (A's later columns are zero in these rows), then A2·B2 accumulates on top.
+template <class T, std::size_t MR, std::size_t NV>
+inline void lower_tile(index_t i, index_t m, index_t k2, const T* a, index_t lda, const T* b1,
+                       const T* b2, index_t ldb, T* c, index_t ldc) {
+  const index_t depth = std::min(m, i + static_cast<index_t>(MR));
+  micro_tile<T, MR, NV>(depth, a + i * lda, lda, 1, b1, ldb, c + i * ldc, ldc, false);
+  micro_tile<T, MR, NV>(k2, a + i * lda + m, lda, 1, b2, ldb, c + i * ldc, ldc, true);
+}
+
+template <class T, std::size_t NV>
+void lower_panel(index_t m, index_t k2, const T* a, index_t lda, const T* b1, const T* b2,
+                 index_t ldb, T* c, index_t ldc) {
+  index_t i = 0;
+  for (; i + 6 <= m; i += 6) lower_tile<T, 6, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+  switch (m - i) {
+    case 5:
+      lower_tile<T, 5, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      break;
+    case 4:
+      lower_tile<T, 4, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      break;
+    case 3:
+      lower_tile<T, 3, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      break;
+    case 2:
+      lower_tile<T, 2, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      break;
+    case 1:
+      lower_tile<T, 1, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      break;
+    default:
+      break;
+  }
+}
+
+/// The chunk output O = [A | Q̃]·[V ; S] with A (m×m, lower triangular, zero above the diagonal)
+/// and Q̃ (m×k2) side by side in the rows of `a` (stride lda), V (m×n) directly above S (k2×n)
+/// at stride n. Row tiles skip A's zero upper part (a third of the product at C = K = 64);
+/// value sizes that are not a multiple of the SIMD width take the dense gemm.
+template <class T>
+void output_gemm(index_t m, index_t n, index_t k2, const T* a, index_t lda, const T* vs, T* c,
+                 index_t ldc, std::vector<T>& pack) {
+  constexpr index_t L = simd::lanes<T>;
+  if (n % L != 0) {
+    gemm<T, false, false>(m, n, m + k2, a, lda, vs, n, c, ldc, false, pack);
+    return;
+  }
+  const T* s = vs + m * n;
+  index_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L) lower_panel<T, 4>(m, k2, a, lda, vs + j, s + j, n, c + j, ldc);
+  const index_t rest = (n - j) / L;
+  if (rest == 3) lower_panel<T, 3>(m, k2, a, lda, vs + j, s + j, n, c + j, ldc);
+  if (rest == 2) lower_panel<T, 2>(m, k2, a, lda, vs + j, s + j, n, c + j, ldc);
+  if (rest == 1) lower_panel<T, 1>(m, k2, a, lda, vs + j, s + j, n, c + j, ldc);
+}
+
 // Epochs are small integers held in doubles, so the loops over (value, epoch) pairs vectorise
 // without mixed-width lanes.
 using epoch_t = double;
@@ -577,6 +634,8 @@ struct chunk_scratch {
   std::vector<T> loc, lep;    // [C, K]: sub-chunk-local cumulative gate and epoch (as T)
   std::vector<T> dk;          // [K] chunk decay of the state rows
   std::vector<T> vt, ev;      // [C, V]: per-value gate buffers
+  std::vector<T> fac;         // [2·ceil(C/16) + 1, K]: per-sub-chunk factors (factored path)
+  std::vector<T> kdt, khat;   // [K, C]: k side of the factored path, transposed
   std::vector<double> gval;   // [C, Kg] cumulative gate (Kg = K per-key, 1 scalar)
   std::vector<epoch_t> gep;
   std::vector<T> pack;       // GEMM packing of a transposed B
@@ -599,6 +658,9 @@ struct chunk_scratch {
       kj.resize(sz(C * K));
       loc.resize(sz(C * K));
       lep.resize(sz(C * K));
+      fac.resize(sz((2 * ((C + 15) / 16) + 1) * K));
+      kdt.resize(sz(K * C));
+      khat.resize(sz(K * C));
     }
     if (value_gate) {
       vt.resize(sz(C * V));
@@ -613,25 +675,32 @@ struct chunk_scratch {
 /// of token i), with kills (gates below the threshold) starting a new epoch at value 0.
 template <class T, class Row>
 void cumulate(index_t L, index_t W, Row&& row, double* __restrict val, epoch_t* __restrict ep) {
+  // The widening conversion has a loop of its own: fused with the all-double select below, the
+  // mixed lane widths keep the compiler from vectorising either.
+  constexpr index_t block = 256;
+  alignas(64) double gd[block];
+  constexpr double thr = kill_threshold<T>;
   for (index_t i = 0; i < L; ++i) {
     const T* __restrict g = row(i);
-    double* __restrict v = val + i * W;
-    epoch_t* __restrict e = ep + i * W;
-    if (i == 0) {
-      for (index_t c = 0; c < W; ++c) {
-        const double gi = static_cast<double>(g[c]);
-        const bool kill = gi < kill_threshold<T>;
-        v[c] = kill ? 0.0 : gi;
-        e[c] = kill ? 1.0 : 0.0;
-      }
-    } else {
-      const double* __restrict pv = v - W;
-      const epoch_t* __restrict pe = e - W;
-      for (index_t c = 0; c < W; ++c) {
-        const double gi = static_cast<double>(g[c]);
-        const bool kill = gi < kill_threshold<T>;
-        v[c] = kill ? 0.0 : pv[c] + gi;
-        e[c] = kill ? pe[c] + 1.0 : pe[c];
+    for (index_t c0 = 0; c0 < W; c0 += block) {
+      const index_t m = std::min(block, W - c0);
+      for (index_t c = 0; c < m; ++c) gd[c] = static_cast<double>(g[c0 + c]);
+      double* __restrict v = val + i * W + c0;
+      epoch_t* __restrict e = ep + i * W + c0;
+      if (i == 0) {
+        for (index_t c = 0; c < m; ++c) {
+          const bool kill = gd[c] < thr;
+          v[c] = kill ? 0.0 : gd[c];
+          e[c] = kill ? 1.0 : 0.0;
+        }
+      } else {
+        const double* __restrict pv = v - W;
+        const epoch_t* __restrict pe = e - W;
+        for (index_t c = 0; c < m; ++c) {
+          const bool kill = gd[c] < thr;
+          v[c] = kill ? 0.0 : pv[c] + gd[c];
+          e[c] = kill ? pe[c] + 1.0 : pe[c];
+        }
       }
     }
   }
@@ -690,6 +759,135 @@ void local_args(index_t n, const double* __restrict va, const epoch_t* __restric
     for (index_t c = 0; c < m; ++c) loc[c0 + c] = static_cast<T>(tmp[c]);
     for (index_t c = 0; c < m; ++c) tmp[c] = ea[c0 + c] - eb[c0 + c];
     for (index_t c = 0; c < m; ++c) lep[c0 + c] = static_cast<T>(tmp[c]);
+  }
+}
+
+/// e^{a - b} for n channels (b == nullptr: e^{a}), the difference formed in double. In float it
+/// is split into a head and a tail, e^{hi}·(1 + lo): rounding the exponent itself to float would
+/// cost a relative error of 2^-24·|a - b| in the result, the largest error of the factored path
+/// below, whose exponents reach ±factor_bound.
+template <class T>
+void exp_diff(index_t n, const double* __restrict a, const double* __restrict b, T* __restrict out,
+              const T* __restrict mul = nullptr) {
+  constexpr index_t block = 256;
+  alignas(64) double d[block];
+  for (index_t c0 = 0; c0 < n; c0 += block) {
+    const index_t m = std::min(block, n - c0);
+    if (b != nullptr) {
+      for (index_t c = 0; c < m; ++c) d[c] = a[c0 + c] - b[c0 + c];
+    } else {
+      for (index_t c = 0; c < m; ++c) d[c] = a[c0 + c];
+    }
+    if constexpr (std::is_same_v<T, double>) {
+      gexp<T>(d, out + c0, m);
+      if (mul != nullptr) {
+        for (index_t c = 0; c < m; ++c) out[c0 + c] *= mul[c0 + c];
+      }
+    } else {
+      using B = batch<T>;
+      constexpr index_t VL = simd::lanes<T>;
+      alignas(64) T hi[block], lo[block];
+      for (index_t c = 0; c < m; ++c) hi[c] = static_cast<T>(d[c]);
+      for (index_t c = 0; c < m; ++c) lo[c] = static_cast<T>(d[c] - static_cast<double>(hi[c]));
+      index_t c = 0;
+      for (; c + VL <= m; c += VL) {
+        const B e = gexp<T>(simd::load(hi + c));
+        B r = simd::fma(e, simd::load(lo + c), e);
+        if (mul != nullptr) r *= simd::load(mul + c0 + c);
+        simd::store(out + c0 + c, r);
+      }
+      if (c < m) {
+        const index_t left = m - c;
+        const B e = gexp<T>(simd::load_partial(hi + c, left));
+        B r = simd::fma(e, simd::load_partial(lo + c, left), e);
+        if (mul != nullptr) r *= simd::load_partial(mul + c0 + c, left);
+        simd::store_partial(out + c0 + c, r, left);
+      }
+    }
+  }
+}
+
+/// Largest decay, e^{factor_bound}, a sub-chunk may span for the factored per-key path: its k side
+/// carries e^{G_r - G_j} <= e^{factor_bound} (1.1e13 in float, so |k| up to 1e25 stays finite; its
+/// q side e^{G_i - G_r} >= e^{-factor_bound} stays a normal number for |q| >= 1e-25).
+template <class T>
+inline constexpr double factor_bound = std::is_same_v<T, float> ? 30.0 : 300.0;
+
+/// Whether chunk rows 0..L-1 of per-key cumulative gates (gv, ge: [L, K]) may take the factored
+/// path: no kill inside the chunk, no positive gate (so every factor but the in-sub-chunk k side
+/// is <= 1), and no sub-chunk of `sub` rows spanning more than factor_bound in any channel.
+template <class T>
+bool factorable(index_t L, index_t K, index_t sub, const double* __restrict gv,
+                const epoch_t* __restrict ge) {
+  int bad = 0;
+  const epoch_t* last = ge + (L - 1) * K;  // epochs never decrease: the last row has them all
+  for (index_t c = 0; c < K; ++c) bad |= last[c] != 0.0;
+  for (index_t i = 1; i < L; ++i) {
+    const double* g = gv + i * K;
+    for (index_t c = 0; c < K; ++c) bad |= g[c] > g[c - K];
+  }
+  for (index_t r0 = 0; r0 < L; r0 += sub) {
+    const double* first = gv + r0 * K;
+    const double* end = gv + (std::min(L, r0 + sub) - 1) * K;
+    for (index_t c = 0; c < K; ++c) bad |= first[c] - end[c] > factor_bound<T>;
+  }
+  return bad == 0;
+}
+
+/// The per-key chunk pieces when factorable(): A (rows at stride lda), Q̃ = sQ ⊙ e^{G} (right of A),
+/// K̃ = cK ⊙ e^{G_L - G} (kt) and the state decay e^{G_L} (w.dk). Each A entry is factored through
+/// the first row r of its query's sub-chunk, as SPEC §1 allows:
+///   e^{G_i - G_j} = e^{G_i - G_r} · e^{G_r - G_j},
+/// the q side <= 1, the k side <= 1 below the sub-chunk and <= e^{factor_bound} inside it. The k
+/// side of an earlier sub-chunk J is its in-sub-chunk factor times e^{G_r - G_{r_J}} (<= 1), and
+/// Q̃, K̃ reuse the same factors, so the chunk needs 2·L·K exponentials instead of the exact
+/// diagonal blocks' 16·L·K / 2; each A row block is one GEMM of depth K.
+template <class T>
+void factored_key_blocks(index_t L, index_t K, index_t sub, chunk_scratch<T>& w, const T* qs,
+                         const T* kc, const double* gv, T* A, index_t lda, T* kt) {
+  const index_t nsub = (L + sub - 1) / sub;
+  T* qh = w.loc.data();   // [L, K]: s q_i ⊙ e^{G_i - G_r(i)}
+  T* kd = w.kj.data();    // [L, K]: c k_j ⊙ e^{G_r(j) - G_j}
+  T* R = w.fac.data();    // [nsub, K]: e^{G_r}
+  T* E = R + nsub * K;    // [nsub, K]: e^{G_L - G_r}
+  T* P = E + nsub * K;    // [K]: e^{G_r(I) - G_r(J)}
+  T* kdt = w.kdt.data();  // [K, L]: kd transposed
+  T* kh = w.khat.data();  // [K, r1]: k side of one row block, transposed
+  const double* gl = gv + (L - 1) * K;
+  for (index_t s = 0; s < nsub; ++s) {
+    const index_t r0 = s * sub, r1 = std::min(L, r0 + sub);
+    const double* gr = gv + r0 * K;
+    for (index_t i = r0; i < r1; ++i) exp_diff<T>(K, gv + i * K, gr, qh + i * K, qs + i * K);
+    for (index_t j = r0; j < r1; ++j) exp_diff<T>(K, gr, gv + j * K, kd + j * K, kc + j * K);
+    exp_diff<T>(K, gr, nullptr, R + s * K);
+    exp_diff<T>(K, gl, gr, E + s * K);
+  }
+  exp_diff<T>(K, gl, nullptr, w.dk.data());
+  for (index_t i = 0; i < L; ++i) {
+    const T* r = R + (i / sub) * K;
+    const T* e = E + (i / sub) * K;
+    for (index_t c = 0; c < K; ++c) {
+      A[L + i * lda + c] = qh[i * K + c] * r[c];
+      kt[i * K + c] = kd[i * K + c] * e[c];
+    }
+  }
+  for (index_t c = 0; c < K; ++c) {
+    for (index_t j = 0; j < L; ++j) kdt[c * L + j] = kd[j * K + c];
+  }
+  for (index_t s = 0; s < nsub; ++s) {
+    const index_t r0 = s * sub, r1 = std::min(L, r0 + sub);
+    for (index_t sj = 0; sj < s; ++sj) {
+      const index_t j0 = sj * sub;
+      exp_diff<T>(K, gv + r0 * K, gv + j0 * K, P);
+      for (index_t c = 0; c < K; ++c) {
+        const batch<T> pc(P[c]);
+        simd::transform(kdt + c * L + j0, kh + c * r1 + j0, sub,
+                        [pc](const batch<T>& x) { return x * pc; });
+      }
+    }
+    for (index_t c = 0; c < K; ++c) std::copy(kdt + c * L + r0, kdt + c * L + r1, kh + c * r1 + r0);
+    gemm<T, false, false>(r1 - r0, r1, K, qh + r0 * K, K, kh, r1, A + r0 * lda, lda, false, w.pack);
+    for (index_t i = r0; i < r1; ++i) std::fill(A + i * lda + i + 1, A + i * lda + L, T(0));
   }
 }
 
@@ -840,66 +1038,71 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
     epoch_t* ge = w.gep.data();
     cumulate<T>(
         L, K, [&](index_t i) { return gate.key_gate_row(sg.b, c0 + i, h); }, gv, ge);
-    // Q̃_ik = sq_ik e^{G_ik}; K̃_jk = ck_jk e^{G_Lk - G_jk}; decay e^{G_Lk}
-    rel_args<T>(L * K, gv, ge, nullptr, nullptr, e);
-    gexp<T>(e, e, L * K);
-    for (index_t i = 0; i < L; ++i) {
-      for (index_t c = 0; c < K; ++c) Qt[i * lda + c] = qs[i * K + c] * e[i * K + c];
-    }
-    const double* gl = gv + (L - 1) * K;
-    const epoch_t* el = ge + (L - 1) * K;
-    for (index_t i = 0; i < L; ++i) rel_args<T>(K, gl, el, gv + i * K, ge + i * K, e + i * K);
-    gexp<T>(e, e, L * K);
-    for (index_t n = 0; n < L * K; ++n) kt[n] = kc[n] * e[n];
-    rel_args<T>(K, gl, el, nullptr, nullptr, w.dk.data());
-    gexp<T>(w.dk.data(), w.dk.data(), K);
-    // A, sub-chunk by sub-chunk
-    for (index_t i = 0; i < L; ++i) std::fill_n(A + i * lda, L, T(0));
-    T* loc = w.loc.data();
-    T* lep = w.lep.data();
-    for (index_t r0 = 0; r0 < L; r0 += sub) {
-      const index_t r1 = std::min(L, r0 + sub);
-      const double* gr = gv + r0 * K;
-      const epoch_t* er = ge + r0 * K;
-      if (r0 > 0) {
-        // below the diagonal: (sq_i ⊙ e^{G_i - G_r}) · (ck_j ⊙ e^{G_r - G_j}), both <= 1
-        T* qi = w.qi.data();  // [r1-r0, K]
-        T* kj = w.kj.data();  // [r0, K]
-        for (index_t i = r0; i < r1; ++i) {
-          rel_args<T>(K, gv + i * K, ge + i * K, gr, er, qi + (i - r0) * K);
-        }
-        for (index_t j = 0; j < r0; ++j) rel_args<T>(K, gr, er, gv + j * K, ge + j * K, kj + j * K);
-        gexp<T>(qi, qi, (r1 - r0) * K);
-        gexp<T>(kj, kj, r0 * K);
-        for (index_t n = 0; n < (r1 - r0) * K; ++n) qi[n] *= qs[r0 * K + n];
-        for (index_t n = 0; n < r0 * K; ++n) kj[n] *= kc[n];
-        gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false, w.pack);
+    if (factorable<T>(L, K, sub, gv, ge)) {
+      factored_key_blocks<T>(L, K, sub, w, qs, kc, gv, A, lda, kt);
+    } else {
+      // Q̃_ik = sq_ik e^{G_ik}; K̃_jk = ck_jk e^{G_Lk - G_jk}; decay e^{G_Lk}
+      rel_args<T>(L * K, gv, ge, nullptr, nullptr, e);
+      gexp<T>(e, e, L * K);
+      for (index_t i = 0; i < L; ++i) {
+        for (index_t c = 0; c < K; ++c) Qt[i * lda + c] = qs[i * K + c] * e[i * K + c];
       }
-      // diagonal block, exact. loc: cumulative gate relative to row r0 (same epoch) or to the
-      // kill that opened its epoch; lep: epoch relative to row r0. Within an epoch,
-      // loc_i - loc_j = G_i - G_j.
-      for (index_t i = r0; i < r1; ++i)
-        local_args<T>(K, gv + i * K, ge + i * K, gr, er, loc + i * K, lep + i * K);
-      constexpr index_t VL = simd::lanes<T>;
-      using B = batch<T>;
-      const B binf(ninf);
-      for (index_t i = r0; i < r1; ++i) {
-        for (index_t j = r0; j <= i; ++j) {
-          B acc(T(0));
-          index_t c = 0;
-          const T *li = loc + i * K, *lj = loc + j * K, *ei = lep + i * K, *ej = lep + j * K;
-          const T *qq = qs + i * K, *kk = kc + j * K;
-          for (; c + VL <= K; c += VL) {
-            const B d = xsimd::select(simd::load(ei + c) == simd::load(ej + c),
-                                      simd::load(li + c) - simd::load(lj + c), binf);
-            acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), gexp<T>(d), acc);
+      const double* gl = gv + (L - 1) * K;
+      const epoch_t* el = ge + (L - 1) * K;
+      for (index_t i = 0; i < L; ++i) rel_args<T>(K, gl, el, gv + i * K, ge + i * K, e + i * K);
+      gexp<T>(e, e, L * K);
+      for (index_t n = 0; n < L * K; ++n) kt[n] = kc[n] * e[n];
+      rel_args<T>(K, gl, el, nullptr, nullptr, w.dk.data());
+      gexp<T>(w.dk.data(), w.dk.data(), K);
+      // A, sub-chunk by sub-chunk
+      for (index_t i = 0; i < L; ++i) std::fill_n(A + i * lda, L, T(0));
+      T* loc = w.loc.data();
+      T* lep = w.lep.data();
+      for (index_t r0 = 0; r0 < L; r0 += sub) {
+        const index_t r1 = std::min(L, r0 + sub);
+        const double* gr = gv + r0 * K;
+        const epoch_t* er = ge + r0 * K;
+        if (r0 > 0) {
+          // below the diagonal: (sq_i ⊙ e^{G_i - G_r}) · (ck_j ⊙ e^{G_r - G_j}), both <= 1
+          T* qi = w.qi.data();  // [r1-r0, K]
+          T* kj = w.kj.data();  // [r0, K]
+          for (index_t i = r0; i < r1; ++i) {
+            rel_args<T>(K, gv + i * K, ge + i * K, gr, er, qi + (i - r0) * K);
           }
-          T s = simd::reduce_sum(acc);
-          for (; c < K; ++c) {
-            const T d = ei[c] == ej[c] ? li[c] - lj[c] : ninf;
-            s += qq[c] * kk[c] * std::exp(d);
+          for (index_t j = 0; j < r0; ++j)
+            rel_args<T>(K, gr, er, gv + j * K, ge + j * K, kj + j * K);
+          gexp<T>(qi, qi, (r1 - r0) * K);
+          gexp<T>(kj, kj, r0 * K);
+          for (index_t n = 0; n < (r1 - r0) * K; ++n) qi[n] *= qs[r0 * K + n];
+          for (index_t n = 0; n < r0 * K; ++n) kj[n] *= kc[n];
+          gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false, w.pack);
+        }
+        // diagonal block, exact. loc: cumulative gate relative to row r0 (same epoch) or to the
+        // kill that opened its epoch; lep: epoch relative to row r0. Within an epoch,
+        // loc_i - loc_j = G_i - G_j.
+        for (index_t i = r0; i < r1; ++i)
+          local_args<T>(K, gv + i * K, ge + i * K, gr, er, loc + i * K, lep + i * K);
+        constexpr index_t VL = simd::lanes<T>;
+        using B = batch<T>;
+        const B binf(ninf);
+        for (index_t i = r0; i < r1; ++i) {
+          for (index_t j = r0; j <= i; ++j) {
+            B acc(T(0));
+            index_t c = 0;
+            const T *li = loc + i * K, *lj = loc + j * K, *ei = lep + i * K, *ej = lep + j * K;
+            const T *qq = qs + i * K, *kk = kc + j * K;
+            for (; c + VL <= K; c += VL) {
+              const B d = xsimd::select(simd::load(ei + c) == simd::load(ej + c),
+                                        simd::load(li + c) - simd::load(lj + c), binf);
+              acc = simd::fma(simd::load(qq + c) * simd::load(kk + c), gexp<T>(d), acc);
+            }
+            T s = simd::reduce_sum(acc);
+            for (; c < K; ++c) {
+              const T d = ei[c] == ej[c] ? li[c] - lj[c] : ninf;
+              s += qq[c] * kk[c] * std::exp(d);
+            }
+            A[i * lda + j] = s;
           }
-          A[i * lda + j] = s;
         }
       }
     }
@@ -937,7 +1140,7 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
     }
   }
   // O = [A | Q̃] · [V ; S]: one GEMM of depth L + K for both terms
-  gemm<T, false, false>(L, V, L + K, A, lda, Vc, V, o, ldo, false, w.pack);
+  output_gemm<T>(L, V, K, A, lda, Vc, o, ldo, w.pack);
   // S ← Diag(decay) S + K̃ᵀ V
   for (index_t i = 0; i < K; ++i) simd::scale(S + i * V, w.dk[static_cast<std::size_t>(i)], V);
   gemm<T, true, false>(K, V, L, kt, K, Vc, V, S, V, true, w.pack);
