@@ -8,6 +8,7 @@
 #include <seqmix/core/safetensors.hpp>
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/tune.hpp>
 #include <seqmix/version.hpp>
 
 // gated accumulation: linear attention, simple GLA / retention / Lightning, GLA, Mamba2 SSD

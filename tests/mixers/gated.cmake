@@ -4,4 +4,5 @@ seqmix_add_test_executable(
   ${CMAKE_CURRENT_SOURCE_DIR}/mixers/test_simple_gla.cpp
   ${CMAKE_CURRENT_SOURCE_DIR}/mixers/test_linear_attention.cpp
   ${CMAKE_CURRENT_SOURCE_DIR}/mixers/test_gla.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/mixers/test_mamba2_ssd.cpp)
+  ${CMAKE_CURRENT_SOURCE_DIR}/mixers/test_mamba2_ssd.cpp
+  ${CMAKE_CURRENT_SOURCE_DIR}/mixers/test_form_choice.cpp)

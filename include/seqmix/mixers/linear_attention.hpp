@@ -28,11 +28,17 @@ class linear_attention {
   struct options {
     std::optional<T> scale{};  ///< multiplies q; default K^-1/2
     index_t chunk_size = 64;   ///< chunk length C of forward_chunked
+    /// forward() takes the chunked form from this many tokens per sequence (mean over the
+    /// packed sequences), the recurrent form below; empty: default_switch_over_t.
+    std::optional<index_t> switch_over_t{};
   };
-  /// forward() runs the recurrent form below this many tokens per sequence. Measured with
-  /// bench_gated (B=1, H=8, K=V in {64, 128}, T up to 65536, 1 and 2 threads): the recurrent
-  /// form was faster at every T, so forward() always takes it on this machine kind.
-  static constexpr index_t switch_over_t = std::numeric_limits<index_t>::max();
+  /// forward() runs the recurrent form below options::switch_over_t tokens per sequence, the
+  /// chunked form from it. Default: never chunked. Measured with bench_gated and
+  /// measure_forms (seqmix/tune.hpp; B=1, H=8, K=V in {64, 128}, T up to 65536, 1 and 2
+  /// threads) the recurrent form is faster at every T on the 2-core AVX-512 dev machine; on a
+  /// 16-core Xeon the chunked form wins at K=V=128 (docs/bench/README.md). Set the option from
+  /// measure_switch_over() on the machine that runs the model.
+  static constexpr index_t default_switch_over_t = std::numeric_limits<index_t>::max();
 
   linear_attention() = default;
   explicit linear_attention(options opt) : opt_(opt) {}
@@ -117,7 +123,8 @@ class linear_attention {
     kernels::gated::validate(check, p, opt_.chunk_size);
     check.require(v.extent(2) == q.extent(2), "v", "must have the heads of q");
     p.scale = opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(q.extent(3)));
-    kernels::gated::run(f, p, kernels::gated::no_gate<T>{}, opt_.chunk_size, switch_over_t);
+    kernels::gated::run(f, p, kernels::gated::no_gate<T>{}, opt_.chunk_size,
+                        opt_.switch_over_t.value_or(default_switch_over_t));
   }
 
   options opt_;

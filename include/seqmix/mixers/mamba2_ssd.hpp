@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <span>
 
 #include <seqmix/core/error.hpp>
@@ -74,15 +75,21 @@ template <class T>
 class mamba2_ssd {
  public:
   struct options {
-    index_t chunk_size = 64;                        ///< chunk length of forward_chunked
+    index_t chunk_size = 64;  ///< chunk length of forward_chunked
+    /// forward() takes the chunked form from this many tokens per sequence (mean over the
+    /// packed sequences), the recurrent form below; empty: default_switch_over_t.
+    std::optional<index_t> switch_over_t{};
     bool dt_softplus = true;                        ///< dt = softplus(dt_raw + dt_bias)
     T dt_min = T(0);                                ///< clamp of dt (after softplus)
     T dt_max = std::numeric_limits<T>::infinity();  ///< clamp of dt
   };
-  /// forward() runs the recurrent form below this many tokens per sequence. Measured with
-  /// bench_gated (B=1, H=8, K=V in {64, 128}, T up to 65536, 1 and 2 threads): the recurrent
-  /// form was faster at every T, so forward() always takes it on this machine kind.
-  static constexpr index_t switch_over_t = std::numeric_limits<index_t>::max();
+  /// forward() runs the recurrent form below options::switch_over_t tokens per sequence, the
+  /// chunked form from it. Default: never chunked. Measured with bench_gated and
+  /// measure_forms (seqmix/tune.hpp; B=1, H=8, K=V in {64, 128}, T up to 65536, 1 and 2
+  /// threads) the recurrent form is faster at every T on the 2-core AVX-512 dev machine; on a
+  /// 16-core Xeon the chunked form wins at K=V=128 (docs/bench/README.md). Set the option from
+  /// measure_switch_over() on the machine that runs the model.
+  static constexpr index_t default_switch_over_t = std::numeric_limits<index_t>::max();
 
   mamba2_ssd() = default;
   explicit mamba2_ssd(options opt) : opt_(opt) {}
@@ -160,7 +167,8 @@ class mamba2_ssd {
                   "need 0 <= dt_min <= dt_max");
     const kernels::gated::mamba2_gate<T> gate{dt,          dt_bias,    A_log, opt_.dt_softplus,
                                               opt_.dt_min, opt_.dt_max};
-    kernels::gated::run(f, p, gate, opt_.chunk_size, switch_over_t);
+    kernels::gated::run(f, p, gate, opt_.chunk_size,
+                        opt_.switch_over_t.value_or(default_switch_over_t));
     if (D.data()) {
       // the D skip: y += D_h x, rows of P
       const index_t P = x.extent(3);

@@ -72,12 +72,18 @@ class simple_gla {
   struct options {
     std::optional<T> scale{};  ///< multiplies q; default K^-1/2
     index_t chunk_size = 64;   ///< chunk length C of forward_chunked
+    /// forward() takes the chunked form from this many tokens per sequence (mean over the
+    /// packed sequences), the recurrent form below; empty: default_switch_over_t.
+    std::optional<index_t> switch_over_t{};
     std::vector<T> g_gamma{};  ///< constant log gate per head [H]; empty: g given per call
   };
-  /// forward() runs the recurrent form below this many tokens per sequence. Measured with
-  /// bench_gated (B=1, H=8, K=V in {64, 128}, T up to 65536, 1 and 2 threads): the recurrent
-  /// form was faster at every T, so forward() always takes it on this machine kind.
-  static constexpr index_t switch_over_t = std::numeric_limits<index_t>::max();
+  /// forward() runs the recurrent form below options::switch_over_t tokens per sequence, the
+  /// chunked form from it. Default: never chunked. Measured with bench_gated and
+  /// measure_forms (seqmix/tune.hpp; B=1, H=8, K=V in {64, 128}, T up to 65536, 1 and 2
+  /// threads) the recurrent form is faster at every T on the 2-core AVX-512 dev machine; on a
+  /// 16-core Xeon the chunked form wins at K=V=128 (docs/bench/README.md). Set the option from
+  /// measure_switch_over() on the machine that runs the model.
+  static constexpr index_t default_switch_over_t = std::numeric_limits<index_t>::max();
 
   simple_gla() = default;
   explicit simple_gla(options opt) : opt_(std::move(opt)) {}
@@ -163,7 +169,8 @@ class simple_gla {
                   "options::g_gamma is set: call the overload without g");
     check.shape("g", g, {q.extent(0), q.extent(1), q.extent(2)});
     kernels::gated::check_log_gate<T>(check, "g", g);
-    kernels::gated::run(f, p, kernels::gated::scalar_gate<T>{g}, opt_.chunk_size, switch_over_t);
+    kernels::gated::run(f, p, kernels::gated::scalar_gate<T>{g}, opt_.chunk_size,
+                        opt_.switch_over_t.value_or(default_switch_over_t));
   }
   void run_c(const char* where, kernels::gated::form f, tensor_view<const T, 4> q,
              tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<T, 4> o,
@@ -174,7 +181,8 @@ class simple_gla {
                                      {static_cast<index_t>(opt_.g_gamma.size())});
     check.shape("g_gamma", gg, {q.extent(2)});
     kernels::gated::check_log_gate<T>(check, "g_gamma", gg);
-    kernels::gated::run(f, p, kernels::gated::constant_gate<T>{gg}, opt_.chunk_size, switch_over_t);
+    kernels::gated::run(f, p, kernels::gated::constant_gate<T>{gg}, opt_.chunk_size,
+                        opt_.switch_over_t.value_or(default_switch_over_t));
   }
 
   options opt_;
