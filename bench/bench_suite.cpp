@@ -7,7 +7,8 @@
 //     quick:   T = 256, 1024, 4096, 16384
 //     full:    T = 256, 512, …, 65536 (softmax prefill stops at 32768: one T=65536 causal
 //              prefill is ~2.2e12 FLOP, over 10 s per iteration on 2 cores)
-//     scaling: chunked forms only, B = 4, H = 8, T = 8192 (B·H = 32 work items), for thread
+//     scaling: chunked and recurrent forms, B = 4, H = 8, T = 8192 (B·H = 32 work items), for
+//     thread
 //              scaling on a many-core machine
 //
 // Shapes: B = 1, H = 8, K = V = 64 (softmax D = 64, sliding window W = 512), fp32.
@@ -49,7 +50,7 @@ struct sweep {
   index_t B = 1;
   index_t softmax_max_T = 16384;
   index_t recurrent_softmax_max_T = 4096;
-  bool chunked_only = false;
+  bool whole_sequence_only = false;  // chunked and recurrent forms, no steps or decode
 };
 
 template <std::size_t R>
@@ -378,7 +379,7 @@ sweep parse_sweep(int& argc, char** argv) {
   } else if (name == "scaling") {
     s.T = {8192};
     s.B = 4;
-    s.chunked_only = true;
+    s.whole_sequence_only = true;
   } else if (name == "quick") {
     s.T = {256, 1024, 4096, 16384};
   } else {
@@ -394,7 +395,7 @@ int main(int argc, char** argv) {
   const sweep s = parse_sweep(argc, argv);
   for (const entry& e : registry()) {
     const bool per_token = e.form == "step";
-    if (s.chunked_only && e.form != "chunked") continue;
+    if (s.whole_sequence_only && e.form != "chunked" && e.form != "recurrent") continue;
     for (int threads : s.threads) {
       for (index_t T : s.T) {
         if (e.quadratic &&

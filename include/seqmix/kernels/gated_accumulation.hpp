@@ -23,19 +23,26 @@
 //   S ← e^{G_C} S + (K ⊙ e^{G_C - G})ᵀ V; 2C(K+V) + 4KV FLOP per token, on a register-blocked
 //   GEMM kernel; a thread's heads take turns chunk by chunk. Extra memory per thread
 //   O(C·(C+K+V) + heads_per_thread·(C+K)·V), independent of T.
-// Which is faster: measured on the 2-core AVX-512 dev machine the recurrent form wins at every
-// T (its 5KV FLOP against 2C(K+V) + 4KV run at similar efficiency), so the fronts' forward()
-// takes it; the chunked form stays for machines and shapes where the GEMMs run further ahead.
+// Which is faster depends on the machine and the head size, hardly on T (both are O(T)): on the
+// 2-core AVX-512 dev machine the recurrent form wins at every T and shape measured, on a 16-core
+// Xeon the chunked form wins at K = V = 128. The fronts' forward() follows options::switch_over_t
+// (default: recurrent), which seqmix/tune.hpp measures for the machine at hand.
 //
 // Numerics (SPEC §1): cumulative gates are chunk-local and accumulated in double, every
 // exponential has an argument <= 0 when gates are <= 0, and differences are formed in double
 // before rounding to T, so no precision is lost to a large cumulative sum. A log gate below
 // kill_threshold<T> (including -inf) is "forget everything": exp of it is below the smallest
 // normal float (double), so treating it as an exact zero changes nothing representable and keeps
-// -inf - -inf out of the arithmetic. Per-key gates use sub-chunks of 16 rows: blocks below the
-// diagonal are factored through the first row r of the sub-chunk, exp(G_i - G_r)·exp(G_r - G_j)
-// with both factors <= 1; the 16×16 diagonal blocks are computed exactly, pair by pair, from
-// sub-chunk-local sums (at most 16 gates, each above the kill threshold).
+// -inf - -inf out of the arithmetic. Per-key gates use sub-chunks of 16 rows and two paths:
+// - factored (factorable(): no kill and no positive gate in the chunk, no sub-chunk spanning a
+//   decay above e^{factor_bound}, 30 in float): every A entry goes through the first row r of its
+//   query's sub-chunk, exp(G_i - G_r)·exp(G_r - G_j); the k side exceeds 1 only inside the
+//   sub-chunk, by at most e^{factor_bound}. Exponents are formed in double and split into a float
+//   head and tail, so the factors are as exact as a direct exp. Trained GLA layers
+//   (gk = logsigmoid(x)/16) always take this path: each A row block is one GEMM.
+// - exact (strong gates, kills): blocks below the diagonal are factored the same way with both
+//   factors <= 1; the 16×16 diagonal blocks are computed pair by pair from sub-chunk-local sums
+//   (at most 16 gates, each above the kill threshold), 16·K/2 exponentials per token.
 #pragma once
 
 #include <algorithm>

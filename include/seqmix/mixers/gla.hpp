@@ -7,9 +7,10 @@
 //
 // Dimensions: B batch, T tokens, H heads, K key size, V value size, C chunk (default 64),
 // N packed sequences. Cost per (sequence, head) and token: recurrent 5·K·V FLOP (+ K exps), no
-// extra memory; chunked 2C(K+V) + 4KV FLOP + about 10·K exps (16-row sub-chunks, exact
-// diagonal blocks), O(C·(C+K+V) + K·V) scratch per thread. The GLA layer uses
-// gk = logsigmoid(x) / 16; any gate in [-inf, 0] is finite and exact here (see the engine).
+// extra memory; chunked 2C(K+V) + 4KV FLOP + about 2·K exps when the chunk's gates allow the
+// factored path (every trained layer's do), 10·K (exact 16×16 diagonal blocks) otherwise,
+// O(C·(C+K+V) + K·V) scratch per thread. The GLA layer uses gk = logsigmoid(x) / 16; any gate
+// in [-inf, 0] is finite and exact here (see the engine).
 #pragma once
 
 #include <cmath>
