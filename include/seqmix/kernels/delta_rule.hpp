@@ -25,7 +25,7 @@
 //        V'   = U - W S_n
 //        O    = (s Q ⊙ exp(G)) S_n + ((s Q Kᵀ) ⊙ D) V',     D_ij = exp(G_i - G_j), j <= i
 //        S_{n+1} = exp(G_C) S_n + (K ⊙ exp(G_C - G))ᵀ V'
-//    ≈ 2C(3K + 2V) + C²/3 + 6·K·V FLOPs per token (GEMMs through Eigen), O(C·(K+V) + K·V)
+//    ≈ 2C(3K + 2V) + C²/3 + 6·K·V FLOPs per token (GEMMs: core/gemm.hpp), O(C·(K+V) + K·V)
 //    working memory per thread, independent of T.
 //
 // Measured (bench/bench_delta.cpp, B = 1, H = 8, 1 thread, FMA peak 116.6 GFLOP/s): recurrent
@@ -66,6 +66,7 @@
 #include <Eigen/Core>
 
 #include <seqmix/core/error.hpp>
+#include <seqmix/core/gemm.hpp>
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
@@ -410,6 +411,7 @@ struct chunk_workspace {
   std::vector<T, Eigen::aligned_allocator<T>> w;   // [C, K+V] W | U
   std::vector<T, Eigen::aligned_allocator<T>> uu;  // [2C, V] W S_n -> V' over (Q ⊙ e^G) S_n
   std::vector<T, Eigen::aligned_allocator<T>> s;   // [K, V] the running state S_n
+  std::vector<T> pack;                             // linalg::gemm's packing of a transposed B
   std::vector<T> e;                                // [C] a row of exponents
   std::vector<double> G;                           // [C] chunk-local cumulative gate
   std::vector<T> eg, egc, bt;                      // [C] exp(G), exp(G_c - G), beta
@@ -477,10 +479,8 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
     const T gamma = ws.eg[uc - 1];               // exp(G_c)
 
     // [K; Q] Kᵀ: [2c, c] (top: K Kᵀ, bottom: s Q Kᵀ)
-    auto KQ = mat(ws.kq.data(), 2 * c, K, K);
-    auto Kc = mat(kc, c, K, K);
-    auto KK = mat(ws.kk.data(), 2 * c, c, c);
-    KK.noalias() = KQ * Kc.transpose();
+    linalg::gemm<T, false, true>(2 * c, c, K, ws.kq.data(), K, kc, K, ws.kk.data(), c, false,
+                                 ws.pack);
     // A (strictly lower) and P = (s Q Kᵀ) ⊙ D (lower with diagonal), D_ij = exp(G_i - G_j)
     T* A = ws.a.data();
     T* P = ws.kk.data() + c * c;
@@ -514,7 +514,7 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
       for (index_t j = 0; j < V; ++j) row[K + j] = ws.bt[ui] * vr[j];
     }
     T* wu = ws.w.data();  // [c, K+V]: W | U
-    mat(wu, c, KV, KV).noalias() = mat(Tm, c, c, c) * mat(xy, c, KV, KV);
+    linalg::gemm<T, false, false>(c, KV, c, Tm, c, xy, KV, wu, KV, false, ws.pack);
     // WQ = [W; Q ⊙ exp(G)]: [2c, K], so that W S_n and (Q ⊙ e^G) S_n are one GEMM.
     // K ⊙ exp(G_c - G) in place (kc is not needed as plain keys any more).
     T* wq = ws.y.data();
@@ -528,19 +528,18 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
     }
     // phase 2 (sequential over chunks): R = WQ S_n; V' = U - R_top; O = R_bottom + P V'
     T* r = ws.uu.data();  // [2c, V]
-    mat(r, 2 * c, V, V).noalias() = mat(wq, 2 * c, K, K) * S;
+    linalg::gemm<T, false, false>(2 * c, V, K, wq, K, ws.s.data(), V, r, V, false, ws.pack);
     for (index_t i = 0; i < c; ++i) {
       T* ri = r + i * V;
       const T* ui = wu + i * KV + K;
       for (index_t j = 0; j < V; ++j) ri[j] = ui[j] - ri[j];
     }
-    auto Vp = mat(r, c, V, V);
-    auto O = mat(rows.o(t0), c, V, ldo);
-    O = mat(r + c * V, c, V, V);
-    O.noalias() += mat(P, c, c, c) * Vp;
+    T* o = rows.o(t0);
+    for (index_t i = 0; i < c; ++i) std::copy_n(r + (c + i) * V, V, o + i * ldo);
+    linalg::gemm<T, false, false>(c, V, c, P, c, r, V, o, ldo, true, ws.pack);
     // S_{n+1} = exp(G_c) S_n + (K ⊙ exp(G_c - G))ᵀ V'
-    S *= gamma;
-    S.noalias() += Kc.transpose() * Vp;
+    simd::scale(ws.s.data(), gamma, K * V);
+    linalg::gemm<T, true, false>(K, V, c, kc, K, r, V, ws.s.data(), V, true, ws.pack);
   }
   mat(Sp, K, V, lds) = S;
 }
@@ -551,16 +550,6 @@ void run_chunked(const problem<T>& p, index_t chunk_size) {
   const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
   const index_t group = HV / H;
   const index_t N = p.sequences();
-  // Eigen parallelises large products with OpenMP by itself when called outside a parallel
-  // region (e.g. one job, or seqmix's thread setting 1 while OpenMP's is 2): it must stay
-  // single-threaded here (DESIGN §3), so its setting is pinned to 1 for the call and restored.
-  struct eigen_serial {
-    int saved = Eigen::nbThreads();
-    eigen_serial() { Eigen::setNbThreads(1); }
-    ~eigen_serial() { Eigen::setNbThreads(saved); }
-    eigen_serial(const eigen_serial&) = delete;
-    eigen_serial& operator=(const eigen_serial&) = delete;
-  } pin;
   std::vector<chunk_workspace<T>> ws(static_cast<std::size_t>(std::max(1, max_slots())));
   for (auto& w : ws) w.resize(chunk_size, K, V);
   parallel_for_with_slot(N * HV, [&](index_t job, int slot) {
@@ -576,7 +565,7 @@ void run_chunked(const problem<T>& p, index_t chunk_size) {
 /// bench/bench_delta.cpp, B = 1, H = 8, T = 64 ... 65536, 1 and 2 threads): the column-tiled
 /// recurrent form, whose [K, 64] state tile stays in L1, runs at 60-65 % of the FMA peak and
 /// executes 7·K·V FLOPs per token, while the chunked form executes 1.6x (K = V = 128) to 2.3x
-/// (K = V = 64) as many FLOPs at 45-55 % of peak through Eigen GEMMs. The recurrent form was
+/// (K = V = 64) as many FLOPs at 50-62 % of peak (core/gemm.hpp). The recurrent form was
 /// faster at every T measured for K = V in {64, 128, 256} (e.g. K = V = 128, T = 1024, 1 thread:
 /// 13.8 ms recurrent vs 24.4 ms chunked), so there is no switch-over T on this machine: forward()
 /// runs the recurrent form unless the sequences are at least `chunked_min_tokens` long and K·V is
