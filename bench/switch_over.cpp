@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
 // Which form of the gated-accumulation mixers is faster on this machine, and from which T:
-// seqmix::measure_forms (seqmix/tune.hpp) for every gate kind at H = 8, K = V in {64, 128}, at
-// the thread count given by --threads=N (default: all). Prints a Markdown table of tokens/s of
-// both forms per T and the switch-over T that options::switch_over_t should get.
-//   switch_over [--threads=N] [--lengths=256,1024,4096,16384] [--repeats=3]
+// seqmix::measure_forms (seqmix/tune.hpp) for every gate kind at B = 1, H heads (default 8),
+// K = V in {64, 128}, at the thread count given by --threads=N (default: all). Prints a
+// Markdown table of tokens/s of both forms per T and the switch-over T that
+// options::switch_over_t should get.
+//   switch_over [--threads=N] [--heads=H] [--lengths=256,1024,4096,16384] [--repeats=3]
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -17,10 +18,13 @@ int main(int argc, char** argv) {
   using seqmix::index_t;
   std::vector<index_t> lengths{256, 1024, 4096, 16384};
   int repeats = 3;
+  index_t H = 8;
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
     if (a.starts_with("--threads=")) {
       seqmix::set_num_threads(std::atoi(argv[i] + 10));
+    } else if (a.starts_with("--heads=")) {
+      H = std::atol(argv[i] + 8);
     } else if (a.starts_with("--repeats=")) {
       repeats = std::atoi(argv[i] + 10);
     } else if (a.starts_with("--lengths=")) {
@@ -32,12 +36,12 @@ int main(int argc, char** argv) {
         p = q + 1;
       }
     } else {
-      std::fprintf(stderr, "usage: %s [--threads=N] [--lengths=T1,T2,...] [--repeats=R]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--threads=N] [--heads=H] [--lengths=T1,T2,...] [--repeats=R]\n",
                    argv[0]);
       return 2;
     }
   }
-  constexpr index_t H = 8;
   std::printf("threads: %d, H = %ld, B = 1, float; tokens/s (thousands) chunked / recurrent\n\n",
               seqmix::num_threads(), static_cast<long>(H));
   std::printf("| mixer kind | K = V |");

@@ -183,6 +183,15 @@ TEST_CASE("gla: varlen equals separate calls", "[gla]") {
 TEST_CASE("gla: 1 vs 2 threads bitwise identical", "[gla]") {
   auto rng = seqmix::testing::make_rng(27);
   check_threads<gla_a>(gla_a::make(rng, 2, 300, 3, 64, 64, 1.0), 64);
+  // one (sequence, head): the chunks themselves are spread over the threads
+  check_threads<gla_a>(gla_a::make(rng, 1, 700, 1, 64, 64, 1.0), 64);
+  check_threads<gla_a>(gla_a::make(rng, 1, 333, 1, 24, 40, 1.0, true), 32);
+  check_threads<gla_a>(gla_a::make(rng, 1, 333, 1, 24, 40, 10.0), 32);
+  // chunks spread over threads, against the reference and with packed sequences
+  seqmix::scoped_num_threads seven(7);
+  check_forms<gla_a>(gla_a::make(rng, 1, 300, 1, 32, 32, 1.0), 64, "7 threads, one item");
+  check_forms<gla_a>(gla_a::make(rng, 1, 300, 1, 32, 32, 1.0, true), 32, "7 threads, gv");
+  check_varlen<gla_a>(gla_a::make(rng, 1, 300, 1, 32, 32, 1.0), {0, 0, 7, 100, 164, 300}, 32);
 }
 
 TEST_CASE("gla: bad inputs raise shape_error", "[gla]") {

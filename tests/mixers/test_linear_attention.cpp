@@ -137,6 +137,7 @@ TEST_CASE("linear_attention: split points, step, varlen, threads", "[linear_atte
   check_step<la>(la::make(rng, 1, 30, 2, 128, 128));
   check_varlen<la>(la::make(rng, 1, 200, 2, 16, 32), {0, 64, 65, 200}, 32);
   check_threads<la>(la::make(rng, 1, 200, 4, 64, 64), 64);
+  check_threads<la>(la::make(rng, 1, 333, 1, 24, 40), 32);
 }
 
 TEST_CASE("linear_attention: bad inputs raise shape_error", "[linear_attention]") {

@@ -144,6 +144,7 @@ TEST_CASE("mamba2_ssd: split points, step, varlen, threads", "[mamba2_ssd]") {
   check_step<m2>(m2::make(rng, 2, 30, 8, 1, 64, 64));
   check_varlen<m2>(m2::make(rng, 1, 200, 2, 1, 16, 32), {0, 50, 51, 200}, 64);
   check_threads<m2>(m2::make(rng, 1, 300, 4, 2, 64, 64), 64);
+  check_threads<m2>(m2::make(rng, 1, 333, 1, 1, 24, 40), 32);
 }
 
 TEST_CASE("mamba2_ssd: bad inputs raise shape_error", "[mamba2_ssd]") {

@@ -212,6 +212,8 @@ TEST_CASE("simple_gla: varlen equals separate calls", "[simple_gla]") {
 TEST_CASE("simple_gla: 1 vs 2 threads bitwise identical", "[simple_gla]") {
   auto rng = seqmix::testing::make_rng(8);
   check_threads<sgla>(sgla::make(rng, 2, 300, 3, 64, 64, 1.0), 64);
+  check_threads<sgla>(sgla::make(rng, 1, 700, 1, 64, 64, 1.0), 64);
+  check_threads<sgla>(sgla::make(rng, 1, 333, 1, 24, 40, 1.0), 32);
 }
 
 TEST_CASE("simple_gla: bad inputs raise shape_error", "[simple_gla]") {

@@ -19,10 +19,15 @@
 //   the state row tile, v and o tiles in registers; 5·K·V FLOP per token (4·K·V ungated), no
 //   allocation at all. A thread's heads take turns over blocks of 64 tokens, so the rows of a
 //   token (all heads share one page of the [T, H, D] layout) are read once from memory.
-// - chunked: per chunk of C tokens, A = (sQ Kᵀ) ⊙ D (C×C), O = [A | sQ ⊙ e^G] · [V ; S],
-//   S ← e^{G_C} S + (K ⊙ e^{G_C - G})ᵀ V; 2C(K+V) + 4KV FLOP per token, on a register-blocked
-//   GEMM kernel; a thread's heads take turns chunk by chunk. Extra memory per thread
-//   O(C·(C+K+V) + heads_per_thread·(C+K)·V), independent of T.
+// - chunked: per chunk of C tokens, A = (sQ Kᵀ) ⊙ D (C×C), O = A·V + (sQ ⊙ e^G)·S,
+//   S ← e^{G_C} S + (K ⊙ e^{G_C - G})ᵀ V; 2C(K+V) + 4KV FLOP per token, on core/gemm.hpp's
+//   register-blocked kernel. Each chunk is a local phase (everything but the state: A·V, the
+//   state update U, the decays), the inter term Q̃·S_n and the scan S_{n+1} = D S_n + U. With at
+//   least as many (sequence, head) items as threads a thread's items take turns chunk by chunk;
+//   with fewer, the local phases and inter terms of all chunks run in parallel around a
+//   sequential scan (chunk_windows), so B = 1 with few heads still uses every thread. Both
+//   schedules run the same per-chunk code: results are bitwise equal for any thread count.
+//   Extra memory O(C·(C+K+V) + K·V) per thread plus K·V per item, independent of T.
 // Which is faster depends on the machine and the head size, hardly on T (both are O(T)): on the
 // 2-core AVX-512 dev machine the recurrent form wins at every T and shape measured, on a 16-core
 // Xeon the chunked form wins at K = V = 128. The fronts' forward() follows options::switch_over_t
@@ -235,61 +240,56 @@ void gexp(const T* in, T* out, index_t n) {
 using linalg::gemm;
 using linalg::micro_tile;
 
-/// Rows [i, i + MR) of C = tril(A)·B1 + A2·B2 for lower_gemm: the triangular part needs depth
-/// i + MR only (A's later columns are zero in these rows), then A2·B2 accumulates on top.
+/// Rows [i, i + MR) of C = tril(A)·B for lower_gemm: A's columns past i + MR are zero there.
 template <class T, std::size_t MR, std::size_t NV>
-inline void lower_tile(index_t i, index_t m, index_t k2, const T* a, index_t lda, const T* b1,
-                       const T* b2, index_t ldb, T* c, index_t ldc) {
+inline void lower_tile(index_t i, index_t m, const T* a, index_t lda, const T* b, index_t ldb, T* c,
+                       index_t ldc) {
   const index_t depth = std::min(m, i + static_cast<index_t>(MR));
-  micro_tile<T, MR, NV>(depth, a + i * lda, lda, 1, b1, ldb, c + i * ldc, ldc, false);
-  micro_tile<T, MR, NV>(k2, a + i * lda + m, lda, 1, b2, ldb, c + i * ldc, ldc, true);
+  micro_tile<T, MR, NV>(depth, a + i * lda, lda, 1, b, ldb, c + i * ldc, ldc, false);
 }
 
 template <class T, std::size_t NV>
-void lower_panel(index_t m, index_t k2, const T* a, index_t lda, const T* b1, const T* b2,
-                 index_t ldb, T* c, index_t ldc) {
+void lower_panel(index_t m, const T* a, index_t lda, const T* b, index_t ldb, T* c, index_t ldc) {
   index_t i = 0;
-  for (; i + 6 <= m; i += 6) lower_tile<T, 6, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+  for (; i + 6 <= m; i += 6) lower_tile<T, 6, NV>(i, m, a, lda, b, ldb, c, ldc);
   switch (m - i) {
     case 5:
-      lower_tile<T, 5, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      lower_tile<T, 5, NV>(i, m, a, lda, b, ldb, c, ldc);
       break;
     case 4:
-      lower_tile<T, 4, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      lower_tile<T, 4, NV>(i, m, a, lda, b, ldb, c, ldc);
       break;
     case 3:
-      lower_tile<T, 3, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      lower_tile<T, 3, NV>(i, m, a, lda, b, ldb, c, ldc);
       break;
     case 2:
-      lower_tile<T, 2, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      lower_tile<T, 2, NV>(i, m, a, lda, b, ldb, c, ldc);
       break;
     case 1:
-      lower_tile<T, 1, NV>(i, m, k2, a, lda, b1, b2, ldb, c, ldc);
+      lower_tile<T, 1, NV>(i, m, a, lda, b, ldb, c, ldc);
       break;
     default:
       break;
   }
 }
 
-/// The chunk output O = [A | Q̃]·[V ; S] with A (m×m, lower triangular, zero above the diagonal)
-/// and Q̃ (m×k2) side by side in the rows of `a` (stride lda), V (m×n) directly above S (k2×n)
-/// at stride n. Row tiles skip A's zero upper part (a third of the product at C = K = 64);
-/// value sizes that are not a multiple of the SIMD width take the dense gemm.
+/// C (m×n, ldc) = A·B with A (m×m, lda) lower triangular, zero above the diagonal, and B (m×n)
+/// row-major at stride n: the chunk's intra term A·V. Row tiles skip A's zero upper part (half
+/// the product); value sizes that are not a multiple of the SIMD width take the dense gemm.
 template <class T>
-void output_gemm(index_t m, index_t n, index_t k2, const T* a, index_t lda, const T* vs, T* c,
-                 index_t ldc, std::vector<T>& pack) {
+void lower_gemm(index_t m, index_t n, const T* a, index_t lda, const T* b, T* c, index_t ldc,
+                std::vector<T>& pack) {
   constexpr index_t L = simd::lanes<T>;
   if (n % L != 0) {
-    gemm<T, false, false>(m, n, m + k2, a, lda, vs, n, c, ldc, false, pack);
+    gemm<T, false, false>(m, n, m, a, lda, b, n, c, ldc, false, pack);
     return;
   }
-  const T* s = vs + m * n;
   index_t j = 0;
-  for (; j + 4 * L <= n; j += 4 * L) lower_panel<T, 4>(m, k2, a, lda, vs + j, s + j, n, c + j, ldc);
+  for (; j + 4 * L <= n; j += 4 * L) lower_panel<T, 4>(m, a, lda, b + j, n, c + j, ldc);
   const index_t rest = (n - j) / L;
-  if (rest == 3) lower_panel<T, 3>(m, k2, a, lda, vs + j, s + j, n, c + j, ldc);
-  if (rest == 2) lower_panel<T, 2>(m, k2, a, lda, vs + j, s + j, n, c + j, ldc);
-  if (rest == 1) lower_panel<T, 1>(m, k2, a, lda, vs + j, s + j, n, c + j, ldc);
+  if (rest == 3) lower_panel<T, 3>(m, a, lda, b + j, n, c + j, ldc);
+  if (rest == 2) lower_panel<T, 2>(m, a, lda, b + j, n, c + j, ldc);
+  if (rest == 1) lower_panel<T, 1>(m, a, lda, b + j, n, c + j, ldc);
 }
 
 // Epochs are small integers held in doubles, so the loops over (value, epoch) pairs vectorise
@@ -531,12 +531,12 @@ void recurrent_items(const problem<T>& p, const Gate& gate, index_t i0, index_t 
 /// Per-thread buffers of the chunked form: O(C·(C + K + V) + K·V), independent of T.
 template <class T>
 struct chunk_scratch {
-  std::vector<T> aq;          // [C, C + K]: [A | sQ ⊙ e^G], row stride L + K
+  std::vector<T> aq;          // [C, C]: A, row stride L
   std::vector<T> qs, kc, kt;  // [C, K]: s·q, c·k, c·k ⊙ e^{G_L - G}
   std::vector<T> e;           // [C, max(C, K)] exponent buffer
   std::vector<T> qi, kj;      // [16, K], [C, K]: sub-chunk factors (per-key gates)
   std::vector<T> loc, lep;    // [C, K]: sub-chunk-local cumulative gate and epoch (as T)
-  std::vector<T> dk;          // [K] chunk decay of the state rows
+  std::vector<T> vc;          // [C, V]: the chunk's v
   std::vector<T> vt, ev;      // [C, V]: per-value gate buffers
   std::vector<T> fac;         // [2·ceil(C/16) + 1, K]: per-sub-chunk factors (factored path)
   std::vector<T> kdt, khat;   // [K, C]: k side of the factored path, transposed
@@ -548,12 +548,12 @@ struct chunk_scratch {
 
   void resize(index_t C, index_t K, index_t V, bool per_key, bool value_gate) {
     auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
-    aq.resize(sz(C * (C + K)));
+    aq.resize(sz(C * C));
+    vc.resize(sz(C * V));
     qs.resize(sz(C * K));
     kc.resize(sz(C * K));
     kt.resize(sz(C * K));
     e.resize(sz(C * std::max(C, K)));
-    dk.resize(sz(K));
     const index_t Kg = per_key ? K : 1;
     gval.resize(sz(C * Kg));
     gep.resize(sz(C * Kg));
@@ -568,9 +568,33 @@ struct chunk_scratch {
     }
     if (value_gate) {
       vt.resize(sz(C * V));
-      ev.resize(sz(C * std::max(C, V)));
+      ev.resize(sz(C * V));
       vval.resize(sz(C * V));
       vep.resize(sz(C * V));
+    }
+  }
+};
+
+/// What a chunk's local phase hands to the state scan and to the inter-chunk output: nothing
+/// in it depends on the state entering the chunk, so the local phases of all chunks may run in
+/// parallel. In the sequential schedule one carry per thread is reused chunk after chunk.
+template <class T>
+struct chunk_carry {
+  std::vector<T> qt;  // [C, K]: Q̃ = sQ ⊙ e^{G}
+  std::vector<T> u;   // [K, V]: K̃ᵀṼ; the parallel schedule's scan swaps in S_n
+  std::vector<T> dk;  // [K]: decay of the state rows over the chunk
+  std::vector<T> dv;  // [V]: decay of the state columns (per-value gates)
+  std::vector<T> ev;  // [C, V]: e^{Gv_i}, the inter term's column factors (per-value gates)
+  index_t rows = 0;   // tokens in the chunk
+
+  void resize(index_t C, index_t K, index_t V, bool value_gate) {
+    auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
+    qt.resize(sz(C * K));
+    u.resize(sz(K * V));
+    dk.resize(sz(K));
+    if (value_gate) {
+      dv.resize(sz(V));
+      ev.resize(sz(C * V));
     }
   }
 };
@@ -738,8 +762,8 @@ bool factorable(index_t L, index_t K, index_t sub, const double* __restrict gv,
   return bad == 0;
 }
 
-/// The per-key chunk pieces when factorable(): A (rows at stride lda), Q̃ = sQ ⊙ e^{G} (right of A),
-/// K̃ = cK ⊙ e^{G_L - G} (kt) and the state decay e^{G_L} (w.dk). Each A entry is factored through
+/// The per-key chunk pieces when factorable(): A (rows at stride lda), Q̃ = sQ ⊙ e^{G} (qt),
+/// K̃ = cK ⊙ e^{G_L - G} (kt) and the state decay e^{G_L} (dk). Each A entry is factored through
 /// the first row r of its query's sub-chunk, as SPEC §1 allows:
 ///   e^{G_i - G_j} = e^{G_i - G_r} · e^{G_r - G_j},
 /// the q side <= 1, the k side <= 1 below the sub-chunk and <= e^{factor_bound} inside it. The k
@@ -748,7 +772,7 @@ bool factorable(index_t L, index_t K, index_t sub, const double* __restrict gv,
 /// diagonal blocks' 16·L·K / 2; each A row block is one GEMM of depth K.
 template <class T>
 void factored_key_blocks(index_t L, index_t K, index_t sub, chunk_scratch<T>& w, const T* qs,
-                         const T* kc, const double* gv, T* A, index_t lda, T* kt) {
+                         const T* kc, const double* gv, T* A, index_t lda, T* qt, T* kt, T* dk) {
   const index_t nsub = (L + sub - 1) / sub;
   T* qh = w.loc.data();   // [L, K]: s q_i ⊙ e^{G_i - G_r(i)}
   T* kd = w.kj.data();    // [L, K]: c k_j ⊙ e^{G_r(j) - G_j}
@@ -766,12 +790,12 @@ void factored_key_blocks(index_t L, index_t K, index_t sub, chunk_scratch<T>& w,
     exp_diff<T>(K, gr, nullptr, R + s * K);
     exp_diff<T>(K, gl, gr, E + s * K);
   }
-  exp_diff<T>(K, gl, nullptr, w.dk.data());
+  exp_diff<T>(K, gl, nullptr, dk);
   for (index_t i = 0; i < L; ++i) {
     const T* r = R + (i / sub) * K;
     const T* e = E + (i / sub) * K;
     for (index_t c = 0; c < K; ++c) {
-      A[L + i * lda + c] = qh[i * K + c] * r[c];
+      qt[i * K + c] = qh[i * K + c] * r[c];
       kt[i * K + c] = kd[i * K + c] * e[c];
     }
   }
@@ -795,28 +819,18 @@ void factored_key_blocks(index_t L, index_t K, index_t sub, chunk_scratch<T>& w,
   }
 }
 
-/// Per-value gates inside a chunk (GLA's optional gv): applied on the output side of O and on
-/// the state's columns. o_iv = Σ_j A_ij e^{Gv_iv - Gv_jv} v_jv + (Q̃_i S)_v e^{Gv_iv}.
-/// Computed with the same sub-chunk scheme as the keys: blocks below the diagonal factor
-/// through the first row r of the sub-chunk, diagonal blocks exactly.
+/// Per-value gates inside a chunk (GLA's optional gv) act on the output side of O and on the
+/// state's columns: o_iv = Σ_j A_ij e^{Gv_iv - Gv_jv} v_jv + (Q̃_i S)_v e^{Gv_iv}. This is the
+/// intra term (o written from zero), with the same sub-chunk scheme as the keys: blocks below
+/// the diagonal factor through the first row r of the sub-chunk, diagonal blocks exactly.
 template <class T>
-void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, const T* Vc,
-                        const T* S, T* o, index_t ldo) {
+void value_gated_intra(index_t L, index_t V, chunk_scratch<T>& w, const T* A, index_t lda,
+                       const T* Vc, T* o, index_t ldo) {
   constexpr index_t sub = 16;
   const T ninf = -std::numeric_limits<T>::infinity();
   const double* gv = w.vval.data();
   const epoch_t* ge = w.vep.data();
-  T* A = w.aq.data();  // [L, L], stride L + K
-  const index_t lda = L + K;
-  // inter-chunk term: (Q̃ S) ⊙ e^{Gv_i}
-  gemm<T, false, false>(L, V, K, A + L, lda, S, V, o, ldo, false, w.pack);
-  for (index_t i = 0; i < L; ++i) {
-    T* e = w.ev.data();
-    for (index_t c = 0; c < V; ++c) e[c] = rel_arg<T>(gv[i * V + c], ge[i * V + c], 0.0, 0);
-    gexp<T>(e, e, V);
-    for (index_t c = 0; c < V; ++c) o[i * ldo + c] *= e[c];
-  }
-  // intra-chunk term
+  for (index_t i = 0; i < L; ++i) std::fill_n(o + i * ldo, V, T(0));
   for (index_t r0 = 0; r0 < L; r0 += sub) {
     const index_t r1 = std::min(L, r0 + sub);
     T* tmp = w.vt.data();  // [r1-r0, V] block result before the row factor
@@ -857,24 +871,26 @@ void value_gated_output(index_t L, index_t K, index_t V, chunk_scratch<T>& w, co
   }
 }
 
-/// One chunk [c0, c0 + L) of one (sequence, head): outputs of its tokens, and the state (rows
-/// C.. of `vs`, [K, V]) advanced from S_n to S_{n+1}. `vs` rows C-L..C-1 receive the chunk's v.
+/// The local phase of chunk [c0, c0 + L) of one (sequence, head), everything that does not
+/// need the state entering it: the intra term of its outputs (o written), and in `out` Q̃, the
+/// state update K̃ᵀṼ and the decays. chunk_inter() and advance() finish the chunk.
 template <class T, class Gate>
-void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_t c0, index_t h,
-                index_t C, chunk_scratch<T>& w, T* vs) {
+void chunk_local(const problem<T>& p, const Gate& gate, const segment& sg, index_t c0, index_t h,
+                 index_t C, chunk_scratch<T>& w, chunk_carry<T>& out) {
   constexpr index_t sub = 16;
   const T ninf = -std::numeric_limits<T>::infinity();
   const index_t K = p.q.extent(3), V = p.v.extent(3), hk = h / p.group();
   const bool has_gv = gate.has_value_gate();
-  T* S = vs + C * V;  // [K, V] working state
   const index_t L = std::min(C, sg.t1 - c0);
-  const index_t lda = L + K;
-  T* A = w.aq.data();   // [L, L] at stride lda
-  T* Qt = A + L;        // [L, K] at stride lda: s·q ⊙ e^{G_i}
-  T* Vc = S - L * V;    // [L, V]: v of the chunk, directly above S
-  T* qs = w.qs.data();  // [L, K]
-  T* kc = w.kc.data();  // [L, K]
-  T* kt = w.kt.data();  // [L, K]
+  const index_t lda = L;
+  out.rows = L;
+  T* A = w.aq.data();     // [L, L]
+  T* Qt = out.qt.data();  // [L, K]: s·q ⊙ e^{G_i}
+  T* dk = out.dk.data();  // [K]: e^{G_L}
+  T* Vc = w.vc.data();    // [L, V]: v of the chunk
+  T* qs = w.qs.data();    // [L, K]
+  T* kc = w.kc.data();    // [L, K]
+  T* kt = w.kt.data();    // [L, K]
   T* e = w.e.data();
   // pack: s·q, c·k, v (rows of the [T, H, D] layout are a page apart: prefetch ahead, and
   // this chunk's gate rows for the gate pass that follows)
@@ -932,32 +948,32 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
     gexp<T>(e, e, 2 * L + 1);
     for (index_t i = 0; i < L; ++i) {
       for (index_t c = 0; c < K; ++c) {
-        Qt[i * lda + c] = qs[i * K + c] * e[i];
+        Qt[i * K + c] = qs[i * K + c] * e[i];
         kt[i * K + c] = kc[i * K + c] * e[L + i];
       }
     }
-    std::fill_n(w.dk.data(), K, e[2 * L]);
+    std::fill_n(dk, K, e[2 * L]);
   } else {
     double* gv = w.gval.data();
     epoch_t* ge = w.gep.data();
     cumulate<T>(
         L, K, [&](index_t i) { return gate.key_gate_row(sg.b, c0 + i, h); }, gv, ge);
     if (factorable<T>(L, K, sub, gv, ge)) {
-      factored_key_blocks<T>(L, K, sub, w, qs, kc, gv, A, lda, kt);
+      factored_key_blocks<T>(L, K, sub, w, qs, kc, gv, A, lda, Qt, kt, dk);
     } else {
       // Q̃_ik = sq_ik e^{G_ik}; K̃_jk = ck_jk e^{G_Lk - G_jk}; decay e^{G_Lk}
       rel_args<T>(L * K, gv, ge, nullptr, nullptr, e);
       gexp<T>(e, e, L * K);
       for (index_t i = 0; i < L; ++i) {
-        for (index_t c = 0; c < K; ++c) Qt[i * lda + c] = qs[i * K + c] * e[i * K + c];
+        for (index_t c = 0; c < K; ++c) Qt[i * K + c] = qs[i * K + c] * e[i * K + c];
       }
       const double* gl = gv + (L - 1) * K;
       const epoch_t* el = ge + (L - 1) * K;
       for (index_t i = 0; i < L; ++i) rel_args<T>(K, gl, el, gv + i * K, ge + i * K, e + i * K);
       gexp<T>(e, e, L * K);
       for (index_t n = 0; n < L * K; ++n) kt[n] = kc[n] * e[n];
-      rel_args<T>(K, gl, el, nullptr, nullptr, w.dk.data());
-      gexp<T>(w.dk.data(), w.dk.data(), K);
+      rel_args<T>(K, gl, el, nullptr, nullptr, dk);
+      gexp<T>(dk, dk, K);
       // A, sub-chunk by sub-chunk
       for (index_t i = 0; i < L; ++i) std::fill_n(A + i * lda, L, T(0));
       T* loc = w.loc.data();
@@ -1020,7 +1036,13 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
       epoch_t* ve = w.vep.data();
       cumulate<T>(
           L, V, [&](index_t i) { return gate.value_gate_row(sg.b, c0 + i, h); }, vv, ve);
-      value_gated_output<T>(L, K, V, w, Vc, S, o, ldo);
+      value_gated_intra<T>(L, V, w, A, lda, Vc, o, ldo);
+      T* ev = out.ev.data();  // e^{Gv_i} for the inter term
+      for (index_t i = 0; i < L; ++i) {
+        for (index_t c = 0; c < V; ++c)
+          ev[i * V + c] = rel_arg<T>(vv[i * V + c], ve[i * V + c], 0, 0);
+      }
+      gexp<T>(ev, ev, L * V);
       // S ← Diag(e^{Gk_L}) S Diag(e^{Gv_L}) + K̃ᵀ Ṽ, Ṽ_j = v_j ⊙ e^{Gv_L - Gv_j}
       T* vt = w.vt.data();
       for (index_t j = 0; j < L; ++j) {
@@ -1031,61 +1053,163 @@ void chunk_step(const problem<T>& p, const Gate& gate, const segment& sg, index_
       }
       gexp<T>(vt, vt, L * V);
       for (index_t n = 0; n < L * V; ++n) vt[n] *= Vc[n];
-      T* dv = w.ev.data();
+      T* dv = out.dv.data();
       for (index_t c = 0; c < V; ++c)
         dv[c] = rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], 0, 0);
       gexp<T>(dv, dv, V);
-      for (index_t i = 0; i < K; ++i) {
-        const T di = w.dk[static_cast<std::size_t>(i)];
-        for (index_t c = 0; c < V; ++c) S[i * V + c] *= di * dv[c];
-      }
-      gemm<T, true, false>(K, V, L, kt, K, vt, V, S, V, true, w.pack);
+      gemm<T, true, false>(K, V, L, kt, K, vt, V, out.u.data(), V, false, w.pack);
       return;
     }
   }
-  // O = [A | Q̃] · [V ; S]: one GEMM of depth L + K for both terms
-  output_gemm<T>(L, V, K, A, lda, Vc, o, ldo, w.pack);
-  // S ← Diag(decay) S + K̃ᵀ V
-  for (index_t i = 0; i < K; ++i) simd::scale(S + i * V, w.dk[static_cast<std::size_t>(i)], V);
-  gemm<T, true, false>(K, V, L, kt, K, Vc, V, S, V, true, w.pack);
+  // intra term A·V, and the state update K̃ᵀV
+  lower_gemm<T>(L, V, A, lda, Vc, o, ldo, w.pack);
+  gemm<T, true, false>(K, V, L, kt, K, Vc, V, out.u.data(), V, false, w.pack);
 }
 
-/// The chunked form for the (sequence, head) items [i0, i1) (item i = n·H + h): chunk by chunk,
-/// every item of the range in turn (the heads of a token share its rows' pages, as in
-/// recurrent_items); each item keeps its state in its own [C + K, V] buffer of `vs`.
+/// The inter-chunk output of a chunk, o += Q̃·S_n (⊙ e^{Gv} with per-value gates), S_n: [K, V]
+/// the state entering the chunk.
+template <class T>
+void chunk_inter(const chunk_carry<T>& in, index_t K, index_t V, bool has_gv, const T* S, T* o,
+                 index_t ldo, chunk_scratch<T>& w) {
+  const index_t L = in.rows;
+  if (!has_gv) {
+    gemm<T, false, false>(L, V, K, in.qt.data(), K, S, V, o, ldo, true, w.pack);
+    return;
+  }
+  T* tmp = w.vt.data();  // [L, V]
+  gemm<T, false, false>(L, V, K, in.qt.data(), K, S, V, tmp, V, false, w.pack);
+  for (index_t i = 0; i < L; ++i) {
+    const T* e = in.ev.data() + i * V;
+    for (index_t c = 0; c < V; ++c) o[i * ldo + c] = std::fma(tmp[i * V + c], e[c], o[i * ldo + c]);
+  }
+}
+
+/// S_{n+1} = Diag(dk) S_n Diag(dv) + U, in place on S ([K, V]). With KeepOld the carry's U
+/// receives S_n (the parallel schedule's chunk_inter reads it there). Both schedules run this
+/// same code, so the state and outputs are bitwise the same whichever schedule ran.
+template <class T, bool KeepOld>
+void advance(chunk_carry<T>& c, index_t K, index_t V, bool has_gv, T* S) {
+  using B = batch<T>;
+  constexpr index_t VL = simd::lanes<T>;
+  T* u = c.u.data();
+  for (index_t i = 0; i < K; ++i) {
+    const T di = c.dk[static_cast<std::size_t>(i)];
+    T* s = S + i * V;
+    T* ui = u + i * V;
+    index_t j = 0;
+    for (; j + VL <= V; j += VL) {
+      const B d = has_gv ? B(di) * simd::load(c.dv.data() + j) : B(di);
+      const B old = simd::load(s + j);
+      simd::store(s + j, simd::fma(d, old, simd::load(ui + j)));
+      if constexpr (KeepOld) simd::store(ui + j, old);
+    }
+    for (; j < V; ++j) {
+      const T d = has_gv ? di * c.dv[static_cast<std::size_t>(j)] : di;
+      const T old = s[j];
+      s[j] = std::fma(d, old, ui[j]);
+      if constexpr (KeepOld) ui[j] = old;
+    }
+  }
+}
+
+/// The chunked form for the (sequence, head) items [i0, i1) (item i = n·H + h) on one thread:
+/// chunk by chunk, every item of the range in turn (the heads of a token share its rows' pages,
+/// as in recurrent_items); each item's state is a [K, V] block of `states`.
 template <class T, class Gate>
 void chunk_items(const problem<T>& p, const Gate& gate, index_t i0, index_t i1, index_t C,
-                 chunk_scratch<T>& w, std::vector<T>& vs) {
+                 chunk_scratch<T>& w, chunk_carry<T>& carry, T* states) {
   const index_t H = p.heads(), K = p.q.extent(3), V = p.v.extent(3);
-  const index_t per = (C + K) * V;
-  vs.resize(static_cast<std::size_t>((i1 - i0) * per));
-  auto state_of = [&](index_t i) { return vs.data() + (i - i0) * per + C * V; };
-  for (index_t i = i0; i < i1; ++i) {
-    const T* src = p.state.ptr({i / H, i % H, 0, 0});
-    for (index_t r = 0; r < K; ++r)
-      std::copy_n(src + r * p.state.stride(2), V, state_of(i) + r * V);
-  }
+  const bool has_gv = gate.has_value_gate();
   for (index_t off = 0;; off += C) {
     bool any = false;
     for (index_t i = i0; i < i1; ++i) {
       const segment sg = segment_of(p, i / H);
-      if (sg.t0 + off >= sg.t1) continue;
+      const index_t c0 = sg.t0 + off;
+      if (c0 >= sg.t1) continue;
       any = true;
-      chunk_step<T, Gate>(p, gate, sg, sg.t0 + off, i % H, C, w, state_of(i) - C * V);
+      T* S = states + (i - i0) * K * V;
+      chunk_local<T, Gate>(p, gate, sg, c0, i % H, C, w, carry);
+      chunk_inter<T>(carry, K, V, has_gv, S, p.o.ptr({sg.b, c0, i % H, 0}), p.o.stride(1), w);
+      advance<T, false>(carry, K, V, has_gv, S);
     }
     if (!any) break;
   }
+}
+
+/// Copies the state rows of items [i0, i1) between the caller's tensor and contiguous [K, V]
+/// blocks (in: tensor to blocks).
+template <class T>
+void copy_states(const problem<T>& p, index_t i0, index_t i1, T* blocks, bool in) {
+  const index_t H = p.heads(), K = p.q.extent(3), V = p.v.extent(3);
   for (index_t i = i0; i < i1; ++i) {
-    T* dst = p.state.ptr({i / H, i % H, 0, 0});
-    for (index_t r = 0; r < K; ++r)
-      std::copy_n(state_of(i) + r * V, V, dst + r * p.state.stride(2));
-  }
-  if constexpr (!Gate::per_key) {
-    if (p.normalised()) {
-      for (index_t i = i0; i < i1; ++i)
-        normaliser_pass<T, Gate>(p, gate, segment_of(p, i / H), i % H);
+    T* st = p.state.ptr({i / H, i % H, 0, 0});
+    T* bl = blocks + (i - i0) * K * V;
+    for (index_t r = 0; r < K; ++r) {
+      if (in) {
+        std::copy_n(st + r * p.state.stride(2), V, bl + r * V);
+      } else {
+        std::copy_n(bl + r * V, V, st + r * p.state.stride(2));
+      }
     }
   }
+}
+
+/// The chunked form when there are fewer (sequence, head) items than threads: windows of `wc`
+/// chunks per item, three parallel steps each. 1) every chunk's local phase (intra outputs, Q̃,
+/// K̃ᵀṼ, decays: independent of the state); 2) per item, the scan S_{n+1} = D_n S_n + U_n over
+/// the window's chunks, leaving S_n in each carry; 3) every chunk's inter output Q̃·S_n. Each
+/// chunk runs exactly the computations of the sequential schedule (chunk_items), so the results
+/// are bitwise the same for every thread count.
+template <class T, class Gate>
+void chunk_windows(const problem<T>& p, const Gate& gate, index_t C, int threads) {
+  const index_t items = p.heads() * p.sequences(), H = p.heads();
+  const index_t K = p.q.extent(3), V = p.v.extent(3);
+  const bool has_gv = gate.has_value_gate();
+  // about 4 chunks per thread per step: each parallel step then outweighs its start-up cost
+  const index_t wc = std::max<index_t>(1, (4 * index_t(threads) + items - 1) / items);
+  const index_t jobs = items * wc;
+  std::vector<chunk_carry<T>> carries(static_cast<std::size_t>(jobs));
+  for (auto& c : carries) c.resize(C, K, V, has_gv);
+  std::vector<chunk_scratch<T>> scratch(static_cast<std::size_t>(std::max(1, max_slots())));
+  for (auto& w : scratch) w.resize(C, K, V, Gate::per_key, has_gv);
+  std::vector<T> states(static_cast<std::size_t>(items * K * V));
+  copy_states<T>(p, 0, items, states.data(), true);
+  auto chunk_start = [&](index_t job, index_t first) {  // token offset of a job's chunk, or -1
+    const segment sg = segment_of(p, (job / wc) / H);
+    const index_t c0 = sg.t0 + (first + job % wc) * C;
+    return c0 < sg.t1 ? c0 : index_t(-1);
+  };
+  for (index_t first = 0;; first += wc) {
+    bool any = false;
+    for (index_t i = 0; i < items && !any; ++i) {
+      const segment sg = segment_of(p, i / H);
+      any = sg.t0 + first * C < sg.t1;
+    }
+    if (!any) break;
+    parallel_for_with_slot(jobs, [&](index_t job, int slot) {
+      const index_t c0 = chunk_start(job, first);
+      if (c0 < 0) return;
+      const index_t i = job / wc;
+      chunk_local<T, Gate>(p, gate, segment_of(p, i / H), c0, i % H, C,
+                           scratch[static_cast<std::size_t>(slot)],
+                           carries[static_cast<std::size_t>(job)]);
+    });
+    parallel_for(items, [&](index_t i) {
+      for (index_t j = i * wc; j < (i + 1) * wc && chunk_start(j, first) >= 0; ++j) {
+        advance<T, true>(carries[static_cast<std::size_t>(j)], K, V, has_gv,
+                         states.data() + i * K * V);
+      }
+    });
+    parallel_for_with_slot(jobs, [&](index_t job, int slot) {
+      const index_t c0 = chunk_start(job, first);
+      if (c0 < 0) return;
+      const index_t i = job / wc;
+      const auto& c = carries[static_cast<std::size_t>(job)];
+      chunk_inter<T>(c, K, V, has_gv, c.u.data(), p.o.ptr({segment_of(p, i / H).b, c0, i % H, 0}),
+                     p.o.stride(1), scratch[static_cast<std::size_t>(slot)]);
+    });
+  }
+  copy_states<T>(p, 0, items, states.data(), false);
 }
 
 }  // namespace detail
@@ -1112,28 +1236,46 @@ void forward_recurrent(const problem<T>& p, const Gate& gate) {
   });
 }
 
-/// Chunked form with chunk length `chunk`: (sequence, head) items split into one contiguous
-/// range per thread, chunks in order inside each. Extra memory O(C·(C + K + V)) per thread plus
-/// (C + K)·V per item.
+/// Chunked form with chunk length `chunk`. With at least as many (sequence, head) items as
+/// threads: one contiguous range of items per thread, chunks in order inside each. With fewer:
+/// chunk_windows, parallel over chunks as well. Both schedules give bitwise the same results.
+/// Extra memory O(C·(C + K + V) + K·V) per thread plus K·V per item, independent of T.
 template <class T, class Gate>
 void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
   const index_t items = p.heads() * p.sequences();
   const index_t K = p.q.extent(3), V = p.v.extent(3);
   const index_t C = std::max<index_t>(1, std::min(chunk, p.q.extent(1)));
-  // one contiguous range of items per thread (static, like parallel_for's own partition)
-  const index_t groups = std::min<index_t>(items, std::max(1, num_threads()));
-  std::vector<detail::chunk_scratch<T>> scratch(static_cast<std::size_t>(groups));
-  std::vector<std::vector<T>> states(static_cast<std::size_t>(groups));
-  for (auto& s : scratch) s.resize(C, K, V, Gate::per_key, gate.has_value_gate());
-  auto body = [&](index_t g) {
-    const auto u = static_cast<std::size_t>(g);
-    detail::chunk_items<T, Gate>(p, gate, g * items / groups, (g + 1) * items / groups, C,
-                                 scratch[u], states[u]);
-  };
-  if (groups == 1) {
-    body(0);
+  const bool has_gv = gate.has_value_gate();
+  const int threads = std::max(1, num_threads());
+  const index_t chunks = (p.q.extent(0) * p.q.extent(1) + C - 1) / C;  // about, over all items
+  if (items < threads && chunks * p.heads() > items) {
+    detail::chunk_windows<T, Gate>(p, gate, C, threads);
   } else {
-    parallel_for(groups, body);
+    // one contiguous range of items per thread (static, like parallel_for's own partition)
+    const index_t groups = std::min<index_t>(items, threads);
+    auto body = [&](index_t g) {
+      const index_t i0 = g * items / groups, i1 = (g + 1) * items / groups;
+      detail::chunk_scratch<T> w;
+      w.resize(C, K, V, Gate::per_key, has_gv);
+      detail::chunk_carry<T> carry;
+      carry.resize(C, K, V, has_gv);
+      std::vector<T> states(static_cast<std::size_t>((i1 - i0) * K * V));
+      detail::copy_states<T>(p, i0, i1, states.data(), true);
+      detail::chunk_items<T, Gate>(p, gate, i0, i1, C, w, carry, states.data());
+      detail::copy_states<T>(p, i0, i1, states.data(), false);
+    };
+    if (groups == 1) {
+      body(0);
+    } else {
+      parallel_for(groups, body);
+    }
+  }
+  if constexpr (!Gate::per_key) {
+    if (p.normalised()) {
+      parallel_for(items, [&](index_t i) {
+        detail::normaliser_pass<T, Gate>(p, gate, segment_of(p, i / p.heads()), i % p.heads());
+      });
+    }
   }
 }
 
