@@ -134,6 +134,30 @@ class checker {
     if (bad) fail(argument, "must be finite (found NaN or inf)");
   }
 
+  /// Offsets of N packed sequences in an input of B rows and T tokens: B == 1, N + 1 >= 2
+  /// offsets, the first 0, the last T, non-decreasing. Returns N. Messages are built only on
+  /// failure (one-token steps must not allocate).
+  index_t cu_seqlens(std::span<const index_t> cu, index_t B, index_t T) const {
+    if (B != 1) fail("cu_seqlens", "packed sequences need B == 1, got B = " + std::to_string(B));
+    if (cu.size() < 2) {
+      fail("cu_seqlens", "needs N + 1 >= 2 offsets, got " + std::to_string(cu.size()));
+    }
+    if (cu.front() != 0) {
+      fail("cu_seqlens", "first offset must be 0, got " + std::to_string(cu.front()));
+    }
+    if (cu.back() != T) {
+      fail("cu_seqlens",
+           "last offset must be T = " + std::to_string(T) + ", got " + std::to_string(cu.back()));
+    }
+    for (std::size_t i = 1; i < cu.size(); ++i) {
+      if (cu[i] < cu[i - 1]) {
+        fail("cu_seqlens", "offsets must be non-decreasing (offset " + std::to_string(i) + " is " +
+                               std::to_string(cu[i]) + " < " + std::to_string(cu[i - 1]) + ")");
+      }
+    }
+    return static_cast<index_t>(cu.size()) - 1;
+  }
+
   std::string_view where() const { return where_; }
 
  private:

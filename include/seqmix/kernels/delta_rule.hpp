@@ -129,26 +129,8 @@ void validate(const checker& check, const problem<T>& p, index_t chunk_size = 1)
   check.shape("beta", p.beta, {B, TT, HV});
   check.shape("o", p.o, {B, TT, HV, V});
   if (!(chunk_size > 0)) check.fail("chunk_size", "must be > 0, got " + std::to_string(chunk_size));
-  if (p.cu_seqlens.empty()) {
-    check.shape("state", p.state, {B, HV, K, V});
-  } else {
-    const auto& cu = p.cu_seqlens;
-    if (!(B == 1))
-      check.fail("q", "packed variable-length input needs B == 1, got B = " + std::to_string(B));
-    if (!(cu.size() >= 2)) check.fail("cu_seqlens", "needs at least 2 offsets [0, ..., T]");
-    if (!(cu.front() == 0))
-      check.fail("cu_seqlens", "must start at 0, got " + std::to_string(cu.front()));
-    if (!(cu.back() == TT))
-      check.fail("cu_seqlens",
-                 "must end at T = " + std::to_string(TT) + ", got " + std::to_string(cu.back()));
-    for (std::size_t i = 1; i < cu.size(); ++i) {
-      if (!(cu[i] >= cu[i - 1]))
-        check.fail("cu_seqlens", "must be non-decreasing (offset " + std::to_string(i) + " is " +
-                                     std::to_string(cu[i]) + " < " + std::to_string(cu[i - 1]) +
-                                     ")");
-    }
-    check.shape("state", p.state, {static_cast<index_t>(cu.size()) - 1, HV, K, V});
-  }
+  const index_t N = p.cu_seqlens.empty() ? B : check.cu_seqlens(p.cu_seqlens, B, TT);
+  check.shape("state", p.state, {N, HV, K, V});
   check.inner_contiguous("q", p.q);
   check.inner_contiguous("k", p.k);
   check.inner_contiguous("v", p.v);

@@ -239,16 +239,9 @@ class softmax_attention {
 
   std::vector<seq> varlen_seqs(const checker& check, const dims& d,
                                std::span<const index_t> cu) const {
-    check.require(d.B == 1, "q",
-                  "packed variable-length input needs B == 1, got B = " + std::to_string(d.B));
-    check.require(cu.size() >= 2, "cu_seqlens",
-                  "needs N+1 >= 2 offsets, got " + std::to_string(cu.size()));
-    check.require(cu.front() == 0, "cu_seqlens", "must start at 0");
-    check.require(cu.back() == d.Tn, "cu_seqlens",
-                  "must end at T = " + std::to_string(d.Tn) + ", got " + std::to_string(cu.back()));
+    check.cu_seqlens(cu, d.B, d.Tn);
     std::vector<seq> seqs;
     for (std::size_t n = 0; n + 1 < cu.size(); ++n) {
-      check.require(cu[n + 1] >= cu[n], "cu_seqlens", "must be non-decreasing");
       seqs.push_back({0, cu[n], cu[n + 1] - cu[n], static_cast<index_t>(n)});
     }
     return seqs;
