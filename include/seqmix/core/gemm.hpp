@@ -57,30 +57,32 @@ inline void micro_tile(index_t k, const T* a, index_t rsa, index_t csa, const T*
   }
 }
 
-/// All rows of one column panel of NV vectors: tiles of 6 rows, then the remaining 1-5.
+/// All rows of one column panel of NV vectors: tiles of 6 rows, then the remaining 1-5. With
+/// `lower` (A square, zero above its diagonal) the tile of rows [i, i + MR) stops at depth i + MR.
 template <class T, std::size_t NV>
 void micro_panel(index_t m, index_t k, const T* a, index_t rsa, index_t csa, const T* b,
-                 index_t ldb, T* c, index_t ldc, bool accumulate) {
+                 index_t ldb, T* c, index_t ldc, bool accumulate, bool lower) {
+  auto tile = [&]<std::size_t MR>(index_t i) {
+    const index_t depth = lower ? std::min(k, i + static_cast<index_t>(MR)) : k;
+    micro_tile<T, MR, NV>(depth, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate);
+  };
   index_t i = 0;
-  for (; i + 6 <= m; i += 6)
-    micro_tile<T, 6, NV>(k, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc, accumulate);
-  const T* ai = a + i * rsa;
-  T* ci = c + i * ldc;
+  for (; i + 6 <= m; i += 6) tile.template operator()<6>(i);
   switch (m - i) {
     case 5:
-      micro_tile<T, 5, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      tile.template operator()<5>(i);
       break;
     case 4:
-      micro_tile<T, 4, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      tile.template operator()<4>(i);
       break;
     case 3:
-      micro_tile<T, 3, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      tile.template operator()<3>(i);
       break;
     case 2:
-      micro_tile<T, 2, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      tile.template operator()<2>(i);
       break;
     case 1:
-      micro_tile<T, 1, NV>(k, ai, rsa, csa, b, ldb, ci, ldc, accumulate);
+      tile.template operator()<1>(i);
       break;
     default:
       break;
@@ -92,10 +94,12 @@ void micro_panel(index_t m, index_t k, const T* a, index_t rsa, index_t csa, con
 /// hundred) whose n is a multiple of the SIMD width run on the register-blocked kernel above
 /// (B transposed is packed first, into `pack`); other shapes (odd value sizes) use Eigen's GEMM
 /// kernel without its OpenMP layer. Both are single-threaded with a fixed summation order, so
-/// results are bitwise identical for any number of seqmix threads.
+/// results are bitwise identical for any number of seqmix threads. `lower_a`: A is square
+/// (k == m) and zero above its diagonal, so row tiles skip its zero upper part (half the
+/// product; the dense fallback simply multiplies the zeros).
 template <class T, bool TransA, bool TransB>
 void gemm(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, index_t ldb, T* c,
-          index_t ldc, bool accumulate, std::vector<T>& pack) {
+          index_t ldc, bool accumulate, std::vector<T>& pack, bool lower_a = false) {
   constexpr index_t L = simd::lanes<T>;
   if (!accumulate && (k == 0 || n % L != 0)) {
     for (index_t i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
@@ -116,11 +120,14 @@ void gemm(index_t m, index_t n, index_t k, const T* a, index_t lda, const T* b, 
     const index_t rsa = TransA ? 1 : lda, csa = TransA ? lda : 1;
     index_t j = 0;
     for (; j + 4 * L <= n; j += 4 * L)
-      micro_panel<T, 4>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate);
+      micro_panel<T, 4>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate, lower_a);
     const index_t rest = (n - j) / L;
-    if (rest == 3) micro_panel<T, 3>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate);
-    if (rest == 2) micro_panel<T, 2>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate);
-    if (rest == 1) micro_panel<T, 1>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate);
+    if (rest == 3)
+      micro_panel<T, 3>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate, lower_a);
+    if (rest == 2)
+      micro_panel<T, 2>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate, lower_a);
+    if (rest == 1)
+      micro_panel<T, 1>(m, k, a, rsa, csa, bb + j, lb, c + j, ldc, accumulate, lower_a);
     return;
   }
   using namespace Eigen;

@@ -167,22 +167,7 @@ void validate(const checker& check, const problem<T>& p, index_t chunk_size) {
   }
   check.shape("o", p.o, {B, TT, H, V});
   if (chunk_size <= 0) check.fail("chunk_size", "must be > 0, got " + std::to_string(chunk_size));
-  index_t N = B;
-  if (!p.cu_seqlens.empty()) {
-    const auto& cu = p.cu_seqlens;
-    if (B != 1)
-      check.fail("cu_seqlens", "packed sequences need B == 1, got B = " + std::to_string(B));
-    check.require(cu.size() >= 2, "cu_seqlens", "needs at least 2 offsets (N + 1)");
-    check.require(cu.front() == 0, "cu_seqlens", "first offset must be 0");
-    if (cu.back() != TT) {
-      check.fail("cu_seqlens", "last offset must be T = " + std::to_string(TT) + ", got " +
-                                   std::to_string(cu.back()));
-    }
-    for (std::size_t i = 1; i < cu.size(); ++i) {
-      check.require(cu[i] >= cu[i - 1], "cu_seqlens", "offsets must be non-decreasing");
-    }
-    N = static_cast<index_t>(cu.size()) - 1;
-  }
+  const index_t N = p.cu_seqlens.empty() ? B : check.cu_seqlens(p.cu_seqlens, B, TT);
   check.shape("state", p.state, {N, H, K, V});
   if (p.normalised()) check.shape("z", p.z, {N, H, K});
   check.inner_contiguous("q", p.q);
@@ -238,59 +223,6 @@ void gexp(const T* in, T* out, index_t n) {
 }
 
 using linalg::gemm;
-using linalg::micro_tile;
-
-/// Rows [i, i + MR) of C = tril(A)·B for lower_gemm: A's columns past i + MR are zero there.
-template <class T, std::size_t MR, std::size_t NV>
-inline void lower_tile(index_t i, index_t m, const T* a, index_t lda, const T* b, index_t ldb, T* c,
-                       index_t ldc) {
-  const index_t depth = std::min(m, i + static_cast<index_t>(MR));
-  micro_tile<T, MR, NV>(depth, a + i * lda, lda, 1, b, ldb, c + i * ldc, ldc, false);
-}
-
-template <class T, std::size_t NV>
-void lower_panel(index_t m, const T* a, index_t lda, const T* b, index_t ldb, T* c, index_t ldc) {
-  index_t i = 0;
-  for (; i + 6 <= m; i += 6) lower_tile<T, 6, NV>(i, m, a, lda, b, ldb, c, ldc);
-  switch (m - i) {
-    case 5:
-      lower_tile<T, 5, NV>(i, m, a, lda, b, ldb, c, ldc);
-      break;
-    case 4:
-      lower_tile<T, 4, NV>(i, m, a, lda, b, ldb, c, ldc);
-      break;
-    case 3:
-      lower_tile<T, 3, NV>(i, m, a, lda, b, ldb, c, ldc);
-      break;
-    case 2:
-      lower_tile<T, 2, NV>(i, m, a, lda, b, ldb, c, ldc);
-      break;
-    case 1:
-      lower_tile<T, 1, NV>(i, m, a, lda, b, ldb, c, ldc);
-      break;
-    default:
-      break;
-  }
-}
-
-/// C (m×n, ldc) = A·B with A (m×m, lda) lower triangular, zero above the diagonal, and B (m×n)
-/// row-major at stride n: the chunk's intra term A·V. Row tiles skip A's zero upper part (half
-/// the product); value sizes that are not a multiple of the SIMD width take the dense gemm.
-template <class T>
-void lower_gemm(index_t m, index_t n, const T* a, index_t lda, const T* b, T* c, index_t ldc,
-                std::vector<T>& pack) {
-  constexpr index_t L = simd::lanes<T>;
-  if (n % L != 0) {
-    gemm<T, false, false>(m, n, m, a, lda, b, n, c, ldc, false, pack);
-    return;
-  }
-  index_t j = 0;
-  for (; j + 4 * L <= n; j += 4 * L) lower_panel<T, 4>(m, a, lda, b + j, n, c + j, ldc);
-  const index_t rest = (n - j) / L;
-  if (rest == 3) lower_panel<T, 3>(m, a, lda, b + j, n, c + j, ldc);
-  if (rest == 2) lower_panel<T, 2>(m, a, lda, b + j, n, c + j, ldc);
-  if (rest == 1) lower_panel<T, 1>(m, a, lda, b + j, n, c + j, ldc);
-}
 
 // Epochs are small integers held in doubles, so the loops over (value, epoch) pairs vectorise
 // without mixed-width lanes.
@@ -1062,7 +994,7 @@ void chunk_local(const problem<T>& p, const Gate& gate, const segment& sg, index
     }
   }
   // intra term A·V, and the state update K̃ᵀV
-  lower_gemm<T>(L, V, A, lda, Vc, o, ldo, w.pack);
+  gemm<T, false, false>(L, V, L, A, lda, Vc, V, o, ldo, false, w.pack, /*lower_a=*/true);
   gemm<T, true, false>(K, V, L, kt, K, Vc, V, out.u.data(), V, false, w.pack);
 }
 
