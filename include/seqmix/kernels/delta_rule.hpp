@@ -60,7 +60,9 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <optional>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -631,5 +633,87 @@ void validate_step(const checker& check, tensor_view<const T, 3> q, tensor_view<
   check.finite("beta", beta);
   if (!(std::isfinite(scale))) check.fail("scale", "must be finite");
 }
+
+/// What delta_net and gated_delta_net share: options, the state factory, the scale, and the
+/// dispatch of a call to a form. The two fronts differ only in whether their calls carry g.
+template <class T>
+class front {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "delta_net<T> / gated_delta_net<T>: T is float or double");
+
+ public:
+  using value_type = T;
+  struct options {
+    std::optional<T> scale{};    ///< multiplies q; default K^-1/2
+    bool use_qk_l2norm = false;  ///< q, k -> x / sqrt(Σx² + 1e-6) before scaling
+    index_t chunk_size = 64;     ///< chunk length C of forward_chunked
+  };
+
+  explicit front(const options& opt) : opt_(opt) {}
+
+  const options& config() const { return opt_; }
+
+  /// A zero state [B, HV, K, V] (B = N for packed input).
+  static tensor<T, 4> make_state(index_t B, index_t HV, index_t K, index_t V) {
+    return tensor<T, 4>({B, HV, K, V});
+  }
+
+  /// The scale applied to q for key width K.
+  T scale_for(index_t K) const {
+    return opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(K));
+  }
+
+ protected:
+  enum class form { chunked, recurrent, automatic };
+  struct call {
+    tensor_view<const T, 4> q, k, v;
+    tensor_view<const T, 3> g, beta;  // g empty: ungated
+    tensor_view<T, 4> o, state;
+    std::span<const index_t> cu;
+  };
+
+  /// Validates a whole-sequence call and runs it in form f (automatic: prefer_chunked).
+  void run(const char* where, form f, const call& c, bool gated) const {
+    const checker check{where};
+    if (gated) check.require(!c.g.empty(), "g", "must not be empty");
+    problem<T> p{
+        c.q, c.k, c.v, c.g, c.beta, c.o, c.state, scale_for(c.q.extent(3)), opt_.use_qk_l2norm,
+        c.cu};
+    validate(check, p, opt_.chunk_size);
+    if (f == form::automatic) {
+      f = prefer_chunked(c.q.extent(1) / std::max<index_t>(1, p.sequences()), c.q.extent(3),
+                         c.v.extent(3))
+              ? form::chunked
+              : form::recurrent;
+    }
+    if (f == form::chunked) {
+      run_chunked(p, opt_.chunk_size);
+    } else {
+      run_recurrent(p);
+    }
+  }
+
+  /// One token per sequence ([B, H, D] views; g ignored unless gated), allocation-free.
+  void run_step(const char* where, tensor_view<const T, 3> q, tensor_view<const T, 3> k,
+                tensor_view<const T, 3> v, tensor_view<const T, 2> g, bool gated,
+                tensor_view<const T, 2> beta, tensor_view<T, 3> o, tensor_view<T, 4> state) const {
+    const checker check{where};
+    const T s = scale_for(q.extent(2));
+    validate_step<T>(check, q, k, v, g, gated, beta, o, state, s);
+    problem<T> p{as_one_token(q),
+                 as_one_token(k),
+                 as_one_token(v),
+                 gated ? as_one_token(g) : tensor_view<const T, 3>(),
+                 as_one_token(beta),
+                 as_one_token(o),
+                 state,
+                 s,
+                 opt_.use_qk_l2norm,
+                 {}};
+    run_recurrent(p);
+  }
+
+  options opt_;
+};
 
 }  // namespace seqmix::kernels::delta_rule

@@ -30,27 +30,14 @@ namespace seqmix {
 
 /// DeltaNet mixer over float or double.
 template <class T>
-class delta_net {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "delta_net<T>: T is float or double");
+class delta_net : public kernels::delta_rule::front<T> {
+  using base = kernels::delta_rule::front<T>;
+  using typename base::form;
 
  public:
-  using value_type = T;
-  struct options {
-    std::optional<T> scale{};    ///< multiplies q; default K^-1/2
-    bool use_qk_l2norm = false;  ///< q, k -> x / sqrt(Σx² + 1e-6) before scaling
-    index_t chunk_size = 64;     ///< chunk length C of forward_chunked
-  };
-
-  delta_net() : delta_net(options{}) {}
-  explicit delta_net(const options& opt) : opt_(opt) {}
-
-  const options& config() const { return opt_; }
-
-  /// A zero state [B, HV, K, V] (B = N for packed input).
-  static tensor<T, 4> make_state(index_t B, index_t HV, index_t K, index_t V) {
-    return tensor<T, 4>({B, HV, K, V});
-  }
+  using typename base::options;
+  delta_net() : base(options{}) {}
+  explicit delta_net(const options& opt) : base(opt) {}
 
   /// Chunked-parallel form (WY/UT transform).
   /// @param q     [B, T, H, K] queries (in)
@@ -62,40 +49,45 @@ class delta_net {
   void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                        tensor_view<const T, 4> v, tensor_view<const T, 3> beta, tensor_view<T, 4> o,
                        tensor_view<T, 4> state) const {
-    run("delta_net::forward_chunked", form::chunked, {q, k, v, {}, beta, o, state, {}});
+    this->run("delta_net::forward_chunked", form::chunked, {q, k, v, {}, beta, o, state, {}},
+              false);
   }
   /// Packed variable-length chunked form: B == 1, `cu_seqlens` [N+1] (0, ..., T, non-decreasing),
   /// state [N, HV, K, V], one row per sequence.
   void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                        tensor_view<const T, 4> v, tensor_view<const T, 3> beta, tensor_view<T, 4> o,
                        tensor_view<T, 4> state, std::span<const index_t> cu_seqlens) const {
-    run("delta_net::forward_chunked", form::chunked, {q, k, v, {}, beta, o, state, cu_seqlens});
+    this->run("delta_net::forward_chunked", form::chunked,
+              {q, k, v, {}, beta, o, state, cu_seqlens}, false);
   }
 
   /// Token-by-token form; same arguments as forward_chunked. Allocates nothing.
   void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                          tensor_view<const T, 4> v, tensor_view<const T, 3> beta,
                          tensor_view<T, 4> o, tensor_view<T, 4> state) const {
-    run("delta_net::forward_recurrent", form::recurrent, {q, k, v, {}, beta, o, state, {}});
+    this->run("delta_net::forward_recurrent", form::recurrent, {q, k, v, {}, beta, o, state, {}},
+              false);
   }
   /// Packed variable-length recurrent form (see forward_chunked).
   void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                          tensor_view<const T, 4> v, tensor_view<const T, 3> beta,
                          tensor_view<T, 4> o, tensor_view<T, 4> state,
                          std::span<const index_t> cu_seqlens) const {
-    run("delta_net::forward_recurrent", form::recurrent, {q, k, v, {}, beta, o, state, cu_seqlens});
+    this->run("delta_net::forward_recurrent", form::recurrent,
+              {q, k, v, {}, beta, o, state, cu_seqlens}, false);
   }
 
   /// Picks the faster form for the shape (recurrent for short sequences, chunked otherwise).
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                tensor_view<const T, 3> beta, tensor_view<T, 4> o, tensor_view<T, 4> state) const {
-    run("delta_net::forward", form::automatic, {q, k, v, {}, beta, o, state, {}});
+    this->run("delta_net::forward", form::automatic, {q, k, v, {}, beta, o, state, {}}, false);
   }
   /// Packed variable-length form choosing by the mean sequence length.
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                tensor_view<const T, 3> beta, tensor_view<T, 4> o, tensor_view<T, 4> state,
                std::span<const index_t> cu_seqlens) const {
-    run("delta_net::forward", form::automatic, {q, k, v, {}, beta, o, state, cu_seqlens});
+    this->run("delta_net::forward", form::automatic, {q, k, v, {}, beta, o, state, cu_seqlens},
+              false);
   }
 
   /// One token per sequence (decode), state updated in place; allocates nothing.
@@ -103,58 +95,8 @@ class delta_net {
   /// @param o     [B, HV, V] (out);  state [B, HV, K, V] (in/out)
   void step(tensor_view<const T, 3> q, tensor_view<const T, 3> k, tensor_view<const T, 3> v,
             tensor_view<const T, 2> beta, tensor_view<T, 3> o, tensor_view<T, 4> state) const {
-    namespace dr = kernels::delta_rule;
-    const checker check{"delta_net::step"};
-    const T s = scale_for(q.extent(2));
-    dr::validate_step<T>(check, q, k, v, {}, false, beta, o, state, s);
-    dr::problem<T> p{dr::as_one_token(q),
-                     dr::as_one_token(k),
-                     dr::as_one_token(v),
-                     {},
-                     dr::as_one_token(beta),
-                     dr::as_one_token(o),
-                     state,
-                     s,
-                     opt_.use_qk_l2norm,
-                     {}};
-    dr::run_recurrent(p);
+    this->run_step("delta_net::step", q, k, v, {}, false, beta, o, state);
   }
-
-  /// The scale applied to q for key width K.
-  T scale_for(index_t K) const {
-    return opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(K));
-  }
-
- private:
-  enum class form { chunked, recurrent, automatic };
-  struct call {
-    tensor_view<const T, 4> q, k, v;
-    tensor_view<const T, 3> g, beta;
-    tensor_view<T, 4> o, state;
-    std::span<const index_t> cu;
-  };
-
-  void run(const char* where, form f, const call& c) const {
-    namespace dr = kernels::delta_rule;
-    const checker check{where};
-    dr::problem<T> p{
-        c.q, c.k, c.v, c.g, c.beta, c.o, c.state, scale_for(c.q.extent(3)), opt_.use_qk_l2norm,
-        c.cu};
-    dr::validate(check, p, opt_.chunk_size);
-    if (f == form::automatic) {
-      f = dr::prefer_chunked(c.q.extent(1) / std::max<index_t>(1, p.sequences()), c.q.extent(3),
-                             c.v.extent(3))
-              ? form::chunked
-              : form::recurrent;
-    }
-    if (f == form::chunked) {
-      dr::run_chunked(p, opt_.chunk_size);
-    } else {
-      dr::run_recurrent(p);
-    }
-  }
-
-  options opt_;
 };
 
 }  // namespace seqmix
