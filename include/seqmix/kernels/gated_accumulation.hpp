@@ -1211,6 +1211,14 @@ void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
   }
 }
 
+/// The fronts' forward() runs the recurrent form below options::switch_over_t tokens per
+/// sequence, the chunked form from it; without the option, from this: never. Measured with
+/// bench_gated and measure_forms (seqmix/tune.hpp; B=1, H=8, K=V in {64, 128}, T up to 65536,
+/// 1 and 2 threads) the recurrent form is faster at every T on the 2-core AVX-512 dev machine;
+/// on a 16-core Xeon the chunked form wins at K=V=128 (docs/bench/README.md). Set the option
+/// from measure_switch_over() on the machine that runs the model.
+inline constexpr index_t default_switch_over_t = std::numeric_limits<index_t>::max();
+
 /// Which form a front runs.
 enum class form { chunked, recurrent, automatic };
 

@@ -35,13 +35,8 @@ class gla {
     /// packed sequences), the recurrent form below; empty: default_switch_over_t.
     std::optional<index_t> switch_over_t{};
   };
-  /// forward() runs the recurrent form below options::switch_over_t tokens per sequence, the
-  /// chunked form from it. Default: never chunked. Measured with bench_gated and
-  /// measure_forms (seqmix/tune.hpp; B=1, H=8, K=V in {64, 128}, T up to 65536, 1 and 2
-  /// threads) the recurrent form is faster at every T on the 2-core AVX-512 dev machine; on a
-  /// 16-core Xeon the chunked form wins at K=V=128 (docs/bench/README.md). Set the option from
-  /// measure_switch_over() on the machine that runs the model.
-  static constexpr index_t default_switch_over_t = std::numeric_limits<index_t>::max();
+  /// forward()'s switch-over without options::switch_over_t (kernels::gated says why).
+  static constexpr index_t default_switch_over_t = kernels::gated::default_switch_over_t;
 
   gla() = default;
   explicit gla(options opt) : opt_(opt) {}
