@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
-// Access to ../shared/golden/ (reference vectors from fla, mamba and PyTorch). The folder is
-// configured by CMake (SEQMIX_GOLDEN_DIR). When it is missing the golden tests FAIL with a
-// message saying where it was looked for: they never pass silently.
+// Access to the golden reference vectors (from fla, mamba, MoBA, transformers and PyTorch),
+// vendored in tests/golden (wave 1) and tests/golden/v2 (wave 2) with their READMEs. The folder
+// is configured by CMake (SEQMIX_GOLDEN_DIR, default the vendored copy). A missing file makes
+// the test FAIL with a message naming the file and where to get it: never a silent pass.
 #pragma once
 
 #include <filesystem>
@@ -30,19 +31,26 @@ inline bool available() {
          std::filesystem::exists(std::filesystem::path(dir()) / "inputs.safetensors");
 }
 
-/// Loads (once) and returns a golden file, e.g. file("fla_delta"). FAILs the running test when
-/// the folder or file is missing.
+/// Full path of a golden file relative to the golden folder (e.g. "v2/kda.safetensors"); FAILs
+/// the running test, naming the file, when it does not exist.
+inline std::string path(const std::string& relative) {
+  const std::filesystem::path p = std::filesystem::path(dir()) / relative;
+  if (!std::filesystem::exists(p)) {
+    FAIL("golden reference file '" << p.string() << "' not found: the reference vectors are "
+         << "vendored in tests/golden of the seqmix repository (restore it with `git checkout -- "
+         << "tests/golden`, or point -DSEQMIX_GOLDEN_DIR / the SEQMIX_GOLDEN_DIR environment "
+         << "variable at a copy); golden tests fail when their file is missing, never skip");
+  }
+  return p.string();
+}
+
+/// Loads (once) and returns a golden file by stem, e.g. file("fla_delta") or file("v2/kda").
+/// FAILs the running test when the file is missing.
 inline const safetensors_file& file(const std::string& stem) {
   static std::map<std::string, std::unique_ptr<safetensors_file>> cache;
   auto it = cache.find(stem);
   if (it != cache.end()) return *it->second;
-  if (!available()) {
-    FAIL("golden reference folder not found at '"
-         << dir() << "' (configure with -DSEQMIX_GOLDEN_DIR=<path to shared/golden>): "
-         << "golden tests cannot run and are reported as failures, not skipped");
-  }
-  const std::string path = (std::filesystem::path(dir()) / (stem + ".safetensors")).string();
-  auto f = std::make_unique<safetensors_file>(safetensors_file::load(path));
+  auto f = std::make_unique<safetensors_file>(safetensors_file::load(path(stem + ".safetensors")));
   return *cache.emplace(stem, std::move(f)).first->second;
 }
 
