@@ -12,7 +12,7 @@
 //      after L tokens: bytes = H·min(L, W)·2·D·4, constant in L.
 //  - BM_softmax_attention_peer_{prefill,decode}: the ggml flash_attn_ext shapes (H = 8, D = 64,
 //      T = 2048 / 8192 prefill, decode at L = 8192); counter `x_ggml` = ggml's time / ours
-//      (ggml fp32, measured on this machine kind: anchors/ggml_peer.md).
+//      (ggml fp32, measured on this machine kind: docs/bench/peers.md).
 #include <random>
 #include <vector>
 
@@ -91,7 +91,7 @@ void BM_softmax_attention_decode(benchmark::State& state) {
   decode(state, 0);
 }
 
-// ggml flash_attn_ext, fp32 KV, H=8, D=64 (anchors/ggml_peer.md): prefill T=2048 164 / 81 ms,
+// ggml flash_attn_ext, fp32 KV, H=8, D=64 (docs/bench/peers.md): prefill T=2048 164 / 81 ms,
 // T=8192 2.74 / 1.33 s; decode at L=8192 1.8 / 1.08 ms (1 / 2 threads).
 void BM_softmax_attention_peer_prefill(benchmark::State& state) {
   const bool one = state.range(2) == 1;

@@ -7,7 +7,7 @@
 //   chunked (C = 64):  2C(3K + 2V) + C²/3 + 6·K·V   (the work the WY/UT form executes:
 //                      [K;Q]Kᵀ 4CK, W = T X 2CK, U = T Y 2CV, forward substitution C²/3,
 //                      W S and (Q⊙e^G) S 4KV, P V' 2CV, state update 2KV)
-// Peer shapes (anchors/ggml_peer.md, ggml gated_delta_net, B=1, H=8, K=V=64):
+// Peer shapes (docs/bench/peers.md, ggml gated_delta_net, B=1, H=8, K=V=64):
 //   BM_gated_delta_net_chunked/T:8192/K:64/threads:{1,2} (peer: 64k / 111k tokens/s) and
 //   BM_gated_delta_net_step/K:64/threads:1 (peer: 15.5 µs per step).
 #include <cstdint>

@@ -3,11 +3,11 @@
 // decode step. B = 1, H = 8 throughout; args {T, K (= V, or N = P for Mamba2), threads}.
 //
 // FLOP per head and token (multiply and add count as two):
-//   chunked:   2·C·(K + V) + 4·K·V    (C = min(chunk 64, T); dense C×C blocks, SPEC §1)
+//   chunked:   2·C·(K + V) + 4·K·V    (C = min(chunk 64, T); dense C×C blocks, docs/math.md §1)
 //   recurrent: 5·K·V gated (decay mul + 2 FMA per state element), 4·K·V linear attention
 //   step:      5·K·V (one token per head)
 // The machine's FMA peak is bench_peak's BM_fma_peak (116.6 GFLOP/s on 1 thread, 232.6 on 2).
-// ggml peer shapes (anchors/ggml_peer.md): gated_linear_attn at H=8, K=V=64, T=8192 (150-190k
+// ggml peer shapes (docs/bench/peers.md): gated_linear_attn at H=8, K=V=64, T=8192 (150-190k
 // tokens/s on 1 thread, 230-270k on 2; decode 6.0 µs) and Mamba2 ssm_scan at H=8, P=N=64
 // (185k / 345k tokens/s, decode 6.2 µs): BM_gla_* and BM_mamba2_ssd_* with {8192, 64, t}.
 // Switch-over: BM_linear_attention_* sweeps T = 16..256 and the forward benchmarks T = 512..65536;

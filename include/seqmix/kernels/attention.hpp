@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Flash-style softmax attention engine (SPEC.md §5): the shared kernel behind
+// Flash-style softmax attention engine (docs/math.md §5): the shared kernel behind
 // mixers/softmax_attention.hpp and mixers/sliding_window_attention.hpp.
 //
 //   logit_tj = s q_t · k_j                for j <= t and t - j < W   (W = ∞ when absent)

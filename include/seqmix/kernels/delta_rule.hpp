@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The delta-rule engine behind seqmix::delta_net and seqmix::gated_delta_net (SPEC.md §2).
+// The delta-rule engine behind seqmix::delta_net and seqmix::gated_delta_net (docs/math.md §2).
 //
 // Recurrence, per (sequence, value head), q_t, k_t rows of K (l2-normalised first when asked,
 // q scaled by s), v_t a row of V, S a [K, V] matrix, gate g_t = 0 for DeltaNet:
@@ -357,7 +357,7 @@ void run_recurrent(const problem<T>& p) {
     for (; c < end; ++c) run.template operator()<scalar_lane<T>, 1>(c);
   };
   // A decode step of H = 8, K = V = 64 is ~2 µs of work; waking a second thread costs about as
-  // much (ggml_peer.md: 1.6 µs dispatch floor on 2 threads), so small calls stay serial. The
+  // much (docs/bench/peers.md: 1.6 µs dispatch floor, 2 threads), so small calls stay serial. The
   // result does not depend on this choice (each job is computed the same way).
   const double work =
       7.0 * double(p.q.extent(0)) * double(p.q.extent(1)) * double(HV) * double(K) * double(V);

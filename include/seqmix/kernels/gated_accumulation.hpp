@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The gated-accumulation engine (SPEC.md §1): one chunk pipeline and one recurrent sweep for
+// The gated-accumulation engine (docs/math.md §1): one chunk pipeline and one recurrent sweep for
 // linear attention, simple GLA, retention, Lightning, GLA and Mamba2 SSD. The mixers in
 // include/seqmix/mixers/ are thin fronts: they check shapes and pick a gate policy.
 //
@@ -33,7 +33,7 @@
 // Xeon the chunked form wins at K = V = 128. The fronts' forward() follows options::switch_over_t
 // (default: recurrent), which seqmix/tune.hpp measures for the machine at hand.
 //
-// Numerics (SPEC §1): cumulative gates are chunk-local and accumulated in double, every
+// Numerics (docs/math.md §1): cumulative gates are chunk-local and accumulated in double, every
 // exponential has an argument <= 0 when gates are <= 0, and differences are formed in double
 // before rounding to T, so no precision is lost to a large cumulative sum. A log gate below
 // kill_threshold<T> (including -inf) is "forget everything": exp of it is below the smallest
@@ -178,7 +178,7 @@ void validate(const checker& check, const problem<T>& p, index_t chunk_size) {
   if (p.normalised()) check.inner_contiguous("z", p.z);
 }
 
-/// Log gates must be finite or -inf (SPEC: NaN and +inf would poison the state silently). One
+/// Log gates must be finite or -inf (NaN and +inf would poison the state silently). One
 /// vectorised pass for contiguous views (gates are as large as q), checker::log_gate otherwise.
 template <class T, std::size_t R>
 void check_log_gate(const checker& check, std::string_view name, tensor_view<const T, R> g) {
@@ -696,7 +696,7 @@ bool factorable(index_t L, index_t K, index_t sub, const double* __restrict gv,
 
 /// The per-key chunk pieces when factorable(): A (rows at stride lda), Q̃ = sQ ⊙ e^{G} (qt),
 /// K̃ = cK ⊙ e^{G_L - G} (kt) and the state decay e^{G_L} (dk). Each A entry is factored through
-/// the first row r of its query's sub-chunk, as SPEC §1 allows:
+/// the first row r of its query's sub-chunk, as docs/math.md §1 allows:
 ///   e^{G_i - G_j} = e^{G_i - G_r} · e^{G_r - G_j},
 /// the q side <= 1, the k side <= 1 below the sub-chunk and <= e^{factor_bound} inside it. The k
 /// side of an earlier sub-chunk J is its in-sub-chunk factor times e^{G_r - G_{r_J}} (<= 1), and

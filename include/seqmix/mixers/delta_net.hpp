@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// DeltaNet (Schlag et al. 2021; Yang et al. 2024, parallelised), SPEC.md §2.
+// DeltaNet (Schlag et al. 2021; Yang et al. 2024, parallelised), docs/math.md §2.
 //
 //     u_t = beta_t (v_t - S_{t-1}ᵀ k_t)        (beta_t per value head, usually sigmoid(·))
 //     S_t = S_{t-1} + k_t u_tᵀ

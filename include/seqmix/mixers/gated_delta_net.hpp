@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Gated DeltaNet (Yang et al. 2024; the mixer of Qwen3-Next-style hybrids), SPEC.md §2.
+// Gated DeltaNet (Yang et al. 2024; the mixer of Qwen3-Next-style hybrids), docs/math.md §2.
 //
 //     S'_t = exp(g_t) S_{t-1}                  (decay first: g_t natural-log gate per value head)
 //     u_t  = beta_t (v_t - S'_tᵀ k_t)

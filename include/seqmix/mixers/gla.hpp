@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Gated linear attention (GLA): per-key gate, optional per-value gate. A thin front over
-// kernels/gated_accumulation.hpp (SPEC.md §1).
+// kernels/gated_accumulation.hpp (docs/math.md §1).
 //
 //   S_t = Diag(exp(gk_t)) S_{t-1} Diag(exp(gv_t)) + k_t v_tᵀ     gk: [B,T,H,K], gv: [B,T,H,V]
 //   o_t = S_tᵀ (s q_t)                                            s defaults to K^-1/2

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Linear attention (no gate), optionally normalised: a thin front over
-// kernels/gated_accumulation.hpp (SPEC.md §1).
+// kernels/gated_accumulation.hpp (docs/math.md §1).
 //
 //   S_t = S_{t-1} + k_t v_tᵀ;   o_t = S_tᵀ (s q_t)                 s defaults to K^-1/2
 //   with the normaliser: z_t = z_{t-1} + k_t,  o_t = S_tᵀ (s q_t) / (s q_t · z_t + 1e-10)

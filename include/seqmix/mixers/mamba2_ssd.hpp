@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Mamba2's state-space dual (SSD) scan: simple GLA with q = C, k = B, v = dt·x, g = dt·A,
-// scale 1, plus the D skip (SPEC.md §4). A thin front over kernels/gated_accumulation.hpp with
+// scale 1, plus the D skip (docs/math.md §4). A thin front over kernels/gated_accumulation.hpp with
 // its own gate policy (dt computed on the fly, so `step` allocates nothing).
 //
 //   dt_t = clamp(softplus(dt_raw_t + dt_bias_h), dt_min, dt_max)      (softplus optional)

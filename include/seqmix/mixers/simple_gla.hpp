@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Simple GLA (scalar gate per head and token), retention and Lightning attention (constant gate
-// per head): a thin front over kernels/gated_accumulation.hpp (SPEC.md §1).
+// per head): a thin front over kernels/gated_accumulation.hpp (docs/math.md §1).
 //
 //   S_t = exp(g_t) S_{t-1} + k_t v_tᵀ        g: [B,T,H] data-dependent, or g_gamma: [H] constant
 //   o_t = S_tᵀ (s q_t)                       s defaults to K^-1/2

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// sliding_window_attention<T>: causal softmax attention over the last W tokens (SPEC.md §5),
+// sliding_window_attention<T>: causal softmax attention over the last W tokens (docs/math.md §5),
 // a front over softmax_attention<T> with the window required.
 //
 //   logit_tj = s q_t · k_j                for t - W < j <= t   (W keys, the current one included)

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// softmax_attention<T>: causal softmax attention (SPEC.md §5), the O(N²) baseline every linear
+// softmax_attention<T>: causal softmax attention (docs/math.md §5), the O(N²) baseline every linear
 // mixer is compared with. GQA, optional window W, optional per-head sink logit, packed
 // variable-length input.
 //

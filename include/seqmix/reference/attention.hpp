@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Plain references of softmax attention (SPEC.md §5): a readable token loop, any scalar type,
+// Plain references of softmax attention (docs/math.md §5): a readable token loop, any scalar type,
 // written for clarity, not speed (time O(B·H·T²·(K+V)), memory O(T) per query row).
 //
 //   logit_tj = s q_t · k_j                for j <= t and t - j < W   (W = ∞ when absent)

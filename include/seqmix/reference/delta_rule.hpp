@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Plain references of the delta-rule family (SPEC.md §2): a readable token loop over any scalar
+// Plain references of the delta-rule family (docs/math.md §2): a readable token loop, any scalar
 // type, written for clarity, not speed. Tests compare every fast form against these (in double).
 //
 // DeltaNet, per (sequence, value head), with q_t, k_t rows of K, v_t a row of V, S a [K, V] matrix:

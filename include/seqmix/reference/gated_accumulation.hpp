@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Plain references of the gated-accumulation family (SPEC.md §1 and §4): readable token loops
+// Plain references of the gated-accumulation family (docs/math.md §1 and §4): readable token loops
 // over any scalar type, written for clarity, not speed. Tests run them in double.
 //
 //   S_t = Diag(exp(gk_t)) · exp(g_t) · S_{t-1} · Diag(exp(gv_t)) + k_t v_tᵀ      S: [K, V]
@@ -114,7 +114,7 @@ void gla(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const
   gated_accumulation<T>(q, k, v, gates, scale, o, state);
 }
 
-/// Mamba2 SSD (SPEC §4) with state layout [B,H,N,P]:
+/// Mamba2 SSD (docs/math.md §4) with state layout [B,H,N,P]:
 ///   dt = softplus(dt_raw + dt_bias) (or dt_raw + dt_bias when !dt_softplus), clamped to
 ///   [dt_min, dt_max]; A = -exp(A_log); S_t = exp(dt A) S_{t-1} + B_t (dt x_t)ᵀ;
 ///   y_t = S_tᵀ C_t + D x_t.
