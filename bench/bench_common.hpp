@@ -7,8 +7,18 @@
 #include <benchmark/benchmark.h>
 
 #include <seqmix/core/parallel.hpp>
+#include <seqmix/core/simd.hpp>
+#include <seqmix/version.hpp>
 
 namespace seqmix_bench {
+
+/// Every benchmark's JSON/console context names the SIMD target seqmix was compiled for and
+/// seqmix's version (registered once, before main runs).
+inline const bool context_registered = [] {
+  benchmark::AddCustomContext("seqmix_simd_arch", seqmix::simd::arch_name());
+  benchmark::AddCustomContext("seqmix_version", seqmix::version_string);
+  return true;
+}();
 
 /// Sets the thread count used by seqmix kernels (and OpenMP) for one benchmark run.
 inline void use_threads(int n) {

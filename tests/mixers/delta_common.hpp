@@ -345,6 +345,7 @@ void check_threads(const dims& d, form f, std::uint64_t salt) {
   }
   {
     scoped_num_threads two(2);
+    testing::require_team(2);
     o2 = run<Gated, float>(f, m, in, s2);
   }
   CHECK(testing::bitwise_equal(o1, o2));

@@ -241,6 +241,7 @@ void check_threads(const bundle<double>& ind, index_t chunk) {
       tensor<float, 4> o2(A::out_shape(in));
       auto s2 = s0;
       seqmix::scoped_num_threads n(threads);
+      seqmix::testing::require_team(threads);
       A::template run<float>(f, in, chunk, o2, s2, {});
       CHECK(seqmix::testing::bitwise_equal(o1, o2));
       CHECK(seqmix::testing::bitwise_equal(s1, s2));

@@ -163,6 +163,7 @@ TEST_CASE("sliding_window_attention: GQA, sinks, varlen, threads", "[swa]") {
   }
   {
     scoped_num_threads t(2);
+    require_team(2);
     m.forward_chunked(q, k, v, o2, cu);
   }
   CHECK(bitwise_equal(o1, o2));

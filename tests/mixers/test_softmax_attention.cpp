@@ -273,6 +273,7 @@ TEST_CASE("softmax_attention: 1 vs 2 threads bitwise equal", "[attention][thread
   }
   {
     scoped_num_threads t(2);
+    require_team(2);
     b = run_chunked(full, in);
     d = run_recurrent(m, in);
   }

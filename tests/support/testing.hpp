@@ -12,12 +12,38 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <catch2/catch.hpp>
 
+#include <seqmix/core/parallel.hpp>
 #include <seqmix/core/tensor.hpp>
 
 namespace seqmix::testing {
+
+/// Asserts that a parallel loop started now really runs on `threads` distinct threads, so a
+/// "1 vs N threads" comparison cannot pass by comparing serial with serial (a build without
+/// OpenMP, or a thread setting that is ignored, fails here instead).
+inline void require_team(int threads) {
+  INFO("the thread comparison needs a team of " << threads << " threads");
+#if SEQMIX_HAS_OPENMP
+  std::vector<int> seen(static_cast<std::size_t>(threads), 0);
+  std::vector<int> by_index(static_cast<std::size_t>(threads) * 4, -1);
+  seqmix::parallel_for(static_cast<index_t>(by_index.size()), [&](index_t i) {
+    by_index[static_cast<std::size_t>(i)] = omp_get_thread_num();
+  });
+  int distinct = 0;
+  for (int tid : by_index) {
+    REQUIRE(tid >= 0);
+    REQUIRE(tid < threads);
+    if (seen[static_cast<std::size_t>(tid)]++ == 0) ++distinct;
+  }
+  REQUIRE(distinct == threads);
+#else
+  FAIL("seqmix was built without OpenMP: every kernel is serial, so a 1 vs " << threads
+       << " threads comparison would compare serial with serial");
+#endif
+}
 
 /// A generator seeded from Catch's --rng-seed (plus a per-call salt), so a failure reproduces
 /// with the seed Catch prints.

@@ -13,7 +13,20 @@
 //   float:  exp 1.2e-7, log 6.3e-8, sigmoid 1.9e-7, logsigmoid/softplus 1.4e-7, silu 2.3e-7
 //   double: all below 4e-16
 // exp flushes results below the smallest normal to 0 (and exp(-inf) = 0).
+//
+// ISA: the vector width is the one of the compiler's target. An x86-64 build without AVX2 and FMA
+// (the compilers' default target is SSE2) runs the kernels 3-6x slower, so such a build says so
+// at compile time (a #pragma message; define SEQMIX_NO_ISA_WARNING to silence it), and
+// arch_name() tells at run time. Compile with -march=native (or e.g. -mavx2 -mfma).
 #pragma once
+
+#if !defined(SEQMIX_NO_ISA_WARNING) && (defined(__x86_64__) || defined(_M_X64)) && \
+    !(defined(__AVX2__) && defined(__FMA__))
+#pragma message( \
+    "seqmix: compiled without AVX2/FMA (SSE2 only): its kernels run 3-6x slower than with " \
+    "-march=native; compile with -march=native or -mavx2 -mfma (define SEQMIX_NO_ISA_WARNING " \
+    "to silence this message)")
+#endif
 
 #include <algorithm>
 #include <array>
@@ -59,7 +72,8 @@ using batch = xsimd::batch<T>;
 template <class T>
 inline constexpr index_t lanes = static_cast<index_t>(batch<T>::size);
 
-/// Name of the instruction set the code was compiled for ("avx2", "sse2", ...).
+/// Name of the instruction set the code was compiled for ("avx512bw", "avx2", "sse2", ...): every
+/// benchmark report and the README's example print it.
 inline const char* arch_name() {
   return xsimd::default_arch::name();
 }
