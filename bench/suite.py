@@ -117,8 +117,9 @@ def fmt_bytes(n):
             return f"{n:.3g} {unit}"
 
 
-def crossover(ts, linear, quadratic):
-    """Smallest T where linear[T] < quadratic[T], log-log interpolated between grid points."""
+def crossover_point(ts, linear, quadratic):
+    """(text, T) of the smallest T where linear[T] < quadratic[T], log-log interpolated between
+    grid points; T is None when there is no crossing inside the sweep."""
     prev = None
     for t in ts:
         if t not in linear or t not in quadratic:
@@ -126,14 +127,48 @@ def crossover(ts, linear, quadratic):
         lin, quad = linear[t], quadratic[t]
         if lin < quad:
             if prev is None:
-                return f"≤ {t}"
+                return f"≤ {t}", t
             pt, pl, pq = prev
             # ratio r = lin/quad crosses 1 between pt and t; interpolate log r over log T.
             r0, r1 = math.log(pl / pq), math.log(lin / quad)
-            x = math.log(pt) + (math.log(t) - math.log(pt)) * r0 / (r0 - r1)
-            return f"≈ {math.exp(x):.0f}"
+            x = math.exp(math.log(pt) + (math.log(t) - math.log(pt)) * r0 / (r0 - r1))
+            return f"≈ {x:.0f}", x
         prev = (t, lin, quad)
-    return f"> {max(ts)}" if ts else "—"
+    return (f"> {max(ts)}" if ts else "—"), None
+
+
+def crossover(ts, linear, quadratic):
+    return crossover_point(ts, linear, quadratic)[0]
+
+
+def machine_state(before, after, rows):
+    """Reasons to distrust the figures: the peak probe moved by > 10 % between the start and the
+    end of the sweep (other load came or went), or a figure exceeds 100 % of the FMA peak (the
+    peak was measured while the machine was busy)."""
+    reasons = []
+    for kind, label in (("fma", "FMA peak"), ("read", "memory read")):
+        for t in sorted(set(before[kind]) & set(after[kind])):
+            a, b = before[kind][t], after[kind][t]
+            if a and b and abs(a - b) / max(a, b) > 0.10:
+                reasons.append(f"{label} on {t} thread{'s' if t > 1 else ''} moved from "
+                               f"{a / 1e9:.1f} to {b / 1e9:.1f} G/s during the sweep "
+                               f"({100 * abs(a - b) / max(a, b):.0f} % > 10 %)")
+    for r in rows:
+        th = r["fields"].get("threads", 1)
+        fma = max(before["fma"].get(th, 0), after["fma"].get(th, 0))
+        if r.get("flops") and fma and r["flops"] > fma:
+            name = "/".join(r["plain"]) + f" T={r['fields'].get('T')} {th}T"
+            reasons.append(f"{name} reports {r['flops'] / 1e9:.1f} GFLOP/s, "
+                           f"{100 * r['flops'] / fma:.0f} % of the measured peak (> 100 %)")
+    return reasons
+
+
+# Families of the per-family plot panels: each O(N) mixer beside causal softmax attention.
+FAMILIES = (
+    ("gated accumulation", ("linear_attention", "simple_gla", "gla", "mamba2_ssd")),
+    ("delta rule", ("delta_net", "gated_delta_net")),
+    ("sliding window", ("sliding_window",)),
+)
 
 
 def main():
@@ -143,34 +178,54 @@ def main():
     ap.add_argument("--full", action="store_true", help="T = 256 … 65536, 1 and 2 threads")
     ap.add_argument("--threads", default=None, help="comma list of thread counts")
     ap.add_argument("--min-time", default=None, help="--benchmark_min_time in seconds")
+    ap.add_argument("--repetitions", type=int, default=3,
+                    help="Google Benchmark repetitions per case (>= 3; the median is reported)")
     ap.add_argument("--report-only", action="store_true", help="reuse the JSON in --out")
     args = ap.parse_args()
+    if args.repetitions < 3:
+        ap.error(f"--repetitions must be >= 3 (a median of fewer runs is not robust), got "
+                 f"{args.repetitions}")
 
     os.makedirs(args.out, exist_ok=True)
     bench_dir = os.path.join(args.build, "bench")
     threads = args.threads or ("1,2" if args.full else str(min(2, os.cpu_count() or 1)))
     sweep = "full" if args.full else "quick"
-    min_time = args.min_time or ("0.3" if args.full else "0.1")
+    min_time = args.min_time or ("0.2" if args.full else "0.05")
     peak_json = os.path.join(args.out, "peak.json")
     suite_json = os.path.join(args.out, "suite.json")
     memory_json = os.path.join(args.out, "memory.json")
     commit = git_commit()
 
+    peak_after_json = os.path.join(args.out, "peak_after.json")
     if not args.report_only:
-        run([os.path.join(bench_dir, "bench_peak"), "--benchmark_min_time=0.3",
-             f"--benchmark_out={peak_json}", "--benchmark_out_format=json",
-             f"--benchmark_context=commit={commit}"])
+        def probe(path):
+            run([os.path.join(bench_dir, "bench_peak"), "--benchmark_min_time=0.3",
+                 f"--benchmark_out={path}", "--benchmark_out_format=json",
+                 f"--benchmark_context=commit={commit}"])
+        probe(peak_json)  # before the sweep ...
         run([os.path.join(bench_dir, "bench_suite"), f"--sweep={sweep}", f"--threads={threads}",
-             f"--benchmark_min_time={min_time}", f"--benchmark_out={suite_json}",
-             "--benchmark_out_format=json", f"--benchmark_context=commit={commit}"])
+             f"--benchmark_min_time={min_time}", f"--benchmark_repetitions={args.repetitions}",
+             "--benchmark_report_aggregates_only=true", f"--benchmark_out={suite_json}",
+             "--benchmark_out_format=json", f"--benchmark_context=commit={commit}",
+             f"--benchmark_context=cpu={cpu_name()}",
+             f"--benchmark_context=seqmix_min_time={min_time}",
+             f"--benchmark_context=seqmix_repetitions={args.repetitions}"])
         with open(memory_json, "w") as f:
             print("+ memory_probe", flush=True)
             subprocess.run([os.path.join(bench_dir, "memory_probe"), f"--sweep={sweep}"],
                            stdout=f, check=True)
+        probe(peak_after_json)  # ... and after it: a change means the machine's load changed
 
     _, peak_rows = load_benchmarks(peak_json)
     peak = peak_numbers(peak_rows)
+    peak_after = peak_numbers(load_benchmarks(peak_after_json)[1]) if os.path.exists(
+        peak_after_json) else peak
     context, rows = load_benchmarks(suite_json)
+    reasons = machine_state(peak, peak_after, rows)
+    # what the run recorded wins over this invocation's values (--report-only on older JSON)
+    commit = context.get("commit", commit)
+    cpu = context.get("cpu", cpu_name())
+    min_time = context.get("seqmix_min_time", "not recorded" if args.report_only else min_time)
     with open(memory_json) as f:
         memory = json.load(f)
 
@@ -187,12 +242,30 @@ def main():
     lines = []
     out = lines.append
     out(f"# seqmix benchmark report ({sweep} sweep)\n")
-    out(f"Machine: {cpu_name()}, {os.cpu_count()} cores; commit `{commit}`; "
-        f"B = 1, H = 8, K = V = 64 (softmax: D = 64), fp32, wall-clock medians of Google "
-        f"Benchmark runs (min time {min_time} s).\n")
-    out("Machine limits (bench_peak): " + "; ".join(
-        f"{t} thread{'s' if t > 1 else ''}: FMA {peak['fma'].get(t, 0) / 1e9:.1f} GFLOP/s, "
-        f"read {peak['read'].get(t, 0) / 1e9:.1f} GB/s" for t in sorted(peak["fma"])) + "\n")
+    if reasons:
+        out("**machine loaded: figures unreliable** — " + "; ".join(reasons) + ".\n")
+    else:
+        out("Machine state: the peak probe before and after the sweep agree within 10 % and no "
+            "figure exceeds the measured peak.\n")
+    reps = context.get("seqmix_repetitions", "1 (older run: no repetitions recorded)"
+                       if args.report_only else args.repetitions)
+    out(f"Machine: {cpu}, {context.get('num_cpus', os.cpu_count())} cores; seqmix compiled for SIMD target "
+        f"`{context.get('seqmix_simd_arch', 'unknown')}`; commit `{commit}`; "
+        f"B = 1, H = 8, K = V = 64 (softmax: D = 64), fp32, wall-clock medians of {reps} "
+        f"Google Benchmark repetitions per case (min time {min_time} s each).\n")
+    if context.get("library_build_type") == "debug":
+        out("Google Benchmark prints \"Library was built as DEBUG. Timings may be affected.\": "
+            "that is Debian's build of libbenchmark itself (the timing harness, compiled without "
+            "NDEBUG), not seqmix; the code measured here is compiled with -O3 -march=native.\n")
+    out("Machine limits (bench_peak, before / after the sweep): " + "; ".join(
+        f"{t} thread{'s' if t > 1 else ''}: FMA {peak['fma'].get(t, 0) / 1e9:.1f} / "
+        f"{peak_after['fma'].get(t, 0) / 1e9:.1f} GFLOP/s, read "
+        f"{peak['read'].get(t, 0) / 1e9:.1f} / {peak_after['read'].get(t, 0) / 1e9:.1f} GB/s"
+        for t in sorted(peak["fma"])) + "; percentages below are of the higher of the two.\n")
+    # percentages against the better of the two probes (the honest, smaller percentage)
+    for kind in ("fma", "read"):
+        for t, v in peak_after[kind].items():
+            peak[kind][t] = max(peak[kind].get(t, 0), v)
     out("Forms: `chunked` = chunked-parallel prefill over the whole sequence; `recurrent` = token "
         "loop over the sequence; `step` = one decode token (B = 1), its cost does not depend on T "
         "for the O(N) mixers; softmax `decode` = one token against a KV cache holding T tokens. "
@@ -270,30 +343,58 @@ def main():
         print("matplotlib not available: table only (apt-get install python3-matplotlib)")
         return 0
 
+    # One panel per family: its O(N) mixers (chunked, recurrent, step) beside causal softmax
+    # attention (chunked prefill, KV-cache decode), with each mixer's prefill crossover marked.
     th = max(thread_counts)
-    fig, ax = plt.subplots(figsize=(10, 6.5))
     styles = {"chunked": "-", "recurrent": "--", "step": ":", "decode": ":"}
     markers = {"chunked": "o", "recurrent": "s", "step": "^", "decode": "v"}
-    mixer_names = sorted({m for (m, f, t_) in series if t_ == th})
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(mixer_names)}
-    for (mixer, form, t_), s in sorted(series.items()):
-        if t_ != th:
-            continue
-        ts = sorted(s)
-        ys = [1e6 / s[t]["tokens"] for t in ts]
-        if len(ts) == 1:  # a step measured once: draw it flat over the sweep
-            ts, ys = [all_t[0], all_t[-1]], ys * 2
-        ax.plot(ts, ys, styles.get(form, "-"), marker=markers.get(form, "o"),
-                color=colors[mixer], label=f"{mixer} · {form}",
-                linewidth=2.5 if mixer == "softmax" else 1.5, markersize=4)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T (tokens; for decode: tokens already in the cache)")
-    ax.set_ylabel("time per token (µs, log scale)")
-    ax.set_title(f"seqmix: time per token vs T — B=1, H=8, K=V=64, fp32, {th} threads\n"
-                 f"{cpu_name()}, commit {commit}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    panels = [(title, [m for m in members if any(k[0] == m and k[2] == th for k in series)])
+              for title, members in FAMILIES]
+    panels = [(title, members) for title, members in panels if members]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 6.2), squeeze=False)
+    soft_pre = {t: r["seconds"] for t, r in series.get(("softmax", "chunked", th), {}).items()}
+    for ax, (title, members) in zip(axes[0], panels):
+        colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(members)}
+        colors["softmax"] = "black"
+        for (mixer, form, t_), s_ in sorted(series.items()):
+            if t_ != th or (mixer not in members and mixer != "softmax"):
+                continue
+            ts = sorted(s_)  # drawn only where measured (a step measured at one T is one marker)
+            ys = [1e6 / s_[t]["tokens"] for t in ts]
+            ax.plot(ts, ys, styles.get(form, "-"), marker=markers.get(form, "o"),
+                    color=colors[mixer], label=f"{mixer} · {form}" +
+                    (f" (T={ts[0]})" if len(ts) == 1 else ""),
+                    linewidth=2.5 if mixer == "softmax" else 1.5,
+                    markersize=7 if len(ts) == 1 else 4)
+        for i, m in enumerate(members):
+            pre = series.get((m, "chunked", th), {})
+            text, x = crossover_point(all_t, {t: r["seconds"] for t, r in pre.items()}, soft_pre)
+            if x is None or not pre:
+                continue
+            # the crossing point on the mixer's own curve, interpolated in log-log space
+            ts = sorted(pre)
+            y = None
+            for a, b in zip(ts, ts[1:]):
+                if a <= x <= b:
+                    ya, yb = 1e6 / pre[a]["tokens"], 1e6 / pre[b]["tokens"]
+                    f = (math.log(x) - math.log(a)) / (math.log(b) - math.log(a))
+                    y = math.exp(math.log(ya) + f * (math.log(yb) - math.log(ya)))
+            if y is None:
+                y = 1e6 / pre[ts[0]]["tokens"]
+            ax.plot([x], [y], marker="*", markersize=14, color=colors[m], markeredgecolor="k",
+                    linestyle="none")
+            ax.annotate(f"T {text}", (x, y), textcoords="offset points", xytext=(8, -12 - 11 * i),
+                        fontsize=8, color=colors[m])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens; decode: tokens in the cache)")
+        ax.set_ylabel("time per token (µs, log scale)")
+        ax.set_title(f"{title} vs softmax attention")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"seqmix time per token — B=1, H=8, K=V=64, fp32, {th} threads; ★ = prefill "
+                 f"crossover with softmax\n{cpu}, commit {commit}"
+                 + ("  [machine loaded: figures unreliable]" if reasons else ""), fontsize=10)
     fig.tight_layout()
     p1 = os.path.join(args.out, "time_per_token.png")
     fig.savefig(p1, dpi=110)
@@ -304,14 +405,17 @@ def main():
         [m for m in mem_mixers if m not in ("activations", "naive_softmax")])}
     mem_colors["activations"] = "0.55"
     mem_colors["naive_softmax"] = "black"
-    for (mixer, form), s in sorted(mem_series.items()):
+    # Several forms hold exactly the same memory (e.g. every recurrent state): distinct hollow
+    # markers of decreasing size per series keep coinciding lines visible.
+    marker_cycle = ["o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p"]
+    for i, ((mixer, form), s) in enumerate(sorted(mem_series.items())):
         ts = sorted(s)
         ax.plot(ts, [max(s[t], 1) / 2**20 for t in ts],
                 "-." if mixer in ("activations", "naive_softmax") else
                 ("-" if form.startswith("chunked") else "--"),
-                marker="o" if form.startswith("chunked") else "s", label=f"{mixer} · {form}",
-                markersize=4, color=mem_colors[mixer],
-                linewidth=2.5 if mixer == "naive_softmax" else 1.5)
+                marker=marker_cycle[i % len(marker_cycle)], markerfacecolor="none",
+                markersize=11 - 5 * i / max(1, len(mem_series) - 1), label=f"{mixer} · {form}",
+                color=mem_colors[mixer], linewidth=2.5 if mixer == "naive_softmax" else 1.2)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T (tokens)")
