@@ -18,7 +18,7 @@
 //
 // FLOP per head and token (multiply-add = 2), the counts every "GFLOP/s" below uses:
 //   gated accumulation, recurrent/step: 4·K·V (update + readout; decay multiplies not counted)
-//   gated accumulation, chunked (C = 64): 2·C·(K + V) + 4·K·V (dense C×C blocks, roofline.md)
+//   gated accumulation, chunked (C = 64): 2·C·(K + V) + 4·K·V (dense C×C blocks, docs/math.md §1)
 //   delta rule, recurrent/step: 6·K·V (Sᵀk, update, readout)
 //   delta rule, chunked: 2·C·(3K + 2V) + C²/3 + 6·K·V (WY/UT: A, T solve, W, U, QKᵀ, PV', QS, KᵀV')
 //   softmax causal prefill: 2·T·D per token on average (QKᵀ and PV, each 2·T²·D/2 per head)
