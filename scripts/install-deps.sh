@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(cmake ninja-build g++ clang libomp-14-dev libclang-rt-14-dev ccache clang-format
           libeigen3-dev libxsimd-dev catch2 libbenchmark-dev nlohmann-json3-dev
-          python3-matplotlib python3-numpy)
+          python3-matplotlib python3-numpy libopenblas-dev)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

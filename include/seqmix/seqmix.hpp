@@ -4,6 +4,7 @@
 #pragma once
 
 #include <seqmix/core/error.hpp>
+#include <seqmix/core/matmul.hpp>
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/safetensors.hpp>
 #include <seqmix/core/simd.hpp>

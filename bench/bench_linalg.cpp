@@ -1,0 +1,292 @@
+// SPDX-License-Identifier: MIT
+// linalg::matmul (y = x·Wᵀ, W as stored in checkpoints) beside Eigen 3.4 and OpenBLAS in the same
+// process, so the ratios are measured under the same machine load.
+//
+//   matmul/<lib>/M/N/K/threads   C[M,N] = A[M,K]·B[N,K]ᵀ, f32: lib = seqmix | eigen | openblas
+//   matmul_bf16/<mode>/M/N/K/t   bf16 weights: mode 0 = exact (widened), 1 = bf16_dot (A rounded)
+//   gemv/<lib>/dtype/N/K/t       M = 1 decode over a rotating set of weight matrices (> 512 MiB
+//                                in all, so the weights come from DRAM); bytes = weight bytes
+//   dram_read/t                  a plain read of the same rotating buffers (the bandwidth bound)
+//
+// Counters: GFLOPs (2·M·N·K per iteration), pct_peak (of bench_peak's FMA peak: 117 GFLOP/s per
+// thread), GBs (weight bytes per second, decode). Eigen runs single-threaded
+// (EIGEN_DONT_PARALLELIZE); OpenBLAS with openblas_set_num_threads(threads). Run with
+//   --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
+// so the three libraries alternate under the same load.
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <seqmix/core/matmul.hpp>
+
+#include "bench_common.hpp"
+
+#if defined(SEQMIX_BENCH_OPENBLAS)
+#include <cblas.h>
+#endif
+
+namespace {
+
+using seqmix::bf16;
+using seqmix::index_t;
+
+constexpr double peak_per_thread = 117.0e9;  // bench_peak, README "Machine limits"
+
+std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+void gemm_counters(benchmark::State& state, double flops, int threads) {
+  using benchmark::Counter;
+  state.counters["GFLOPs"] = Counter(flops * 1e-9, Counter::kIsIterationInvariantRate);
+  state.counters["pct_peak"] =
+      Counter(flops * 100.0 / (peak_per_thread * threads), Counter::kIsIterationInvariantRate);
+}
+
+enum lib { seqmix_lib = 0, eigen_lib = 1, openblas_lib = 2 };
+
+void BM_matmul(benchmark::State& state) {
+  const auto which = static_cast<lib>(state.range(0));
+  const index_t M = state.range(1), N = state.range(2), K = state.range(3);
+  const int threads = static_cast<int>(state.range(4));
+  seqmix_bench::use_threads(threads);
+  const auto a = random_floats(static_cast<std::size_t>(M * K), 1);
+  const auto b = random_floats(static_cast<std::size_t>(N * K), 2);
+  std::vector<float> c(static_cast<std::size_t>(M * N));
+  using rowmat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<const rowmat> ea(a.data(), M, K), eb(b.data(), N, K);
+  Eigen::Map<rowmat> ec(c.data(), M, N);
+#if defined(SEQMIX_BENCH_OPENBLAS)
+  if (which == openblas_lib) openblas_set_num_threads(threads);
+#else
+  if (which == openblas_lib) {
+    state.SkipWithError("OpenBLAS not found at configure time (install libopenblas-dev)");
+    return;
+  }
+#endif
+  if (which == eigen_lib && threads != 1) {
+    state.SkipWithError("Eigen runs single-threaded inside seqmix's targets");
+    return;
+  }
+  for (auto _ : state) {
+    switch (which) {
+      case seqmix_lib:
+        seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}});
+        break;
+      case eigen_lib:
+        ec.noalias() = ea * eb.transpose();
+        break;
+      case openblas_lib:
+#if defined(SEQMIX_BENCH_OPENBLAS)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M),
+                    static_cast<int>(N), static_cast<int>(K), 1.0f, a.data(), static_cast<int>(K),
+                    b.data(), static_cast<int>(K), 0.0f, c.data(), static_cast<int>(N));
+#endif
+        break;
+    }
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  gemm_counters(state, 2.0 * double(M) * double(N) * double(K), threads);
+  static const char* names[] = {"seqmix", "eigen", "openblas"};
+  state.SetLabel(names[which]);
+}
+
+void BM_matmul_bf16(benchmark::State& state) {
+  const bool dot = state.range(0) != 0;
+  const index_t M = state.range(1), N = state.range(2), K = state.range(3);
+  const int threads = static_cast<int>(state.range(4));
+  seqmix_bench::use_threads(threads);
+  const auto a = random_floats(static_cast<std::size_t>(M * K), 1);
+  const auto bf = random_floats(static_cast<std::size_t>(N * K), 2);
+  std::vector<bf16> b(bf.size());
+  for (std::size_t i = 0; i < b.size(); ++i) b[i] = seqmix::bf16_from_float(bf[i]);
+  std::vector<float> c(static_cast<std::size_t>(M * N));
+  seqmix::linalg::matmul_options o;
+  if (dot) o.precision = seqmix::linalg::matmul_precision::bf16_dot;
+  for (auto _ : state) {
+    seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}}, o);
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  gemm_counters(state, 2.0 * double(M) * double(N) * double(K), threads);
+  state.SetLabel(dot ? "seqmix bf16_dot" : "seqmix bf16 exact");
+}
+
+// Rotating weights for the decode benchmarks: more than 512 MiB in all, so each call's weights
+// were evicted from every cache level by the calls before it.
+template <class W>
+struct weight_set {
+  index_t N, K;
+  std::vector<std::vector<W>> mats;
+  weight_set(index_t n, index_t k) : N(n), K(k) {
+    const std::size_t bytes = static_cast<std::size_t>(n * k) * sizeof(W);
+    const std::size_t count = std::max<std::size_t>(2, (std::size_t(640) << 20) / bytes + 1);
+    const auto src = random_floats(static_cast<std::size_t>(n * k), 3);
+    mats.resize(count);
+    for (auto& m : mats) {
+      m.resize(src.size());
+      for (std::size_t i = 0; i < src.size(); ++i) {
+        if constexpr (std::is_same_v<W, float>) {
+          m[i] = src[i];
+        } else {
+          m[i] = seqmix::bf16_from_float(src[i]);
+        }
+      }
+    }
+  }
+};
+
+template <class W>
+weight_set<W>& weights(index_t N, index_t K) {
+  static weight_set<W> set(N, K);
+  return set;
+}
+
+// gemv/<lib>/dtype(0 f32, 1 bf16)/N/K/threads
+void BM_gemv(benchmark::State& state) {
+  const auto which = static_cast<lib>(state.range(0));
+  const bool is16 = state.range(1) != 0;
+  const index_t N = state.range(2), K = state.range(3);
+  const int threads = static_cast<int>(state.range(4));
+  seqmix_bench::use_threads(threads);
+  const auto x = random_floats(static_cast<std::size_t>(K), 4);
+  std::vector<float> y(static_cast<std::size_t>(N));
+  if (which != seqmix_lib && is16) {
+    state.SkipWithError("bf16 weights: seqmix only");
+    return;
+  }
+#if defined(SEQMIX_BENCH_OPENBLAS)
+  if (which == openblas_lib) openblas_set_num_threads(threads);
+#else
+  if (which == openblas_lib) {
+    state.SkipWithError("OpenBLAS not found at configure time (install libopenblas-dev)");
+    return;
+  }
+#endif
+  if (which == eigen_lib && threads != 1) {
+    state.SkipWithError("Eigen runs single-threaded inside seqmix's targets");
+    return;
+  }
+  std::size_t it = 0;
+  double bytes = 0;
+  if (is16) {
+    auto& set = weights<bf16>(N, K);
+    for (auto _ : state) {
+      const auto& w = set.mats[it++ % set.mats.size()];
+      seqmix::linalg::matmul({x.data(), {1, K}}, {w.data(), {N, K}}, {y.data(), {1, N}});
+      benchmark::DoNotOptimize(y.data());
+    }
+    bytes = double(N * K) * 2.0;
+  } else {
+    auto& set = weights<float>(N, K);
+    using rowmat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    for (auto _ : state) {
+      const auto& w = set.mats[it++ % set.mats.size()];
+      switch (which) {
+        case seqmix_lib:
+          seqmix::linalg::matmul({x.data(), {1, K}}, {w.data(), {N, K}}, {y.data(), {1, N}});
+          break;
+        case eigen_lib: {
+          Eigen::Map<const rowmat> ew(w.data(), N, K);
+          Eigen::Map<const Eigen::VectorXf> ex(x.data(), K);
+          Eigen::Map<Eigen::VectorXf> ey(y.data(), N);
+          ey.noalias() = ew * ex;
+          break;
+        }
+        case openblas_lib:
+#if defined(SEQMIX_BENCH_OPENBLAS)
+          cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(N), static_cast<int>(K), 1.0f,
+                      w.data(), static_cast<int>(K), x.data(), 1, 0.0f, y.data(), 1);
+#endif
+          break;
+      }
+      benchmark::DoNotOptimize(y.data());
+    }
+    bytes = double(N * K) * 4.0;
+  }
+  using benchmark::Counter;
+  state.counters["GBs"] = Counter(bytes * 1e-9, Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPs"] =
+      Counter(2.0 * double(N * K) * 1e-9, Counter::kIsIterationInvariantRate);
+  static const char* names[] = {"seqmix", "eigen", "openblas"};
+  state.SetLabel(std::string(names[which]) + (is16 ? " bf16" : " f32"));
+}
+
+// The bandwidth bound of the decode benchmarks: read the f32 weight set (sum of every element),
+// threads over contiguous halves, exactly like bench_peak's BM_mem_read.
+void BM_dram_read(benchmark::State& state) {
+  const int threads = static_cast<int>(state.range(0));
+  seqmix_bench::use_threads(threads);
+  auto& set = weights<float>(4096, 4096);
+  std::size_t it = 0;
+  std::vector<float> partial(static_cast<std::size_t>(threads) * 16);
+  const auto n = static_cast<index_t>(set.mats[0].size());
+  for (auto _ : state) {
+    const float* w = set.mats[it++ % set.mats.size()].data();
+    seqmix::parallel_for(threads, [&](index_t t) {
+      const index_t begin = n * t / threads, end = n * (t + 1) / threads;
+      partial[static_cast<std::size_t>(t) * 16] = seqmix::simd::sum(w + begin, end - begin);
+    });
+    benchmark::DoNotOptimize(partial.data());
+  }
+  using benchmark::Counter;
+  state.counters["GBs"] = Counter(double(n) * 4.0 * 1e-9, Counter::kIsIterationInvariantRate);
+}
+
+void gemm_shapes(benchmark::internal::Benchmark* b, bool libs) {
+  b->ArgNames({libs ? "lib" : "dot", "M", "N", "K", "threads"});
+  const std::vector<std::array<index_t, 3>> shapes = {{512, 1024, 1024},  {1024, 1024, 1024},
+                                                      {512, 4096, 4096},  {2048, 2048, 2048},
+                                                      {4096, 1024, 1024}, {4096, 4096, 4096}};
+  for (int threads : {1, 2}) {
+    for (const auto& s : shapes) {
+      for (int l = 0; l < 3; ++l) {
+        if (!libs && l == 2) continue;
+        if (libs && l == eigen_lib && threads != 1) continue;
+        b->Args({l, s[0], s[1], s[2], threads});
+      }
+    }
+  }
+  b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+}
+
+void BM_matmul_args(benchmark::internal::Benchmark* b) {
+  gemm_shapes(b, true);
+}
+void BM_matmul_bf16_args(benchmark::internal::Benchmark* b) {
+  gemm_shapes(b, false);
+}
+
+void BM_gemv_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"lib", "bf16", "N", "K", "threads"});
+  for (int threads : {1, 2}) {
+    for (int l = 0; l < 3; ++l) {
+      if (l == eigen_lib && threads != 1) continue;
+      b->Args({l, 0, 4096, 4096, threads});
+    }
+    b->Args({0, 1, 4096, 4096, threads});
+  }
+  b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+}
+
+}  // namespace
+
+BENCHMARK(BM_matmul)->Apply(BM_matmul_args);
+BENCHMARK(BM_matmul_bf16)->Apply(BM_matmul_bf16_args);
+BENCHMARK(BM_gemv)->Apply(BM_gemv_args);
+BENCHMARK(BM_dram_read)
+    ->ArgName("threads")
+    ->Arg(1)
+    ->Arg(2)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(0.5);
+
+BENCHMARK_MAIN();

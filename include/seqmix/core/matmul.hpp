@@ -1,0 +1,548 @@
+// SPDX-License-Identifier: MIT
+// The projection GEMM of layers: y = x · Wᵀ with W as stored in checkpoints.
+//
+//   C[M, N] = (accumulate ? C : 0) + residual + row_scale[i] · act(A[M, K] · B[N, K]ᵀ + bias[N])
+//
+// A (activations) is f32, B (weights) f32 or bf16 ([N, K] row-major, the HuggingFace layout of
+// `nn.Linear.weight`), C f32. Every term of the epilogue is optional and fused into the store of
+// the output tile (one pass over C). act ∈ {none, SiLU, GELU (erf), GELU (tanh)}.
+//
+// Cost: 2·M·N·K FLOP; reads B once per call (M <= 8) or once per thread slab; scratch per
+// thread (grow-only, reused across calls): a packed B slab of <= ~1 MiB and a partial-sum block.
+//
+// Design (see bench/bench_linalg.cpp for the measurements):
+//  * M > 8: Goto-style blocking. Each thread owns a contiguous range of output columns (or rows
+//    when N is narrow), packs its B slab [NC columns × all K] into NR-wide k-major panels
+//    (bf16 widened to f32 exactly while packing), and runs an MR×NR register tile (AVX-512:
+//    12 × 32, 24 zmm accumulators; AVX2: 6 × 16) over KC-deep blocks; A is read in place (its
+//    rows are broadcast from memory, so A needs no packing). Partial sums of a tile between KC
+//    blocks go through a per-thread tile buffer and the epilogue is applied after the last block.
+//  * M <= 8 (decode): a GEMV-style kernel that streams each weight row once (threads over N),
+//    holding M·RB accumulators along K.
+//  * Determinism: every output element is a single fma chain over k = 0..K-1 in order (GEMM
+//    path) or a fixed-shape dot (decode path); K is never split across threads and the blocking
+//    never changes the chain, so results are bitwise identical for any thread count.
+//  * bf16 weights are widened exactly: results equal the f32 path on the widened weights. The
+//    opt-in `matmul_precision::bf16_dot` instead rounds A to bf16 and uses AVX-512 BF16
+//    `vdpbf16ps` (relative error ~ 2^-8 per product; see its comment).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <seqmix/core/dtype.hpp>
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/parallel.hpp>
+#include <seqmix/core/simd.hpp>
+#include <seqmix/core/tensor.hpp>
+
+namespace seqmix::linalg {
+
+/// Activation applied after the bias in matmul's epilogue.
+enum class activation {
+  none,
+  silu,       ///< x · sigmoid(x)
+  gelu,       ///< x · Φ(x) = 0.5·x·(1 + erf(x/√2)) (torch's default GELU)
+  gelu_tanh,  ///< 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (torch's approximate="tanh")
+};
+
+/// How bf16 weights are multiplied.
+enum class matmul_precision {
+  exact,     ///< widen bf16 weights to f32 (exact) and compute in f32: the default
+  bf16_dot,  ///< round A to bf16 (nearest-even) and use vdpbf16ps pair dot products (bf16 only)
+};
+
+/// Optional fused terms of matmul; an absent view (data() == nullptr) is not applied.
+/// C = (accumulate ? C : 0) + residual + row_scale[i] · act(A·Bᵀ + bias)
+struct matmul_options {
+  tensor_view<const float, 1> bias{};       ///< [N]
+  activation act = activation::none;        ///<
+  tensor_view<const float, 1> row_scale{};  ///< [M], e.g. a router weight per token
+  tensor_view<const float, 2> residual{};   ///< [M, N]; may be C itself (same data and strides)
+  bool accumulate = false;                  ///< add into C instead of overwriting it
+  matmul_precision precision = matmul_precision::exact;
+};
+
+namespace matmul_detail {
+
+using simd::batch;
+inline constexpr index_t L = simd::lanes<float>;
+
+// Register tile: MR rows × NV vectors of C. 24 accumulators of 32 zmm on AVX-512 (plus 2 B
+// vectors and a broadcast); 12 of 16 ymm on AVX2.
+inline constexpr index_t NV = 2;
+inline constexpr index_t NR = NV * L;
+inline constexpr index_t MR = L >= 16 ? 12 : 6;
+// KC: a KC×NR panel of packed B (32 KiB at KC = 256, NR = 32) stays in the 48 KiB L1 while the
+// row tiles of an MC block of A (MC×KC×4 = 192 KiB) stream from L2.
+inline constexpr index_t KC = 256;
+inline constexpr index_t MC = MR * 16;
+// A thread's packed B slab (NC columns × K) is kept at about 1 MiB so it stays in L2.
+inline constexpr index_t slab_bytes = index_t(1) << 20;
+inline constexpr index_t max_nc = 1024;
+// M at or below this takes the decode (GEMV) path.
+inline constexpr index_t gemv_max_m = 8;
+
+/// Grow-only per-thread scratch (OpenMP's threads persist, so steady-state calls allocate
+/// nothing).
+inline float* scratch(int which, std::size_t n) {
+  thread_local std::vector<float> buf[4];  // B slab, tiles, decode rows, A copy
+  auto& v = buf[which];
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+inline float widen(float x) noexcept {
+  return x;
+}
+inline float widen(bf16 x) noexcept {
+  return to_float(x);
+}
+
+/// One vector of weights as f32 (bf16 widened exactly).
+inline batch<float> load_w(const float* p) {
+  return simd::load(p);
+}
+inline batch<float> load_w(const bf16* p) {
+#if defined(__AVX512F__)
+  static_assert(L == 16, "xsimd's default architecture is AVX-512 when __AVX512F__ is defined");
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return batch<float>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+#elif defined(__AVX2__)
+  static_assert(L == 8, "xsimd's default architecture is AVX2 when __AVX2__ is defined");
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return batch<float>(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+#else
+  alignas(64) float tmp[L];
+  for (index_t i = 0; i < L; ++i) tmp[i] = to_float(p[i]);
+  return batch<float>::load_aligned(tmp);
+#endif
+}
+template <class W>
+batch<float> load_w_partial(const W* p, index_t n) {
+  alignas(64) float tmp[L] = {};
+  for (index_t i = 0; i < n; ++i) tmp[i] = widen(p[i]);
+  return batch<float>::load_aligned(tmp);
+}
+
+// ---- epilogue ------------------------------------------------------------------------------
+
+/// erf(x) for the vector GELU: Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), odd extension.
+inline batch<float> erf_as(const batch<float>& x) {
+  const batch<float> z = xsimd::abs(x);
+  const batch<float> t =
+      batch<float>(1.0f) / simd::fma(batch<float>(0.3275911f), z, batch<float>(1.0f));
+  batch<float> p(1.061405429f);
+  p = simd::fma(p, t, batch<float>(-1.453152027f));
+  p = simd::fma(p, t, batch<float>(1.421413741f));
+  p = simd::fma(p, t, batch<float>(-0.284496736f));
+  p = simd::fma(p, t, batch<float>(0.254829592f));
+  p = p * t;
+  const batch<float> r = batch<float>(1.0f) - p * simd::exp(-(z * z));
+  return xsimd::select(x < batch<float>(0.0f), -r, r);
+}
+
+inline batch<float> apply_act(activation act, const batch<float>& v) {
+  switch (act) {
+    case activation::silu:
+      return simd::silu(v);
+    case activation::gelu:
+      return batch<float>(0.5f) * v *
+             (batch<float>(1.0f) + erf_as(v * batch<float>(0.70710678118654752f)));
+    case activation::gelu_tanh: {
+      // 0.5·(1 + tanh(u)) = sigmoid(2u)
+      const batch<float> u =
+          batch<float>(1.5957691216057308f) *
+          simd::fma(batch<float>(0.044715f) * v, v * v, v);  // 2·√(2/π)·(x + 0.044715x³)
+      return v * simd::sigmoid(u);
+    }
+    case activation::none:
+      break;
+  }
+  return v;
+}
+
+inline float apply_act(activation act, float v) {
+  switch (act) {
+    case activation::silu:
+      return math::silu(v);
+    case activation::gelu:
+      return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case activation::gelu_tanh:
+      return v * math::sigmoid(1.5957691216057308f * std::fma(0.044715f * v, v * v, v));
+    case activation::none:
+      break;
+  }
+  return v;
+}
+
+/// Everything the epilogue needs, resolved once per call.
+struct epilogue {
+  float* c;
+  index_t rsc, csc;
+  const float* bias;
+  index_t sb;
+  const float* scale;
+  index_t ss;
+  const float* res;
+  index_t rsr, csr;
+  activation act;
+  bool accumulate;
+  bool vector;  // every inner stride is 1: the row runs on vectors (with a masked tail)
+
+  /// Writes C[i, j0 .. j0 + n) from the raw products `raw[0 .. n)`.
+  void row(index_t i, index_t j0, index_t n, const float* raw) const {
+    float* ci = c + i * rsc + j0 * csc;
+    const float* ri = res ? res + i * rsr + j0 * csr : nullptr;
+    const float* bi = bias ? bias + j0 * sb : nullptr;
+    const float s = scale ? scale[i * ss] : 1.0f;
+    if (vector) {
+      const batch<float> sv(s);
+      for (index_t j = 0; j < n; j += L) {
+        const index_t w = std::min(L, n - j);
+        const bool full = w == L;
+        batch<float> v = full ? simd::load(raw + j) : simd::load_partial(raw + j, w);
+        if (bi) v += full ? simd::load(bi + j) : simd::load_partial(bi + j, w);
+        v = apply_act(act, v);
+        if (scale) v *= sv;
+        if (ri) v += full ? simd::load(ri + j) : simd::load_partial(ri + j, w);
+        if (accumulate) v += full ? simd::load(ci + j) : simd::load_partial(ci + j, w);
+        if (full) {
+          simd::store(ci + j, v);
+        } else {
+          simd::store_partial(ci + j, v, w);
+        }
+      }
+      return;
+    }
+    for (index_t j = 0; j < n; ++j) {
+      float v = raw[j];
+      if (bi) v += bi[j * sb];
+      v = apply_act(act, v);
+      if (scale) v *= s;
+      if (ri) v += ri[j * csr];
+      if (accumulate) v += ci[j * csc];
+      ci[j * csc] = v;
+    }
+  }
+};
+
+// ---- GEMM path (M > 8) ---------------------------------------------------------------------
+
+/// Packs B rows [j0, j0 + nc) (all K) into ceil(nc / NR) panels of K × NR floats, panel p at
+/// dst + p·K·NR, element (k, j) at [k·NR + j]; columns past nc are zero.
+template <class W>
+void pack_b(const W* b, index_t ldb, index_t j0, index_t nc, index_t K, float* dst) {
+  const index_t panels = (nc + NR - 1) / NR;
+  constexpr index_t kb = 64;  // k block: keeps the NR written rows of a block in L1
+  for (index_t p = 0; p < panels; ++p) {
+    float* d = dst + p * K * NR;
+    const index_t cols = std::min(NR, nc - p * NR);
+    for (index_t k0 = 0; k0 < K; k0 += kb) {
+      const index_t k1 = std::min(K, k0 + kb);
+      for (index_t jj = 0; jj < cols; ++jj) {
+        const W* src = b + (j0 + p * NR + jj) * ldb;
+        for (index_t k = k0; k < k1; ++k) d[k * NR + jj] = widen(src[k]);
+      }
+      for (index_t jj = cols; jj < NR; ++jj) {
+        for (index_t k = k0; k < k1; ++k) d[k * NR + jj] = 0.0f;
+      }
+    }
+  }
+}
+
+/// tile[MRt × NR] (row-major) (+)= A[MRt rows, kc] · Bp[kc × NR]; `load`: continue the chains
+/// stored in `tile` (a previous KC block), else start them at 0.
+template <index_t MRt>
+inline void micro_tile(index_t kc, const float* a, index_t lda, const float* bp, float* tile,
+                       bool load) {
+  batch<float> acc[std::size_t(MRt)][std::size_t(NV)];
+  for (index_t r = 0; r < MRt; ++r) {
+    for (index_t u = 0; u < NV; ++u) {
+      acc[r][u] = load ? simd::load(tile + r * NR + u * L) : batch<float>(0.0f);
+    }
+  }
+  const float* ar[std::size_t(MRt)];
+  for (index_t r = 0; r < MRt; ++r) ar[r] = a + r * lda;
+  for (index_t p = 0; p < kc; ++p) {
+    batch<float> bb[std::size_t(NV)];
+    for (index_t u = 0; u < NV; ++u) bb[u] = simd::load(bp + p * NR + u * L);
+    for (index_t r = 0; r < MRt; ++r) {
+      const batch<float> av(ar[r][p]);
+      for (index_t u = 0; u < NV; ++u) acc[r][u] = simd::fma(av, bb[u], acc[r][u]);
+    }
+  }
+  for (index_t r = 0; r < MRt; ++r) {
+    for (index_t u = 0; u < NV; ++u) simd::store(tile + r * NR + u * L, acc[r][u]);
+  }
+}
+
+template <index_t... I>
+inline void micro_dispatch(std::integer_sequence<index_t, I...>, index_t mr, index_t kc,
+                           const float* a, index_t lda, const float* bp, float* tile, bool load) {
+  ((mr == I + 1 ? micro_tile<I + 1>(kc, a, lda, bp, tile, load) : void()), ...);
+}
+
+/// Serial blocked GEMM of rows [m0, m1) × columns [n0, n1) (A inner-contiguous).
+template <class W>
+void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K, index_t m0,
+                index_t m1, index_t n0, index_t n1, const epilogue& ep) {
+  index_t nc_max = slab_bytes / (index_t(sizeof(float)) * std::max<index_t>(K, 1) * NR) * NR;
+  nc_max = std::clamp<index_t>(nc_max, NR, max_nc);
+  const index_t panels_max = nc_max / NR;
+  float* bpack = scratch(0, static_cast<std::size_t>(panels_max * NR * K));
+  float* tiles = scratch(1, static_cast<std::size_t>((MC / MR) * panels_max * MR * NR));
+  for (index_t jc = n0; jc < n1; jc += nc_max) {
+    const index_t nc = std::min(nc_max, n1 - jc);
+    const index_t panels = (nc + NR - 1) / NR;
+    pack_b(b, ldb, jc, nc, K, bpack);
+    for (index_t ic = m0; ic < m1; ic += MC) {
+      const index_t mc = std::min(MC, m1 - ic);
+      for (index_t pc = 0; pc < K; pc += KC) {
+        const index_t kc = std::min(KC, K - pc);
+        const bool last = pc + kc == K;
+        for (index_t jr = 0; jr < panels; ++jr) {
+          const float* bp = bpack + jr * K * NR + pc * NR;
+          const index_t j0 = jc + jr * NR;
+          const index_t nv = std::min(NR, jc + nc - j0);
+          for (index_t ir = 0; ir < mc; ir += MR) {
+            const index_t mr = std::min(MR, mc - ir);
+            float* tile = tiles + ((ir / MR) * panels + jr) * MR * NR;
+            micro_dispatch(std::make_integer_sequence<index_t, MR>{}, mr, kc,
+                           a + (ic + ir) * lda + pc, lda, bp, tile, pc > 0);
+            if (last) {
+              for (index_t r = 0; r < mr; ++r) ep.row(ic + ir + r, j0, nv, tile + r * NR);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- decode path (M <= 8) ------------------------------------------------------------------
+
+/// raw[m·ldr + j - j0] = dot(A[m, :], B[j, :]) for j in [j0, j1), M rows.
+template <index_t M, class W>
+void gemv_rows(const float* a, index_t lda, const W* b, index_t ldb, index_t K, index_t j0,
+               index_t j1, float* raw, index_t ldr) {
+  constexpr index_t RB = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // B rows per pass: >= 4 chains
+  const index_t kv = K / L * L;
+  index_t j = j0;
+  auto block = [&]<index_t R>(index_t jb) {
+    batch<float> acc[std::size_t(R)][std::size_t(M)];
+    for (index_t r = 0; r < R; ++r) {
+      for (index_t m = 0; m < M; ++m) acc[r][m] = batch<float>(0.0f);
+    }
+    const W* br[std::size_t(R)];
+    for (index_t r = 0; r < R; ++r) br[r] = b + (jb + r) * ldb;
+    for (index_t k = 0; k < kv; k += L) {
+      batch<float> bv[std::size_t(R)];
+      for (index_t r = 0; r < R; ++r) bv[r] = load_w(br[r] + k);
+      for (index_t m = 0; m < M; ++m) {
+        const batch<float> av = simd::load(a + m * lda + k);
+        for (index_t r = 0; r < R; ++r) acc[r][m] = simd::fma(av, bv[r], acc[r][m]);
+      }
+    }
+    if (kv < K) {
+      batch<float> bv[std::size_t(R)];
+      for (index_t r = 0; r < R; ++r) bv[r] = load_w_partial(br[r] + kv, K - kv);
+      for (index_t m = 0; m < M; ++m) {
+        const batch<float> av = simd::load_partial(a + m * lda + kv, K - kv);
+        for (index_t r = 0; r < R; ++r) acc[r][m] = simd::fma(av, bv[r], acc[r][m]);
+      }
+    }
+    for (index_t r = 0; r < R; ++r) {
+      for (index_t m = 0; m < M; ++m) raw[m * ldr + jb + r - j0] = simd::reduce_sum(acc[r][m]);
+    }
+  };
+  for (; j + RB <= j1; j += RB) block.template operator()<RB>(j);
+  for (; j < j1; ++j) block.template operator()<1>(j);
+}
+
+template <class W, index_t... I>
+void gemv_dispatch(std::integer_sequence<index_t, I...>, index_t M, const float* a, index_t lda,
+                   const W* b, index_t ldb, index_t K, index_t j0, index_t j1, float* raw,
+                   index_t ldr) {
+  ((M == I + 1 ? gemv_rows<I + 1>(a, lda, b, ldb, K, j0, j1, raw, ldr) : void()), ...);
+}
+
+// ---- bf16 pair-dot path (opt-in) -----------------------------------------------------------
+// Implemented in bf16_gemm below when the target has AVX-512 BF16; elsewhere the option falls
+// back to widening (the result then equals rounding A to bf16 and computing in f32).
+
+/// Rounds a row of f32 to bf16 values held as f32 (nearest-even), for the bf16_dot option.
+inline void round_row_bf16(const float* src, index_t sa, float* dst, index_t n) {
+  for (index_t k = 0; k < n; ++k) dst[k] = to_float(bf16_from_float(src[k * sa]));
+}
+
+// ---- validation and driver -----------------------------------------------------------------
+
+template <class V>
+bool present(const V& v) {
+  return v.data() != nullptr;
+}
+
+/// [lowest, highest] byte address touched by a view (empty range when the view is empty).
+template <class V>
+std::pair<const char*, const char*> span_of(const V& v) {
+  using T = typename V::value_type;
+  if (v.size() == 0) return {nullptr, nullptr};
+  index_t lo = 0, hi = 0;
+  for (std::size_t d = 0; d < V::rank; ++d) {
+    const index_t e = (v.extent(d) - 1) * v.stride(d);
+    if (e < 0)
+      lo += e;
+    else
+      hi += e;
+  }
+  const char* base = reinterpret_cast<const char*>(v.data());
+  return {base + lo * index_t(sizeof(T)), base + (hi + 1) * index_t(sizeof(T)) - 1};
+}
+template <class V1, class V2>
+bool overlap(const V1& x, const V2& y) {
+  const auto [a0, a1] = span_of(x);
+  const auto [b0, b1] = span_of(y);
+  if (!a0 || !b0) return false;
+  return !(a1 < b0 || b1 < a0);
+}
+
+template <class W>
+void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<float, 2> c,
+         const matmul_options& opt) {
+  const checker check{"linalg::matmul"};
+  if (a.data() == nullptr && a.size() != 0) check.fail("a", "is null");
+  const index_t M = a.extent(0), K = a.extent(1), N = b.extent(0);
+  check.shape("b", b, {any_extent, K});
+  check.shape("c", c, {M, N});
+  if (b.size() != 0) check.inner_contiguous("b", b);
+  if (present(opt.bias)) check.shape("bias", opt.bias, {N});
+  if (present(opt.row_scale)) check.shape("row_scale", opt.row_scale, {M});
+  if (present(opt.residual)) {
+    check.shape("residual", opt.residual, {M, N});
+    const bool same = opt.residual.data() == c.data() && opt.residual.strides() == c.strides();
+    if (!same && overlap(opt.residual, c)) {
+      check.fail("residual", "overlaps c without being c itself (same data and strides)");
+    }
+  }
+  if (overlap(a, c)) check.fail("c", "overlaps a (the output must not alias an input)");
+  if (overlap(b, c)) check.fail("c", "overlaps b (the output must not alias an input)");
+  if (present(opt.bias) && overlap(opt.bias, c)) check.fail("c", "overlaps bias");
+  if (present(opt.row_scale) && overlap(opt.row_scale, c)) check.fail("c", "overlaps row_scale");
+  if constexpr (std::is_same_v<W, float>) {
+    if (opt.precision == matmul_precision::bf16_dot) {
+      check.fail("options", "precision bf16_dot needs bf16 weights b (b is f32)");
+    }
+  }
+  if (M > 1 && N > 0 && c.stride(0) == 0) check.fail("c", "has row stride 0");
+  if (N > 1 && c.stride(1) == 0) check.fail("c", "has column stride 0");
+  if (M == 0 || N == 0) return;
+
+  epilogue ep{};
+  ep.c = c.data();
+  ep.rsc = c.stride(0);
+  ep.csc = c.stride(1);
+  ep.bias = present(opt.bias) ? opt.bias.data() : nullptr;
+  ep.sb = present(opt.bias) ? opt.bias.stride(0) : 0;
+  ep.scale = present(opt.row_scale) ? opt.row_scale.data() : nullptr;
+  ep.ss = present(opt.row_scale) ? opt.row_scale.stride(0) : 0;
+  ep.res = present(opt.residual) ? opt.residual.data() : nullptr;
+  ep.rsr = present(opt.residual) ? opt.residual.stride(0) : 0;
+  ep.csr = present(opt.residual) ? opt.residual.stride(1) : 0;
+  ep.act = opt.act;
+  ep.accumulate = opt.accumulate;
+  ep.vector = (N == 1 || ep.csc == 1) && (!ep.bias || N == 1 || ep.sb == 1) &&
+              (!ep.res || N == 1 || ep.csr == 1);
+
+  if (K == 0) {  // empty product: the epilogue on zeros
+    float* zeros = scratch(3, static_cast<std::size_t>(N));
+    std::fill_n(zeros, N, 0.0f);
+    for (index_t i = 0; i < M; ++i) ep.row(i, 0, N, zeros);
+    return;
+  }
+
+  // A with unit inner stride (and rounded to bf16 for the bf16_dot option); otherwise a copy.
+  const bool round_a = opt.precision == matmul_precision::bf16_dot;
+  const float* ap = a.data();
+  index_t lda = a.stride(0);
+  if (round_a || (K > 1 && a.stride(1) != 1)) {
+    float* acopy = scratch(3, static_cast<std::size_t>(M * K));
+    for (index_t i = 0; i < M; ++i) {
+      const float* src = a.data() + i * a.stride(0);
+      float* dst = acopy + i * K;
+      if (round_a) {
+        round_row_bf16(src, a.stride(1), dst, K);
+      } else {
+        for (index_t k = 0; k < K; ++k) dst[k] = src[k * a.stride(1)];
+      }
+    }
+    ap = acopy;
+    lda = K;
+  }
+  const W* bp = b.data();
+  const index_t ldb = b.stride(0);
+  const index_t T = std::max(1, num_threads());
+
+  if (M <= gemv_max_m) {
+    // Decode: threads over N in contiguous ranges of weight rows (multiples of 4).
+    const index_t chunks = std::min<index_t>(T, (N + 3) / 4);
+    parallel_for(chunks, [&](index_t t) {
+      const index_t j0 = (N / 4) * t / chunks * 4;
+      const index_t j1 = t + 1 == chunks ? N : (N / 4) * (t + 1) / chunks * 4;
+      if (j1 <= j0) return;
+      const index_t n = j1 - j0;
+      float* raw = scratch(2, static_cast<std::size_t>(M * n));
+      gemv_dispatch(std::make_integer_sequence<index_t, gemv_max_m>{}, M, ap, lda, bp, ldb, K, j0,
+                    j1, raw, n);
+      for (index_t m = 0; m < M; ++m) ep.row(m, j0, n, raw + m * n);
+    });
+    return;
+  }
+
+  // GEMM: threads own column ranges of whole NR panels, or row ranges of whole MR tiles when
+  // there are fewer panels than threads (narrow N).
+  const index_t panels = (N + NR - 1) / NR;
+  const index_t row_tiles = (M + MR - 1) / MR;
+  const bool by_cols = panels >= T || panels >= row_tiles;
+  const index_t parts = std::min<index_t>(T, by_cols ? panels : row_tiles);
+  parallel_for(parts, [&](index_t t) {
+    if (by_cols) {
+      const index_t n0 = std::min(N, panels * t / parts * NR);
+      const index_t n1 = std::min(N, panels * (t + 1) / parts * NR);
+      if (n1 > n0) gemm_block(ap, lda, bp, ldb, K, 0, M, n0, n1, ep);
+    } else {
+      const index_t m0 = std::min(M, row_tiles * t / parts * MR);
+      const index_t m1 = std::min(M, row_tiles * (t + 1) / parts * MR);
+      if (m1 > m0) gemm_block(ap, lda, bp, ldb, K, m0, m1, 0, N, ep);
+    }
+  });
+}
+
+}  // namespace matmul_detail
+
+/// C[M, N] = (accumulate ? C : 0) + residual + row_scale ⊙ act(A · Bᵀ + bias), B = weights [N, K]
+/// (f32). A and C may have any strides; B's rows must be inner-contiguous. Throws
+/// seqmix::shape_error naming `linalg::matmul` and the argument on any mismatch.
+inline void matmul(tensor_view<const float, 2> a, tensor_view<const float, 2> b,
+                   tensor_view<float, 2> c, const matmul_options& options = {}) {
+  matmul_detail::run<float>(a, b, c, options);
+}
+
+/// As above with bf16 weights [N, K]: widened exactly to f32 (default), or, with
+/// `precision = bf16_dot`, A rounded to bf16 for vdpbf16ps.
+inline void matmul(tensor_view<const float, 2> a, tensor_view<const bf16, 2> b,
+                   tensor_view<float, 2> c, const matmul_options& options = {}) {
+  matmul_detail::run<bf16>(a, b, c, options);
+}
+
+}  // namespace seqmix::linalg

@@ -1,0 +1,400 @@
+// SPDX-License-Identifier: MIT
+// linalg::matmul against a double reference: odd sizes on both paths (decode M <= 8 and the
+// blocked GEMM, K across several KC blocks), every epilogue, accumulate vs overwrite, strided
+// views, bf16 weights, bitwise thread invariance, argument errors, and Eigen's global state.
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include <Eigen/Core>
+
+#include <seqmix/core/matmul.hpp>
+
+#include "alloc_counter.hpp"
+#include "testing.hpp"
+
+using namespace seqmix;
+using linalg::activation;
+using linalg::matmul_options;
+using linalg::matmul_precision;
+
+namespace {
+
+double act_ref(activation act, double x) {
+  switch (act) {
+    case activation::silu:
+      return x / (1.0 + std::exp(-x));
+    case activation::gelu:
+      return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0)));
+    case activation::gelu_tanh:
+      return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
+    case activation::none:
+      break;
+  }
+  return x;
+}
+
+const char* act_name(activation act) {
+  switch (act) {
+    case activation::silu:
+      return "silu";
+    case activation::gelu:
+      return "gelu";
+    case activation::gelu_tanh:
+      return "gelu_tanh";
+    case activation::none:
+      break;
+  }
+  return "none";
+}
+
+/// Inputs of one case, stored in over-sized buffers so views can be strided.
+struct problem {
+  index_t M, N, K;
+  std::vector<float> a, b, c, c0, bias, scale, res;
+  std::vector<bf16> b16;
+  tensor_view<const float, 2> av;
+  tensor_view<const float, 2> bv;
+  tensor_view<const bf16, 2> b16v;
+  tensor_view<float, 2> cv;
+  tensor_view<const float, 1> biasv, scalev;
+  tensor_view<const float, 2> resv;
+
+  // layout: 0 contiguous; 1 padded rows (A, B, C, residual row strides > extent);
+  // 2 A transposed in memory (inner stride M), C with column stride 2 (scalar epilogue path).
+  problem(index_t m, index_t n, index_t k, int layout, std::mt19937_64& rng) : M(m), N(n), K(k) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    auto fill = [&](std::vector<float>& v, std::size_t size) {
+      v.resize(size);
+      for (auto& x : v) x = u(rng);
+    };
+    const index_t pad = layout == 1 ? 5 : 0;
+    fill(a, static_cast<std::size_t>(M * (K + pad) + 1));
+    fill(b, static_cast<std::size_t>(N * (K + pad) + 1));
+    fill(bias, static_cast<std::size_t>(2 * N + 1));
+    fill(scale, static_cast<std::size_t>(M));
+    const index_t cs = layout == 2 ? 2 : 1;
+    fill(c0, static_cast<std::size_t>(M * (N * cs + pad) + 1));
+    c = c0;
+    fill(res, static_cast<std::size_t>(M * (N + pad) + 1));
+    b16.resize(b.size());
+    for (std::size_t i = 0; i < b.size(); ++i) {
+      b16[i] = bf16_from_float(b[i]);
+    }
+    if (layout == 2) {
+      av = {a.data(), {M, K}, {1, M}};
+    } else {
+      av = {a.data(), {M, K}, {K + pad, 1}};
+    }
+    bv = {b.data(), {N, K}, {K + pad, 1}};
+    b16v = {b16.data(), {N, K}, {K + pad, 1}};
+    cv = {c.data(), {M, N}, {N * cs + pad, cs}};
+    biasv = layout == 2 ? tensor_view<const float, 1>{bias.data(), {N}, {2}}
+                        : tensor_view<const float, 1>{bias.data(), {N}};
+    scalev = {scale.data(), {M}};
+    resv = {res.data(), {M, N}, {N + pad, 1}};
+  }
+
+  void reset_c() { c = c0; }
+
+  /// Checks cv against the double reference (weights widened from bf16 when `bf16_weights`).
+  void check(const matmul_options& o, bool bf16_weights, bool round_a) const {
+    index_t bad = 0;
+    double worst = 0;
+    for (index_t i = 0; i < M; ++i) {
+      for (index_t j = 0; j < N; ++j) {
+        double s = 0, mag = 0;
+        for (index_t k = 0; k < K; ++k) {
+          double x = av(i, k);
+          if (round_a) x = to_float(bf16_from_float(static_cast<float>(x)));
+          const double w = bf16_weights ? double(to_float(b16v(j, k))) : double(bv(j, k));
+          s += x * w;
+          mag += std::abs(x * w);
+        }
+        if (o.bias.data()) {
+          s += o.bias(j);
+          mag += std::abs(o.bias(j));
+        }
+        double v = act_ref(o.act, s);
+        double tol_mag = mag;
+        if (o.row_scale.data()) {
+          v *= o.row_scale(i);
+          tol_mag *= std::abs(o.row_scale(i));
+        }
+        if (o.residual.data()) {
+          // residual may be c itself: read the saved input
+          const double r = o.residual.data() == cv.data() ? double(c0at(i, j)) : o.residual(i, j);
+          v += r;
+          tol_mag += std::abs(r);
+        }
+        if (o.accumulate) {
+          v += c0at(i, j);
+          tol_mag += std::abs(c0at(i, j));
+        }
+        const double err = std::abs(double(cv(i, j)) - v);
+        const double tol = 2e-6 * (tol_mag + 1.0) + 1e-6 * double(K) * 1e-3 * tol_mag;
+        worst = std::max(worst, err / tol);
+        if (!(err <= tol)) ++bad;
+      }
+    }
+    INFO("M=" << M << " N=" << N << " K=" << K << " act=" << act_name(o.act)
+              << " worst err/tol=" << worst);
+    REQUIRE(bad == 0);
+  }
+
+  float c0at(index_t i, index_t j) const {
+    return c0[static_cast<std::size_t>(i * cv.stride(0) + j * cv.stride(1))];
+  }
+};
+
+void run_and_check(problem& p, const matmul_options& o, bool bf16_weights = false) {
+  p.reset_c();
+  if (bf16_weights) {
+    linalg::matmul(p.av, p.b16v, p.cv, o);
+  } else {
+    linalg::matmul(p.av, p.bv, p.cv, o);
+  }
+  p.check(o, bf16_weights, o.precision == matmul_precision::bf16_dot);
+}
+
+}  // namespace
+
+TEST_CASE("matmul: odd sizes against a double reference", "[core][matmul]") {
+  auto rng = testing::make_rng(1);
+  for (index_t M : {1, 2, 3, 5, 8, 9, 13, 17, 65}) {
+    for (index_t N : {1, 3, 17, 33, 65}) {
+      for (index_t K : {1, 3, 17, 65, 257}) {
+        problem p(M, N, K, 0, rng);
+        run_and_check(p, {});
+      }
+    }
+  }
+  // larger: several MC row blocks, KC depth blocks and NC column slabs
+  for (auto [M, N, K] :
+       {std::array<index_t, 3>{257, 257, 257}, {200, 100, 600}, {31, 1100, 70}, {300, 40, 513}}) {
+    problem p(M, N, K, 0, rng);
+    run_and_check(p, {});
+  }
+}
+
+TEST_CASE("matmul: every epilogue, accumulate and overwrite", "[core][matmul]") {
+  auto rng = testing::make_rng(2);
+  for (auto [M, N, K] : {std::array<index_t, 3>{3, 37, 70}, {37, 70, 300}}) {
+    for (int layout : {0, 1, 2}) {
+      problem p(M, N, K, layout, rng);
+      for (activation act :
+           {activation::none, activation::silu, activation::gelu, activation::gelu_tanh}) {
+        for (int mask = 0; mask < 16; ++mask) {
+          matmul_options o;
+          o.act = act;
+          if (mask & 1) o.bias = p.biasv;
+          if (mask & 2) o.row_scale = p.scalev;
+          if (mask & 4) o.residual = p.resv;
+          o.accumulate = (mask & 8) != 0;
+          INFO("layout " << layout << " mask " << mask);
+          run_and_check(p, o);
+        }
+      }
+      // in-place residual: residual is c itself
+      matmul_options o;
+      o.residual = p.cv;
+      o.act = activation::silu;
+      run_and_check(p, o);
+    }
+  }
+}
+
+TEST_CASE("matmul: activations over a wide input range", "[core][matmul]") {
+  // One column of ones in B and K = 1 makes the product equal A, so the epilogue sees A's values.
+  const index_t M = 9, N = 1000;
+  std::vector<float> a(static_cast<std::size_t>(M)), b(static_cast<std::size_t>(N), 1.0f);
+  std::vector<float> bias(static_cast<std::size_t>(N)), c(static_cast<std::size_t>(M * N));
+  for (index_t j = 0; j < N; ++j) bias[static_cast<std::size_t>(j)] = -30.0f + 0.06f * float(j);
+  for (index_t i = 0; i < M; ++i) a[static_cast<std::size_t>(i)] = 0.01f * float(i);
+  for (activation act : {activation::silu, activation::gelu, activation::gelu_tanh}) {
+    matmul_options o;
+    o.act = act;
+    o.bias = {bias.data(), {N}};
+    linalg::matmul({a.data(), {M, 1}}, {b.data(), {N, 1}}, {c.data(), {M, N}}, o);
+    for (index_t i = 0; i < M; ++i) {
+      for (index_t j = 0; j < N; ++j) {
+        const double x = double(a[static_cast<std::size_t>(i)] + bias[static_cast<std::size_t>(j)]);
+        const double ref = act_ref(act, x);
+        const double got = c[static_cast<std::size_t>(i * N + j)];
+        INFO(act_name(act) << " x=" << x << " got " << got << " ref " << ref);
+        REQUIRE(std::abs(got - ref) <= 4e-7 * std::max(1.0, std::abs(x)));
+      }
+    }
+  }
+}
+
+TEST_CASE("matmul: bf16 weights equal f32 on the widened weights", "[core][matmul]") {
+  auto rng = testing::make_rng(3);
+  for (auto [M, N, K] :
+       {std::array<index_t, 3>{1, 65, 257}, {4, 17, 33}, {8, 3, 1}, {17, 65, 300}, {65, 257, 65}}) {
+    for (int layout : {0, 1}) {
+      problem p(M, N, K, layout, rng);
+      matmul_options o;
+      o.bias = p.biasv;
+      o.act = activation::gelu;
+      run_and_check(p, o, true);
+      const std::vector<float> got16 = p.c;
+      // the f32 path on the widened weights: bitwise the same
+      std::vector<float> wide(p.b16.size());
+      for (std::size_t i = 0; i < wide.size(); ++i) wide[i] = to_float(p.b16[i]);
+      p.reset_c();
+      linalg::matmul(p.av, tensor_view<const float, 2>{wide.data(), {N, K}, p.bv.strides()}, p.cv,
+                     o);
+      REQUIRE(std::memcmp(got16.data(), p.c.data(), got16.size() * sizeof(float)) == 0);
+    }
+  }
+}
+
+TEST_CASE("matmul: bf16_dot precision rounds A to bf16", "[core][matmul]") {
+  auto rng = testing::make_rng(4);
+  for (auto [M, N, K] :
+       {std::array<index_t, 3>{1, 65, 257}, {5, 17, 33}, {17, 65, 300}, {65, 100, 513}}) {
+    problem p(M, N, K, 0, rng);
+    matmul_options o;
+    o.precision = matmul_precision::bf16_dot;
+    o.bias = p.biasv;
+    run_and_check(p, o, true);
+  }
+}
+
+TEST_CASE("matmul: bitwise identical for 1, 2, 3 and 7 threads", "[core][matmul][threads]") {
+  auto rng = testing::make_rng(5);
+  for (auto [M, N, K] : {std::array<index_t, 3>{1, 300, 100},
+                         {7, 129, 65},
+                         {9, 31, 300},
+                         {100, 200, 300},
+                         {257, 40, 70},
+                         {70, 1100, 40}}) {
+    problem p(M, N, K, 1, rng);
+    for (bool use16 : {false, true}) {
+      matmul_options o;
+      o.bias = p.biasv;
+      o.act = activation::silu;
+      o.residual = p.resv;
+      std::vector<float> one;
+      for (int threads : {1, 2, 3, 7}) {
+        scoped_num_threads scope(threads);
+        if (threads > 1) testing::require_team(threads);
+        p.reset_c();
+        if (use16) {
+          linalg::matmul(p.av, p.b16v, p.cv, o);
+        } else {
+          linalg::matmul(p.av, p.bv, p.cv, o);
+        }
+        if (threads == 1) {
+          one = p.c;
+        } else {
+          INFO("M=" << M << " N=" << N << " K=" << K << " threads=" << threads);
+          REQUIRE(std::memcmp(one.data(), p.c.data(), one.size() * sizeof(float)) == 0);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("matmul: steady-state calls allocate nothing", "[core][matmul]") {
+  auto rng = testing::make_rng(6);
+  for (auto [M, N, K] : {std::array<index_t, 3>{1, 300, 100}, {100, 200, 300}}) {
+    problem p(M, N, K, 2, rng);  // strided A: also exercises the A copy
+    matmul_options o;
+    o.bias = p.biasv;
+    linalg::matmul(p.av, p.bv, p.cv, o);
+    testing::allocation_scope scope;
+    linalg::matmul(p.av, p.bv, p.cv, o);
+    linalg::matmul(p.av, p.b16v, p.cv, o);
+    REQUIRE(scope.stats().count == 0);
+  }
+}
+
+TEST_CASE("matmul: bad arguments throw shape_error naming them", "[core][matmul][errors]") {
+  std::vector<float> buf(4096, 0.5f);
+  std::vector<bf16> buf16(4096);
+  float* d = buf.data();
+  const tensor_view<const float, 2> a(d, {4, 8});
+  const tensor_view<const float, 2> b(d + 100, {6, 8});
+  const tensor_view<float, 2> c(d + 1000, {4, 6});
+  auto expect = [](auto&& call, const std::string& arg) {
+    try {
+      call();
+      FAIL("no error for argument " << arg);
+    } catch (const shape_error& e) {
+      const std::string msg = e.what();
+      INFO(msg);
+      REQUIRE(msg.find("seqmix::linalg::matmul") != std::string::npos);
+      REQUIRE(msg.find("argument '" + arg + "'") != std::string::npos);
+    }
+  };
+  expect([&] { linalg::matmul(a, tensor_view<const float, 2>(d + 100, {6, 7}), c); }, "b");
+  expect([&] { linalg::matmul(a, b, tensor_view<float, 2>(d + 1000, {4, 5})); }, "c");
+  expect([&] { linalg::matmul(a, b, tensor_view<float, 2>(d + 1000, {3, 6})); }, "c");
+  expect(
+      [&] {
+        linalg::matmul(a, tensor_view<const float, 2>(d + 100, {6, 8}, {1, 6}), c);
+      },
+      "b");  // weights must have inner-contiguous rows
+  expect([&] { linalg::matmul(a, b, c, {.bias = {d + 200, {5}}}); }, "bias");
+  expect([&] { linalg::matmul(a, b, c, {.row_scale = {d + 200, {6}}}); }, "row_scale");
+  expect([&] { linalg::matmul(a, b, c, {.residual = {d + 200, {6, 4}}}); }, "residual");
+  expect([&] { linalg::matmul(a, b, c, {.residual = {d + 1001, {4, 6}}}); }, "residual");
+  expect([&] { linalg::matmul(a, b, tensor_view<float, 2>(d + 10, {4, 6})); }, "c");   // aliases a
+  expect([&] { linalg::matmul(a, b, tensor_view<float, 2>(d + 120, {4, 6})); }, "c");  // aliases b
+  expect([&] { linalg::matmul(a, b, tensor_view<float, 2>(d + 1000, {4, 6}, {6, 0})); }, "c");
+  expect([&] { linalg::matmul(a, b, c, {.precision = matmul_precision::bf16_dot}); }, "options");
+  expect([&] { linalg::matmul(a, tensor_view<const bf16, 2>(buf16.data(), {6, 9}), c); }, "b");
+  // the message gives expected and actual shapes
+  try {
+    linalg::matmul(a, tensor_view<const float, 2>(d + 100, {6, 7}), c);
+  } catch (const shape_error& e) {
+    const std::string msg = e.what();
+    REQUIRE(msg.find("expected shape [") != std::string::npos);
+    REQUIRE(msg.find(", 8], got [6, 7]") != std::string::npos);
+  }
+}
+
+TEST_CASE("matmul: empty extents", "[core][matmul]") {
+  std::vector<float> buf(64, 1.0f), c(64, 7.0f), bias(8, 0.25f);
+  // K = 0: the product is zero and the epilogue still applies
+  linalg::matmul(tensor_view<const float, 2>(buf.data(), {3, 0}),
+                 tensor_view<const float, 2>(buf.data() + 10, {4, 0}),
+                 tensor_view<float, 2>(c.data(), {3, 4}), {.bias = {bias.data(), {4}}});
+  for (index_t i = 0; i < 12; ++i) REQUIRE(c[static_cast<std::size_t>(i)] == 0.25f);
+  // M = 0 or N = 0: nothing is written
+  linalg::matmul(tensor_view<const float, 2>(buf.data(), {0, 5}),
+                 tensor_view<const float, 2>(buf.data() + 10, {4, 5}),
+                 tensor_view<float, 2>(c.data() + 20, {0, 4}));
+  REQUIRE(c[20] == 7.0f);
+}
+
+TEST_CASE("Eigen's thread setting is never touched by seqmix", "[core][matmul][eigen]") {
+  // seqmix's own targets compile with EIGEN_DONT_PARALLELIZE (root CMakeLists.txt,
+  // seqmix_target_defaults): Eigen then never starts an OpenMP team of its own. Without the
+  // definition, Eigen::nbThreads() follows OpenMP, and this test would catch any seqmix call
+  // that wrote it (Eigen::setNbThreads is process-wide).
+#if !defined(EIGEN_DONT_PARALLELIZE)
+  FAIL("seqmix's targets must compile with EIGEN_DONT_PARALLELIZE");
+#endif
+  const int eigen_before = Eigen::nbThreads();
+#if SEQMIX_HAS_OPENMP
+  const int omp_before = omp_get_max_threads();
+#endif
+  auto rng = testing::make_rng(7);
+  {
+    scoped_num_threads scope(2);
+    problem p(70, 90, 300, 0, rng);
+    linalg::matmul(p.av, p.bv, p.cv, {.act = activation::gelu});
+    problem q(3, 90, 300, 0, rng);
+    linalg::matmul(q.av, q.b16v, q.cv);
+  }
+  REQUIRE(Eigen::nbThreads() == eigen_before);
+#if SEQMIX_HAS_OPENMP
+  REQUIRE(omp_get_max_threads() == omp_before);
+#endif
+}
