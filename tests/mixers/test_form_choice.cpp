@@ -57,7 +57,10 @@ TEST_CASE("form choice: forward() follows options::switch_over_t", "[gla][tune]"
 
 TEST_CASE("form choice: measure_forms times both forms and derives the switch-over", "[tune]") {
   // 8 vs 2048 tokens: 256x the work, so the longer run must take longer in both forms whatever
-  // the machine's load (best of 3); the switch-over must be the one the timings imply.
+  // the machine's load (best of 3; on one thread, since OpenMP barriers on an oversubscribed
+  // machine can stall a short run for milliseconds); the switch-over must be the one the
+  // timings imply.
+  seqmix::scoped_num_threads one(1);
   const index_t lengths[] = {8, 64, 2048};
   for (auto kind :
        {seqmix::gate_kind::none, seqmix::gate_kind::scalar, seqmix::gate_kind::per_key}) {
