@@ -3,7 +3,11 @@
 // every mixer (chunked + recurrent forms, step) and the plain references in seqmix::reference.
 #pragma once
 
+#include <seqmix/core/any_tensor.hpp>
+#include <seqmix/core/dtype.hpp>
 #include <seqmix/core/error.hpp>
+#include <seqmix/core/io/checkpoint.hpp>
+#include <seqmix/core/io/mapped_file.hpp>
 #include <seqmix/core/matmul.hpp>
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/safetensors.hpp>
