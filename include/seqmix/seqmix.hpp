@@ -9,10 +9,13 @@
 #include <seqmix/core/io/checkpoint.hpp>
 #include <seqmix/core/io/mapped_file.hpp>
 #include <seqmix/core/matmul.hpp>
+#include <seqmix/core/memory.hpp>
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/safetensors.hpp>
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/view.hpp>
+#include <seqmix/core/workspace.hpp>
 #include <seqmix/tune.hpp>
 #include <seqmix/version.hpp>
 

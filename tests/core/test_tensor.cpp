@@ -1,4 +1,7 @@
 // SPDX-License-Identifier: MIT
+#include <limits>
+#include <new>
+#include <string>
 #include <type_traits>
 
 #include <catch2/catch.hpp>
@@ -25,6 +28,13 @@ TEST_CASE("tensor: copy is deep, move leaves the source empty", "[core][tensor]"
   tensor<double, 2> c = std::move(b);
   CHECK(c(0, 0) == 3.0);
   CHECK(c(1, 1) == 1.5);
+  // The moved-from tensor is empty (not a shape over a null pointer).
+  CHECK(b.size() == 0);  // NOLINT(bugprone-use-after-move)
+  CHECK(b.data() == nullptr);
+  tensor<double, 2> d({3, 1});
+  d = std::move(c);
+  CHECK(d.shape() == shape_t<2>{2, 2});
+  CHECK(c.empty());  // NOLINT(bugprone-use-after-move)
 }
 
 TEST_CASE("tensor: empty shapes are allowed, negative extents rejected", "[core][tensor]") {
@@ -32,7 +42,49 @@ TEST_CASE("tensor: empty shapes are allowed, negative extents rejected", "[core]
   CHECK(e.empty());
   CHECK(e.data() == nullptr);
   CHECK_THROWS_AS((tensor<float, 2>({-1, 4})), shape_error);
+  CHECK_THROWS_WITH((tensor<float, 2>({3, -1})),
+                    Catch::Matchers::Contains("seqmix::tensor: argument 'shape'") &&
+                        Catch::Matchers::Contains("[3, -1]"));
 }
+
+TEST_CASE("tensor: element and byte counts are checked, never wrapped", "[core][tensor][hostile]") {
+  using Catch::Matchers::Contains;
+  // 2^32 · 2^32 = 2^64 wraps to 0 in 64-bit arithmetic: it must not become an empty tensor.
+  const index_t e32 = index_t(1) << 32;
+  CHECK_THROWS_WITH((tensor<float, 2>({e32, e32})), Contains("seqmix::tensor: argument 'shape'") &&
+                                                        Contains("[4294967296, 4294967296]") &&
+                                                        Contains("overflows"));
+  CHECK_THROWS_AS((tensor<float, 1>({std::numeric_limits<index_t>::max()})), shape_error);
+  // The element count fits, the byte count does not (2^62 floats = 2^64 bytes).
+  CHECK_THROWS_WITH((tensor<float, 1>({index_t(1) << 62})),
+                    Contains("seqmix::tensor: argument 'shape'") && Contains("bytes"));
+  CHECK_THROWS_WITH((tensor<double, 3>({index_t(1) << 20, index_t(1) << 20, index_t(1) << 20})),
+                    Contains("bytes"));
+  // Overflow through an intermediate product even when a later extent is 0 is still rejected:
+  // the order of the extents must not decide.
+  CHECK_THROWS_AS((tensor<float, 3>({e32, e32, 0})), shape_error);
+  CHECK_NOTHROW((tensor<float, 3>({0, e32, e32 / 4})));  // 0 elements, no overflow
+  // A product that fits exactly works (no allocation: one extent is 0 ... or small).
+  tensor<float, 5> ok({1, 2, 3, 4, 5});
+  CHECK(ok.size() == 120);
+  CHECK(ok.data() != nullptr);
+}
+
+#if !defined(__SANITIZE_ADDRESS__) && !(defined(__has_feature) && __has_feature(address_sanitizer))
+// ASan aborts on allocations beyond its limit instead of throwing: plain builds only.
+TEST_CASE("tensor: a refused allocation is an allocation_error naming the shape",
+          "[core][tensor][hostile]") {
+  try {
+    tensor<float, 2>({index_t(1) << 24, index_t(1) << 24});  // 2^50 bytes (1 PiB)
+    FAIL("1 PiB was allocated");
+  } catch (const allocation_error& e) {
+    const std::string m = e.what();
+    CHECK_THAT(m, Catch::Matchers::Contains("seqmix::tensor: shape [16777216, 16777216]") &&
+                      Catch::Matchers::Contains("1125899906842624 bytes"));
+  }
+  CHECK_THROWS_AS((tensor<float, 2>({index_t(1) << 24, index_t(1) << 24})), std::bad_alloc);
+}
+#endif
 
 TEST_CASE("tensor_view: select and slice give strided sub-views", "[core][tensor]") {
   tensor<int, 4> t({2, 3, 4, 5});  // [B, T, H, D]

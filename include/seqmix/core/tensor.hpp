@@ -1,197 +1,39 @@
 // SPDX-License-Identifier: MIT
 // tensor<T, R>: owning, 64-byte aligned, row-major, zero-initialised storage of rank R <= 5.
-// tensor_view<T, R>: non-owning strided view; tensor_view<const T, R> for inputs, so the
-// direction of data is checked by the compiler. Views convert implicitly from tensors.
+// tensor_view<T, R> (core/view.hpp): non-owning strided view; tensor_view<const T, R> for
+// inputs, so the direction of data is checked by the compiler. Views convert implicitly from
+// tensors, and a tensor offers the view operations itself (select, slice, transpose, permute,
+// split, unsqueeze, squeeze, broadcast_to, reshape), const-correct: those of a const tensor are
+// read-only views, and they are deleted on temporaries (the view would dangle).
 //
 //   tensor<float, 4> q({B, T, H, K});          // zeros, contiguous, D innermost
 //   tensor_view<const float, 4> in = q;        // read-only view
 //   auto q_b = in.select<0>(b);                // [T, H, K] view of q[b]
 //   auto q_bh = q_b.select<1>(h);              // [T, K] view of q[b, :, h, :]
 //   auto m = as_matrix(q_bh);                  // Eigen::Map with q_bh's strides
+//
+// The shape is checked when a tensor is made: a negative extent, an element count beyond
+// index_t or a byte count beyond one allocation is a seqmix::shape_error (never a wrapped-around
+// small allocation); an allocation the system refuses is a seqmix::allocation_error (a
+// std::bad_alloc naming the shape and the bytes). Cost: one allocation + one memset.
 #pragma once
 
 #include <algorithm>
 #include <array>
 #include <cstddef>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <new>
+#include <string>
 #include <type_traits>
 #include <utility>
 
 #include <Eigen/Core>
 
 #include <seqmix/core/error.hpp>
+#include <seqmix/core/memory.hpp>
+#include <seqmix/core/view.hpp>
 
 namespace seqmix {
-
-template <class T, std::size_t R>
-class tensor;
-
-template <std::size_t R>
-using shape_t = std::array<index_t, R>;
-
-namespace detail {
-
-template <std::size_t R>
-constexpr shape_t<R> contiguous_strides(const shape_t<R>& shape) {
-  shape_t<R> strides{};
-  index_t s = 1;
-  for (std::size_t d = R; d-- > 0;) {
-    strides[d] = s;
-    s *= shape[d];
-  }
-  return strides;
-}
-
-template <std::size_t R>
-constexpr index_t element_count(const shape_t<R>& shape) {
-  index_t n = 1;
-  for (index_t e : shape) n *= e;
-  return n;
-}
-
-inline constexpr std::size_t tensor_alignment = 64;
-
-// Aligned operator new/delete (not aligned_alloc) so that allocation counters that replace the
-// global operators (tests/support/alloc_counter.cpp) see tensor storage too.
-struct aligned_deleter {
-  void operator()(void* p) const noexcept {
-    ::operator delete (p, std::align_val_t{tensor_alignment});
-  }
-};
-
-}  // namespace detail
-
-/// Non-owning strided view of rank R over elements of type T (use `const T` for inputs).
-template <class T, std::size_t R>
-class tensor_view {
-  static_assert(R >= 1 && R <= 5, "seqmix tensors have rank 1 to 5");
-
- public:
-  using value_type = std::remove_const_t<T>;
-  using element_type = T;
-  static constexpr std::size_t rank = R;
-
-  constexpr tensor_view() = default;
-  /// A view over external memory with explicit strides (in elements).
-  constexpr tensor_view(T* data, const shape_t<R>& shape, const shape_t<R>& strides)
-      : data_(data), shape_(shape), strides_(strides) {}
-  /// A contiguous row-major view over external memory.
-  constexpr tensor_view(T* data, const shape_t<R>& shape)
-      : tensor_view(data, shape, detail::contiguous_strides<R>(shape)) {}
-
-  /// Mutable view -> read-only view.
-  template <class U>
-  requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>) constexpr tensor_view(
-      const tensor_view<U, R>& other)  // NOLINT: implicit by design
-      : data_(other.data()), shape_(other.shape()), strides_(other.strides()) {}
-
-  /// Tensor -> view (a read-only view also binds to a const tensor).
-  template <class U>
-  requires(std::is_same_v<std::remove_const_t<T>, U>) constexpr tensor_view(
-      tensor<U, R>& t)  // NOLINT: implicit by design
-      : tensor_view(t.view()) {}
-  template <class U>
-  requires(std::is_same_v<const U, T>) constexpr tensor_view(
-      const tensor<U, R>& t)  // NOLINT: implicit by design
-      : tensor_view(t.view()) {}
-
-  constexpr T* data() const noexcept { return data_; }
-  constexpr const shape_t<R>& shape() const noexcept { return shape_; }
-  constexpr const shape_t<R>& strides() const noexcept { return strides_; }
-  constexpr index_t extent(std::size_t d) const noexcept { return shape_[d]; }
-  constexpr index_t stride(std::size_t d) const noexcept { return strides_[d]; }
-  constexpr index_t size() const noexcept { return detail::element_count<R>(shape_); }
-  constexpr bool empty() const noexcept { return size() == 0; }
-
-  /// True when the view is dense and row-major (strides of size-1 dimensions are ignored).
-  constexpr bool is_contiguous() const noexcept {
-    index_t expect = 1;
-    for (std::size_t d = R; d-- > 0;) {
-      if (shape_[d] != 1 && strides_[d] != expect) return false;
-      expect *= shape_[d];
-    }
-    return true;
-  }
-
-  template <class... I>
-  requires(sizeof...(I) == R && (std::is_integral_v<I> && ...)) constexpr T& operator()(
-      I... idx) const noexcept {
-    const std::array<index_t, R> i{static_cast<index_t>(idx)...};
-    index_t off = 0;
-    for (std::size_t d = 0; d < R; ++d) off += i[d] * strides_[d];
-    return data_[off];
-  }
-
-  /// Pointer to element `idx` (`idx` has R entries).
-  constexpr T* ptr(const shape_t<R>& idx) const noexcept {
-    index_t off = 0;
-    for (std::size_t d = 0; d < R; ++d) off += idx[d] * strides_[d];
-    return data_ + off;
-  }
-
-  /// Drops dimension D at index i: a rank R-1 view.
-  template <std::size_t D>
-  requires(D<R && R> 1) constexpr tensor_view<T, R - 1> select(index_t i) const noexcept {
-    shape_t<R - 1> s{}, st{};
-    for (std::size_t d = 0, j = 0; d < R; ++d) {
-      if (d == D) continue;
-      s[j] = shape_[d];
-      st[j] = strides_[d];
-      ++j;
-    }
-    return {data_ + i * strides_[D], s, st};
-  }
-
-  /// Elements [begin, end) of dimension D.
-  template <std::size_t D>
-  requires(D < R) constexpr tensor_view slice(index_t begin, index_t end) const noexcept {
-    shape_t<R> s = shape_;
-    s[D] = end - begin;
-    return {data_ + begin * strides_[D], s, strides_};
-  }
-
-  /// Same elements under another shape; the view must be contiguous.
-  template <std::size_t R2>
-  tensor_view<T, R2> reshape(const shape_t<R2>& new_shape) const {
-    if (!is_contiguous() || detail::element_count<R2>(new_shape) != size()) {
-      throw shape_error("seqmix::tensor_view::reshape: view must be contiguous and keep its size");
-    }
-    return {data_, new_shape};
-  }
-
-  /// Calls f(x) on every element, in row-major order.
-  template <class F>
-  void for_each(F&& f) const {
-    if (empty()) return;
-    shape_t<R> idx{};
-    for (;;) {
-      f(*ptr(idx));
-      std::size_t d = R;
-      while (d-- > 0) {
-        if (++idx[d] < shape_[d]) break;
-        idx[d] = 0;
-        if (d == 0) return;
-      }
-    }
-  }
-
-  /// Sets every element to `value` (mutable views only).
-  void fill(value_type value) const requires(!std::is_const_v<T>) {
-    if (is_contiguous()) {
-      std::fill_n(data_, size(), value);
-    } else {
-      for_each([&](T& x) { x = value; });
-    }
-  }
-
- private:
-  T* data_ = nullptr;
-  shape_t<R> shape_{};
-  shape_t<R> strides_{};
-};
 
 /// Owning tensor: contiguous, row-major, 64-byte aligned, zero-initialised.
 template <class T, std::size_t R>
@@ -205,10 +47,9 @@ class tensor {
   static constexpr std::size_t rank = R;
 
   tensor() = default;
+  /// Zeros of extents `shape` (each >= 0; element and byte counts checked for overflow).
   explicit tensor(const shape_t<R>& shape) : shape_(shape) {
-    for (index_t e : shape) {
-      if (e < 0) throw shape_error("seqmix::tensor: negative extent in shape " + describe());
-    }
+    detail::checked_storage("tensor", "shape", {shape_.data(), R}, sizeof(T));
     allocate();
     if (size()) std::memset(static_cast<void*>(data_.get()), 0, bytes());
   }
@@ -225,8 +66,13 @@ class tensor {
     }
     return *this;
   }
-  tensor(tensor&&) noexcept = default;
-  tensor& operator=(tensor&&) noexcept = default;
+  tensor(tensor&& other) noexcept
+      : shape_(std::exchange(other.shape_, shape_t<R>{})), data_(std::move(other.data_)) {}
+  tensor& operator=(tensor&& other) noexcept {
+    shape_ = std::exchange(other.shape_, shape_t<R>{});
+    data_ = std::move(other.data_);
+    return *this;
+  }
   ~tensor() = default;
 
   /// A tensor holding a copy of the elements of `src` (any strides).
@@ -246,9 +92,12 @@ class tensor {
   index_t size() const noexcept { return detail::element_count<R>(shape_); }
   bool empty() const noexcept { return size() == 0; }
 
-  tensor_view<T, R> view() noexcept { return {data(), shape_}; }
-  tensor_view<const T, R> view() const noexcept { return {data(), shape_}; }
+  tensor_view<T, R> view() noexcept { return {unchecked(), data(), shape_, strides()}; }
+  tensor_view<const T, R> view() const noexcept {
+    return {typename tensor_view<const T, R>::unchecked_t{}, data(), shape_, strides()};
+  }
 
+  /// Element access, unchecked (see at()).
   template <class... I>
   T& operator()(I... idx) noexcept {
     return view()(idx...);
@@ -257,29 +106,162 @@ class tensor {
   const T& operator()(I... idx) const noexcept {
     return view()(idx...);
   }
+  /// Element access with every index checked.
+  template <class... I>
+  T& at(I... idx) {
+    return *checked_ptr(idx...);
+  }
+  template <class... I>
+  const T& at(I... idx) const {
+    return *checked_ptr(idx...);
+  }
   T& operator[](index_t i) noexcept { return data_.get()[i]; }
   const T& operator[](index_t i) const noexcept { return data_.get()[i]; }
 
-  template <std::size_t D>
-  tensor_view<T, R - 1> select(index_t i) noexcept {
-    return view().template select<D>(i);
-  }
-  template <std::size_t D>
-  tensor_view<const T, R - 1> select(index_t i) const noexcept {
-    return view().template select<D>(i);
-  }
-
   void fill(T value) noexcept { view().fill(value); }
 
+  // ---- views of the tensor (see tensor_view; checked, named tensor::<operation>) -----------
+  // The mutable overloads give tensor_view<T>, the const ones tensor_view<const T>; on a
+  // temporary tensor they are deleted, as the view would outlive the storage.
+
+  template <std::size_t D>
+  requires(D<R && R> 1) tensor_view<T, R - 1> select(index_t i)
+  &{ return view().select_impl("tensor::select", D, i); }
+  template <std::size_t D>
+  requires(D<R && R> 1) tensor_view<const T, R - 1> select(index_t i)
+  const& { return view().select_impl("tensor::select", D, i); }
+  tensor_view<T, R - 1> select(std::size_t dim, index_t i) & requires(R > 1) {
+    view().check_dim("tensor::select", dim);
+    return view().select_impl("tensor::select", dim, i);
+  }
+  tensor_view<const T, R - 1> select(std::size_t dim, index_t i) const& requires(R > 1) {
+    view().check_dim("tensor::select", dim);
+    return view().select_impl("tensor::select", dim, i);
+  }
+  template <std::size_t D>
+  void select(index_t) && = delete;
+  void select(std::size_t, index_t) && = delete;
+
+  template <std::size_t D>
+  requires(D < R) tensor_view<T, R> slice(index_t begin, index_t end)
+  &{ return view().slice_impl("tensor::slice", D, begin, end); }
+  template <std::size_t D>
+  requires(D < R) tensor_view<const T, R> slice(index_t begin, index_t end)
+  const& { return view().slice_impl("tensor::slice", D, begin, end); }
+  tensor_view<T, R> slice(std::size_t dim, index_t begin, index_t end) & {
+    view().check_dim("tensor::slice", dim);
+    return view().slice_impl("tensor::slice", dim, begin, end);
+  }
+  tensor_view<const T, R> slice(std::size_t dim, index_t begin, index_t end) const& {
+    view().check_dim("tensor::slice", dim);
+    return view().slice_impl("tensor::slice", dim, begin, end);
+  }
+  template <std::size_t D>
+  void slice(index_t, index_t) && = delete;
+  void slice(std::size_t, index_t, index_t) && = delete;
+
+  template <std::size_t D0, std::size_t D1>
+  requires(D0 < R && D1 < R) tensor_view<T, R> transpose()
+  &noexcept { return view().template transpose<D0, D1>(); }
+  template <std::size_t D0, std::size_t D1>
+  requires(D0 < R && D1 < R) tensor_view<const T, R> transpose()
+  const& noexcept { return view().template transpose<D0, D1>(); }
+  tensor_view<T, R> transpose() & noexcept requires(R == 2) { return view().transpose(); }
+  tensor_view<const T, R> transpose() const& noexcept requires(R == 2) {
+    return view().transpose();
+  }
+  tensor_view<T, R> transpose(std::size_t d0, std::size_t d1) & {
+    return transpose_impl(view(), d0, d1);
+  }
+  tensor_view<const T, R> transpose(std::size_t d0, std::size_t d1) const& {
+    return transpose_impl(view(), d0, d1);
+  }
+  template <std::size_t D0, std::size_t D1>
+  void transpose() && = delete;
+  void transpose() && = delete;
+  void transpose(std::size_t, std::size_t) && = delete;
+
+  tensor_view<T, R> permute(const std::array<std::size_t, R>& order) & {
+    return view().permute_impl("tensor::permute", order);
+  }
+  tensor_view<const T, R> permute(const std::array<std::size_t, R>& order) const& {
+    return view().permute_impl("tensor::permute", order);
+  }
+  void permute(const std::array<std::size_t, R>&) && = delete;
+
+  template <std::size_t N>
+  requires(N >= 1 && R + N - 1 <= 5) tensor_view<T, R + N - 1> split(std::size_t dim,
+                                                                     const index_t (&parts)[N])
+  &{ return view().template split_impl<N>("tensor::split", dim, parts); }
+  template <std::size_t N>
+  requires(N >= 1 &&
+           R + N - 1 <= 5) tensor_view<const T, R + N - 1> split(std::size_t dim,
+                                                                 const index_t (&parts)[N])
+  const& { return view().template split_impl<N>("tensor::split", dim, parts); }
+  template <std::size_t N>
+  void split(std::size_t, const index_t (&)[N]) && = delete;
+
+  tensor_view<T, R + 1> unsqueeze(std::size_t dim) & requires(R < 5) {
+    return view().unsqueeze_impl("tensor::unsqueeze", dim);
+  }
+  tensor_view<const T, R + 1> unsqueeze(std::size_t dim) const& requires(R < 5) {
+    return view().unsqueeze_impl("tensor::unsqueeze", dim);
+  }
+  void unsqueeze(std::size_t) && = delete;
+
+  tensor_view<T, R - 1> squeeze(std::size_t dim) & requires(R > 1) {
+    return view().squeeze_impl("tensor::squeeze", dim);
+  }
+  tensor_view<const T, R - 1> squeeze(std::size_t dim) const& requires(R > 1) {
+    return view().squeeze_impl("tensor::squeeze", dim);
+  }
+  void squeeze(std::size_t) && = delete;
+
+  /// Read-only (stride-0) broadcast view; see tensor_view::broadcast_to.
+  tensor_view<const T, R> broadcast_to(const shape_t<R>& shape) const& {
+    return view().broadcast_impl("tensor::broadcast_to", shape);
+  }
+  void broadcast_to(const shape_t<R>&) && = delete;
+
+  template <std::size_t R2>
+  tensor_view<T, R2> reshape(const shape_t<R2>& new_shape) & {
+    return view().template reshape_impl<R2>("tensor::reshape", new_shape);
+  }
+  template <std::size_t R2>
+  tensor_view<const T, R2> reshape(const shape_t<R2>& new_shape) const& {
+    return view().template reshape_impl<R2>("tensor::reshape", new_shape);
+  }
+  template <std::size_t R2>
+  void reshape(const shape_t<R2>&) && = delete;
+
  private:
+  static typename tensor_view<T, R>::unchecked_t unchecked() noexcept { return {}; }
+  template <class V>
+  static V transpose_impl(const V& v, std::size_t d0, std::size_t d1) {
+    v.check_dim("tensor::transpose", d0, "d0");
+    v.check_dim("tensor::transpose", d1, "d1");
+    return v.transpose(d0, d1);
+  }
+  template <class... I>
+  const T* checked_ptr(I... idx) const {
+    static_assert(sizeof...(I) == R && (std::is_integral_v<I> && ...),
+                  "tensor::at takes R integral indices");
+    const std::array<index_t, R> i{static_cast<index_t>(idx)...};
+    for (std::size_t d = 0; d < R; ++d) view().check_index("tensor::at", "idx", d, i[d]);
+    return view().ptr(i);
+  }
+  template <class... I>
+  T* checked_ptr(I... idx) {
+    return const_cast<T*>(std::as_const(*this).checked_ptr(idx...));
+  }
+
   std::size_t bytes() const noexcept { return static_cast<std::size_t>(size()) * sizeof(T); }
   void allocate() {
     const std::size_t n = bytes();
     if (n == 0) return;
-    void* p = ::operator new (n, std::align_val_t{detail::tensor_alignment});
-    data_.reset(static_cast<T*>(p));
+    data_.reset(static_cast<T*>(detail::aligned_allocate(
+        n, [&] { return "seqmix::tensor: shape " + detail::shape_string<R>(shape_); })));
   }
-  std::string describe() const { return detail::format_shape({shape_.data(), shape_.size()}); }
 
   shape_t<R> shape_{};
   std::unique_ptr<T, detail::aligned_deleter> data_;
@@ -311,9 +293,9 @@ auto as_vector(const tensor_view<T, 1>& v) {
 template <class T, class U, std::size_t R>
 void copy(const tensor_view<U, R>& src, const tensor_view<T, R>& dst) {
   if (src.shape() != dst.shape()) {
-    throw shape_error(
-        "seqmix::copy: shapes differ: " + detail::format_shape({src.shape().data(), R}) + " vs " +
-        detail::format_shape({dst.shape().data(), R}));
+    detail::fail("copy", "dst",
+                 "expected the shape of src " + detail::shape_string<R>(src.shape()) + ", got " +
+                     detail::shape_string<R>(dst.shape()));
   }
   if (src.empty()) return;
   shape_t<R> idx{};

@@ -19,13 +19,23 @@
 //  - truncate(b, n): O(1) roll-back of sequence b to its first n tokens (full caches; a ring can
 //    only be truncated to its current length or reset, older rows are overwritten);
 //  - snapshot() / restore(s): a copy of every sequence's rows and lengths, for either kind.
+//
+// Checked: sizes are computed with checked arithmetic (a capacity or window whose storage
+// overflows is a shape_error naming it; one the system cannot allocate is an allocation_error,
+// a std::bad_alloc naming it); every (b, h) argument is range-checked (shape_error naming the
+// function and the argument); restore() validates the whole snapshot before writing anything.
+// The row accessors key_row / value_row / set_length used by the attention engines are the
+// unchecked hot path (their callers validated the request).
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <new>
 #include <string>
 #include <vector>
 
 #include <seqmix/core/error.hpp>
+#include <seqmix/core/memory.hpp>
 #include <seqmix/core/tensor.hpp>
 
 namespace seqmix {
@@ -69,9 +79,15 @@ class kv_cache {
   index_t value_dim() const noexcept { return values_.extent(3); }
   bool is_ring() const noexcept { return ring_; }
   /// Tokens appended to sequence b so far (its position).
-  index_t length(index_t b) const { return lengths_.at(static_cast<std::size_t>(b)); }
+  index_t length(index_t b) const {
+    check_seq("kv_cache::length", b);
+    return lengths_[static_cast<std::size_t>(b)];
+  }
   /// Rows held for sequence b: length(b) for a full cache, min(length(b), W) for a ring.
-  index_t held(index_t b) const { return std::min(length(b), capacity()); }
+  index_t held(index_t b) const {
+    check_seq("kv_cache::held", b);
+    return held_unchecked(b);
+  }
   /// Bytes of key and value storage (constant for a ring, whatever the number of tokens).
   std::size_t storage_bytes() const noexcept {
     return static_cast<std::size_t>(keys_.size() + values_.size()) * sizeof(T);
@@ -88,7 +104,7 @@ class kv_cache {
   void truncate(index_t b, index_t n) {
     checker check{"kv_cache::truncate"};
     check_seq("kv_cache::truncate", b);
-    const index_t len = length(b);
+    const index_t len = lengths_[static_cast<std::size_t>(b)];
     check.require(n >= 0 && n <= len, "n",
                   "must be in [0, " + std::to_string(len) + "], got " + std::to_string(n));
     check.require(!ring_ || n == len || n == 0, "n",
@@ -101,10 +117,12 @@ class kv_cache {
   void reserve(index_t new_capacity) {
     checker check{"kv_cache::reserve"};
     check.require(!ring_, "this", "a ring cache has a fixed window and cannot be resized");
-    check.require(new_capacity >= 1, "new_capacity", "must be >= 1");
+    check.require(new_capacity >= 1, "new_capacity",
+                  "must be >= 1, got " + std::to_string(new_capacity));
     if (new_capacity <= capacity()) return;
-    tensor<T, 4> k({batch(), kv_heads(), new_capacity, key_dim()});
-    tensor<T, 4> v({batch(), kv_heads(), new_capacity, value_dim()});
+    tensor<T, 4> k, v;
+    allocate("kv_cache::reserve", "new_capacity", batch(), kv_heads(), key_dim(), value_dim(),
+             new_capacity, k, v);
     copy(keys_.view().template slice<2>(0, capacity()), k.view().template slice<2>(0, capacity()));
     copy(values_.view().template slice<2>(0, capacity()),
          v.view().template slice<2>(0, capacity()));
@@ -127,15 +145,56 @@ class kv_cache {
     return s;
   }
   /// Restores contents and lengths from a snapshot of a cache of the same geometry (a full
-  /// cache may have grown since; the snapshot must fit its capacity).
+  /// cache may have grown since; the snapshot must fit its capacity). The whole snapshot is
+  /// validated first (kind, geometry, keys and values agreeing, lengths in range), so a bad
+  /// snapshot throws with the cache untouched.
   void restore(const kv_cache_snapshot<T>& s) {
     checker check{"kv_cache::restore"};
-    check.require(s.ring == ring_ && static_cast<index_t>(s.lengths.size()) == batch() &&
-                      s.keys.extent(1) == kv_heads() && s.keys.extent(3) == key_dim() &&
-                      s.values.extent(3) == value_dim() && s.keys.extent(2) <= capacity() &&
-                      (!ring_ || s.capacity == capacity()),
-                  "s", "snapshot of a cache of another kind, geometry or larger capacity");
+    const auto geometry = [](index_t b, index_t h, index_t r, index_t d) {
+      return detail::dims_string(std::array<index_t, 4>{b, h, r, d});
+    };
+    if (s.ring != ring_) {
+      check.fail("s.ring", std::string("expected a snapshot of a ") + (ring_ ? "ring" : "full") +
+                               " cache, got one of a " + (s.ring ? "ring" : "full") + " cache");
+    }
+    if (ring_ && s.capacity != capacity()) {
+      check.fail("s.capacity", "expected a snapshot of a ring of window " +
+                                   std::to_string(capacity()) + ", got window " +
+                                   std::to_string(s.capacity));
+    }
+    if (static_cast<index_t>(s.lengths.size()) != batch()) {
+      check.fail("s.lengths", "expected lengths of " + std::to_string(batch()) +
+                                  " sequences, got " + std::to_string(s.lengths.size()));
+    }
     const index_t rows = s.keys.extent(2);
+    if (s.keys.extent(0) != batch() || s.keys.extent(1) != kv_heads() ||
+        s.keys.extent(3) != key_dim() || rows > capacity()) {
+      check.fail("s.keys",
+                 "expected keys of shape [batch, kv_heads, rows <= capacity, key_dim] = " +
+                     geometry(batch(), kv_heads(), capacity(), key_dim()) + ", got " +
+                     detail::dims_string(s.keys.shape()));
+    }
+    if (s.values.shape() != shape_t<4>{batch(), kv_heads(), rows, value_dim()}) {
+      check.fail("s.values", "expected values of shape [batch, kv_heads, rows, value_dim] = " +
+                                 geometry(batch(), kv_heads(), rows, value_dim()) +
+                                 " (rows as in the keys), got " +
+                                 detail::dims_string(s.values.shape()));
+    }
+    for (std::size_t b = 0; b < s.lengths.size(); ++b) {
+      const index_t len = s.lengths[b];
+      // A ring holds min(length, W) rows (its length is a position and may exceed W); a full
+      // cache holds length rows. Either way they must all be in the snapshot.
+      const index_t needs = ring_ ? std::min(len, capacity()) : len;
+      if (len < 0) {
+        check.fail("s.lengths", "length of sequence " + std::to_string(b) + " must be >= 0, got " +
+                                    std::to_string(len));
+      }
+      if (needs > rows) {
+        check.fail("s.lengths", "length of sequence " + std::to_string(b) + " is " +
+                                    std::to_string(len) + ": it needs " + std::to_string(needs) +
+                                    " rows, but the snapshot stores " + std::to_string(rows));
+      }
+    }
     copy(s.keys.view(), keys_.view().template slice<2>(0, rows));
     copy(s.values.view(), values_.view().template slice<2>(0, rows));
     lengths_ = s.lengths;
@@ -143,11 +202,17 @@ class kv_cache {
 
   /// Keys of (b, h) in slot order: [held(b), K] (for a ring, slot p mod W holds position p).
   tensor_view<const T, 2> keys(index_t b, index_t h) const {
-    return keys_.view().template select<0>(b).template select<0>(h).template slice<0>(0, held(b));
+    check_seq("kv_cache::keys", b);
+    check_head("kv_cache::keys", h);
+    return keys_.view().template select<0>(b).template select<0>(h).template slice<0>(
+        0, held_unchecked(b));
   }
   /// Values of (b, h) in slot order: [held(b), V].
   tensor_view<const T, 2> values(index_t b, index_t h) const {
-    return values_.view().template select<0>(b).template select<0>(h).template slice<0>(0, held(b));
+    check_seq("kv_cache::values", b);
+    check_head("kv_cache::values", h);
+    return values_.view().template select<0>(b).template select<0>(h).template slice<0>(
+        0, held_unchecked(b));
   }
 
   // ---- used by the attention mixers -------------------------------------------------------
@@ -178,14 +243,60 @@ class kv_cache {
     check.require(value_dim >= 1, "value_dim", "must be >= 1, got " + std::to_string(value_dim));
     check.require(rows >= 1, ring ? "window" : "capacity",
                   "must be >= 1, got " + std::to_string(rows));
-    keys_ = tensor<T, 4>({batch, kv_heads, rows, key_dim});
-    values_ = tensor<T, 4>({batch, kv_heads, rows, value_dim});
+    allocate(where, ring ? "window" : "capacity", batch, kv_heads, key_dim, value_dim, rows, keys_,
+             values_);
     lengths_.assign(static_cast<std::size_t>(batch), 0);
   }
+
+  // Storage of B·Hkv·rows·(K+V) elements, checked before anything is allocated: an overflow is
+  // a shape_error naming `argument` (the row count), a refused allocation an allocation_error.
+  static void allocate(const char* where, const char* argument, index_t batch, index_t kv_heads,
+                       index_t key_dim, index_t value_dim, index_t rows, tensor<T, 4>& keys,
+                       tensor<T, 4>& values) {
+    const std::array<index_t, 5> factors{batch, kv_heads, rows, key_dim, value_dim};
+    index_t rows_total = 0, elements = 0;
+    const bool ok = detail::checked_mul(batch, kv_heads, rows_total) &&
+                    detail::checked_mul(rows_total, rows, rows_total) &&
+                    !__builtin_add_overflow(key_dim, value_dim, &elements) &&
+                    detail::checked_mul(rows_total, elements, elements) &&
+                    static_cast<std::size_t>(elements) <= detail::max_allocation_bytes / sizeof(T);
+    if (!ok) {
+      detail::fail(where, argument,
+                   "batch·kv_heads·" + std::string(argument) + "·(key_dim + value_dim) for " +
+                       detail::dims_string(factors) + " overflows: " + std::string(argument) +
+                       " = " + std::to_string(rows) + " needs more than the " +
+                       std::to_string(detail::max_allocation_bytes) +
+                       " bytes one allocation can address");
+    }
+    try {
+      tensor<T, 4> k({batch, kv_heads, rows, key_dim});
+      tensor<T, 4> v({batch, kv_heads, rows, value_dim});
+      keys = std::move(k);
+      values = std::move(v);
+    } catch (const std::bad_alloc&) {
+      throw allocation_error("seqmix::" + std::string(where) + ": argument '" + argument +
+                             "': cannot allocate " +
+                             std::to_string(static_cast<std::size_t>(elements) * sizeof(T)) +
+                             " bytes of keys and values for " + argument + " = " +
+                             std::to_string(rows) + " (the system refused)");
+    }
+  }
+  index_t held_unchecked(index_t b) const noexcept {
+    return std::min(lengths_[static_cast<std::size_t>(b)], capacity());
+  }
   void check_seq(const char* where, index_t b) const {
-    checker{where}.require(
-        b >= 0 && b < batch(), "b",
-        "must be in [0, " + std::to_string(batch()) + "), got " + std::to_string(b));
+    if (b < 0 || b >= batch()) {
+      detail::fail(where, "b",
+                   "must be in [0, " + std::to_string(batch()) + ") (the cache's batch), got " +
+                       std::to_string(b));
+    }
+  }
+  void check_head(const char* where, index_t h) const {
+    if (h < 0 || h >= kv_heads()) {
+      detail::fail(where, "h",
+                   "must be in [0, " + std::to_string(kv_heads()) +
+                       ") (the cache's kv_heads), got " + std::to_string(h));
+    }
   }
 
   tensor<T, 4> keys_, values_;
