@@ -88,7 +88,10 @@ inline constexpr index_t MR = L >= 16 ? 12 : 6;
 inline constexpr index_t KC = 256;
 inline constexpr index_t MC = MR * 16;
 // A thread's packed B slab (NC columns × K) is kept at about 1 MiB so it stays in L2.
-inline constexpr index_t slab_bytes = index_t(1) << 20;
+#ifndef SEQMIX_MATMUL_SLAB
+#define SEQMIX_MATMUL_SLAB (index_t(16) << 20)
+#endif
+inline constexpr index_t slab_bytes = SEQMIX_MATMUL_SLAB;
 inline constexpr index_t max_nc = 1024;
 // M at or below this takes the decode (GEMV) path.
 inline constexpr index_t gemv_max_m = 8;
@@ -96,7 +99,7 @@ inline constexpr index_t gemv_max_m = 8;
 /// Grow-only per-thread scratch (OpenMP's threads persist, so steady-state calls allocate
 /// nothing).
 inline float* scratch(int which, std::size_t n) {
-  thread_local std::vector<float> buf[4];  // B slab, tiles, decode rows, A copy
+  thread_local std::vector<float> buf[5];  // B slab, tiles, A block / decode rows, A copy
   auto& v = buf[which];
   if (v.size() < n) v.resize(n);
   return v.data();
@@ -200,6 +203,25 @@ struct epilogue {
   bool accumulate;
   bool vector;  // every inner stride is 1: the row runs on vectors (with a masked tail)
 
+  /// One vector of C[i, j .. j + w) from its raw products `v` (vector epilogue only).
+  void store(index_t i, index_t j, index_t w, batch<float> v) const {
+    float* cij = c + i * rsc + j;
+    const bool full = w == L;
+    if (bias) v += full ? simd::load(bias + j) : simd::load_partial(bias + j, w);
+    v = apply_act(act, v);
+    if (scale) v *= batch<float>(scale[i * ss]);
+    if (res) {
+      const float* r = res + i * rsr + j;
+      v += full ? simd::load(r) : simd::load_partial(r, w);
+    }
+    if (accumulate) v += full ? simd::load(cij) : simd::load_partial(cij, w);
+    if (full) {
+      simd::store(cij, v);
+    } else {
+      simd::store_partial(cij, v, w);
+    }
+  }
+
   /// Writes C[i, j0 .. j0 + n) from the raw products `raw[0 .. n)`.
   void row(index_t i, index_t j0, index_t n, const float* raw) const {
     float* ci = c + i * rsc + j0 * csc;
@@ -250,47 +272,75 @@ void pack_b(const W* b, index_t ldb, index_t j0, index_t nc, index_t K, float* d
     const index_t cols = std::min(NR, nc - p * NR);
     for (index_t k0 = 0; k0 < K; k0 += kb) {
       const index_t k1 = std::min(K, k0 + kb);
-      for (index_t jj = 0; jj < cols; ++jj) {
-        const W* src = b + (j0 + p * NR + jj) * ldb;
-        for (index_t k = k0; k < k1; ++k) d[k * NR + jj] = widen(src[k]);
-      }
-      for (index_t jj = cols; jj < NR; ++jj) {
-        for (index_t k = k0; k < k1; ++k) d[k * NR + jj] = 0.0f;
+      const W* src = b + (j0 + p * NR) * ldb;
+      if (cols == NR) {
+        for (index_t k = k0; k < k1; ++k) {
+          for (index_t jj = 0; jj < NR; ++jj) d[k * NR + jj] = widen(src[jj * ldb + k]);
+        }
+      } else {
+        for (index_t k = k0; k < k1; ++k) {
+          for (index_t jj = 0; jj < NR; ++jj) {
+            d[k * NR + jj] = jj < cols ? widen(src[jj * ldb + k]) : 0.0f;
+          }
+        }
       }
     }
   }
 }
 
-/// tile[MRt × NR] (row-major) (+)= A[MRt rows, kc] · Bp[kc × NR]; `load`: continue the chains
-/// stored in `tile` (a previous KC block), else start them at 0.
-template <index_t MRt>
-inline void micro_tile(index_t kc, const float* a, index_t lda, const float* bp, float* tile,
-                       bool load) {
-  batch<float> acc[std::size_t(MRt)][std::size_t(NV)];
-  for (index_t r = 0; r < MRt; ++r) {
+/// Packs rows [i0, i0 + mc) × depth [p0, p0 + kc) of A into ceil(mc / MR) panels of kc × MR
+/// floats (element (k, r) of panel t at dst[t·kc·MR + k·MR + r]); rows past mc are zero.
+inline void pack_a(const float* a, index_t lda, index_t i0, index_t mc, index_t p0, index_t kc,
+                   float* dst) {
+  for (index_t t = 0; t * MR < mc; ++t) {
+    float* d = dst + t * kc * MR;
+    const index_t rows = std::min(MR, mc - t * MR);
+    const float* src = a + (i0 + t * MR) * lda + p0;
+    if (rows == MR) {
+      for (index_t k = 0; k < kc; ++k) {
+        for (index_t r = 0; r < MR; ++r) d[k * MR + r] = src[r * lda + k];
+      }
+    } else {
+      for (index_t k = 0; k < kc; ++k) {
+        for (index_t r = 0; r < MR; ++r) d[k * MR + r] = r < rows ? src[r * lda + k] : 0.0f;
+      }
+    }
+  }
+}
+
+/// tile[MR × NR] (row-major) (+)= Ap[kc × MR] · Bp[kc × NR] (both packed); `load`: continue the
+/// chains stored in `tile` (a previous KC block), else start them at 0. `ep` (last KC block):
+/// finish rows [i0, i0 + mr) × columns [j0, j0 + nv) of C through the epilogue instead.
+inline void micro_tile(index_t kc, const float* ap, const float* bp, float* tile, bool load,
+                       const epilogue* ep, index_t i0, index_t j0, index_t mr, index_t nv) {
+  batch<float> acc[std::size_t(MR)][std::size_t(NV)];
+  for (index_t r = 0; r < MR; ++r) {
     for (index_t u = 0; u < NV; ++u) {
       acc[r][u] = load ? simd::load(tile + r * NR + u * L) : batch<float>(0.0f);
     }
   }
-  const float* ar[std::size_t(MRt)];
-  for (index_t r = 0; r < MRt; ++r) ar[r] = a + r * lda;
   for (index_t p = 0; p < kc; ++p) {
     batch<float> bb[std::size_t(NV)];
     for (index_t u = 0; u < NV; ++u) bb[u] = simd::load(bp + p * NR + u * L);
-    for (index_t r = 0; r < MRt; ++r) {
-      const batch<float> av(ar[r][p]);
+    for (index_t r = 0; r < MR; ++r) {
+      const batch<float> av(ap[p * MR + r]);
       for (index_t u = 0; u < NV; ++u) acc[r][u] = simd::fma(av, bb[u], acc[r][u]);
     }
   }
-  for (index_t r = 0; r < MRt; ++r) {
+  if (ep && ep->vector) {
+    for (index_t r = 0; r < std::min(mr, MR); ++r) {
+      for (index_t u = 0; u < NV; ++u) {
+        if (u * L < nv) ep->store(i0 + r, j0 + u * L, std::min(L, nv - u * L), acc[r][u]);
+      }
+    }
+    return;
+  }
+  for (index_t r = 0; r < MR; ++r) {
     for (index_t u = 0; u < NV; ++u) simd::store(tile + r * NR + u * L, acc[r][u]);
   }
-}
-
-template <index_t... I>
-inline void micro_dispatch(std::integer_sequence<index_t, I...>, index_t mr, index_t kc,
-                           const float* a, index_t lda, const float* bp, float* tile, bool load) {
-  ((mr == I + 1 ? micro_tile<I + 1>(kc, a, lda, bp, tile, load) : void()), ...);
+  if (ep) {
+    for (index_t r = 0; r < mr; ++r) ep->row(i0 + r, j0, nv, tile + r * NR);
+  }
 }
 
 /// Serial blocked GEMM of rows [m0, m1) × columns [n0, n1) (A inner-contiguous).
@@ -300,8 +350,10 @@ void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K,
   index_t nc_max = slab_bytes / (index_t(sizeof(float)) * std::max<index_t>(K, 1) * NR) * NR;
   nc_max = std::clamp<index_t>(nc_max, NR, max_nc);
   const index_t panels_max = nc_max / NR;
+  const index_t kc_max = std::min(KC, K);
   float* bpack = scratch(0, static_cast<std::size_t>(panels_max * NR * K));
   float* tiles = scratch(1, static_cast<std::size_t>((MC / MR) * panels_max * MR * NR));
+  float* apack = scratch(2, static_cast<std::size_t>(MC * kc_max));
   for (index_t jc = n0; jc < n1; jc += nc_max) {
     const index_t nc = std::min(nc_max, n1 - jc);
     const index_t panels = (nc + NR - 1) / NR;
@@ -311,6 +363,7 @@ void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K,
       for (index_t pc = 0; pc < K; pc += KC) {
         const index_t kc = std::min(KC, K - pc);
         const bool last = pc + kc == K;
+        pack_a(a, lda, ic, mc, pc, kc, apack);
         for (index_t jr = 0; jr < panels; ++jr) {
           const float* bp = bpack + jr * K * NR + pc * NR;
           const index_t j0 = jc + jr * NR;
@@ -318,11 +371,8 @@ void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K,
           for (index_t ir = 0; ir < mc; ir += MR) {
             const index_t mr = std::min(MR, mc - ir);
             float* tile = tiles + ((ir / MR) * panels + jr) * MR * NR;
-            micro_dispatch(std::make_integer_sequence<index_t, MR>{}, mr, kc,
-                           a + (ic + ir) * lda + pc, lda, bp, tile, pc > 0);
-            if (last) {
-              for (index_t r = 0; r < mr; ++r) ep.row(ic + ir + r, j0, nv, tile + r * NR);
-            }
+            micro_tile(kc, apack + (ir / MR) * kc * MR, bp, tile, pc > 0, last ? &ep : nullptr,
+                       ic + ir, j0, mr, nv);
           }
         }
       }
@@ -501,7 +551,7 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
       const index_t j1 = t + 1 == chunks ? N : (N / 4) * (t + 1) / chunks * 4;
       if (j1 <= j0) return;
       const index_t n = j1 - j0;
-      float* raw = scratch(2, static_cast<std::size_t>(M * n));
+      float* raw = scratch(4, static_cast<std::size_t>(M * n));
       gemv_dispatch(std::make_integer_sequence<index_t, gemv_max_m>{}, M, ap, lda, bp, ldb, K, j0,
                     j1, raw, n);
       for (index_t m = 0; m < M; ++m) ep.row(m, j0, n, raw + m * n);
