@@ -31,6 +31,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <seqmix/core/parallel.hpp>
@@ -112,10 +113,14 @@ inline void scores_block(const T* k, index_t k_stride, const T* qt, index_t key_
       simd::store(st + index_t(r) * bq<T> + index_t(c) * L<T>, acc[r][c]);
 }
 
-/// acc[i][c0:c0+CV·L] = alpha[i] · acc[i][..] + Σ_j pt[j][i] · v[j][c0:..] for RQ rows i.
+/// acc[i][c0:c0+CV·L] = alpha[i] · acc[i][..] + Σ_j pt[j][i] · v[j][c0:..] for RQ rows i, where
+/// row i takes the keys lo0 + i <= j <= d0 + i of the kn in the tile (tile-relative: d0 is row
+/// 0's own key, lo0 the first key its window sees; d0 >= kn - 1 and lo0 <= 0 in interior tiles).
+/// The keys a row may not see are skipped, not multiplied by their zero probability: a future
+/// (or out-of-window) value of NaN or inf would make 0 · NaN.
 template <class T, index_t CV>
-inline void pv_block(const T* pt, index_t kn, const T* v, index_t v_stride, const T* alpha, T* acc,
-                     index_t acc_stride) {
+inline void pv_block(const T* pt, index_t kn, index_t lo0, index_t d0, const T* v, index_t v_stride,
+                     const T* alpha, T* acc, index_t acc_stride) {
   constexpr auto NR = static_cast<std::size_t>(rq), NC = static_cast<std::size_t>(CV);
   std::array<std::array<batch<T>, NC>, NR> a;
   for (std::size_t r = 0; r < NR; ++r) {
@@ -123,7 +128,28 @@ inline void pv_block(const T* pt, index_t kn, const T* v, index_t v_stride, cons
     for (std::size_t c = 0; c < NC; ++c)
       a[r][c] = al * simd::load(acc + index_t(r) * acc_stride + index_t(c) * L<T>);
   }
-  for (index_t j = 0; j < kn; ++j) {
+  // keys [jb, je) reach some row; [fb, fe) reach all of them; the rest is the band's two edges
+  const index_t jb = std::clamp<index_t>(lo0, 0, kn), je = std::clamp<index_t>(d0 + rq, jb, kn);
+  const index_t fb = std::clamp<index_t>(lo0 + rq - 1, jb, je);
+  const index_t fe = std::clamp<index_t>(d0 + 1, fb, je);
+  auto partial = [&](index_t j) {
+    std::array<batch<T>, NC> vj;
+    for (std::size_t c = 0; c < NC; ++c) vj[c] = simd::load(v + j * v_stride + index_t(c) * L<T>);
+    const index_t rmin = j - d0, rmax = j - lo0;  // rows that see key j
+    // rows expanded at compile time, so the accumulators stay in registers
+    [&]<std::size_t... R>(std::index_sequence<R...>) {
+      (
+          [&] {
+            if (index_t(R) < rmin || index_t(R) > rmax) return;
+            const batch<T> p(pt[j * bq<T> + index_t(R)]);
+            for (std::size_t c = 0; c < NC; ++c) a[R][c] = simd::fma(p, vj[c], a[R][c]);
+          }(),
+          ...);
+    }
+    (std::make_index_sequence<NR>{});
+  };
+  for (index_t j = jb; j < fb; ++j) partial(j);
+  for (index_t j = fb; j < fe; ++j) {
     std::array<batch<T>, NC> vj;
     for (std::size_t c = 0; c < NC; ++c) vj[c] = simd::load(v + j * v_stride + index_t(c) * L<T>);
     for (std::size_t r = 0; r < NR; ++r) {
@@ -131,17 +157,22 @@ inline void pv_block(const T* pt, index_t kn, const T* v, index_t v_stride, cons
       for (std::size_t c = 0; c < NC; ++c) a[r][c] = simd::fma(p, vj[c], a[r][c]);
     }
   }
+  for (index_t j = fe; j < je; ++j) partial(j);
   for (std::size_t r = 0; r < NR; ++r)
     for (std::size_t c = 0; c < NC; ++c)
       simd::store(acc + index_t(r) * acc_stride + index_t(c) * L<T>, a[r][c]);
 }
 
-/// exp(x) for x <= 0 that may be -inf (masked scores, rows with no key yet). Clamped first:
-/// xsimd's double exp converts its argument to int64 through scalar code on AVX-512 without DQ
-/// conversions, which is undefined for -inf (UBSan); exp(-1e4) is 0 in both types anyway.
+/// exp(x) for x <= 0 that may be -inf (masked scores, rows with no key yet) or NaN (a visible
+/// key of NaN or inf). Clamped first: xsimd's double exp converts its argument to int64 through
+/// scalar code on AVX-512 without DQ conversions, which is undefined for -inf and NaN (UBSan);
+/// exp(-1e4) is 0 in both types anyway. NaN comes back NaN, as in decode_group: a NaN score
+/// makes its row's output NaN in every form (IEEE propagation, never a silently dropped key).
 template <class T>
 inline batch<T> exp_nonpositive(const batch<T>& x) {
-  return simd::exp(xsimd::max(x, batch<T>(T(-1e4))));
+  const auto nan = xsimd::isnan(x);  // (xsimd's != is the ordered compare: false for NaN)
+  const batch<T> lo(T(-1e4));
+  return xsimd::select(nan, x, simd::exp(xsimd::select(nan, lo, xsimd::max(x, lo))));
 }
 
 /// Per-thread scratch of the tile kernel.
@@ -187,8 +218,11 @@ void run_tile(const segment<T>& seg, const params<T>& p, index_t i0, tile_scratc
 
   const index_t pos_lo = seg.q_pos0 + i0;            // key index of query row 0 of the tile
   const index_t pos_hi = seg.q_pos0 + i0 + nqi - 1;  // ... of the last real row
-  const index_t kb = p.window > 0 ? std::max<index_t>(0, pos_lo - p.window + 1) : 0;
   const index_t ke = pos_hi + 1;
+  // a window reaching past key 0 for every row is no window (and W near INT64_MAX cannot
+  // overflow the index arithmetic below)
+  const index_t W = p.window > 0 && p.window <= ke ? p.window : 0;
+  const index_t kb = W > 0 ? std::max<index_t>(0, pos_lo - W + 1) : 0;
   T* st = w.st.data();
   const index_t acc_stride = w.acc_stride;
   const index_t Vfull = V / (cv * L<T>)*(cv * L<T>);
@@ -213,13 +247,13 @@ void run_tile(const segment<T>& seg, const params<T>& p, index_t i0, tile_scratc
     // phase 2: mask (causal diagonal, window edge): key j0+j is visible to row i iff
     //   j0 + j <= pos_lo + i  and  j0 + j > pos_lo + i - W
     const bool diag = j0 + kn - 1 > pos_lo;
-    const bool edge = p.window > 0 && j0 <= pos_hi - p.window;
+    const bool edge = W > 0 && j0 <= pos_hi - W;
     if (diag || edge) {
       for (j = 0; j < kn; ++j) {
         // row i visible iff lo <= i < hi, with lo = key - pos_lo, hi = lo + W (clamped: exact)
         const index_t rel = j0 + j - pos_lo;
         const T lo = T(std::clamp<index_t>(rel, -1, Q + 1));
-        const T hi = p.window > 0 ? T(std::clamp<index_t>(rel + p.window, -1, Q + 1)) : T(Q + 1);
+        const T hi = W > 0 ? T(std::clamp<index_t>(rel + W, -1, Q + 1)) : T(Q + 1);
         for (index_t c = 0; c < qv; ++c) {
           T* sp = st + j * Q + c * L<T>;
           const auto& ic = iota[static_cast<std::size_t>(c)];
@@ -248,21 +282,27 @@ void run_tile(const segment<T>& seg, const params<T>& p, index_t i0, tile_scratc
       simd::store(w.m.data() + off, m_new);
       simd::store(w.alpha.data() + off, alpha);
     }
-    // phase 4: acc = diag(alpha) · acc + P · V_tile
+    // phase 4: acc = diag(alpha) · acc + P · V_tile. Each row reads only the values it sees
+    // (d0: tile-relative key of row i's position; lo0: the first key of its window), so no
+    // future or out-of-window value is ever read: masked products are skipped, not zeroed.
     const T* vj = seg.v + j0 * seg.v_stride;
     for (index_t i = 0; i < Q; i += rq) {
       T* acc_i = w.acc.data() + i * acc_stride;
+      const index_t d0 = pos_lo + i - j0;
+      const index_t lo0 = W > 0 ? d0 - W + 1 : -(kn + rq);  // no window: every row from key 0
       index_t c0 = 0;
       for (; c0 < Vfull; c0 += cv * L<T>)
-        pv_block<T, cv>(st + i, kn, vj + c0, seg.v_stride, w.alpha.data() + i, acc_i + c0,
+        pv_block<T, cv>(st + i, kn, lo0, d0, vj + c0, seg.v_stride, w.alpha.data() + i, acc_i + c0,
                         acc_stride);
       for (; c0 < Vvec; c0 += L<T>)
-        pv_block<T, 1>(st + i, kn, vj + c0, seg.v_stride, w.alpha.data() + i, acc_i + c0,
+        pv_block<T, 1>(st + i, kn, lo0, d0, vj + c0, seg.v_stride, w.alpha.data() + i, acc_i + c0,
                        acc_stride);
       for (; c0 < V; ++c0) {  // scalar tail of odd value dims
         for (index_t r = 0; r < rq; ++r) {
           T a = w.alpha[static_cast<std::size_t>(i + r)] * acc_i[r * acc_stride + c0];
-          for (j = 0; j < kn; ++j) a += st[j * Q + i + r] * vj[j * seg.v_stride + c0];
+          const index_t jb = std::clamp<index_t>(lo0 + r, 0, kn);
+          const index_t jn = std::clamp<index_t>(d0 + r + 1, jb, kn);
+          for (j = jb; j < jn; ++j) a += st[j * Q + i + r] * vj[j * seg.v_stride + c0];
           acc_i[r * acc_stride + c0] = a;
         }
       }
@@ -302,12 +342,19 @@ void run_tiles(const std::vector<segment<T>>& segs, const params<T>& p) {
       if (a != b) items.push_back({s, b * Q});
     }
   }
+  if (items.empty()) return;
+  // A key tile longer than any tile's key range changes nothing (every tile then sees its keys
+  // in one piece) but sizes the scratch: clamp it to the most keys a query tile can see.
+  params<T> pc = p;
+  index_t most_keys = 1;
+  for (const auto& sg : segs) most_keys = std::max(most_keys, sg.q_pos0 + sg.nq);
+  pc.key_tile = std::min(p.key_tile, most_keys);
   const int slots = max_slots();
   std::vector<detail::tile_scratch<T>> scratch(static_cast<std::size_t>(slots));
-  for (auto& w : scratch) w.resize(p.key_dim, p.value_dim, p.key_tile);
+  for (auto& w : scratch) w.resize(pc.key_dim, pc.value_dim, pc.key_tile);
   parallel_for_with_slot(static_cast<index_t>(items.size()), [&](index_t n, int tid) {
     const item& it = items[static_cast<std::size_t>(n)];
-    detail::run_tile(segs[static_cast<std::size_t>(it.seg)], p, it.i0,
+    detail::run_tile(segs[static_cast<std::size_t>(it.seg)], pc, it.i0,
                      scratch[static_cast<std::size_t>(tid)]);
   });
 }
@@ -334,6 +381,7 @@ void decode_group(const T* q, index_t q_stride, index_t G, const key_run<T>* run
   for (index_t g0 = 0; g0 < G; g0 += gmax) {
     const index_t gn = std::min(gmax, G - g0);
     std::array<T, gmax> m{}, l{};
+    std::array<bool, gmax> nan_score{};  // a NaN score makes the row NaN, as in the tile form
     for (index_t g = 0; g < gn; ++g) {
       const T sink = sinks ? sinks[g0 + g] : ninf;
       m[static_cast<std::size_t>(g)] = sink;
@@ -352,7 +400,13 @@ void decode_group(const T* q, index_t q_stride, index_t G, const key_run<T>* run
           alignas(64) std::array<T, blk> s;
           T bmax = ninf;
           for (index_t j = 0; j < kn; ++j) {
-            const T x = p.scale * simd::dot(qg, kj + j * run.k_stride, K);
+            T x = p.scale * simd::dot(qg, kj + j * run.k_stride, K);
+            // NaN, and +inf (whose softmax is inf/inf), are kept out of max and exp (whose
+            // argument conversion is UB for NaN)
+            if (x != x || x == -ninf) {
+              nan_score[gs] = true;
+              x = ninf;
+            }
             s[static_cast<std::size_t>(j)] = x;
             bmax = std::max(bmax, x);
           }
@@ -370,8 +424,14 @@ void decode_group(const T* q, index_t q_stride, index_t G, const key_run<T>* run
         }
       }
     }
-    for (index_t g = 0; g < gn; ++g)
-      simd::scale(o + (g0 + g) * o_stride, T(1) / l[static_cast<std::size_t>(g)], V);
+    for (index_t g = 0; g < gn; ++g) {
+      T* og = o + (g0 + g) * o_stride;
+      if (nan_score[static_cast<std::size_t>(g)]) {
+        std::fill_n(og, V, std::numeric_limits<T>::quiet_NaN());
+      } else {
+        simd::scale(og, T(1) / l[static_cast<std::size_t>(g)], V);
+      }
+    }
   }
 }
 

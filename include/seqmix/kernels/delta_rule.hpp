@@ -498,7 +498,10 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
       for (index_t j = 0; j < V; ++j) row[K + j] = ws.bt[ui] * vr[j];
     }
     T* wu = ws.w.data();  // [c, K+V]: W | U
-    linalg::gemm<T, false, false>(c, KV, c, Tm, c, xy, KV, wu, KV, false, ws.pack);
+    // (T is lower triangular: lower_a never reads its upper zeros, so a NaN/inf in a later
+    // token's k or v cannot reach an earlier row as 0·NaN; SPEC: outputs never see the future)
+    linalg::gemm<T, false, false>(c, KV, c, Tm, c, xy, KV, wu, KV, false, ws.pack,
+                                  /*lower_a=*/true);
     // WQ = [W; Q ⊙ exp(G)]: [2c, K], so that W S_n and (Q ⊙ e^G) S_n are one GEMM.
     // K ⊙ exp(G_c - G) in place (kc is not needed as plain keys any more).
     T* wq = ws.y.data();
@@ -520,7 +523,7 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
     }
     T* o = rows.o(t0);
     for (index_t i = 0; i < c; ++i) std::copy_n(r + (c + i) * V, V, o + i * ldo);
-    linalg::gemm<T, false, false>(c, V, c, P, c, r, V, o, ldo, true, ws.pack);
+    linalg::gemm<T, false, false>(c, V, c, P, c, r, V, o, ldo, true, ws.pack, /*lower_a=*/true);
     // S_{n+1} = exp(G_c) S_n + (K ⊙ exp(G_c - G))ᵀ V'
     simd::scale(ws.s.data(), gamma, K * V);
     linalg::gemm<T, true, false>(K, V, c, kc, K, r, V, ws.s.data(), V, true, ws.pack);
@@ -534,6 +537,13 @@ void run_chunked(const problem<T>& p, index_t chunk_size) {
   const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
   const index_t group = HV / H;
   const index_t N = p.sequences();
+  // C beyond the longest sequence changes nothing (every chunk is min(C, len - t0) tokens) but
+  // would size the C² scratch: clamp it, as the gated engine does (2^20 at T = 75 would ask for
+  // terabytes).
+  index_t longest = 0;
+  for (index_t n = 0; n < N; ++n) longest = std::max(longest, segment_of(p, n).len);
+  if (longest == 0) return;
+  chunk_size = std::min(chunk_size, longest);
   std::vector<chunk_workspace<T>> ws(static_cast<std::size_t>(std::max(1, max_slots())));
   for (auto& w : ws) w.resize(chunk_size, K, V);
   parallel_for_with_slot(N * HV, [&](index_t job, int slot) {

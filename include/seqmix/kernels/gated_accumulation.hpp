@@ -40,7 +40,8 @@
 // normal float (double), so treating it as an exact zero changes nothing representable and keeps
 // -inf - -inf out of the arithmetic. Per-key gates use sub-chunks of 16 rows and two paths:
 // - factored (factorable(): no kill and no positive gate in the chunk, no sub-chunk spanning a
-//   decay above e^{factor_bound}, 30 in float): every A entry goes through the first row r of its
+//   decay above e^{factor_bound}, 30 in float, and the chunk's |k|·e^{span} and |q|·e^{-span}
+//   inside float's range, one max/min-abs pass): every A entry goes through the first row r of its
 //   query's sub-chunk, exp(G_i - G_r)·exp(G_r - G_j); the k side exceeds 1 only inside the
 //   sub-chunk, by at most e^{factor_bound}. Exponents are formed in double and split into a float
 //   head and tail, so the factors are as exact as a direct exp. Trained GLA layers
@@ -675,10 +676,18 @@ inline constexpr double factor_bound = std::is_same_v<T, float> ? 30.0 : 300.0;
 
 /// Whether chunk rows 0..L-1 of per-key cumulative gates (gv, ge: [L, K]) may take the factored
 /// path: no kill inside the chunk, no positive gate (so every factor but the in-sub-chunk k side
-/// is <= 1), and no sub-chunk of `sub` rows spanning more than factor_bound in any channel.
+/// is <= 1), no sub-chunk of `sub` rows spanning more than factor_bound in any channel, and the
+/// factors of the chunk's own q and k (qs, kc: [L, K]) inside their safe range: a sub-chunk
+/// spanning a decay e^{span} scales its keys up to e^{span} (max|k|·e^{span} must stay finite
+/// with room for the GEMM: below max/256) and its queries down to e^{-span} (every nonzero
+/// |q|·e^{-span} must stay a normal number, else it loses precision as a subnormal). Outside it
+/// the chunk takes the exact path (its factors are <= 1 and its diagonal blocks direct), so the
+/// choice costs no accuracy: e.g. gk = -1.8 per token with |k| ~ 1e30 or |q| ~ 1e-30. The bounds
+/// are one max/min-abs pass over q and k per chunk (2·L·K, against the L²·K of A). NaN in q or k
+/// fails them too (the exact path then carries it, as the recurrent form does).
 template <class T>
 bool factorable(index_t L, index_t K, index_t sub, const double* __restrict gv,
-                const epoch_t* __restrict ge) {
+                const epoch_t* __restrict ge, const T* __restrict qs, const T* __restrict kc) {
   int bad = 0;
   const epoch_t* last = ge + (L - 1) * K;  // epochs never decrease: the last row has them all
   for (index_t c = 0; c < K; ++c) bad |= last[c] != 0.0;
@@ -686,12 +695,30 @@ bool factorable(index_t L, index_t K, index_t sub, const double* __restrict gv,
     const double* g = gv + i * K;
     for (index_t c = 0; c < K; ++c) bad |= g[c] > g[c - K];
   }
+  if (bad != 0) return false;
+  const T inf = std::numeric_limits<T>::infinity();
   for (index_t r0 = 0; r0 < L; r0 += sub) {
+    const index_t r1 = std::min(L, r0 + sub);
     const double* first = gv + r0 * K;
-    const double* end = gv + (std::min(L, r0 + sub) - 1) * K;
-    for (index_t c = 0; c < K; ++c) bad |= first[c] - end[c] > factor_bound<T>;
+    const double* end = gv + (r1 - 1) * K;
+    double span = 0;
+    for (index_t c = 0; c < K; ++c) span = std::max(span, first[c] - end[c]);
+    if (!(span <= factor_bound<T>)) return false;
+    T kmax = 0, qmin = inf;
+    for (index_t n = r0 * K; n < r1 * K; ++n) {
+      const T ka = std::abs(kc[n]), qa = std::abs(qs[n]);
+      kmax = ka > kmax || ka != ka ? ka : kmax;  // NaN sticks (and fails the test below)
+      qmin = qa < qmin && qa != T(0) ? qa : qmin;
+      qmin = qa != qa ? qa : qmin;
+    }
+    const double grow = std::exp(span);
+    if (!(static_cast<double>(kmax) * grow <=
+          static_cast<double>(std::numeric_limits<T>::max()) / 256))
+      return false;
+    if (!(static_cast<double>(qmin) / grow >= static_cast<double>(std::numeric_limits<T>::min())))
+      return false;
   }
-  return bad == 0;
+  return true;
 }
 
 /// The per-key chunk pieces when factorable(): A (rows at stride lda), Q̃ = sQ ⊙ e^{G} (qt),
@@ -890,7 +917,7 @@ void chunk_local(const problem<T>& p, const Gate& gate, const segment& sg, index
     epoch_t* ge = w.gep.data();
     cumulate<T>(
         L, K, [&](index_t i) { return gate.key_gate_row(sg.b, c0 + i, h); }, gv, ge);
-    if (factorable<T>(L, K, sub, gv, ge)) {
+    if (factorable<T>(L, K, sub, gv, ge, qs, kc)) {
       factored_key_blocks<T>(L, K, sub, w, qs, kc, gv, A, lda, Qt, kt, dk);
     } else {
       // Q̃_ik = sq_ik e^{G_ik}; K̃_jk = ck_jk e^{G_Lk - G_jk}; decay e^{G_Lk}

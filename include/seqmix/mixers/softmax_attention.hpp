@@ -175,7 +175,11 @@ class softmax_attention {
                          tensor_view<const T, 4> v, tensor_view<T, 4> o) const {
     checker check{"softmax_attention::forward_recurrent"};
     const dims d = validate(check, q, k, v, o);
-    kv_cache<T> cache = make_cache(d.B, d.Hkv, d.K, d.V, d.Tn);
+    // a window of at least T never drops a key here: a full cache of T rows is the same
+    // attention, without a ring of W rows (W = 1e15 would not fit in memory)
+    kv_cache<T> cache = opt_.window && *opt_.window < d.Tn
+                            ? make_cache(d.B, d.Hkv, d.K, d.V, d.Tn)
+                            : kv_cache<T>::full(d.B, d.Hkv, d.K, d.V, d.Tn);
     forward_recurrent(q, k, v, o, cache);
   }
 

@@ -1,0 +1,143 @@
+// SPDX-License-Identifier: MIT
+// Argument checks shared by the mixer fronts, run before a call is handed to an engine so that
+// a message names the argument as it appears in the signature the user called (q1 of a step,
+// x of Mamba2) with the rank the user passed ([B, H, K] for a step, not the engine's
+// [B, 1, H, K] view), and gives the numbers.
+//
+// The layout every recurrent mixer shares: q, k [B, T, Hk, K]; v, o [B, T, H, V] with H a
+// multiple of Hk; state [N, H, K, V] (N = B, or the number of packed sequences). One-token
+// entries (step) drop the T dimension. Cost O(rank) per argument, no allocation unless a check
+// fails (step must not allocate).
+#pragma once
+
+#include <cstddef>
+#include <initializer_list>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/gate_check.hpp>
+#include <seqmix/core/tensor.hpp>
+
+namespace seqmix::front {
+
+/// The names of the shared arguments in the user's signature.
+struct qkvo_names {
+  std::string_view q, k, v, o, state;
+};
+
+/// Sizes read off a checked call.
+struct qkvo_dims {
+  index_t B, TT, Hk, H, K, V, N;
+};
+
+/// Shape [B, T, h, d] (R == 4) or [B, h, d] (R == 3) of a token-major argument.
+template <std::size_t R, class View>
+void token_shape(const checker& check, std::string_view name, const View& view, index_t B,
+                 index_t TT, index_t h, index_t d) {
+  static_assert(R == 3 || R == 4);
+  if constexpr (R == 4) {
+    check.shape(name, view, {B, TT, h, d});
+  } else {
+    check.shape(name, view, {B, h, d});
+  }
+}
+
+/// Shape [B, T, h] (R == 4) or [B, h] (R == 3) of a per-head argument (gates, beta, dt).
+template <std::size_t R, class View>
+void head_shape(const checker& check, std::string_view name, const View& view, index_t B,
+                index_t TT, index_t h) {
+  if constexpr (R == 4) {
+    check.shape(name, view, {B, TT, h});
+  } else {
+    check.shape(name, view, {B, h});
+  }
+}
+
+/// q, k: [B,(T),Hk,K]; v, o: [B,(T),H,V] with H % Hk == 0 (H == Hk when `same_heads`);
+/// state [N,H,K,V]; cu_seqlens (sequence form only) gives N. Rows must be contiguous.
+template <class T, std::size_t R>
+qkvo_dims check_qkvo(const checker& check, const qkvo_names& n, const tensor_view<const T, R>& q,
+                     const tensor_view<const T, R>& k, const tensor_view<const T, R>& v,
+                     const tensor_view<T, R>& o, const tensor_view<T, 4>& state,
+                     std::span<const index_t> cu, bool same_heads) {
+  check.nonempty(n.q, q);
+  qkvo_dims d{};
+  d.B = q.extent(0);
+  d.TT = R == 4 ? q.extent(1) : 1;
+  d.Hk = q.extent(R - 2);
+  d.K = q.extent(R - 1);
+  token_shape<R>(check, n.k, k, d.B, d.TT, d.Hk, d.K);
+  check.nonempty(n.v, v);
+  if (same_heads) {
+    token_shape<R>(check, n.v, v, d.B, d.TT, d.Hk, any_extent);
+  } else {
+    token_shape<R>(check, n.v, v, d.B, d.TT, any_extent, any_extent);
+  }
+  d.H = v.extent(R - 2);
+  d.V = v.extent(R - 1);
+  if (d.H % d.Hk != 0) {
+    check.fail(n.v, "heads of " + std::string(n.v) + " (" + std::to_string(d.H) +
+                        ") must be a multiple of the heads of " + std::string(n.q) + " (" +
+                        std::to_string(d.Hk) + ")");
+  }
+  token_shape<R>(check, n.o, o, d.B, d.TT, d.H, d.V);
+  d.N = cu.empty() ? d.B : check.cu_seqlens(cu, d.B, d.TT);
+  check.shape(n.state, state, {d.N, d.H, d.K, d.V});
+  check.inner_contiguous(n.q, q);
+  check.inner_contiguous(n.k, k);
+  check.inner_contiguous(n.v, v);
+  check.inner_contiguous(n.o, o);
+  check.inner_contiguous(n.state, state);
+  return d;
+}
+
+/// options.chunk_size > 0 and options.scale (when set) finite, checked when a mixer is built.
+template <class Options>
+void check_common_options(const checker& check, const Options& opt) {
+  if (opt.chunk_size <= 0) {
+    check.fail("options.chunk_size", "must be > 0, got " + std::to_string(opt.chunk_size));
+  }
+  if (opt.scale) check.finite_value("options.scale", *opt.scale);
+}
+
+/// Sizes of make_state / make_cache: each >= 1.
+inline void check_sizes(const checker& check, std::initializer_list<std::string_view> names,
+                        std::initializer_list<index_t> sizes) {
+  auto name = names.begin();
+  for (index_t s : sizes) {
+    if (s < 1) check.fail(*name, "must be >= 1, got " + std::to_string(s));
+    ++name;
+  }
+}
+
+/// A delta-rule call (delta_net, gated_delta_net; R == 4 sequence forms, R == 3 step): q, k
+/// [B,(T),H,K]; v, o [B,(T),HV,V]; g (gated), beta [B,(T),HV]; state [N,HV,K,V]; g are log
+/// gates (<= 0 unless growth is allowed), beta finite; o and state disjoint from the inputs;
+/// options.scale finite and (sequence forms) options.chunk_size > 0.
+template <class T, std::size_t R, class Options>
+void check_delta_call(const checker& check, const Options& opt, bool gated, bool allow_growth,
+                      const tensor_view<const T, R>& q, const tensor_view<const T, R>& k,
+                      const tensor_view<const T, R>& v, const tensor_view<const T, R - 1>& g,
+                      const tensor_view<const T, R - 1>& beta, const tensor_view<T, R>& o,
+                      const tensor_view<T, 4>& state, std::span<const index_t> cu) {
+  if (opt.scale) check.finite_value("options.scale", *opt.scale);
+  if (R == 4 && opt.chunk_size <= 0) {
+    check.fail("options.chunk_size", "must be > 0, got " + std::to_string(opt.chunk_size));
+  }
+  const qkvo_names n{"q", "k", "v", "o", "state"};
+  const qkvo_dims d = check_qkvo<T, R>(check, n, q, k, v, o, state, cu, false);
+  if (gated) {
+    check.nonempty("g", g);
+    head_shape<R>(check, "g", g, d.B, d.TT, d.H);
+  }
+  head_shape<R>(check, "beta", beta, d.B, d.TT, d.H);
+  check.no_overlap({range_of("o", o), range_of("state", state)},
+                   {range_of("q", q), range_of("k", k), range_of("v", v), range_of("g", g),
+                    range_of("beta", beta)});
+  if (gated) check_log_gates<T, R - 1>(check, "g", g, allow_growth, R == 4 ? "b, t, hv" : "b, hv");
+  check.finite("beta", beta);
+}
+
+}  // namespace seqmix::front
