@@ -15,7 +15,7 @@
 // exp flushes results below the smallest normal to 0 (and exp(-inf) = 0).
 //
 // ISA: the vector width is the one of the compiler's target. An x86-64 build without AVX2 and FMA
-// (the compilers' default target is SSE2) runs the kernels 3-6x slower, so such a build says so
+// (the compilers' default target is SSE2) runs the kernels 2-5x slower, so such a build says so
 // at compile time (a #pragma message; define SEQMIX_NO_ISA_WARNING to silence it), and
 // arch_name() tells at run time. Compile with -march=native (or e.g. -mavx2 -mfma).
 #pragma once
@@ -23,7 +23,7 @@
 #if !defined(SEQMIX_NO_ISA_WARNING) && (defined(__x86_64__) || defined(_M_X64)) && \
     !(defined(__AVX2__) && defined(__FMA__))
 #pragma message( \
-    "seqmix: compiled without AVX2/FMA (SSE2 only): its kernels run 3-6x slower than with " \
+    "seqmix: compiled without AVX2/FMA (SSE2 only): its kernels run 2-5x slower than with " \
     "-march=native; compile with -march=native or -mavx2 -mfma (define SEQMIX_NO_ISA_WARNING " \
     "to silence this message)")
 #endif
