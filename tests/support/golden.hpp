@@ -36,7 +36,8 @@ inline bool available() {
 inline std::string path(const std::string& relative) {
   const std::filesystem::path p = std::filesystem::path(dir()) / relative;
   if (!std::filesystem::exists(p)) {
-    FAIL("golden reference file '" << p.string() << "' not found: the reference vectors are "
+    FAIL("golden reference file '"
+         << p.string() << "' not found: the reference vectors are "
          << "vendored in tests/golden of the seqmix repository (restore it with `git checkout -- "
          << "tests/golden`, or point -DSEQMIX_GOLDEN_DIR / the SEQMIX_GOLDEN_DIR environment "
          << "variable at a copy); golden tests fail when their file is missing, never skip");

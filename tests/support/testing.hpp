@@ -40,8 +40,8 @@ inline void require_team(int threads) {
   }
   REQUIRE(distinct == threads);
 #else
-  FAIL("seqmix was built without OpenMP: every kernel is serial, so a 1 vs " << threads
-       << " threads comparison would compare serial with serial");
+  FAIL("seqmix was built without OpenMP: every kernel is serial, so a 1 vs "
+       << threads << " threads comparison would compare serial with serial");
 #endif
 }
 

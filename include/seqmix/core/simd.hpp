@@ -22,8 +22,8 @@
 
 #if !defined(SEQMIX_NO_ISA_WARNING) && (defined(__x86_64__) || defined(_M_X64)) && \
     !(defined(__AVX2__) && defined(__FMA__))
-#pragma message( \
-    "seqmix: compiled without AVX2/FMA (SSE2 only): its kernels run 2-5x slower than with " \
+#pragma message(                                                                               \
+    "seqmix: compiled without AVX2/FMA (SSE2 only): its kernels run 2-5x slower than with "    \
     "-march=native; compile with -march=native or -mavx2 -mfma (define SEQMIX_NO_ISA_WARNING " \
     "to silence this message)")
 #endif
