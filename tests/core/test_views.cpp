@@ -134,6 +134,30 @@ TEST_CASE("views: a fused [T, 3·H·D] projection splits into [T, H, D] blocks w
   CHECK(m(3, 1) == fused(3, HD + 2 * D + 1));
 }
 
+TEST_CASE("views: merge is split's inverse and needs adjacent dimensions", "[core][views]") {
+  const index_t T = 3, H = 2, D = 4;
+  tensor<float, 2> fused({T, 3 * H * D});
+  iota(fused);
+  auto k = fused.slice(1, H * D, 2 * H * D).split(1, {H, D});  // [T, H, D], strided rows
+  auto k2 = k.merge(1);                                        // back to the [T, H·D] block
+  CHECK(k2.shape() == shape_t<2>{T, H * D});
+  CHECK(k2.strides() == shape_t<2>{3 * H * D, 1});
+  CHECK(k2(2, 5) == fused(2, H * D + 5));
+  // merging the strided rows with the heads is impossible without a copy
+  CHECK_THROWS_WITH(k.merge(0), Contains("seqmix::tensor_view::merge: argument 'dim'") &&
+                                    Contains("not adjacent") && Contains("strides [24, 4, 1]"));
+  CHECK_THROWS_WITH(k.merge(2), Contains("argument 'dim'") && Contains("[0, 2)"));
+  // extent-1 dimensions merge whatever their stride
+  auto u = fused.unsqueeze(1);  // [T, 1, 3·H·D], stride 0 in the middle
+  CHECK(u.merge(0).shape() == shape_t<2>{T, 3 * H * D});
+  CHECK(u.merge(0).strides() == fused.strides());
+  CHECK(u.merge(1).strides() == shape_t<2>{3 * H * D, 1});
+  // a contiguous tensor merges fully
+  tensor<int, 3> c({2, 3, 4});
+  CHECK(c.merge(0).merge(0).is_contiguous());
+  CHECK_THROWS_WITH((c.transpose<0, 1>().merge(0)), Contains("seqmix::tensor_view::merge"));
+}
+
 TEST_CASE("views: split checks its arguments", "[core][views][hostile]") {
   tensor<float, 2> t({4, 12});
   auto v = t.view();

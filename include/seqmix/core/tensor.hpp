@@ -3,8 +3,8 @@
 // tensor_view<T, R> (core/view.hpp): non-owning strided view; tensor_view<const T, R> for
 // inputs, so the direction of data is checked by the compiler. Views convert implicitly from
 // tensors, and a tensor offers the view operations itself (select, slice, transpose, permute,
-// split, unsqueeze, squeeze, broadcast_to, reshape), const-correct: those of a const tensor are
-// read-only views, and they are deleted on temporaries (the view would dangle).
+// split, merge, unsqueeze, squeeze, broadcast_to, reshape), const-correct: those of a const tensor
+// are read-only views, and they are deleted on temporaries (the view would dangle).
 //
 //   tensor<float, 4> q({B, T, H, K});          // zeros, contiguous, D innermost
 //   tensor_view<const float, 4> in = q;        // read-only view
@@ -200,6 +200,14 @@ class tensor {
   const& { return view().template split_impl<N>("tensor::split", dim, parts); }
   template <std::size_t N>
   void split(std::size_t, const index_t (&)[N]) && = delete;
+
+  tensor_view<T, R - 1> merge(std::size_t dim) & requires(R > 1) {
+    return view().merge_impl("tensor::merge", dim);
+  }
+  tensor_view<const T, R - 1> merge(std::size_t dim) const& requires(R > 1) {
+    return view().merge_impl("tensor::merge", dim);
+  }
+  void merge(std::size_t) && = delete;
 
   tensor_view<T, R + 1> unsqueeze(std::size_t dim) & requires(R < 5) {
     return view().unsqueeze_impl("tensor::unsqueeze", dim);

@@ -13,6 +13,7 @@
 //   auto k = x.slice(1, H * D, 2 * H * D);          // [T, H·D] column block, row stride 3·H·D
 //   auto k3 = k.split(1, {H, D});                   // [T, H, D], strides {3·H·D, D, 1}, no copy
 //   auto kt = k3.permute({1, 0, 2});                // [H, T, D]
+//   auto o2 = o3.merge(1);                          // [T, H, D] -> [T, H·D]
 //   auto bias = b.unsqueeze(0).broadcast_to({T, N}); // [N] -> [T, N] with row stride 0 (read-only)
 #pragma once
 
@@ -212,6 +213,13 @@ class tensor_view {
   requires(N >= 1 && R + N - 1 <= 5) constexpr tensor_view<T, R + N - 1> split(
       std::size_t dim, const index_t (&parts)[N]) const {
     return split_impl<N>("tensor_view::split", dim, parts);
+  }
+
+  /// Merges dimensions dim and dim + 1 into one of extent extent(dim) · extent(dim + 1), without
+  /// a copy (split's inverse: [T, H, D] -> [T, H·D]); needs stride(dim) == stride(dim + 1) ·
+  /// extent(dim + 1), which a split always leaves.
+  constexpr tensor_view<T, R - 1> merge(std::size_t dim) const requires(R > 1) {
+    return merge_impl("tensor_view::merge", dim);
   }
 
   /// Inserts a dimension of extent 1 (stride 0) before dimension `dim` (0 <= dim <= R).
@@ -421,6 +429,31 @@ class tensor_view {
       j += N;
     }
     return {typename tensor_view<T, R + N - 1>::unchecked_t{}, data_, s, st};
+  }
+
+  constexpr tensor_view<T, R - 1> merge_impl(const char* where, std::size_t dim) const {
+    check_dim(where, dim, "dim", R - 1);
+    const index_t e0 = shape_[dim], e1 = shape_[dim + 1];
+    index_t stride = strides_[dim + 1];
+    if (e1 == 1) {
+      stride = strides_[dim];
+    } else if (e0 != 1 && e0 * e1 != 0 && strides_[dim] != strides_[dim + 1] * e1) {
+      detail::fail(where, "dim",
+                   "dimensions " + std::to_string(dim) + " and " + std::to_string(dim + 1) +
+                       " of shape " + detail::shape_string<R>(shape_) + " with strides " +
+                       detail::shape_string<R>(strides_) +
+                       " are not adjacent in memory (need stride " +
+                       std::to_string(strides_[dim + 1] * e1) + " for dimension " +
+                       std::to_string(dim) + ")");
+    }
+    shape_t<R - 1> s{}, st{};
+    for (std::size_t d = 0, j = 0; d < R; ++d) {
+      if (d == dim + 1) continue;
+      s[j] = d == dim ? e0 * e1 : shape_[d];
+      st[j] = d == dim ? stride : strides_[d];
+      ++j;
+    }
+    return {typename tensor_view<T, R - 1>::unchecked_t{}, data_, s, st};
   }
 
   constexpr tensor_view<T, R + 1> unsqueeze_impl(const char* where, std::size_t dim) const {
