@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -364,5 +366,54 @@ TEST_CASE("safetensors: paths that are not readable files are io_errors", "[core
   CHECK_THAT(io_error_of([&] { w.save(dir.string()); }), Contains("for writing"));
   CHECK_THAT(io_error_of([&] { w.add("a", a); }), Contains("duplicate or reserved"));
   CHECK_THROWS_AS(w.add_as("x", a, dtype::i32), shape_error);
+  std::filesystem::remove_all(dir);
+}
+
+namespace {
+long resident_kib() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return -1;
+  char line[256];
+  long kib = -1;
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::strncmp(line, "VmRSS:", 6) == 0) kib = std::strtol(line + 6, nullptr, 10);
+  }
+  std::fclose(f);
+  return kib;
+}
+}  // namespace
+
+TEST_CASE("safetensors: a 10 GiB file is mapped, not read (no resident memory until touched)",
+          "[core][safetensors]") {
+  if (resident_kib() < 0) return;  // no /proc: nothing to measure
+  const auto dir = temp_dir("sparse");
+  const std::string path = (dir / "big.safetensors").string();
+  const std::size_t n = std::size_t(5) << 30;  // BF16 elements: 10 GiB
+  std::string header = "{\"big\":{\"dtype\":\"BF16\",\"shape\":[" + std::to_string(n) +
+                       "],\"data_offsets\":[0," + std::to_string(2 * n) +
+                       "]},\"small\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[" +
+                       std::to_string(2 * n) + "," + std::to_string(2 * n + 16) + "]}}";
+  while (header.size() % 8) header.push_back(' ');
+  {
+    std::FILE* f = std::fopen(path.c_str(), "wb");
+    REQUIRE(f);
+    const std::uint64_t len = header.size();
+    REQUIRE(std::fwrite(&len, 8, 1, f) == 1);
+    REQUIRE(std::fwrite(header.data(), 1, header.size(), f) == header.size());
+    std::fclose(f);
+    // A sparse file: the 10 GiB of zeros take no disk space either.
+    std::filesystem::resize_file(path, 8 + header.size() + 2 * n + 16);
+  }
+  const long before = resident_kib();
+  const auto file = safetensors_file::load(path);
+  const auto big = file.view<bf16, 1>("big");
+  CHECK(big.extent(0) == index_t(n));
+  CHECK(big(0).bits == 0);
+  CHECK(big(index_t(n) - 1).bits == 0);
+  CHECK(file.get<float, 1>("small")(3) == 0.0f);
+  const long after = resident_kib();
+  INFO("VmRSS before " << before << " KiB, after " << after << " KiB");
+  CHECK(file.is_mapped());
+  CHECK(after - before < 32 * 1024);  // a copy would be 10 GiB
   std::filesystem::remove_all(dir);
 }
