@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -136,6 +137,34 @@ TEST_CASE("checkpoint: bad folders, indexes and shards are io_errors naming the 
     return io_error_of([&] { (void)checkpoint::open(dir.string()); });
   };
   CHECK(open_error(good) == "NO EXCEPTION");
+  {  // seeded random edits of the index: only success or io_error, never another exception
+    std::mt19937 rng(7);
+    int wrong = 0, ok = 0;
+    std::string first_wrong;
+    for (int i = 0; i < 400; ++i) {
+      std::string text = good;
+      for (int k = 0; k < 2; ++k) {
+        const std::size_t at = rng() % text.size();
+        switch (rng() % 3) {
+          case 0:
+            text[at] = static_cast<char>(rng() % 128);
+            break;
+          case 1:
+            text.erase(at, 1 + rng() % 8);
+            break;
+          default:
+            text.insert(at, text.substr(at, 1 + rng() % 40));
+            break;
+        }
+      }
+      const std::string msg = open_error(text);
+      if (msg.rfind("WRONG EXCEPTION", 0) == 0 && wrong++ == 0) first_wrong = msg;
+      if (msg == "NO EXCEPTION") ++ok;
+    }
+    INFO("first: " << first_wrong);
+    CHECK(wrong == 0);
+    CHECK(ok < 400);
+  }
   CHECK_THAT(open_error("{"), Contains("malformed index") && Contains("not valid JSON"));
   CHECK_THAT(open_error("[]"), Contains("not a JSON object"));
   CHECK_THAT(open_error(R"({"metadata":{}})"), Contains("no \"weight_map\" object"));
