@@ -14,8 +14,10 @@
 // on the 2-core dev machine the recurrent form is faster at every T, so forward() takes it.
 // The decode step runs on the calling thread below 2^20 state updates (a parallel region costs
 // more than the step), so its threads:2 rows measure the same code as threads:1.
+#include <cmath>
 #include <random>
 
+#include <seqmix/core/gate_check.hpp>
 #include <seqmix/mixers/gla.hpp>
 #include <seqmix/mixers/linear_attention.hpp>
 #include <seqmix/mixers/mamba2_ssd.hpp>
@@ -126,6 +128,34 @@ void BM_simple_gla_step(benchmark::State& st) {
   seqmix_bench::report_rates(st, 1.0, recurrent_flops(1, K, K));
 }
 
+// ---- cost of the front checks in a decode step (issue 10 item 5) -----------------------------
+// BM_gla_step runs every check of the public step (shapes, aliasing, log gates <= 0);
+// BM_gla_step_unchecked calls the engine on the same views with none of them;
+// BM_gla_gate_check is the log-gate check alone on gk1 [1, H, K]. Args {K, threads}; compare
+// rows of one run (alternate and repeat them on a loaded machine).
+void BM_gla_step_unchecked(benchmark::State& st) {
+  seqmix_bench::use_threads(int(st.range(1)));
+  const index_t K = st.range(0);
+  inputs in(1, K, K, true);
+  namespace eng = seqmix::kernels::gated;
+  const eng::problem<float> p{in.q, in.k, in.v, in.o, in.state, {}, 1.f / std::sqrt(float(K)), {}};
+  const eng::key_gate<float> gate{in.gk, {}};
+  for (auto _ : st) eng::run(eng::form::recurrent, p, gate, chunk, 0);
+  seqmix_bench::report_rates(st, 1.0, recurrent_flops(1, K, K));
+}
+void BM_gla_gate_check(benchmark::State& st) {
+  seqmix_bench::use_threads(int(st.range(1)));
+  const index_t K = st.range(0);
+  inputs in(1, K, K, true);
+  const seqmix::tensor_view<const float, 3> gk1 = in.gk.view().select<1>(0);
+  const seqmix::checker check{"gla::step"};
+  for (auto _ : st) {
+    seqmix::check_log_gates<float, 3>(check, "gk1", gk1, false, "b, h, k");
+    benchmark::ClobberMemory();
+  }
+  st.counters["gates"] = double(gk1.size());
+}
+
 // ---- linear attention ------------------------------------------------------------------------
 void BM_linear_attention_chunked(benchmark::State& st) {
   seqmix_bench::use_threads(int(st.range(2)));
@@ -233,6 +263,8 @@ BENCHMARK(BM_linear_attention_recurrent)->Apply(switch_args);
 BENCHMARK(BM_mamba2_ssd_chunked)->Apply(mamba_args);
 BENCHMARK(BM_mamba2_ssd_recurrent)->Apply(mamba_args);
 BENCHMARK(BM_gla_step)->Apply(step_args);
+BENCHMARK(BM_gla_step_unchecked)->Apply(step_args);
+BENCHMARK(BM_gla_gate_check)->Apply(step_args);
 BENCHMARK(BM_simple_gla_step)->Apply(step_args);
 BENCHMARK(BM_mamba2_ssd_step)->Apply(step_args);
 

@@ -16,6 +16,10 @@
 //  - forward: the form measured faster for the shape (kernels::delta_rule::prefer_chunked): on
 //    the reference machine the recurrent form won at every T, so forward() runs it.
 // Numerics, -inf gates and the unstable regime (|1 - beta·|k|²| > 1): kernels/delta_rule.hpp.
+//
+// Checks (every entry, step included, before the engine runs): shapes with the numbers; beta
+// finite; options.scale finite; options.chunk_size > 0; o and state must not share memory with
+// any input or with each other (in place is not supported: rejected).
 #pragma once
 
 #include <cmath>
@@ -25,6 +29,7 @@
 #include <seqmix/core/error.hpp>
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/kernels/delta_rule.hpp>
+#include <seqmix/mixers/detail/front_checks.hpp>
 
 namespace seqmix {
 
@@ -38,6 +43,12 @@ class delta_net : public kernels::delta_rule::front<T> {
   using typename base::options;
   delta_net() : base(options{}) {}
   explicit delta_net(const options& opt) : base(opt) {}
+
+  /// A zero state [B, HV, K, V] (B = N for packed input).
+  static tensor<T, 4> make_state(index_t B, index_t HV, index_t K, index_t V) {
+    front::check_sizes(checker{"delta_net::make_state"}, {"B", "HV", "K", "V"}, {B, HV, K, V});
+    return base::make_state(B, HV, K, V);
+  }
 
   /// Chunked-parallel form (WY/UT transform).
   /// @param q     [B, T, H, K] queries (in)
@@ -96,6 +107,23 @@ class delta_net : public kernels::delta_rule::front<T> {
   void step(tensor_view<const T, 3> q, tensor_view<const T, 3> k, tensor_view<const T, 3> v,
             tensor_view<const T, 2> beta, tensor_view<T, 3> o, tensor_view<T, 4> state) const {
     this->run_step("delta_net::step", q, k, v, {}, false, beta, o, state);
+  }
+
+ private:
+  using typename base::call;
+  // The front's checks (names and shapes as in the signatures, gates, aliasing), then the shared
+  // dispatch of kernels::delta_rule::front (whose own checks then pass).
+  void run(const char* where, form f, const call& c, bool gated) const {
+    front::check_delta_call<T, 4>(checker{where}, this->opt_, gated, false, c.q, c.k, c.v, c.g,
+                                  c.beta, c.o, c.state, c.cu);
+    base::run(where, f, c, gated);
+  }
+  void run_step(const char* where, tensor_view<const T, 3> q, tensor_view<const T, 3> k,
+                tensor_view<const T, 3> v, tensor_view<const T, 2> g, bool gated,
+                tensor_view<const T, 2> beta, tensor_view<T, 3> o, tensor_view<T, 4> state) const {
+    front::check_delta_call<T, 3>(checker{where}, this->opt_, gated, false, q, k, v, g, beta, o,
+                                  state, {});
+    base::run_step(where, q, k, v, g, gated, beta, o, state);
   }
 };
 

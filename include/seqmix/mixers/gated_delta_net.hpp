@@ -17,6 +17,14 @@
 //  - forward: the form measured faster for the shape (kernels::delta_rule::prefer_chunked): on
 //    the reference machine the recurrent form won at every T, so forward() runs it.
 // Numerics, -inf gates and the unstable regime (|1 - beta·|k|²| > 1): kernels/delta_rule.hpp.
+//
+// Checks (every entry, step included, before the engine runs): shapes with the numbers; g are
+// log gates: <= 0 or -inf, a gate > 0 (alpha passed instead of log alpha) or NaN is rejected
+// with its index (b, t, hv) and value (core/gate_check.hpp); construct with gate_growth::allow
+// to accept growth; beta finite; options.scale finite; options.chunk_size > 0; o and state must
+// not share memory with any input or with each other (in place is not supported: rejected).
+// gated_delta_gates rejects non-finite a, b with their index and value, and outputs that share
+// memory with its inputs.
 #pragma once
 
 #include <cmath>
@@ -26,6 +34,7 @@
 #include <seqmix/core/error.hpp>
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/kernels/delta_rule.hpp>
+#include <seqmix/mixers/detail/front_checks.hpp>
 
 namespace seqmix {
 
@@ -38,7 +47,17 @@ class gated_delta_net : public kernels::delta_rule::front<T> {
  public:
   using typename base::options;
   gated_delta_net() : base(options{}) {}
-  explicit gated_delta_net(const options& opt) : base(opt) {}
+  /// `growth`: gate_growth::allow accepts log gates > 0 (the state grows); by default they are
+  /// rejected (core/gate_check.hpp says why).
+  explicit gated_delta_net(const options& opt, gate_growth growth = gate_growth::reject)
+      : base(opt), allow_growth_(growth == gate_growth::allow) {}
+
+  /// A zero state [B, HV, K, V] (B = N for packed input).
+  static tensor<T, 4> make_state(index_t B, index_t HV, index_t K, index_t V) {
+    front::check_sizes(checker{"gated_delta_net::make_state"}, {"B", "HV", "K", "V"},
+                       {B, HV, K, V});
+    return base::make_state(B, HV, K, V);
+  }
 
   /// Chunked-parallel form (WY/UT transform).
   /// @param q     [B, T, H, K] queries (in)
@@ -104,10 +123,31 @@ class gated_delta_net : public kernels::delta_rule::front<T> {
             tensor_view<T, 4> state) const {
     this->run_step("gated_delta_net::step", q, k, v, g, true, beta, o, state);
   }
+
+ private:
+  using typename base::call;
+  // The front's checks (names and shapes as in the signatures, gates, aliasing), then the shared
+  // dispatch of kernels::delta_rule::front (whose own checks then pass).
+  void run(const char* where, form f, const call& c, bool gated) const {
+    front::check_delta_call<T, 4>(checker{where}, this->opt_, gated, allow_growth_, c.q, c.k, c.v,
+                                  c.g, c.beta, c.o, c.state, c.cu);
+    base::run(where, f, c, gated);
+  }
+  void run_step(const char* where, tensor_view<const T, 3> q, tensor_view<const T, 3> k,
+                tensor_view<const T, 3> v, tensor_view<const T, 2> g, bool gated,
+                tensor_view<const T, 2> beta, tensor_view<T, 3> o, tensor_view<T, 4> state) const {
+    front::check_delta_call<T, 3>(checker{where}, this->opt_, gated, allow_growth_, q, k, v, g,
+                                  beta, o, state, {});
+    base::run_step(where, q, k, v, g, gated, beta, o, state);
+  }
+
+  bool allow_growth_ = false;
 };
 
 /// Gate helper of Gated DeltaNet layers: g = -exp(A_log_h) · softplus(a + dt_bias_h) and
-/// beta = sigmoid(b), finite for every finite input (clamped at the lowest finite value).
+/// beta = sigmoid(b), finite for every finite input (clamped at the lowest finite value); a
+/// non-finite input is rejected with its index and value, g and beta must not share memory
+/// with the inputs.
 /// @param a, b     [B, T, HV] projections (in)
 /// @param A_log    [HV] (in);  dt_bias [HV] (in)
 /// @param g, beta  [B, T, HV] (out)
@@ -116,12 +156,19 @@ void gated_delta_gates(tensor_view<const T, 3> a, tensor_view<const T, 3> b,
                        tensor_view<const T, 1> A_log, tensor_view<const T, 1> dt_bias,
                        tensor_view<T, 3> g, tensor_view<T, 3> beta) {
   const checker check{"gated_delta_gates"};
+  check.extents("a", a);
   const index_t B = a.extent(0), TT = a.extent(1), HV = a.extent(2);
   check.shape("b", b, {B, TT, HV});
   check.shape("A_log", A_log, {HV});
   check.shape("dt_bias", dt_bias, {HV});
   check.shape("g", g, {B, TT, HV});
   check.shape("beta", beta, {B, TT, HV});
+  check.no_overlap(
+      {range_of("g", g), range_of("beta", beta)},
+      {range_of("a", a), range_of("b", b), range_of("A_log", A_log), range_of("dt_bias", dt_bias)});
+  // a NaN would become g = lowest (a silent "forget everything"), a NaN b a NaN beta
+  check.finite("a", a);
+  check.finite("b", b);
   check.finite("A_log", A_log);
   check.finite("dt_bias", dt_bias);
   for (index_t i = 0; i < B; ++i)

@@ -11,6 +11,13 @@
 // factored path (every trained layer's do), 10·K (exact 16×16 diagonal blocks) otherwise,
 // O(C·(C+K+V) + K·V) scratch per thread. The GLA layer uses gk = logsigmoid(x) / 16; any gate
 // in [-inf, 0] is finite and exact here (see the engine).
+//
+// Checks (every entry, step included, before the engine runs; messages name the arguments of
+// the entry called, q1/k1/... with their [B,H,K] shapes for step): shapes; gk and gv are log
+// gates: <= 0 or -inf, a gate > 0 (alpha passed instead of log alpha) or NaN is rejected with
+// its index and value (core/gate_check.hpp), growth is allowed with options::allow_gate_growth;
+// options.scale finite and options.chunk_size > 0 when the mixer is built; o and state must not
+// share memory with any input or with each other (in place is not supported: rejected).
 #pragma once
 
 #include <cmath>
@@ -19,8 +26,10 @@
 #include <span>
 
 #include <seqmix/core/error.hpp>
+#include <seqmix/core/gate_check.hpp>
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/kernels/gated_accumulation.hpp>
+#include <seqmix/mixers/detail/front_checks.hpp>
 
 namespace seqmix {
 
@@ -34,16 +43,20 @@ class gla {
     /// forward() takes the chunked form from this many tokens per sequence (mean over the
     /// packed sequences), the recurrent form below; empty: default_switch_over_t.
     std::optional<index_t> switch_over_t{};
+    /// Accept log gates > 0 (decays above 1: the state grows). Off by default: a positive gate
+    /// is nearly always alpha passed instead of log alpha (core/gate_check.hpp).
+    bool allow_gate_growth = false;
   };
   /// forward()'s switch-over without options::switch_over_t (kernels::gated says why).
   static constexpr index_t default_switch_over_t = kernels::gated::default_switch_over_t;
 
   gla() = default;
-  explicit gla(options opt) : opt_(opt) {}
+  explicit gla(options opt) : opt_(opt) { front::check_common_options(checker{"gla"}, opt_); }
   const options& get_options() const { return opt_; }
 
   /// A zero state [B,H,K,V].
   static tensor<T, 4> make_state(index_t B, index_t H, index_t K, index_t V) {
+    front::check_sizes(checker{"gla::make_state"}, {"B", "H", "K", "V"}, {B, H, K, V});
     return tensor<T, 4>({B, H, K, V});
   }
 
@@ -52,28 +65,26 @@ class gla {
   void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                        tensor_view<const T, 4> v, tensor_view<const T, 4> gk, tensor_view<T, 4> o,
                        tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
-    run("gla::forward_chunked", kernels::gated::form::chunked, q, k, v, gk, {}, o, state,
-        cu_seqlens);
+    run<4>("gla::forward_chunked", kernels::gated::form::chunked, q, k, v, gk, {}, o, state,
+           cu_seqlens);
   }
   /// Recurrent form; arguments as forward_chunked.
   void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                          tensor_view<const T, 4> v, tensor_view<const T, 4> gk, tensor_view<T, 4> o,
                          tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
-    run("gla::forward_recurrent", kernels::gated::form::recurrent, q, k, v, gk, {}, o, state,
-        cu_seqlens);
+    run<4>("gla::forward_recurrent", kernels::gated::form::recurrent, q, k, v, gk, {}, o, state,
+           cu_seqlens);
   }
   /// The faster form for this shape.
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                tensor_view<const T, 4> gk, tensor_view<T, 4> o, tensor_view<T, 4> state,
                std::span<const index_t> cu_seqlens = {}) const {
-    run("gla::forward", kernels::gated::form::automatic, q, k, v, gk, {}, o, state, cu_seqlens);
+    run<4>("gla::forward", kernels::gated::form::automatic, q, k, v, gk, {}, o, state, cu_seqlens);
   }
   /// One token per sequence, allocates nothing. q1, k1, gk1: [B,H,K]; v1, o1: [B,H,V].
   void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
             tensor_view<const T, 3> gk1, tensor_view<T, 3> o1, tensor_view<T, 4> state) const {
-    using kernels::gated::as_one_token;
-    run("gla::step", kernels::gated::form::recurrent, as_one_token(q1), as_one_token(k1),
-        as_one_token(v1), as_one_token(gk1), {}, as_one_token(o1), state, {});
+    run<3>("gla::step", kernels::gated::form::recurrent, q1, k1, v1, gk1, {}, o1, state, {});
   }
 
   /// With a per-value gate gv: [B,T,H,V] (step: [B,H,V]).
@@ -81,52 +92,79 @@ class gla {
                        tensor_view<const T, 4> v, tensor_view<const T, 4> gk,
                        tensor_view<const T, 4> gv, tensor_view<T, 4> o, tensor_view<T, 4> state,
                        std::span<const index_t> cu_seqlens = {}) const {
-    run("gla::forward_chunked", kernels::gated::form::chunked, q, k, v, gk, require_gv(gv), o,
-        state, cu_seqlens);
+    run<4>("gla::forward_chunked", kernels::gated::form::chunked, q, k, v, gk,
+           require_gv("gla::forward_chunked", gv), o, state, cu_seqlens);
   }
   void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                          tensor_view<const T, 4> v, tensor_view<const T, 4> gk,
                          tensor_view<const T, 4> gv, tensor_view<T, 4> o, tensor_view<T, 4> state,
                          std::span<const index_t> cu_seqlens = {}) const {
-    run("gla::forward_recurrent", kernels::gated::form::recurrent, q, k, v, gk, require_gv(gv), o,
-        state, cu_seqlens);
+    run<4>("gla::forward_recurrent", kernels::gated::form::recurrent, q, k, v, gk,
+           require_gv("gla::forward_recurrent", gv), o, state, cu_seqlens);
   }
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                tensor_view<const T, 4> gk, tensor_view<const T, 4> gv, tensor_view<T, 4> o,
                tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
-    run("gla::forward", kernels::gated::form::automatic, q, k, v, gk, require_gv(gv), o, state,
-        cu_seqlens);
+    run<4>("gla::forward", kernels::gated::form::automatic, q, k, v, gk,
+           require_gv("gla::forward", gv), o, state, cu_seqlens);
   }
   void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
             tensor_view<const T, 3> gk1, tensor_view<const T, 3> gv1, tensor_view<T, 3> o1,
             tensor_view<T, 4> state) const {
-    using kernels::gated::as_one_token;
-    run("gla::step", kernels::gated::form::recurrent, as_one_token(q1), as_one_token(k1),
-        as_one_token(v1), as_one_token(gk1), require_gv(as_one_token(gv1)), as_one_token(o1), state,
-        {});
+    run<3>("gla::step", kernels::gated::form::recurrent, q1, k1, v1, gk1,
+           require_gv("gla::step", gv1), o1, state, {});
   }
 
  private:
-  static tensor_view<const T, 4> require_gv(tensor_view<const T, 4> gv) {
-    checker{"gla"}.nonempty("gv", gv);
+  template <std::size_t R>
+  static tensor_view<const T, R> require_gv(const char* where, tensor_view<const T, R> gv) {
+    checker{where}.nonempty(R == 4 ? "gv" : "gv1", gv);
     return gv;
   }
-  void run(const char* where, kernels::gated::form f, tensor_view<const T, 4> q,
-           tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<const T, 4> gk,
-           tensor_view<const T, 4> gv, tensor_view<T, 4> o, tensor_view<T, 4> state,
+  template <std::size_t R>
+  void run(const char* where, kernels::gated::form f, tensor_view<const T, R> q,
+           tensor_view<const T, R> k, tensor_view<const T, R> v, tensor_view<const T, R> gk,
+           tensor_view<const T, R> gv, tensor_view<T, R> o, tensor_view<T, 4> state,
            std::span<const index_t> cu) const {
     const checker check{where};
-    kernels::gated::problem<T> p{q, k, v, o, state, {}, T(1), cu};
-    kernels::gated::validate(check, p, opt_.chunk_size);
-    check.require(v.extent(2) == q.extent(2), "v", "must have the heads of q");
-    check.shape("gk", gk, {q.extent(0), q.extent(1), q.extent(2), q.extent(3)});
-    check.inner_contiguous("gk", gk);
-    kernels::gated::check_log_gate<T>(check, "gk", gk);
-    if (gv.data()) {
-      check.shape("gv", gv, {v.extent(0), v.extent(1), v.extent(2), v.extent(3)});
-      check.inner_contiguous("gv", gv);
-      kernels::gated::check_log_gate<T>(check, "gv", gv);
+    constexpr bool one = R == 3;  // step: [B,H,D] arguments named q1, k1, ...
+    const front::qkvo_names n = one ? front::qkvo_names{"q1", "k1", "v1", "o1", "state"}
+                                    : front::qkvo_names{"q", "k", "v", "o", "state"};
+    const std::string_view gk_name = one ? "gk1" : "gk", gv_name = one ? "gv1" : "gv";
+    const auto d = front::check_qkvo<T, R>(check, n, q, k, v, o, state, cu, true);
+    front::token_shape<R>(check, gk_name, gk, d.B, d.TT, d.H, d.K);
+    check.inner_contiguous(gk_name, gk);
+    const bool has_gv = gv.data() != nullptr;
+    if (has_gv) {
+      front::token_shape<R>(check, gv_name, gv, d.B, d.TT, d.H, d.V);
+      check.inner_contiguous(gv_name, gv);
     }
+    check.no_overlap({range_of(n.o, o), range_of(n.state, state)},
+                     {range_of(n.q, q), range_of(n.k, k), range_of(n.v, v), range_of(gk_name, gk),
+                      range_of(gv_name, gv)});
+    check_log_gates<T, R>(check, gk_name, gk, opt_.allow_gate_growth,
+                          one ? "b, h, k" : "b, t, h, k");
+    if (has_gv) {
+      check_log_gates<T, R>(check, gv_name, gv, opt_.allow_gate_growth,
+                            one ? "b, h, v" : "b, t, h, v");
+    }
+    run4(check, f, to4(q), to4(k), to4(v), to4(gk), has_gv ? to4(gv) : tensor_view<const T, 4>{},
+         to4(o), state, cu);
+  }
+  template <class U, std::size_t R>
+  static tensor_view<U, 4> to4(const tensor_view<U, R>& x) {
+    if constexpr (R == 4) {
+      return x;
+    } else {
+      return kernels::gated::as_one_token(x);
+    }
+  }
+  void run4(const checker& check, kernels::gated::form f, tensor_view<const T, 4> q,
+            tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<const T, 4> gk,
+            tensor_view<const T, 4> gv, tensor_view<T, 4> o, tensor_view<T, 4> state,
+            std::span<const index_t> cu) const {
+    kernels::gated::problem<T> p{q, k, v, o, state, {}, T(1), cu};
+    kernels::gated::validate(check, p, opt_.chunk_size);  // passes: the front checked it all
     p.scale = opt_.scale ? *opt_.scale : T(1) / std::sqrt(static_cast<T>(q.extent(3)));
     kernels::gated::run(f, p, kernels::gated::key_gate<T>{gk, gv}, opt_.chunk_size,
                         opt_.switch_over_t.value_or(default_switch_over_t));

@@ -15,6 +15,15 @@
 // h / (H/G)), N state size, C chunk (default 64). Cost per (sequence, head) and token:
 // recurrent 5·N·P FLOP, no extra memory; chunked 2C(N+P) + 4NP FLOP, O(C·(C+N+P) + N·P) scratch
 // per thread.
+//
+// Checks (every entry, step included, before the engine runs): messages name Mamba2's own
+// arguments (x, dt, Bm, Cm, y; x1, dt1, B1, C1, y1 for step, with their step shapes), never the
+// engine's q/k/v/o roles; dt, A_log, D and dt_bias must be finite (the first bad element is
+// reported with its index); options: chunk_size > 0, 0 <= dt_min <= dt_max, dt_min finite,
+// dt_max not NaN (+inf: no upper clamp), checked when the mixer is built. The log gate dt·A is
+// <= 0 by construction (A = -exp(A_log) < 0, dt >= dt_min >= 0), so no gate-growth check
+// applies. y and state must not share memory with any input or with each other (y = x in
+// place is not supported: rejected).
 #pragma once
 
 #include <cmath>
@@ -26,6 +35,7 @@
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/kernels/gated_accumulation.hpp>
+#include <seqmix/mixers/detail/front_checks.hpp>
 
 namespace seqmix {
 
@@ -87,11 +97,30 @@ class mamba2_ssd {
   static constexpr index_t default_switch_over_t = kernels::gated::default_switch_over_t;
 
   mamba2_ssd() = default;
-  explicit mamba2_ssd(options opt) : opt_(opt) {}
+  explicit mamba2_ssd(options opt) : opt_(opt) {
+    const checker check{"mamba2_ssd"};
+    if (opt_.chunk_size <= 0) {
+      check.fail("options.chunk_size", "must be > 0, got " + std::to_string(opt_.chunk_size));
+    }
+    if (!std::isfinite(opt_.dt_min) || opt_.dt_min < T(0)) {
+      check.fail("options.dt_min",
+                 "must be finite and >= 0, got " + detail::format_value(opt_.dt_min));
+    }
+    if (std::isnan(opt_.dt_max) || opt_.dt_max < opt_.dt_min) {
+      check.fail("options.dt_max", "must be >= options.dt_min (" +
+                                       detail::format_value(opt_.dt_min) + ") or +inf, got " +
+                                       detail::format_value(opt_.dt_max));
+    }
+    if (opt_.switch_over_t && *opt_.switch_over_t < 0) {
+      check.fail("options.switch_over_t",
+                 "must be >= 0, got " + std::to_string(*opt_.switch_over_t));
+    }
+  }
   const options& get_options() const { return opt_; }
 
   /// A zero state [B,H,N,P] (layout N, P: see mamba2_state_to_pn).
   static tensor<T, 4> make_state(index_t B, index_t H, index_t N, index_t P) {
+    front::check_sizes(checker{"mamba2_ssd::make_state"}, {"B", "H", "N", "P"}, {B, H, N, P});
     return tensor<T, 4>({B, H, N, P});
   }
 
@@ -103,8 +132,8 @@ class mamba2_ssd {
                        tensor_view<const T, 4> Cm, tensor_view<const T, 1> D,
                        tensor_view<const T, 1> dt_bias, tensor_view<T, 4> y,
                        tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
-    run("mamba2_ssd::forward_chunked", kernels::gated::form::chunked, x, dt, A_log, Bm, Cm, D,
-        dt_bias, y, state, cu_seqlens);
+    run<4>("mamba2_ssd::forward_chunked", kernels::gated::form::chunked, x, dt, A_log, Bm, Cm, D,
+           dt_bias, y, state, cu_seqlens);
   }
   /// Recurrent form; arguments as forward_chunked.
   void forward_recurrent(tensor_view<const T, 4> x, tensor_view<const T, 3> dt,
@@ -112,54 +141,87 @@ class mamba2_ssd {
                          tensor_view<const T, 4> Cm, tensor_view<const T, 1> D,
                          tensor_view<const T, 1> dt_bias, tensor_view<T, 4> y,
                          tensor_view<T, 4> state, std::span<const index_t> cu_seqlens = {}) const {
-    run("mamba2_ssd::forward_recurrent", kernels::gated::form::recurrent, x, dt, A_log, Bm, Cm, D,
-        dt_bias, y, state, cu_seqlens);
+    run<4>("mamba2_ssd::forward_recurrent", kernels::gated::form::recurrent, x, dt, A_log, Bm, Cm,
+           D, dt_bias, y, state, cu_seqlens);
   }
   /// The faster form for this shape.
   void forward(tensor_view<const T, 4> x, tensor_view<const T, 3> dt, tensor_view<const T, 1> A_log,
                tensor_view<const T, 4> Bm, tensor_view<const T, 4> Cm, tensor_view<const T, 1> D,
                tensor_view<const T, 1> dt_bias, tensor_view<T, 4> y, tensor_view<T, 4> state,
                std::span<const index_t> cu_seqlens = {}) const {
-    run("mamba2_ssd::forward", kernels::gated::form::automatic, x, dt, A_log, Bm, Cm, D, dt_bias, y,
-        state, cu_seqlens);
+    run<4>("mamba2_ssd::forward", kernels::gated::form::automatic, x, dt, A_log, Bm, Cm, D, dt_bias,
+           y, state, cu_seqlens);
   }
   /// One token per sequence, allocates nothing. x1, y1: [B,H,P]; dt1: [B,H]; B1, C1: [B,G,N].
   void step(tensor_view<const T, 3> x1, tensor_view<const T, 2> dt1, tensor_view<const T, 1> A_log,
             tensor_view<const T, 3> B1, tensor_view<const T, 3> C1, tensor_view<const T, 1> D,
             tensor_view<const T, 1> dt_bias, tensor_view<T, 3> y1, tensor_view<T, 4> state) const {
-    using kernels::gated::as_one_token;
-    run("mamba2_ssd::step", kernels::gated::form::recurrent, as_one_token(x1), as_one_token(dt1),
-        A_log, as_one_token(B1), as_one_token(C1), D, dt_bias, as_one_token(y1), state, {});
+    run<3>("mamba2_ssd::step", kernels::gated::form::recurrent, x1, dt1, A_log, B1, C1, D, dt_bias,
+           y1, state, {});
   }
 
  private:
-  void run(const char* where, kernels::gated::form f, tensor_view<const T, 4> x,
-           tensor_view<const T, 3> dt, tensor_view<const T, 1> A_log, tensor_view<const T, 4> Bm,
-           tensor_view<const T, 4> Cm, tensor_view<const T, 1> D, tensor_view<const T, 1> dt_bias,
-           tensor_view<T, 4> y, tensor_view<T, 4> state, std::span<const index_t> cu) const {
+  template <class U, std::size_t R>
+  static tensor_view<U, R + 1> one_token(const tensor_view<U, R>& x) {
+    return kernels::gated::as_one_token(x);
+  }
+  template <std::size_t R>
+  void run(const char* where, kernels::gated::form f, tensor_view<const T, R> x,
+           tensor_view<const T, R - 1> dt, tensor_view<const T, 1> A_log,
+           tensor_view<const T, R> Bm, tensor_view<const T, R> Cm, tensor_view<const T, 1> D,
+           tensor_view<const T, 1> dt_bias, tensor_view<T, R> y, tensor_view<T, 4> state,
+           std::span<const index_t> cu) const {
     const checker check{where};
-    // engine roles: q = C, k = B, v = x, o = y (Hk = G groups)
+    constexpr bool one = R == 3;  // step: x1 [B,H,P], dt1 [B,H], B1/C1 [B,G,N], y1 [B,H,P]
+    const std::string_view xn = one ? "x1" : "x", dtn = one ? "dt1" : "dt", bn = one ? "B1" : "Bm",
+                           cn = one ? "C1" : "Cm", yn = one ? "y1" : "y";
+    check.nonempty(xn, x);
+    const index_t B = x.extent(0), TT = one ? 1 : x.extent(1), H = x.extent(R - 2),
+                  P = x.extent(R - 1);
+    check.nonempty(bn, Bm);
+    front::token_shape<R>(check, bn, Bm, B, TT, any_extent, any_extent);
+    const index_t G = Bm.extent(R - 2), N = Bm.extent(R - 1);
+    if (H % G != 0) {
+      check.fail(bn, "groups of " + std::string(bn) + " (" + std::to_string(G) +
+                         ") must divide the heads of " + std::string(xn) + " (" +
+                         std::to_string(H) + ")");
+    }
+    front::token_shape<R>(check, cn, Cm, B, TT, G, N);
+    front::token_shape<R>(check, yn, y, B, TT, H, P);
+    front::head_shape<R>(check, dtn, dt, B, TT, H);
+    const index_t Ns = cu.empty() ? B : check.cu_seqlens(cu, B, TT);
+    check.shape("state", state, {Ns, H, N, P});
+    check.shape("A_log", A_log, {H});
+    if (D.data()) check.shape("D", D, {H});
+    if (dt_bias.data()) check.shape("dt_bias", dt_bias, {H});
+    check.inner_contiguous(xn, x);
+    check.inner_contiguous(bn, Bm);
+    check.inner_contiguous(cn, Cm);
+    check.inner_contiguous(yn, y);
+    check.inner_contiguous("state", state);
+    check.no_overlap(
+        {range_of(yn, y), range_of("state", state)},
+        {range_of(xn, x), range_of(dtn, dt), range_of("A_log", A_log), range_of(bn, Bm),
+         range_of(cn, Cm), range_of("D", D), range_of("dt_bias", dt_bias)});
+    check.finite(dtn, dt);
+    check.finite("A_log", A_log);
+    if (D.data()) check.finite("D", D);
+    if (dt_bias.data()) check.finite("dt_bias", dt_bias);
+    if constexpr (one) {
+      run4(check, f, one_token(x), one_token(dt), A_log, one_token(Bm), one_token(Cm), D, dt_bias,
+           one_token(y), state, cu);
+    } else {
+      run4(check, f, x, dt, A_log, Bm, Cm, D, dt_bias, y, state, cu);
+    }
+  }
+  void run4(const checker& check, kernels::gated::form f, tensor_view<const T, 4> x,
+            tensor_view<const T, 3> dt, tensor_view<const T, 1> A_log, tensor_view<const T, 4> Bm,
+            tensor_view<const T, 4> Cm, tensor_view<const T, 1> D, tensor_view<const T, 1> dt_bias,
+            tensor_view<T, 4> y, tensor_view<T, 4> state, std::span<const index_t> cu) const {
+    // engine roles: q = C, k = B, v = x, o = y (Hk = G groups); validate passes (checked above)
     kernels::gated::problem<T> p{Cm, Bm, x, y, state, {}, T(1), cu};
-    check.nonempty("x", x);
-    check.nonempty("Bm", Bm);
-    check.shape("Cm", Cm, {Bm.extent(0), Bm.extent(1), Bm.extent(2), Bm.extent(3)});
-    check.shape("Bm", Bm, {x.extent(0), x.extent(1), any_extent, any_extent});
     kernels::gated::validate(check, p, opt_.chunk_size);
     const index_t B = x.extent(0), TT = x.extent(1), H = x.extent(2);
-    check.shape("dt", dt, {B, TT, H});
-    check.finite("dt", dt);
-    check.shape("A_log", A_log, {H});
-    check.finite("A_log", A_log);
-    if (D.data()) {
-      check.shape("D", D, {H});
-      check.finite("D", D);
-    }
-    if (dt_bias.data()) {
-      check.shape("dt_bias", dt_bias, {H});
-      check.finite("dt_bias", dt_bias);
-    }
-    check.require(!(opt_.dt_min > opt_.dt_max) && opt_.dt_min >= T(0), "dt_min",
-                  "need 0 <= dt_min <= dt_max");
     const kernels::gated::mamba2_gate<T> gate{dt,          dt_bias,    A_log, opt_.dt_softplus,
                                               opt_.dt_min, opt_.dt_max};
     kernels::gated::run(f, p, gate, opt_.chunk_size,

@@ -14,6 +14,7 @@
 //  - step / forward_recurrent: the state is a ring buffer of the last W keys and values per
 //    (sequence, kv head) (make_cache): memory B·Hkv·W·(K+V), constant in T; time per token
 //    O(W·(K+V)) per head.
+// Checks as softmax_attention's (this is a front over it): messages name this class's entries.
 #pragma once
 
 #include <seqmix/mixers/softmax_attention.hpp>
@@ -34,7 +35,8 @@ class sliding_window_attention {
       : impl_(typename softmax_attention<T>::options{.scale = opt.scale,
                                                      .window = checked_window(opt.window),
                                                      .sink = std::move(opt.sink),
-                                                     .chunk_size = opt.chunk_size}) {}
+                                                     .chunk_size = opt.chunk_size},
+              true) {}
 
   index_t window() const noexcept { return impl_.window(); }
   /// The underlying softmax_attention (same window).
@@ -42,7 +44,7 @@ class sliding_window_attention {
 
   /// The recurrent state: a ring buffer of the last W keys/values per (sequence, kv head).
   kv_cache<T> make_cache(index_t B, index_t Hkv, index_t K, index_t V) const {
-    return kv_cache<T>::ring(B, Hkv, K, V, window());
+    return impl_.make_cache(B, Hkv, K, V, window());
   }
 
   /// q: [B,T,H,K] in; k: [B,T,Hkv,K] in; v: [B,T,Hkv,V] in; o: [B,T,H,V] out.

@@ -25,6 +25,13 @@
 //    whole sequence (up to float rounding).
 // The "state" is the cache: kv_cache::full grows with T (capacity set by the user, overflow is
 // an error), kv_cache::ring keeps the last W tokens (constant memory; windowed attention only).
+//
+// Checks (every entry, before anything is written): messages name the entry the user called
+// (forward, not the forward_chunked or step it dispatches to; sliding_window_attention's own
+// names through it) and its arguments (q1, k1, ... for step); o must not share memory with q, k,
+// v or the cache's storage, and q, k, v not with the cache (which is written): in place is not
+// supported and is rejected (checker::no_overlap). options: window >= 1, chunk_size > 0, scale
+// finite, sink logits finite or -inf (the first bad one reported with its index).
 #pragma once
 
 #include <algorithm>
@@ -40,6 +47,7 @@
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/kernels/attention.hpp>
+#include <seqmix/mixers/detail/front_checks.hpp>
 #include <seqmix/mixers/kv_cache.hpp>
 
 namespace seqmix {
@@ -58,8 +66,14 @@ class softmax_attention {
   };
 
   softmax_attention() : softmax_attention(options{}) {}
-  explicit softmax_attention(options opt) : opt_(std::move(opt)) {
-    checker check{"softmax_attention"};
+  explicit softmax_attention(options opt) : softmax_attention(std::move(opt), false) {}
+
+ private:
+  template <class U>
+  friend class sliding_window_attention;
+  // sliding: messages name sliding_window_attention's entries (it is a front over this class)
+  softmax_attention(options opt, bool sliding) : opt_(std::move(opt)), sliding_(sliding) {
+    checker check{sliding_ ? "sliding_window_attention" : "softmax_attention"};
     if (opt_.window) {
       check.require(
           *opt_.window >= 1, "options.window",
@@ -67,13 +81,17 @@ class softmax_attention {
     }
     check.require(opt_.chunk_size > 0, "options.chunk_size",
                   "must be > 0, got " + std::to_string(opt_.chunk_size));
-    if (opt_.scale) check.require(std::isfinite(*opt_.scale), "options.scale", "must be finite");
-    for (T s : opt_.sink) {
-      check.require(!std::isnan(s) && !(std::isinf(s) && s > 0), "options.sink",
-                    "sink logits must be finite or -inf");
+    if (opt_.scale) check.finite_value("options.scale", *opt_.scale);
+    for (std::size_t h = 0; h < opt_.sink.size(); ++h) {
+      const T x = opt_.sink[h];
+      if (std::isnan(x) || (std::isinf(x) && x > 0)) {
+        check.fail("options.sink", "sink logits must be finite or -inf, got " +
+                                       detail::format_value(x) + " at [" + std::to_string(h) + "]");
+      }
     }
   }
 
+ public:
   const options& get_options() const noexcept { return opt_; }
   /// W, or 0 when unbounded.
   index_t window() const noexcept { return opt_.window ? *opt_.window : 0; }
@@ -81,7 +99,10 @@ class softmax_attention {
   /// A cache for decode: a ring of the last W tokens when the window is set (capacity is then
   /// ignored: memory constant in T), else a full cache of `capacity` tokens per sequence.
   kv_cache<T> make_cache(index_t B, index_t Hkv, index_t K, index_t V, index_t capacity) const {
+    const checker check{name(entry::make_cache)};
+    front::check_sizes(check, {"B", "Hkv", "K", "V"}, {B, Hkv, K, V});
     if (opt_.window) return kv_cache<T>::ring(B, Hkv, K, V, *opt_.window);
+    front::check_sizes(check, {"capacity"}, {capacity});
     return kv_cache<T>::full(B, Hkv, K, V, capacity);
   }
 
@@ -89,11 +110,7 @@ class softmax_attention {
   /// q: [B,T,H,K] in; k: [B,T,Hkv,K] in; v: [B,T,Hkv,V] in; o: [B,T,H,V] out.
   void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                        tensor_view<const T, 4> v, tensor_view<T, 4> o) const {
-    checker check{"softmax_attention::forward_chunked"};
-    const dims d = validate(check, q, k, v, o);
-    std::vector<seq> seqs;
-    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
-    run_chunked(d, q, k, v, o, seqs, nullptr);
+    chunked(checker{name(entry::forward_chunked)}, q, k, v, o);
   }
 
   /// Packed variable-length forward: B == 1, sequence n is tokens cu_seqlens[n] ..
@@ -101,7 +118,7 @@ class softmax_attention {
   void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                        tensor_view<const T, 4> v, tensor_view<T, 4> o,
                        std::span<const index_t> cu_seqlens) const {
-    checker check{"softmax_attention::forward_chunked"};
+    const checker check{name(entry::forward_chunked)};
     const dims d = validate(check, q, k, v, o);
     run_chunked(d, q, k, v, o, varlen_seqs(check, d, cu_seqlens), nullptr);
   }
@@ -110,22 +127,19 @@ class softmax_attention {
   /// and are appended to `cache` ([B] sequences; kv heads, K, V as k and v).
   void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                        tensor_view<const T, 4> v, tensor_view<T, 4> o, kv_cache<T>& cache) const {
-    checker check{"softmax_attention::forward_chunked"};
-    const dims d = validate(check, q, k, v, o);
-    std::vector<seq> seqs;
-    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
-    validate_cache(check, d, cache, d.B, seqs);
-    run_chunked(d, q, k, v, o, seqs, &cache);
+    const checker check{name(entry::forward_chunked)};
+    prefill(check, validate(check, q, k, v, o), q, k, v, o, cache);
   }
 
   /// Packed variable-length prefill: sequence n appends to row n of `cache` ([N] sequences).
   void forward_chunked(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                        tensor_view<const T, 4> v, tensor_view<T, 4> o, kv_cache<T>& cache,
                        std::span<const index_t> cu_seqlens) const {
-    checker check{"softmax_attention::forward_chunked"};
+    const checker check{name(entry::forward_chunked)};
     const dims d = validate(check, q, k, v, o);
     auto seqs = varlen_seqs(check, d, cu_seqlens);
     validate_cache(check, d, cache, static_cast<index_t>(cu_seqlens.size()) - 1, seqs);
+    check_cache_overlap(check, {"q", "k", "v", "o"}, q, k, v, o, cache);
     run_chunked(d, q, k, v, o, seqs, &cache);
   }
 
@@ -134,13 +148,13 @@ class softmax_attention {
   /// updated in place. Allocates nothing.
   void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
             tensor_view<T, 3> o1, kv_cache<T>& cache) const {
-    checker check{"softmax_attention::step"};
+    const checker check{name(entry::step)};
     check.nonempty("q1", q1);
     const index_t B = q1.extent(0), H = q1.extent(1), K = q1.extent(2);
     check.nonempty("k1", k1);
     const index_t Hkv = k1.extent(1);
     check.shape("k1", k1, {B, any_extent, K});
-    check_heads(check, H, Hkv);
+    check_heads(check, "k1", H, Hkv);
     check.nonempty("v1", v1);
     const index_t V = v1.extent(2);
     check.shape("v1", v1, {B, Hkv, V});
@@ -152,6 +166,7 @@ class softmax_attention {
     const dims d{B, 1, H, Hkv, K, V};
     check_cache_geometry(check, d, cache, B);
     for (index_t b = 0; b < B; ++b) check_room(check, cache, b, 1);
+    check_cache_overlap(check, {"q1", "k1", "v1", "o1"}, q1, k1, v1, o1, cache);
     step_unchecked(d, q1, k1, v1, o1, cache);
   }
 
@@ -159,10 +174,11 @@ class softmax_attention {
   /// q: [B,T,H,K] in; k: [B,T,Hkv,K] in; v: [B,T,Hkv,V] in; o: [B,T,H,V] out.
   void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                          tensor_view<const T, 4> v, tensor_view<T, 4> o, kv_cache<T>& cache) const {
-    checker check{"softmax_attention::forward_recurrent"};
+    const checker check{name(entry::forward_recurrent)};
     const dims d = validate(check, q, k, v, o);
     check_cache_geometry(check, d, cache, d.B);
     for (index_t b = 0; b < d.B; ++b) check_room(check, cache, b, d.Tn);
+    check_cache_overlap(check, {"q", "k", "v", "o"}, q, k, v, o, cache);
     const dims d1{d.B, 1, d.H, d.Hkv, d.K, d.V};
     for (index_t t = 0; t < d.Tn; ++t) {
       step_unchecked(d1, q.template select<1>(t), k.template select<1>(t), v.template select<1>(t),
@@ -173,7 +189,7 @@ class softmax_attention {
   /// Recurrent form over whole sequences with a cache of its own (ring of W or full of T).
   void forward_recurrent(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                          tensor_view<const T, 4> v, tensor_view<T, 4> o) const {
-    checker check{"softmax_attention::forward_recurrent"};
+    const checker check{name(entry::forward_recurrent)};
     const dims d = validate(check, q, k, v, o);
     // a window of at least T never drops a key here: a full cache of T rows is the same
     // attention, without a ring of W rows (W = 1e15 would not fit in memory)
@@ -186,16 +202,21 @@ class softmax_attention {
   /// Picks the form: chunked for whole sequences (tiles are faster for any T > 1).
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                tensor_view<T, 4> o) const {
-    forward_chunked(q, k, v, o);
+    chunked(checker{name(entry::forward)}, q, k, v, o);
   }
-  /// With a cache: one token per sequence decodes with step, longer inputs prefill (chunked).
+  /// With a cache: one token per sequence decodes as step does, longer inputs prefill (chunked).
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                tensor_view<T, 4> o, kv_cache<T>& cache) const {
-    if (q.extent(1) == 1 && k.extent(1) == 1 && v.extent(1) == 1 && o.extent(1) == 1) {
-      step(q.template select<1>(0), k.template select<1>(0), v.template select<1>(0),
-           o.template select<1>(0), cache);
+    const checker check{name(entry::forward)};
+    const dims d = validate(check, q, k, v, o);
+    if (d.Tn == 1) {
+      check_cache_geometry(check, d, cache, d.B);
+      for (index_t b = 0; b < d.B; ++b) check_room(check, cache, b, 1);
+      check_cache_overlap(check, {"q", "k", "v", "o"}, q, k, v, o, cache);
+      step_unchecked(d, q.template select<1>(0), k.template select<1>(0), v.template select<1>(0),
+                     o.template select<1>(0), cache);
     } else {
-      forward_chunked(q, k, v, o, cache);
+      prefill(check, d, q, k, v, o, cache);
     }
   }
 
@@ -210,11 +231,65 @@ class softmax_attention {
 
   T scale_for(index_t K) const { return opt_.scale ? *opt_.scale : T(1) / std::sqrt(T(K)); }
 
+  enum class entry { forward_chunked, forward_recurrent, forward, step, make_cache };
+  // The public name of an entry: sliding_window_attention's when this is its implementation.
+  const char* name(entry e) const {
+    static constexpr const char* softmax[] = {
+        "softmax_attention::forward_chunked", "softmax_attention::forward_recurrent",
+        "softmax_attention::forward", "softmax_attention::step", "softmax_attention::make_cache"};
+    static constexpr const char* sliding[] = {
+        "sliding_window_attention::forward_chunked", "sliding_window_attention::forward_recurrent",
+        "sliding_window_attention::forward", "sliding_window_attention::step",
+        "sliding_window_attention::make_cache"};
+    return (sliding_ ? sliding : softmax)[static_cast<int>(e)];
+  }
+
+  void chunked(const checker& check, const tensor_view<const T, 4>& q,
+               const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
+               const tensor_view<T, 4>& o) const {
+    const dims d = validate(check, q, k, v, o);
+    check.no_overlap({range_of("o", o)}, {range_of("q", q), range_of("k", k), range_of("v", v)});
+    std::vector<seq> seqs;
+    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
+    run_chunked(d, q, k, v, o, seqs, nullptr);
+  }
+  void prefill(const checker& check, const dims& d, const tensor_view<const T, 4>& q,
+               const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
+               const tensor_view<T, 4>& o, kv_cache<T>& cache) const {
+    std::vector<seq> seqs;
+    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
+    validate_cache(check, d, cache, d.B, seqs);
+    check_cache_overlap(check, {"q", "k", "v", "o"}, q, k, v, o, cache);
+    run_chunked(d, q, k, v, o, seqs, &cache);
+  }
+  /// o against q, k, v, the cache's key and value storage (written) against q, k, v and o.
+  /// Call after check_cache_geometry (the cache then has rows).
+  template <std::size_t R>
+  static void check_cache_overlap(const checker& check, std::array<std::string_view, 4> n,
+                                  const tensor_view<const T, R>& q,
+                                  const tensor_view<const T, R>& k,
+                                  const tensor_view<const T, R>& v, const tensor_view<T, R>& o,
+                                  kv_cache<T>& cache) {
+    const index_t B = cache.batch(), Hkv = cache.kv_heads(), R_ = cache.capacity();
+    const auto span = [&](std::string_view name, const T* first, const T* last, index_t width) {
+      return memory_range{
+          name, reinterpret_cast<std::uintptr_t>(first),
+          reinterpret_cast<std::uintptr_t>(last) + static_cast<std::uintptr_t>(width) * sizeof(T)};
+    };
+    const memory_range keys = span("cache", cache.key_row(0, 0, 0),
+                                   cache.key_row(B - 1, Hkv - 1, R_ - 1), cache.key_dim());
+    const memory_range values = span("cache", cache.value_row(0, 0, 0),
+                                     cache.value_row(B - 1, Hkv - 1, R_ - 1), cache.value_dim());
+    check.no_overlap({range_of(n[3], o), keys, values},
+                     {range_of(n[0], q), range_of(n[1], k), range_of(n[2], v)});
+  }
+
   // Checks below build their message only on failure: step() must not allocate.
-  void check_heads(const checker& check, index_t H, index_t Hkv) const {
+  void check_heads(const checker& check, std::string_view k_name, index_t H, index_t Hkv) const {
     if (Hkv < 1 || H % Hkv != 0) {
-      check.fail("k", "query heads (" + std::to_string(H) +
-                          ") must be a multiple of key/value heads (" + std::to_string(Hkv) + ")");
+      check.fail(k_name, "query heads (" + std::to_string(H) +
+                             ") must be a multiple of key/value heads (" + std::to_string(Hkv) +
+                             ")");
     }
     if (!opt_.sink.empty() && static_cast<index_t>(opt_.sink.size()) != H) {
       check.fail("options.sink", "must be empty or hold one logit per query head (" +
@@ -230,7 +305,7 @@ class softmax_attention {
     dims d{q.extent(0), q.extent(1), q.extent(2), k.extent(2), q.extent(3), v.extent(3)};
     check.nonempty("k", k);
     check.shape("k", k, {d.B, d.Tn, any_extent, d.K});
-    check_heads(check, d.H, d.Hkv);
+    check_heads(check, "k", d.H, d.Hkv);
     check.nonempty("v", v);
     check.shape("v", v, {d.B, d.Tn, d.Hkv, any_extent});
     check.shape("o", o, {d.B, d.Tn, d.H, d.V});
@@ -476,6 +551,7 @@ class softmax_attention {
   }
 
   options opt_;
+  bool sliding_ = false;
 };
 
 }  // namespace seqmix

@@ -93,13 +93,20 @@ qkvo_dims check_qkvo(const checker& check, const qkvo_names& n, const tensor_vie
   return d;
 }
 
-/// options.chunk_size > 0 and options.scale (when set) finite, checked when a mixer is built.
+/// options.chunk_size > 0, options.scale (when set) finite and options.switch_over_t (when the
+/// mixer has one and it is set) >= 0, checked when a mixer is built.
 template <class Options>
 void check_common_options(const checker& check, const Options& opt) {
   if (opt.chunk_size <= 0) {
     check.fail("options.chunk_size", "must be > 0, got " + std::to_string(opt.chunk_size));
   }
   if (opt.scale) check.finite_value("options.scale", *opt.scale);
+  if constexpr (requires { opt.switch_over_t; }) {
+    if (opt.switch_over_t && *opt.switch_over_t < 0) {
+      check.fail("options.switch_over_t",
+                 "must be >= 0 (tokens per sequence), got " + std::to_string(*opt.switch_over_t));
+    }
+  }
 }
 
 /// Sizes of make_state / make_cache: each >= 1.
