@@ -91,9 +91,9 @@ class tensor_view {
     validate("tensor_view", "shape");
   }
   /// A contiguous row-major view over external memory.
-  constexpr tensor_view(T* data, const shape_t<R>& shape)
-      : data_(data), shape_(shape), strides_(detail::contiguous_strides<R>(shape)) {
-    validate("tensor_view", "shape");
+  constexpr tensor_view(T* data, const shape_t<R>& shape) : data_(data), shape_(shape), strides_{} {
+    validate("tensor_view", "shape");  // before the strides: their products must not overflow
+    strides_ = detail::contiguous_strides<R>(shape);
   }
 
   /// Mutable view -> read-only view.
