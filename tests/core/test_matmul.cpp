@@ -274,11 +274,13 @@ TEST_CASE("matmul: bitwise identical for 1, 2, 3 and 7 threads", "[core][matmul]
                          {257, 40, 70},
                          {70, 1100, 40}}) {
     problem p(M, N, K, 1, rng);
-    for (bool use16 : {false, true}) {
+    for (int mode : {0, 1, 2}) {  // f32 weights, bf16 weights, bf16 weights with bf16_dot
+      const bool use16 = mode > 0;
       matmul_options o;
       o.bias = p.biasv;
       o.act = activation::silu;
       o.residual = p.resv;
+      if (mode == 2) o.precision = matmul_precision::bf16_dot;
       std::vector<float> one;
       for (int threads : {1, 2, 3, 7}) {
         scoped_num_threads scope(threads);
@@ -292,7 +294,7 @@ TEST_CASE("matmul: bitwise identical for 1, 2, 3 and 7 threads", "[core][matmul]
         if (threads == 1) {
           one = p.c;
         } else {
-          INFO("M=" << M << " N=" << N << " K=" << K << " threads=" << threads);
+          INFO("M=" << M << " N=" << N << " K=" << K << " mode " << mode << " threads=" << threads);
           REQUIRE(std::memcmp(one.data(), p.c.data(), one.size() * sizeof(float)) == 0);
         }
       }

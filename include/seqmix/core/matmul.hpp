@@ -7,27 +7,32 @@
 // `nn.Linear.weight`), C f32. Every term of the epilogue is optional and fused into the store of
 // the output tile (one pass over C). act ∈ {none, SiLU, GELU (erf), GELU (tanh)}.
 //
-// Cost: 2·M·N·K FLOP; reads B once per call (M <= 8) or once per thread slab; scratch per
-// thread (grow-only, reused across calls): a packed B slab of <= ~1 MiB and a partial-sum block.
+// Cost: 2·M·N·K FLOP. Reads B once per call (each thread its own columns), A once per B slab
+// of up to 1024 columns. Scratch per thread (grow-only, reused: steady-state calls allocate
+// nothing): the packed B slab (<= 16 MiB, f32), an A block (192 KiB) and partial-sum tiles.
 //
-// Design (see bench/bench_linalg.cpp for the measurements):
-//  * M > 8: Goto-style blocking. Each thread owns a contiguous range of output columns (or rows
-//    when N is narrow), packs its B slab [NC columns × all K] into NR-wide k-major panels
-//    (bf16 widened to f32 exactly while packing), and runs an MR×NR register tile (AVX-512:
-//    12 × 32, 24 zmm accumulators; AVX2: 6 × 16) over KC-deep blocks; A is read in place (its
-//    rows are broadcast from memory, so A needs no packing). Partial sums of a tile between KC
-//    blocks go through a per-thread tile buffer and the epilogue is applied after the last block.
-//  * M <= 8 (decode): a GEMV-style kernel that streams each weight row once (threads over N),
-//    holding M·RB accumulators along K.
-//  * Determinism: every output element is a single fma chain over k = 0..K-1 in order (GEMM
-//    path) or a fixed-shape dot (decode path); K is never split across threads and the blocking
-//    never changes the chain, so results are bitwise identical for any thread count.
-//  * bf16 weights are widened exactly: results equal the f32 path on the widened weights. The
-//    opt-in `matmul_precision::bf16_dot` instead rounds A to bf16 and uses AVX-512 BF16
-//    `vdpbf16ps` (relative error ~ 2^-8 per product; see its comment).
+// Design (measurements: bench/bench_linalg.cpp):
+//  * M > 8: Goto-style blocking. Each thread owns a contiguous range of output columns (or of
+//    rows when N is narrow), packs its B slab [NC columns × all K] into NR-wide k-major panels
+//    (bf16 widened to f32, exactly, while packing), packs MC×KC blocks of A into MR-row panels,
+//    and runs an MR×NR register tile (AVX-512: 12 × 32, 24 zmm accumulators; AVX2: 6 × 16;
+//    otherwise xsimd's widest batch) over KC-deep blocks. Partial sums of a tile between KC
+//    blocks go through a per-thread tile buffer; after the last block the epilogue is applied
+//    to the accumulators in registers and C is written once.
+//  * M <= 8 (decode): a GEMV kernel that streams each weight row once (threads over N in
+//    contiguous row ranges), with M × (4, 2 or 1 rows) accumulators along K.
+//  * Determinism: every output element is one fma chain over k = 0..K-1 in order (GEMM path) or
+//    a dot of fixed shape (decode path, which depends on M only); K is never split across
+//    threads and no blocking choice changes the chain, so results are bitwise identical for any
+//    thread count.
+//  * bf16 weights are widened exactly: results equal the f32 path on the widened weights, bit
+//    for bit. The opt-in `matmul_precision::bf16_dot` rounds A to bf16 and uses vdpbf16ps; on
+//    the dev machine it is ~0.7x the speed of the exact path (there vdpbf16ps issues at 0.26x the
+//    FMA rate with 12 independent chains), so the exact path is the default and the faster one.
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -83,16 +88,29 @@ inline constexpr index_t L = simd::lanes<float>;
 inline constexpr index_t NV = 2;
 inline constexpr index_t NR = NV * L;
 inline constexpr index_t MR = L >= 16 ? 12 : 6;
-// KC: a KC×NR panel of packed B (32 KiB at KC = 256, NR = 32) stays in the 48 KiB L1 while the
-// row tiles of an MC block of A (MC×KC×4 = 192 KiB) stream from L2.
-inline constexpr index_t KC = 256;
-inline constexpr index_t MC = MR * 16;
-// A thread's packed B slab (NC columns × K) is kept at about 1 MiB so it stays in L2.
+// Blocking (for 48 KiB L1d / 2 MiB L2 per core; the SEQMIX_MATMUL_* macros override it, and no
+// choice changes a result bit, since partial sums are stored exactly between KC blocks):
+//  KC = 256: a KC×NR micro-panel of packed B (32 KiB) stays in L1 across the MR-row tiles of an
+//            MC block; MC = 192 rows: the packed A block (MC×KC×4 = 192 KiB) stays in L2 and is
+//            reused across every panel of the slab;
+//  NC <= 1024 columns, B slab (NC × K, packed once per call and thread) <= 16 MiB: it lives in
+//            L3, its KC-deep region (KC×NC×4 <= 1 MiB) in L2 while an A block sweeps it.
+#ifndef SEQMIX_MATMUL_KC
+#define SEQMIX_MATMUL_KC 256
+#endif
+inline constexpr index_t KC = SEQMIX_MATMUL_KC;
+#ifndef SEQMIX_MATMUL_MC
+#define SEQMIX_MATMUL_MC 16
+#endif
+inline constexpr index_t MC = MR * SEQMIX_MATMUL_MC;
 #ifndef SEQMIX_MATMUL_SLAB
 #define SEQMIX_MATMUL_SLAB (index_t(16) << 20)
 #endif
 inline constexpr index_t slab_bytes = SEQMIX_MATMUL_SLAB;
-inline constexpr index_t max_nc = 1024;
+#ifndef SEQMIX_MATMUL_NC
+#define SEQMIX_MATMUL_NC 1024
+#endif
+inline constexpr index_t max_nc = SEQMIX_MATMUL_NC;
 // M at or below this takes the decode (GEMV) path.
 inline constexpr index_t gemv_max_m = 8;
 
@@ -370,7 +388,7 @@ void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K,
           const index_t nv = std::min(NR, jc + nc - j0);
           for (index_t ir = 0; ir < mc; ir += MR) {
             const index_t mr = std::min(MR, mc - ir);
-            float* tile = tiles + ((ir / MR) * panels + jr) * MR * NR;
+            float* tile = tiles + (jr * (MC / MR) + ir / MR) * MR * NR;
             micro_tile(kc, apack + (ir / MR) * kc * MR, bp, tile, pc > 0, last ? &ep : nullptr,
                        ic + ir, j0, mr, nv);
           }
@@ -428,13 +446,150 @@ void gemv_dispatch(std::integer_sequence<index_t, I...>, index_t M, const float*
 }
 
 // ---- bf16 pair-dot path (opt-in) -----------------------------------------------------------
-// Implemented in bf16_gemm below when the target has AVX-512 BF16; elsewhere the option falls
-// back to widening (the result then equals rounding A to bf16 and computing in f32).
+// matmul_precision::bf16_dot rounds A to bf16 (nearest-even) up front. With AVX-512 BF16, M > 8
+// then runs on vdpbf16ps: each instruction adds a[2q]·b[2q] + a[2q+1]·b[2q+1] (products of two
+// bf16 are exact in f32) to 16 f32 accumulators, i.e. twice the multiply-adds of an FMA; the
+// instruction flushes denormal inputs and results to zero. Elsewhere (and for M <= 8, where the
+// weights' bandwidth bounds the time anyway) the option computes in f32 on the rounded A.
 
 /// Rounds a row of f32 to bf16 values held as f32 (nearest-even), for the bf16_dot option.
 inline void round_row_bf16(const float* src, index_t sa, float* dst, index_t n) {
   for (index_t k = 0; k < n; ++k) dst[k] = to_float(bf16_from_float(src[k * sa]));
 }
+
+#if defined(__AVX512BF16__)
+inline constexpr bool has_bf16_dot = true;
+
+inline std::uint32_t* scratch_pairs(int which, std::size_t n) {
+  thread_local std::vector<std::uint32_t> buf[2];  // B slab, A block
+  auto& v = buf[which];
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+inline std::uint32_t pair_bits(std::uint16_t even, std::uint16_t odd) {
+  return std::uint32_t(even) | (std::uint32_t(odd) << 16);
+}
+/// The bf16 bits of a float that already holds a bf16 value (A after round_row_bf16).
+inline std::uint16_t bf16_bits(float x) {
+  return static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(x) >> 16);
+}
+
+/// B rows [j0, j0 + nc) as ceil(nc / NR) panels of ceil(K / 2) × NR pairs (k = 2q, 2q + 1).
+inline void pack_b_pairs(const bf16* b, index_t ldb, index_t j0, index_t nc, index_t K,
+                         std::uint32_t* dst) {
+  const index_t K2 = (K + 1) / 2;
+  for (index_t p = 0; p * NR < nc; ++p) {
+    std::uint32_t* d = dst + p * K2 * NR;
+    const index_t cols = std::min(NR, nc - p * NR);
+    const bf16* src = b + (j0 + p * NR) * ldb;
+    for (index_t q = 0; q < K2; ++q) {
+      const index_t k = 2 * q;
+      for (index_t jj = 0; jj < NR; ++jj) {
+        const bf16* row = src + jj * ldb;
+        d[q * NR + jj] = jj < cols ? pair_bits(row[k].bits, k + 1 < K ? row[k + 1].bits : 0) : 0;
+      }
+    }
+  }
+}
+
+/// A rows [i0, i0 + mc) × depth [p0, p0 + kc) (p0 even) as MR-row panels of ceil(kc/2) × MR pairs.
+inline void pack_a_pairs(const float* a, index_t lda, index_t i0, index_t mc, index_t p0,
+                         index_t kc, std::uint32_t* dst) {
+  const index_t kc2 = (kc + 1) / 2;
+  for (index_t t = 0; t * MR < mc; ++t) {
+    std::uint32_t* d = dst + t * kc2 * MR;
+    const index_t rows = std::min(MR, mc - t * MR);
+    const float* src = a + (i0 + t * MR) * lda + p0;
+    for (index_t q = 0; q < kc2; ++q) {
+      const index_t k = 2 * q;
+      for (index_t r = 0; r < MR; ++r) {
+        const float* row = src + r * lda;
+        d[q * MR + r] =
+            r < rows ? pair_bits(bf16_bits(row[k]), k + 1 < kc ? bf16_bits(row[k + 1]) : 0) : 0;
+      }
+    }
+  }
+}
+
+inline void micro_tile_pairs(index_t kc2, const std::uint32_t* ap, const std::uint32_t* bp,
+                             float* tile, bool load, const epilogue* ep, index_t i0, index_t j0,
+                             index_t mr, index_t nv) {
+  __m512 acc[std::size_t(MR)][2];
+  for (index_t r = 0; r < MR; ++r) {
+    for (index_t u = 0; u < 2; ++u) {
+      acc[r][u] = load ? _mm512_loadu_ps(tile + r * NR + u * 16) : _mm512_setzero_ps();
+    }
+  }
+  for (index_t q = 0; q < kc2; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + q * NR);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + q * NR + 16);
+    for (index_t r = 0; r < MR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[q * MR + r]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+  if (ep && ep->vector) {
+    for (index_t r = 0; r < std::min(mr, MR); ++r) {
+      for (index_t u = 0; u < 2; ++u) {
+        if (u * L < nv) {
+          ep->store(i0 + r, j0 + u * L, std::min(L, nv - u * L), batch<float>(acc[r][u]));
+        }
+      }
+    }
+    return;
+  }
+  for (index_t r = 0; r < MR; ++r) {
+    for (index_t u = 0; u < 2; ++u) _mm512_storeu_ps(tile + r * NR + u * 16, acc[r][u]);
+  }
+  if (ep) {
+    for (index_t r = 0; r < mr; ++r) ep->row(i0 + r, j0, nv, tile + r * NR);
+  }
+}
+
+/// gemm_block on bf16 pairs (A already rounded to bf16 values).
+inline void gemm_block_pairs(const float* a, index_t lda, const bf16* b, index_t ldb, index_t K,
+                             index_t m0, index_t m1, index_t n0, index_t n1, const epilogue& ep) {
+  static_assert(L == 16 && NR == 32 && KC % 2 == 0, "the pair kernel is written for 12 x 32");
+  const index_t K2 = (K + 1) / 2;
+  index_t nc_max =
+      slab_bytes / (index_t(sizeof(std::uint32_t)) * std::max<index_t>(K2, 1) * NR) * NR;
+  nc_max = std::clamp<index_t>(nc_max, NR, max_nc);
+  const index_t panels_max = nc_max / NR;
+  const index_t kc_max = std::min(KC, K);
+  std::uint32_t* bpack = scratch_pairs(0, static_cast<std::size_t>(panels_max * NR * K2));
+  std::uint32_t* apack = scratch_pairs(1, static_cast<std::size_t>(MC * ((kc_max + 1) / 2)));
+  float* tiles = scratch(1, static_cast<std::size_t>((MC / MR) * panels_max * MR * NR));
+  for (index_t jc = n0; jc < n1; jc += nc_max) {
+    const index_t nc = std::min(nc_max, n1 - jc);
+    const index_t panels = (nc + NR - 1) / NR;
+    pack_b_pairs(b, ldb, jc, nc, K, bpack);
+    for (index_t ic = m0; ic < m1; ic += MC) {
+      const index_t mc = std::min(MC, m1 - ic);
+      for (index_t pc = 0; pc < K; pc += KC) {
+        const index_t kc = std::min(KC, K - pc);
+        const index_t kc2 = (kc + 1) / 2;
+        const bool last = pc + kc == K;
+        pack_a_pairs(a, lda, ic, mc, pc, kc, apack);
+        for (index_t jr = 0; jr < panels; ++jr) {
+          const std::uint32_t* bp = bpack + jr * K2 * NR + (pc / 2) * NR;
+          const index_t j0 = jc + jr * NR;
+          const index_t nv = std::min(NR, jc + nc - j0);
+          for (index_t ir = 0; ir < mc; ir += MR) {
+            const index_t mr = std::min(MR, mc - ir);
+            float* tile = tiles + (jr * (MC / MR) + ir / MR) * MR * NR;
+            micro_tile_pairs(kc2, apack + (ir / MR) * kc2 * MR, bp, tile, pc > 0,
+                             last ? &ep : nullptr, ic + ir, j0, mr, nv);
+          }
+        }
+      }
+    }
+  }
+}
+#else
+inline constexpr bool has_bf16_dot = false;
+#endif
 
 // ---- validation and driver -----------------------------------------------------------------
 
@@ -565,15 +720,23 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
   const index_t row_tiles = (M + MR - 1) / MR;
   const bool by_cols = panels >= T || panels >= row_tiles;
   const index_t parts = std::min<index_t>(T, by_cols ? panels : row_tiles);
+  auto block = [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<W, bf16>) {
+      if (round_a) return gemm_block_pairs(ap, lda, bp, ldb, K, m0, m1, n0, n1, ep);
+    }
+#endif
+    gemm_block(ap, lda, bp, ldb, K, m0, m1, n0, n1, ep);
+  };
   parallel_for(parts, [&](index_t t) {
     if (by_cols) {
       const index_t n0 = std::min(N, panels * t / parts * NR);
       const index_t n1 = std::min(N, panels * (t + 1) / parts * NR);
-      if (n1 > n0) gemm_block(ap, lda, bp, ldb, K, 0, M, n0, n1, ep);
+      if (n1 > n0) block(0, M, n0, n1);
     } else {
       const index_t m0 = std::min(M, row_tiles * t / parts * MR);
       const index_t m1 = std::min(M, row_tiles * (t + 1) / parts * MR);
-      if (m1 > m0) gemm_block(ap, lda, bp, ldb, K, m0, m1, 0, N, ep);
+      if (m1 > m0) block(m0, m1, 0, N);
     }
   });
 }
