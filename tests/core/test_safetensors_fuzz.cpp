@@ -228,10 +228,13 @@ TEST_CASE("safetensors fuzz: seeded random byte flips and header edits",
           h.insert(at, h.substr(at, len));
           break;
         }
-        default:  // rename an entry to another one's name (duplicate names)
-          const std::size_t at = h.find("\"" + std::string(1, char('a' + pick(8))) + "\":");
+        default: {  // rename an entry to another one's name (duplicate names)
+          char needle[] = "\"a\":";
+          needle[1] = char('a' + pick(8));
+          const std::size_t at = h.find(needle);
           if (at != std::string::npos) h[at + 1] = char('a' + pick(8));
           break;
+        }
       }
     }
     auto v = with_header(h, data);
