@@ -98,7 +98,9 @@ class checkpoint {
   /// the __metadata__ of a single file.
   const std::map<std::string, std::string>& metadata() const noexcept { return state_->metadata; }
 
-  const tensor_info& info(const std::string& name) const { return shard_of(name).info(name); }
+  const tensor_info& info(const std::string& name) const {
+    return state_->shards[locate(name, "checkpoint::info")].info(name);
+  }
   any_tensor at(const std::string& name) const {
     return state_->shards[locate(name, "checkpoint::at")].at_as(name, "checkpoint::at");
   }
