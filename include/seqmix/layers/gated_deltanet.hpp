@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: MIT
+// Gated DeltaNet layer (Qwen3-Next's linear_attn, transformers' Qwen3NextGatedDeltaNet), on the
+// gated_delta_net mixer (mixers/gated_delta_net.hpp, docs/math.md §2).
+//
+//   [q | k | v | z] = in_proj_qkvz(x)      grouped per key head on disk: [q dk | k dk | v r·dv |
+//   [b | a]         = in_proj_ba(x)         z r·dv] and [b r | a r], r = HV / Hk
+//   q, k, v = silu(conv1d([q ‖ k ‖ v]))     depthwise causal, kernel K, no bias
+//   q, k    = l2norm(q), l2norm(k)          x · rsqrt(Σx² + 1e-6) per head; q scaled by dk^-1/2
+//   g       = -exp(A_log) · softplus(a + dt_bias),  beta = sigmoid(b)
+//   o       = gated delta rule(q, k, v, g, beta)    value head h reads key head h / r
+//   y       = out_proj( rmsnorm(o) · w · silu(z) )  per value head, eps = norm_eps
+//
+// Weights (Hugging Face names under the prefix, f32 or bf16 matrices): in_proj_qkvz.weight
+// [2·Hk·dk + 2·HV·dv, D], in_proj_ba.weight [2·HV, D], conv1d.weight [2·Hk·dk + HV·dv, 1, K],
+// A_log [HV], dt_bias [HV], norm.weight [dv], out_proj.weight [D, HV·dv]. At load time the two
+// projections are fused into one matrix whose rows are re-ordered to [q_all | k_all | v_all |
+// z_all | b_all | a_all], so one GEMM writes every block contiguously. (Qwen3.5's split
+// q/k/v/z/b/a layout is not loaded yet.)
+//
+// Forms: forward(x [B, T, D]) prefill — the mixer's chosen form (chunked or recurrent, chunk
+// `chunk_size`), continuing from the cache; packed variable-length forward over [1, T, D] with
+// cu_seqlens and a cache row per sequence; step(x [B, D]) decode — recurrent, allocation-free
+// once the layer has run a step of that batch size. The cache (layers/recurrent_cache.hpp) is
+// conv [B, K-1, C] + state [B, HV, dk, dv] (transformers' recurrent_state layout).
+//
+// Cost per token: 2·D·(2·Hk·dk + 3·HV·dv + 2·HV) FLOP in projections, 2·K·C in the conv, the
+// mixer's (7·dk·dv per head recurrent), O(HV·dv) for norms and gates. Scratch: ~(P + 4·C)·B·T
+// floats, grow-only; the layer object is not shareable between threads calling it at once.
+// Checks: x, y shapes and the cache's geometry (seqmix::shape_error naming the function and
+// argument); weights: name, shape, dtype (seqmix::io_error).
+#pragma once
+
+#include <span>
+#include <string>
+#include <vector>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/io/checkpoint.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/layers/l2norm.hpp>
+#include <seqmix/layers/recurrent_cache.hpp>
+#include <seqmix/layers/rms_norm.hpp>
+#include <seqmix/layers/short_conv.hpp>
+#include <seqmix/layers/weights.hpp>
+#include <seqmix/mixers/gated_delta_net.hpp>
+
+namespace seqmix::layers {
+
+struct gated_deltanet_config {
+  index_t hidden = 0;       ///< D (hidden_size)
+  index_t key_heads = 0;    ///< Hk (linear_num_key_heads)
+  index_t value_heads = 0;  ///< HV (linear_num_value_heads), a multiple of Hk
+  index_t key_dim = 0;      ///< dk (linear_key_head_dim)
+  index_t value_dim = 0;    ///< dv (linear_value_head_dim)
+  index_t conv_kernel = 4;  ///< K (linear_conv_kernel_dim)
+  float norm_eps = 1e-6f;   ///< rms_norm_eps
+  index_t chunk_size = 64;  ///< chunk of the mixer's chunked form
+};
+
+class gated_deltanet {
+ public:
+  using config_type = gated_deltanet_config;
+  using cache_type = recurrent_cache;
+
+  /// What the layer passed to and got from the mixer in its last forward (views into its
+  /// scratch, valid until the next call): q, k after the conv and before the l2norm
+  /// [B, T, Hk, dk]; v [B, T, HV, dv]; g (log decay), beta [B, T, HV]; o [B, T, HV, dv].
+  struct mixer_io {
+    tensor_view<const float, 4> q, k, v;
+    tensor_view<const float, 3> g, beta;
+    tensor_view<const float, 4> o;
+  };
+
+  gated_deltanet() = default;
+
+  static gated_deltanet load(const checkpoint& ck, const std::string& prefix,
+                             const config_type& cfg) {
+    return load(ck.scope(prefix), cfg);
+  }
+  static gated_deltanet load(const checkpoint_scope& scope, const config_type& cfg) {
+    constexpr std::string_view who = "gated_deltanet::load";
+    const checker check{who};
+    detail::check_config_positive(
+        check, {"hidden", "key_heads", "value_heads", "key_dim", "value_dim", "chunk_size"},
+        {cfg.hidden, cfg.key_heads, cfg.value_heads, cfg.key_dim, cfg.value_dim, cfg.chunk_size});
+    check.require(cfg.value_heads % cfg.key_heads == 0, "config.value_heads",
+                  "must be a multiple of key_heads (" + std::to_string(cfg.key_heads) + "), got " +
+                      std::to_string(cfg.value_heads));
+    gated_deltanet l;
+    l.cfg_ = cfg;
+    const index_t Hk = cfg.key_heads, HV = cfg.value_heads, dk = cfg.key_dim, dv = cfg.value_dim;
+    const index_t r = HV / Hk, D = cfg.hidden;
+    const index_t per_head = 2 * dk + 2 * r * dv, qkvz = Hk * per_head;
+    // new row -> row of [in_proj_qkvz; in_proj_ba]
+    std::vector<index_t> order;
+    order.reserve(static_cast<std::size_t>(qkvz + 2 * HV));
+    for (index_t j = 0; j < Hk; ++j)
+      for (index_t e = 0; e < dk; ++e) order.push_back(j * per_head + e);  // q
+    for (index_t j = 0; j < Hk; ++j)
+      for (index_t e = 0; e < dk; ++e) order.push_back(j * per_head + dk + e);  // k
+    for (index_t j = 0; j < Hk; ++j)
+      for (index_t e = 0; e < r * dv; ++e) order.push_back(j * per_head + 2 * dk + e);  // v
+    for (index_t j = 0; j < Hk; ++j)
+      for (index_t e = 0; e < r * dv; ++e) order.push_back(j * per_head + 2 * dk + r * dv + e);
+    for (index_t j = 0; j < Hk; ++j)
+      for (index_t i = 0; i < r; ++i) order.push_back(qkvz + j * 2 * r + i);  // b
+    for (index_t j = 0; j < Hk; ++j)
+      for (index_t i = 0; i < r; ++i) order.push_back(qkvz + j * 2 * r + r + i);  // a
+    l.in_ = weight_matrix::load(who, scope, {"in_proj_qkvz.weight", "in_proj_ba.weight"},
+                                {qkvz, 2 * HV}, D, order);
+    l.C_ = 2 * Hk * dk + HV * dv;
+    l.P_ = l.C_ + HV * dv + 2 * HV;
+    l.conv_ =
+        short_conv::load(who, scope, "conv1d", l.C_, cfg.conv_kernel, false, conv_activation::silu);
+    l.A_log_ = load_tensor(who, scope, "A_log", HV);
+    l.dt_bias_ = load_tensor(who, scope, "dt_bias", HV);
+    l.norm_ = gated_rms_norm::load(who, scope, "norm.weight", dv, cfg.norm_eps,
+                                   norm_gate::silu_after, dv);
+    l.out_ = weight_matrix::load(who, scope, {"out_proj.weight"}, {D}, HV * dv);
+    typename gated_delta_net<float>::options opt;
+    opt.chunk_size = cfg.chunk_size;
+    l.mixer_ = gated_delta_net<float>(opt);
+    return l;
+  }
+
+  const config_type& config() const noexcept { return cfg_; }
+  /// Bytes of weights (what a decode step streams).
+  std::size_t weight_bytes() const noexcept { return in_.bytes() + out_.bytes(); }
+
+  /// A zero cache for `batch` sequences (capacity: unused, the state is constant-size).
+  cache_type make_cache(index_t batch, index_t capacity = 0) const {
+    const checker check{"gated_deltanet::make_cache"};
+    check.require(batch >= 1, "batch", "must be >= 1, got " + std::to_string(batch));
+    check.require(capacity >= 0, "capacity", "must be >= 0, got " + std::to_string(capacity));
+    return cache_type(batch, cfg_.conv_kernel - 1, C_,
+                      {cfg_.value_heads, cfg_.key_dim, cfg_.value_dim});
+  }
+
+  /// Prefill: x [B, T, D] -> y [B, T, D], continuing each row of `cache` ([B] sequences).
+  void forward(tensor_view<const float, 3> x, tensor_view<float, 3> y, cache_type& cache) {
+    const checker check{"gated_deltanet::forward"};
+    check_x(check, x, y);
+    check_cache(check, cache, x.extent(0));
+    run(x, y, cache, {});
+  }
+  /// Packed variable-length prefill: x, y [1, T, D]; sequence n is tokens cu_seqlens[n] ..
+  /// cu_seqlens[n+1]-1 and continues row n of `cache` ([N] sequences).
+  void forward(tensor_view<const float, 3> x, tensor_view<float, 3> y, cache_type& cache,
+               std::span<const index_t> cu_seqlens) {
+    const checker check{"gated_deltanet::forward"};
+    check_x(check, x, y);
+    const index_t N = check.cu_seqlens(cu_seqlens, x.extent(0), x.extent(1));
+    check_cache(check, cache, N);
+    run(x, y, cache, cu_seqlens);
+  }
+  tensor<float, 3> forward(tensor_view<const float, 3> x, cache_type& cache) {
+    tensor<float, 3> y({x.extent(0), x.extent(1), cfg_.hidden});
+    forward(x, y.view(), cache);
+    return y;
+  }
+
+  /// Decode one token per sequence: x [B, D] -> y [B, D]; cache [B] updated in place.
+  void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& cache) {
+    const checker check{"gated_deltanet::step"};
+    check.nonempty("x", x);
+    const index_t B = x.extent(0), D = cfg_.hidden;
+    check.shape("x", x, {B, D});
+    check.shape("y", y, {B, D});
+    check_cache(check, cache, B);
+    const index_t Hk = cfg_.key_heads, HV = cfg_.value_heads, dk = cfg_.key_dim,
+                  dv = cfg_.value_dim;
+    auto proj = ws_.view<2>(0, {B, P_});
+    auto xc = ws_.view<2>(1, {B, C_});
+    auto qn = ws_.view<2>(2, {B, Hk * dk});
+    auto kn = ws_.view<2>(3, {B, Hk * dk});
+    auto g = ws_.view<2>(4, {B, HV});
+    auto beta = ws_.view<2>(5, {B, HV});
+    auto o = ws_.view<2>(6, {B, HV * dv});
+    auto nz = ws_.view<2>(7, {B, HV * dv});
+    in_.apply(x, proj);
+    conv_.step(proj.slice(1, 0, C_), xc, cache.conv().view());
+    l2norm(xc.slice(1, 0, Hk * dk), qn, dk, 1e-6f, l2_eps::rsqrt_sum);
+    l2norm(xc.slice(1, Hk * dk, 2 * Hk * dk), kn, dk, 1e-6f, l2_eps::rsqrt_sum);
+    const index_t ob = C_ + HV * dv, oa = ob + HV;
+    gated_delta_gates<float>(proj.slice(1, oa, oa + HV).unsqueeze(1),
+                             proj.slice(1, ob, ob + HV).unsqueeze(1), A_log_.view(),
+                             dt_bias_.view(), g.unsqueeze(1), beta.unsqueeze(1));
+    mixer_.step(qn.split(1, {Hk, dk}), kn.split(1, {Hk, dk}),
+                xc.slice(1, 2 * Hk * dk, C_).split(1, {HV, dv}), g, beta, o.split(1, {HV, dv}),
+                cache.state().view());
+    norm_.forward(o, proj.slice(1, C_, C_ + HV * dv), nz);
+    out_.apply(nz, y);
+    for (index_t b = 0; b < B; ++b) cache.advance(b, 1);
+  }
+
+  mixer_io last_mixer_io() const { return io_; }
+
+ private:
+  static tensor<float, 1> load_tensor(std::string_view who, const checkpoint_scope& scope,
+                                      const std::string& name, index_t n) {
+    const auto v = load_vector(who, scope, name, {n});
+    tensor<float, 1> t({n});
+    std::copy(v.begin(), v.end(), t.data());
+    return t;
+  }
+  void check_x(const checker& check, const tensor_view<const float, 3>& x,
+               const tensor_view<float, 3>& y) const {
+    check.nonempty("x", x);
+    check.shape("x", x, {any_extent, any_extent, cfg_.hidden});
+    check.shape("y", y, {x.extent(0), x.extent(1), cfg_.hidden});
+    check.inner_contiguous("x", x);
+    check.inner_contiguous("y", y);
+    check.no_overlap({range_of("y", y)}, {range_of("x", x)});
+  }
+  void check_cache(const checker& check, cache_type& cache, index_t rows) const {
+    check.shape("cache.conv", cache.conv().view(), {rows, cfg_.conv_kernel - 1, C_});
+    check.shape("cache.state", cache.state().view(),
+                {rows, cfg_.value_heads, cfg_.key_dim, cfg_.value_dim});
+  }
+
+  void run(const tensor_view<const float, 3>& x, const tensor_view<float, 3>& y, cache_type& cache,
+           std::span<const index_t> cu) {
+    const index_t B = x.extent(0), T = x.extent(1), M = B * T;
+    const index_t Hk = cfg_.key_heads, HV = cfg_.value_heads, dk = cfg_.key_dim,
+                  dv = cfg_.value_dim;
+    auto proj = ws_.view<2>(0, {M, P_});
+    auto xc = ws_.view<2>(1, {M, C_});
+    auto qn = ws_.view<2>(2, {M, Hk * dk});
+    auto kn = ws_.view<2>(3, {M, Hk * dk});
+    auto g = ws_.view<2>(4, {M, HV});
+    auto beta = ws_.view<2>(5, {M, HV});
+    auto o = ws_.view<2>(6, {M, HV * dv});
+    auto nz = ws_.view<2>(7, {M, HV * dv});
+    detail::project_in(in_, x, proj);
+    auto conv_in = proj.slice(1, 0, C_).split(0, {B, T});
+    if (cu.empty()) {
+      conv_.forward(conv_in, xc.split(0, {B, T}), cache.conv().view());
+    } else {
+      conv_.forward(conv_in, xc.split(0, {B, T}), cache.conv().view(), cu);
+    }
+    l2norm(xc.slice(1, 0, Hk * dk), qn, dk, 1e-6f, l2_eps::rsqrt_sum);
+    l2norm(xc.slice(1, Hk * dk, 2 * Hk * dk), kn, dk, 1e-6f, l2_eps::rsqrt_sum);
+    const index_t ob = C_ + HV * dv, oa = ob + HV;
+    auto g3 = g.split(0, {B, T});
+    auto beta3 = beta.split(0, {B, T});
+    gated_delta_gates<float>(proj.slice(1, oa, oa + HV).split(0, {B, T}),
+                             proj.slice(1, ob, ob + HV).split(0, {B, T}), A_log_.view(),
+                             dt_bias_.view(), g3, beta3);
+    auto q4 = qn.split(0, {B, T}).split(2, {Hk, dk});
+    auto k4 = kn.split(0, {B, T}).split(2, {Hk, dk});
+    auto v4 = xc.slice(1, 2 * Hk * dk, C_).split(0, {B, T}).split(2, {HV, dv});
+    auto o4 = o.split(0, {B, T}).split(2, {HV, dv});
+    if (cu.empty()) {
+      mixer_.forward(q4, k4, v4, g3, beta3, o4, cache.state().view());
+    } else {
+      mixer_.forward(q4, k4, v4, g3, beta3, o4, cache.state().view(), cu);
+    }
+    io_ = {xc.slice(1, 0, Hk * dk).split(0, {B, T}).split(2, {Hk, dk}),
+           xc.slice(1, Hk * dk, 2 * Hk * dk).split(0, {B, T}).split(2, {Hk, dk}),
+           v4,
+           g3,
+           beta3,
+           o4};
+    norm_.forward(o, proj.slice(1, C_, C_ + HV * dv), nz);
+    detail::project_out(out_, nz, y);
+    if (cu.empty()) {
+      for (index_t b = 0; b < B; ++b) cache.advance(b, T);
+    } else {
+      for (std::size_t n = 0; n + 1 < cu.size(); ++n)
+        cache.advance(static_cast<index_t>(n), cu[n + 1] - cu[n]);
+    }
+  }
+
+  config_type cfg_{};
+  index_t C_ = 0, P_ = 0;  // conv channels, fused projection width
+  weight_matrix in_, out_;
+  short_conv conv_;
+  tensor<float, 1> A_log_, dt_bias_;
+  gated_rms_norm norm_;
+  gated_delta_net<float> mixer_;
+  scratch ws_;
+  mixer_io io_{};
+};
+
+}  // namespace seqmix::layers
