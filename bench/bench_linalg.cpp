@@ -3,7 +3,8 @@
 // process, so the ratios are measured under the same machine load.
 //
 //   matmul/<lib>/M/N/K/threads   C[M,N] = A[M,K]·B[N,K]ᵀ, f32: lib = seqmix | eigen | openblas
-//   matmul_bf16/<mode>/M/N/K/t   bf16 weights: mode 0 = exact (widened), 1 = bf16_dot (A rounded)
+//   matmul_bf16/<mode>/M/N/K/t   bf16 weights: mode 0 = exact (widened), 1 = bf16_dot (A rounded
+//                                to bf16; AMX tiles where the CPU and OS allow, else vdpbf16ps)
 //   gemv/<lib>/dtype/N/K/t       M = 1 decode over a rotating set of weight matrices (> 512 MiB
 //                                in all, so the weights come from DRAM); bytes = weight bytes
 //   dram_read/t                  a plain read of the same rotating buffers (the bandwidth bound)
@@ -135,7 +136,8 @@ void BM_matmul_bf16(benchmark::State& state) {
   }
   gemm_counters(state, 2.0 * double(M) * double(N) * double(K), threads,
                 process_cpu_seconds() - cpu0);
-  state.SetLabel(dot ? "seqmix bf16_dot" : "seqmix bf16 exact");
+  state.SetLabel(dot ? std::string("seqmix bf16_dot (") + seqmix::linalg::bf16_dot_engine() + ")"
+                     : std::string("seqmix bf16 exact"));
 }
 
 // Rotating weights for the decode benchmarks: more than 512 MiB in all, so each call's weights

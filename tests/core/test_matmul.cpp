@@ -308,10 +308,14 @@ TEST_CASE("matmul: steady-state calls allocate nothing", "[core][matmul]") {
     problem p(M, N, K, 2, rng);  // strided A: also exercises the A copy
     matmul_options o;
     o.bias = p.biasv;
+    matmul_options dot = o;
+    dot.precision = matmul_precision::bf16_dot;
     linalg::matmul(p.av, p.bv, p.cv, o);
+    linalg::matmul(p.av, p.b16v, p.cv, dot);
     testing::allocation_scope scope;
     linalg::matmul(p.av, p.bv, p.cv, o);
     linalg::matmul(p.av, p.b16v, p.cv, o);
+    linalg::matmul(p.av, p.b16v, p.cv, dot);
     REQUIRE(scope.stats().count == 0);
   }
 }

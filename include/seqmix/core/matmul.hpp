@@ -44,6 +44,10 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <seqmix/core/dtype.hpp>
 #include <seqmix/core/error.hpp>
@@ -477,19 +481,20 @@ inline std::uint16_t bf16_bits(float x) {
 
 /// B rows [j0, j0 + nc) as ceil(nc / NR) panels of ceil(K / 2) × NR pairs (k = 2q, 2q + 1).
 inline void pack_b_pairs(const bf16* b, index_t ldb, index_t j0, index_t nc, index_t K,
-                         std::uint32_t* dst) {
-  const index_t K2 = (K + 1) / 2;
+                         std::uint32_t* dst, index_t K2) {
+  const index_t Kq = (K + 1) / 2;  // pair rows holding data; rows [Kq, K2) are zero
   for (index_t p = 0; p * NR < nc; ++p) {
     std::uint32_t* d = dst + p * K2 * NR;
     const index_t cols = std::min(NR, nc - p * NR);
     const bf16* src = b + (j0 + p * NR) * ldb;
-    for (index_t q = 0; q < K2; ++q) {
+    for (index_t q = 0; q < Kq; ++q) {
       const index_t k = 2 * q;
       for (index_t jj = 0; jj < NR; ++jj) {
         const bf16* row = src + jj * ldb;
         d[q * NR + jj] = jj < cols ? pair_bits(row[k].bits, k + 1 < K ? row[k + 1].bits : 0) : 0;
       }
     }
+    std::fill(d + Kq * NR, d + K2 * NR, std::uint32_t(0));
   }
 }
 
@@ -564,7 +569,7 @@ inline void gemm_block_pairs(const float* a, index_t lda, const bf16* b, index_t
   for (index_t jc = n0; jc < n1; jc += nc_max) {
     const index_t nc = std::min(nc_max, n1 - jc);
     const index_t panels = (nc + NR - 1) / NR;
-    pack_b_pairs(b, ldb, jc, nc, K, bpack);
+    pack_b_pairs(b, ldb, jc, nc, K, bpack, K2);
     for (index_t ic = m0; ic < m1; ic += MC) {
       const index_t mc = std::min(MC, m1 - ic);
       for (index_t pc = 0; pc < K; pc += KC) {
@@ -589,6 +594,111 @@ inline void gemm_block_pairs(const float* a, index_t lda, const bf16* b, index_t
 }
 #else
 inline constexpr bool has_bf16_dot = false;
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+// AMX (Sapphire Rapids-class): TDPBF16PS multiplies a 16×32 bf16 tile of A by a 32×16 tile of B
+// (in k-pairs, the layout of pack_b_pairs) into a 16×16 f32 tile, 16 k-pairs × 256 outputs per
+// instruction. A 32×32 block of C lives in 4 tile registers for the whole of K (2 A and 2 B tiles
+// stream through the other 4), so every output is one fixed chain of TDPBF16PS steps over K in
+// order: deterministic for any thread count. Inputs/outputs denormal -> 0 (the unit's DAZ/FTZ).
+// Linux makes a process ask for the tile state once (arch_prctl ARCH_REQ_XCOMP_PERM); when that
+// fails, bf16_dot runs on vdpbf16ps instead.
+inline bool amx_usable() {
+  static const bool ok = [] {
+    constexpr long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) amx_config {
+  std::uint8_t palette = 1;
+  std::uint8_t start_row = 0;
+  std::uint8_t reserved[14] = {};
+  std::uint16_t colsb[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+inline std::uint16_t* scratch_bf16(std::size_t n) {
+  thread_local std::vector<std::uint16_t> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+/// A (already rounded to bf16 values, rows [0, M), lda) as bf16 bits, [Mp × Kp] row-major with
+/// Mp, Kp rounded up to 32 and zero padding.
+inline void pack_a_amx(const float* a, index_t lda, index_t M, index_t K, index_t Mp, index_t Kp,
+                       std::uint16_t* dst) {
+  for (index_t i = 0; i < Mp; ++i) {
+    std::uint16_t* d = dst + i * Kp;
+    if (i < M) {
+      const float* src = a + i * lda;
+      for (index_t k = 0; k < K; ++k) d[k] = bf16_bits(src[k]);
+      std::fill(d + K, d + Kp, std::uint16_t(0));
+    } else {
+      std::fill(d, d + Kp, std::uint16_t(0));
+    }
+  }
+}
+
+/// Rows [m0, m1) (multiples of 32 but m1 may be Mp) × columns [n0, n1) of C on AMX tiles.
+inline void gemm_block_amx(const std::uint16_t* a16, index_t Kp, index_t M, const bf16* b,
+                           index_t ldb, index_t K, index_t m0, index_t m1, index_t n0, index_t n1,
+                           const epilogue& ep) {
+  const index_t K2 = Kp / 2;  // pair rows per B panel, zero beyond (K + 1) / 2
+  index_t nc_max = slab_bytes / (index_t(sizeof(std::uint32_t)) * K2 * NR) * NR;
+  nc_max = std::clamp<index_t>(nc_max, NR, max_nc);
+  std::uint32_t* bpack = scratch_pairs(0, static_cast<std::size_t>(nc_max * K2));
+  alignas(64) float ctile[32 * 32];
+  amx_config cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  constexpr index_t mb_rows = 128;  // A rows per block (<= 1 MiB of bf16 at K = 4096): in L2
+  for (index_t jc = n0; jc < n1; jc += nc_max) {
+    const index_t nc = std::min(nc_max, n1 - jc);
+    const index_t panels = (nc + NR - 1) / NR;
+    pack_b_pairs(b, ldb, jc, nc, K, bpack, K2);
+    for (index_t mb = m0; mb < m1; mb += mb_rows) {
+      const index_t me = std::min(m1, mb + mb_rows);
+      for (index_t jr = 0; jr < panels; ++jr) {
+        const std::uint32_t* bpanel = bpack + jr * K2 * NR;
+        const index_t j0 = jc + jr * NR;
+        const index_t nv = std::min(NR, jc + nc - j0);
+        for (index_t i0 = mb; i0 < me; i0 += 32) {
+          const std::uint16_t* a0 = a16 + i0 * Kp;
+          const std::uint16_t* a1 = a0 + 16 * Kp;
+          const auto sa = static_cast<long>(Kp * 2);
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (index_t k0 = 0; k0 < Kp; k0 += 32) {
+            _tile_loadd(4, a0 + k0, sa);
+            _tile_loadd(5, a1 + k0, sa);
+            _tile_loadd(6, bpanel + (k0 / 2) * NR, NR * 4);
+            _tile_loadd(7, bpanel + (k0 / 2) * NR + 16, NR * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, ctile, 128);
+          _tile_stored(1, ctile + 16, 128);
+          _tile_stored(2, ctile + 16 * 32, 128);
+          _tile_stored(3, ctile + 16 * 32 + 16, 128);
+          const index_t rows = std::min<index_t>(32, M - i0);
+          for (index_t r = 0; r < rows; ++r) ep.row(i0 + r, j0, nv, ctile + r * 32);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#define SEQMIX_MATMUL_AMX 1
 #endif
 
 // ---- validation and driver -----------------------------------------------------------------
@@ -714,6 +824,30 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
     return;
   }
 
+#if defined(SEQMIX_MATMUL_AMX)
+  if constexpr (std::is_same_v<W, bf16>) {
+    if (round_a && amx_usable()) {
+      const index_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
+      std::uint16_t* a16 = scratch_bf16(static_cast<std::size_t>(Mp * Kp));
+      pack_a_amx(ap, lda, M, K, Mp, Kp, a16);
+      const index_t col_panels = (N + NR - 1) / NR, row_blocks = Mp / 32;
+      const bool cols = col_panels >= T || col_panels >= row_blocks;
+      const index_t parts = std::min<index_t>(T, cols ? col_panels : row_blocks);
+      parallel_for(parts, [&](index_t t) {
+        if (cols) {
+          const index_t n0 = std::min(N, col_panels * t / parts * NR);
+          const index_t n1 = std::min(N, col_panels * (t + 1) / parts * NR);
+          if (n1 > n0) gemm_block_amx(a16, Kp, M, bp, ldb, K, 0, Mp, n0, n1, ep);
+        } else {
+          const index_t m0 = row_blocks * t / parts * 32, m1 = row_blocks * (t + 1) / parts * 32;
+          if (m1 > m0) gemm_block_amx(a16, Kp, M, bp, ldb, K, m0, m1, 0, N, ep);
+        }
+      });
+      return;
+    }
+  }
+#endif
+
   // GEMM: threads own column ranges of whole NR panels, or row ranges of whole MR tiles when
   // there are fewer panels than threads (narrow N).
   const index_t panels = (N + NR - 1) / NR;
@@ -742,6 +876,15 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
 }
 
 }  // namespace matmul_detail
+
+/// Which unit runs `matmul_precision::bf16_dot` for M > 8 in this build and process: "amx",
+/// "avx512_bf16" (vdpbf16ps) or "f32" (A rounded to bf16, then the exact f32 kernel).
+inline const char* bf16_dot_engine() {
+#if defined(SEQMIX_MATMUL_AMX)
+  if (matmul_detail::amx_usable()) return "amx";
+#endif
+  return matmul_detail::has_bf16_dot ? "avx512_bf16" : "f32";
+}
 
 /// C[M, N] = (accumulate ? C : 0) + residual + row_scale ⊙ act(A · Bᵀ + bias), B = weights [N, K]
 /// (f32). A and C may have any strides; B's rows must be inner-contiguous. Throws
