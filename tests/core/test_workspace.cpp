@@ -63,9 +63,14 @@ TEST_CASE("workspace: pieces are 64-byte aligned, disjoint and typed", "[core][w
     CHECK(v.shape() == shape_t<3>{4, 5, 6});
     CHECK(v.is_contiguous());
     CHECK(v(3, 4, 5) == 1.0f);
+    const shape_t<2> like{2, 3};
+    auto w = f.take_view<double>(like);  // a shape from elsewhere (e.g. another tensor's)
+    CHECK(w.shape() == like);
+    CHECK(aligned64(w.data()));
+    ws.rewind(ws.mark());  // rewinding to the current position returns nothing
     CHECK(c[99] == 2.5);
-    // rounded to 64 bytes each: 64 + 64 + 832 + 512
-    CHECK(ws.used() == 64 + 64 + 832 + 512);
+    // rounded to 64 bytes each: 64 + 64 + 832 + 512 + 64
+    CHECK(ws.used() == 64 + 64 + 832 + 512 + 64);
     auto* pa = reinterpret_cast<const char*>(a.data());
     auto* pb = reinterpret_cast<const char*>(b.data());
     auto* pc = reinterpret_cast<const char*>(c.data());
@@ -73,10 +78,10 @@ TEST_CASE("workspace: pieces are 64-byte aligned, disjoint and typed", "[core][w
     CHECK(pc >= pb + 1);
     CHECK(f.take<float>(0).empty());
     CHECK(ws.take_bytes(0) == nullptr);
-    CHECK(ws.used() == 64 + 64 + 832 + 512);
+    CHECK(ws.used() == 64 + 64 + 832 + 512 + 64);
   }
   CHECK(ws.used() == 0);
-  CHECK(ws.high_water() == 64 + 64 + 832 + 512);
+  CHECK(ws.high_water() == 64 + 64 + 832 + 512 + 64);
   CHECK(ws.block_count() == 1);
 }
 
@@ -229,3 +234,21 @@ TEST_CASE("workspace: release, reserve and checked sizes", "[core][workspace][ho
   CHECK(moved.block_count() == 1);
   CHECK(ws.block_count() == 0);  // NOLINT(bugprone-use-after-move)
 }
+
+#ifdef SEQMIX_WORKSPACE_ASAN
+TEST_CASE("workspace: under ASan, scratch is poisoned once returned", "[core][workspace]") {
+  workspace ws;
+  float* p = nullptr;
+  {
+    auto f = ws.scope();
+    p = f.take<float>(100, 1.0f).data();
+    CHECK(__asan_address_is_poisoned(p) == 0);
+    CHECK(__asan_address_is_poisoned(p + 99) == 0);
+    CHECK(__asan_address_is_poisoned(p + 112) != 0);  // past the 448 bytes taken: not taken
+  }
+  CHECK(__asan_address_is_poisoned(p) != 0);  // a span kept past its frame would be reported
+  auto f = ws.scope();
+  CHECK(f.take<float>(1).data() == p);
+  CHECK(__asan_address_is_poisoned(p) == 0);
+}
+#endif

@@ -357,6 +357,10 @@ class workspace::frame {
     return ws_->take_view<T, R>(shape);
   }
   template <class T, std::size_t R>
+  tensor_view<T, R> take_view(const shape_t<R>& shape) {
+    return ws_->take_view<T, R>(shape);
+  }
+  template <class T, std::size_t R>
   tensor_view<T, R> take_view(const index_t (&shape)[R], T value) {
     return ws_->take_view<T, R>(shape, value);
   }
