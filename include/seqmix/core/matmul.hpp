@@ -283,6 +283,33 @@ struct epilogue {
 
 // ---- GEMM path (M > 8) ---------------------------------------------------------------------
 
+#if defined(__AVX512F__)
+/// In-register 16×16 transpose: r[i] = row i (16 consecutive k) -> r[k] = column k.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(u[h + i], u[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(u[h + i], u[h + i + 4], 0xDD);
+    }
+  }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD);
+  }
+}
+#endif
+
 /// Packs B rows [j0, j0 + nc) (all K) into ceil(nc / NR) panels of K × NR floats, panel p at
 /// dst + p·K·NR, element (k, j) at [k·NR + j]; columns past nc are zero.
 template <class W>
@@ -295,6 +322,25 @@ void pack_b(const W* b, index_t ldb, index_t j0, index_t nc, index_t K, float* d
     for (index_t k0 = 0; k0 < K; k0 += kb) {
       const index_t k1 = std::min(K, k0 + kb);
       const W* src = b + (j0 + p * NR) * ldb;
+#if defined(__AVX512F__)
+      if (cols == NR) {
+        // 16×16 blocks through registers; the k tail of the block below
+        static_assert(NR == 32 && L == 16);
+        index_t k = k0;
+        for (; k + 16 <= k1; k += 16) {
+          for (index_t h = 0; h < NR; h += 16) {
+            __m512 r[16];
+            for (index_t i = 0; i < 16; ++i) r[i] = load_w(src + (h + i) * ldb + k);
+            transpose16(r);
+            for (index_t kk = 0; kk < 16; ++kk) _mm512_storeu_ps(d + (k + kk) * NR + h, r[kk]);
+          }
+        }
+        for (; k < k1; ++k) {
+          for (index_t jj = 0; jj < NR; ++jj) d[k * NR + jj] = widen(src[jj * ldb + k]);
+        }
+        continue;
+      }
+#endif
       if (cols == NR) {
         for (index_t k = k0; k < k1; ++k) {
           for (index_t jj = 0; jj < NR; ++jj) d[k * NR + jj] = widen(src[jj * ldb + k]);
