@@ -3,6 +3,7 @@
 // gated attention, Mamba2), prefill then steps == one prefill, packed == separate, snapshot /
 // restore, allocation-free steps, bf16-stored weights, bad weights and arguments.
 #include <cmath>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -223,4 +224,269 @@ TEST_CASE("mamba2 layer matches transformers' Mamba2Mixer", "[golden][layers]") 
       compare(conv_state_ours(g<3>("mamba2.cache_after_decode.layer0.conv_state0")), cache.conv()));
   check_rel("mamba2.cache_after_decode.state",
             compare(g<4>("mamba2.cache_after_decode.layer0.recurrent_state0"), pn(cache.state())));
+}
+
+namespace {
+
+/// The golden weights of `unit` re-written under prefix "L." as `type` (f32 / bf16), optionally
+/// dropping one tensor, replacing one by a wrong shape or storing one as another dtype.
+std::string write_weights(const std::string& unit, dtype type, const std::string& stem,
+                          const std::string& drop = {}, const std::string& reshape = {},
+                          const std::string& retype = {}) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() /
+       ("seqmix_layers_" + stem + "_" + std::to_string(::getpid()) + ".safetensors"))
+          .string();
+  safetensors_writer wr;
+  const auto scope = gold_ck().scope(unit + ".w.");
+  for (const auto& n : scope.names()) {
+    if (n == drop) continue;
+    const auto& info = scope.info(n);
+    auto flat = scope.get_flat<float>(n);
+    std::vector<index_t> shape = info.shape;
+    if (n == reshape) shape = {static_cast<index_t>(flat.size())};
+    const dtype t = n == retype ? dtype::f64 : (shape.size() >= 2 ? type : dtype::f32);
+    if (shape.size() == 1) {
+      tensor<float, 1> v({shape[0]});
+      std::copy(flat.begin(), flat.end(), v.data());
+      wr.add_as("L." + n, v, t);
+    } else if (shape.size() == 2) {
+      tensor<float, 2> v({shape[0], shape[1]});
+      std::copy(flat.begin(), flat.end(), v.data());
+      wr.add_as("L." + n, v, t);
+    } else {
+      tensor<float, 3> v({shape[0], shape[1], shape[2]});
+      std::copy(flat.begin(), flat.end(), v.data());
+      wr.add_as("L." + n, v, t);
+    }
+  }
+  wr.save(path);
+  return path;
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+template <class Layer>
+Layer load_layer(const checkpoint& ck, const std::string& prefix);
+template <>
+layers::gated_deltanet load_layer(const checkpoint& ck, const std::string& p) {
+  return layers::gated_deltanet::load(ck, p, gdn_cfg());
+}
+template <>
+layers::gated_attention load_layer(const checkpoint& ck, const std::string& p) {
+  return layers::gated_attention::load(ck, p, attn_cfg());
+}
+template <>
+layers::mamba2 load_layer(const checkpoint& ck, const std::string& p) {
+  return layers::mamba2::load(ck, p, mamba_cfg());
+}
+
+template <class Layer>
+tensor<float, 3> prefill(Layer& l, const tensor<float, 3>& x, typename Layer::cache_type& c) {
+  tensor<float, 3> y(x.shape());
+  l.forward(x.view(), y.view(), c);
+  return y;
+}
+
+/// The layer-level properties shared by the three layers.
+template <class Layer>
+void layer_properties(const std::string& unit) {
+  auto ck = gold_ck();
+  Layer layer = load_layer<Layer>(ck, unit + ".w.");
+  auto rng = testing::make_rng(11);
+  const index_t D = 64, B = 2, T = 20, cap = 64;
+  const auto x = testing::random_normal<float, 3>({B, T, D}, rng);
+
+  SECTION("one prefill over 41 tokens == transformers' y_full") {
+    const auto xs = g<2>(unit + ".x"), xd = g<2>(unit + ".x_decode");
+    tensor<float, 3> xf({1, 41, D});
+    std::copy(xs.data(), xs.data() + xs.size(), xf.data());
+    std::copy(xd.data(), xd.data() + xd.size(), xf.data() + xs.size());
+    auto c = layer.make_cache(1, cap);
+    const auto y = prefill(layer, xf, c);
+    check_rel(unit + ".y_full", compare(ro(g<2>(unit + ".y_full")),
+                                        tensor_view<const float, 2>(y.view().select(0, 0))));
+  }
+  SECTION("prefill in parts, then steps == one prefill; rows of a batch == alone") {
+    auto c_all = layer.make_cache(B, cap);
+    const auto y_all = prefill(layer, x, c_all);
+    auto c = layer.make_cache(B, cap);
+    tensor<float, 3> y(x.shape());
+    layer.forward(x.view().slice(1, 0, 9), y.view().slice(1, 0, 9), c);
+    layer.forward(x.view().slice(1, 9, 15), y.view().slice(1, 9, 15), c);
+    for (index_t t = 15; t < T; ++t) {
+      tensor<float, 2> x1({B, D}), y1({B, D});
+      for (index_t b = 0; b < B; ++b)
+        for (index_t d = 0; d < D; ++d) x1(b, d) = x(b, t, d);
+      layer.step(x1.view(), y1.view(), c);
+      for (index_t b = 0; b < B; ++b)
+        for (index_t d = 0; d < D; ++d) y(b, t, d) = y1(b, d);
+    }
+    check_rel(unit + " parts+steps vs one prefill", compare(y_all, y));
+    for (index_t b = 0; b < B; ++b) {
+      tensor<float, 3> xb({1, T, D});
+      std::copy_n(x.data() + b * T * D, T * D, xb.data());
+      auto cb = layer.make_cache(1, cap);
+      const auto yb = prefill(layer, xb, cb);
+      check_rel(unit + " row alone",
+                compare(tensor_view<const float, 2>(yb.view().select(0, 0)),
+                        tensor_view<const float, 2>(y_all.view().select(0, b))));
+    }
+  }
+  SECTION("packed sequences continuing their caches == each alone") {
+    // three rows with 4 tokens of history each, then a packed continuation of 7, 1 and 12
+    const index_t N = 3;
+    const auto hist = testing::random_normal<float, 3>({N, 4, D}, rng);
+    const std::vector<index_t> cu{0, 7, 8, 20};
+    const auto xp = testing::random_normal<float, 3>({1, 20, D}, rng);
+    auto c = layer.make_cache(N, cap);
+    prefill(layer, hist, c);
+    tensor<float, 3> yp({1, 20, D});
+    layer.forward(xp.view(), yp.view(), c, cu);
+    for (index_t n = 0; n < N; ++n) {
+      auto cn = layer.make_cache(1, cap);
+      tensor<float, 3> hn({1, 4, D});
+      std::copy_n(hist.data() + n * 4 * D, 4 * D, hn.data());
+      prefill(layer, hn, cn);
+      const index_t L = cu[std::size_t(n) + 1] - cu[std::size_t(n)];
+      tensor<float, 3> xn({1, L, D});
+      std::copy_n(xp.data() + cu[std::size_t(n)] * D, L * D, xn.data());
+      const auto yn = prefill(layer, xn, cn);
+      check_rel(unit + " packed sequence",
+                compare(tensor_view<const float, 3>(yn.view()),
+                        tensor_view<const float, 3>(
+                            yp.view().slice(1, cu[std::size_t(n)], cu[std::size_t(n) + 1]))));
+    }
+  }
+  SECTION("snapshot / restore; steps allocate nothing") {
+    auto c = layer.make_cache(B, cap);
+    prefill(layer, x, c);
+    const auto snap = c.snapshot();
+    tensor<float, 2> x1({B, D}), y1({B, D}), y2({B, D});
+    for (index_t i = 0; i < B * D; ++i) x1[i] = static_cast<float>(i % 7) * 0.1f;
+    layer.step(x1.view(), y1.view(), c);
+    {
+      testing::allocation_scope scope;
+      for (int i = 0; i < 5; ++i) layer.step(x1.view(), y2.view(), c);
+      CHECK(scope.stats().count == 0);
+    }
+    c.restore(snap);
+    layer.step(x1.view(), y2.view(), c);
+    CHECK(testing::bitwise_equal(y1, y2));
+  }
+  SECTION("bf16-stored weights: exact widening, within bf16 rounding of f32") {
+    const std::string p16 = write_weights(unit, dtype::bf16, unit + "_bf16");
+    auto ck16 = checkpoint::open(p16);
+    Layer l16 = load_layer<Layer>(ck16, "L.");
+    auto c1 = layer.make_cache(B, cap), c2 = layer.make_cache(B, cap);
+    const auto y32 = prefill(layer, x, c1);
+    const auto y16 = prefill(l16, x, c2);
+    const auto cmp = compare(y32, y16);
+    INFO(cmp.report);
+    CHECK(cmp.rel_rms <= 2e-2);
+    CHECK(cmp.rel_rms > 1e-5);  // the weights really were rounded
+    // the same bf16 numbers stored as f32: bf16 weights are widened exactly
+    safetensors_writer wr;
+    const auto s16 = ck16.scope("L.");
+    for (const auto& n : s16.names()) {
+      auto flat = s16.get_flat<float>(n);
+      tensor<float, 1> v({static_cast<index_t>(flat.size())});
+      std::copy(flat.begin(), flat.end(), v.data());
+      const auto& shp = s16.info(n).shape;
+      if (shp.size() == 1) wr.add("L." + n, v);
+      if (shp.size() == 2) wr.add("L." + n, v.view().reshape(shape_t<2>{shp[0], shp[1]}));
+      if (shp.size() == 3) wr.add("L." + n, v.view().reshape(shape_t<3>{shp[0], shp[1], shp[2]}));
+    }
+    const std::string pw = p16 + ".f32.safetensors";
+    wr.save(pw);
+    auto ckw = checkpoint::open(pw);
+    Layer lw = load_layer<Layer>(ckw, "L.");
+    auto c3 = layer.make_cache(B, cap);
+    const auto yw = prefill(lw, x, c3);
+    CHECK(compare(yw, y16).rel_rms <= 1e-6);
+    std::filesystem::remove(p16);
+    std::filesystem::remove(pw);
+  }
+  SECTION("bad arguments") {
+    auto c = layer.make_cache(B, cap);
+    tensor<float, 3> xb({B, T, D + 1}), y(x.shape());
+    CHECK_THAT(error_of([&] { layer.forward(xb.view(), y.view(), c); }),
+               Catch::Contains("::forward") && Catch::Contains("'x'") &&
+                   Catch::Contains("[any, any, 64]"));
+    auto c1 = layer.make_cache(1, cap);
+    CHECK_THAT(error_of([&] { layer.forward(x.view(), y.view(), c1); }),
+               Catch::Contains("::forward") && Catch::Contains("cache"));
+    tensor<float, 2> x1({B, D}), y1({B + 1, D});
+    CHECK_THAT(error_of([&] { layer.step(x1.view(), y1.view(), c); }),
+               Catch::Contains("::step") && Catch::Contains("'y'"));
+    CHECK_THAT(error_of([&] {
+                 layer.forward(x.view(), y.view(), c, std::vector<index_t>{0, 5});
+               }),
+               Catch::Contains("cu_seqlens"));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gated_deltanet layer: parts, packed, snapshot, allocation, bf16, errors", "[layers]") {
+  layer_properties<layers::gated_deltanet>("gdn");
+}
+TEST_CASE("gated_attention layer: parts, packed, snapshot, allocation, bf16, errors", "[layers]") {
+  layer_properties<layers::gated_attention>("gated_attn");
+}
+TEST_CASE("mamba2 layer: parts, packed, snapshot, allocation, bf16, errors", "[layers]") {
+  layer_properties<layers::mamba2>("mamba2");
+}
+
+TEST_CASE("layers: missing, mis-shaped and mis-typed weights name the tensor and the shape",
+          "[layers]") {
+  {
+    const auto p = write_weights("gdn", dtype::f32, "gdn_missing", "A_log");
+    auto ck = checkpoint::open(p);
+    CHECK_THAT(error_of([&] { layers::gated_deltanet::load(ck, "L.", gdn_cfg()); }),
+               Catch::Contains("gated_deltanet::load") && Catch::Contains("'L.A_log'") &&
+                   Catch::Contains("missing") && Catch::Contains("[4]"));
+    std::filesystem::remove(p);
+  }
+  {
+    const auto p = write_weights("gdn", dtype::f32, "gdn_shape", {}, "conv1d.weight");
+    auto ck = checkpoint::open(p);
+    CHECK_THAT(error_of([&] { layers::gated_deltanet::load(ck, "L.", gdn_cfg()); }),
+               Catch::Contains("'L.conv1d.weight'") && Catch::Contains("[256, 1, 4]") &&
+                   Catch::Contains("got shape [1024]"));
+    std::filesystem::remove(p);
+  }
+  {
+    const auto p = write_weights("gated_attn", dtype::f32, "attn_type", {}, {}, "q_proj.weight");
+    auto ck = checkpoint::open(p);
+    CHECK_THAT(error_of([&] { layers::gated_attention::load(ck, "L.", attn_cfg()); }),
+               Catch::Contains("gated_attention::load") && Catch::Contains("'L.q_proj.weight'") &&
+                   Catch::Contains("[256, 64]") && Catch::Contains("F64"));
+    std::filesystem::remove(p);
+  }
+  {
+    const auto p = write_weights("mamba2", dtype::f32, "mamba_missing", "conv1d.bias");
+    auto ck = checkpoint::open(p);
+    CHECK_THAT(error_of([&] { layers::mamba2::load(ck, "L.", mamba_cfg()); }),
+               Catch::Contains("mamba2::load") && Catch::Contains("'L.conv1d.bias'") &&
+                   Catch::Contains("[192]"));
+    std::filesystem::remove(p);
+  }
+  // a config that does not fit the checkpoint
+  auto cfg = gdn_cfg();
+  cfg.value_dim = 16;
+  CHECK_THAT(error_of([&] { layers::gated_deltanet::load(gold_ck(), "gdn.w.", cfg); }),
+             Catch::Contains("'gdn.w.in_proj_qkvz.weight'") && Catch::Contains("[256, 64]"));
+  cfg = gdn_cfg();
+  cfg.value_heads = 3;
+  CHECK_THAT(error_of([&] { layers::gated_deltanet::load(gold_ck(), "gdn.w.", cfg); }),
+             Catch::Contains("config.value_heads"));
 }

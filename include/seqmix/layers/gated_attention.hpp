@@ -100,9 +100,9 @@ class gated_attention {
     detail::check_config_positive(
         check, {"hidden", "heads", "kv_heads", "head_dim", "chunk_size"},
         {cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.chunk_size});
-    check.require(cfg.heads % cfg.kv_heads == 0, "config.heads",
-                  "must be a multiple of kv_heads (" + std::to_string(cfg.kv_heads) + "), got " +
-                      std::to_string(cfg.heads));
+    if (!(cfg.heads % cfg.kv_heads == 0))
+      check.fail("config.heads", "must be a multiple of kv_heads (" + std::to_string(cfg.kv_heads) +
+                                     "), got " + std::to_string(cfg.heads));
     gated_attention l;
     l.cfg_ = cfg;
     const index_t H = cfg.heads, Hkv = cfg.kv_heads, hd = cfg.head_dim, D = cfg.hidden;
@@ -145,8 +145,8 @@ class gated_attention {
   /// A cache of `capacity` tokens per sequence (a full kv_cache; grow with cache.kv().reserve).
   cache_type make_cache(index_t batch, index_t capacity) const {
     const checker check{"gated_attention::make_cache"};
-    check.require(batch >= 1, "batch", "must be >= 1, got " + std::to_string(batch));
-    check.require(capacity >= 1, "capacity", "must be >= 1, got " + std::to_string(capacity));
+    if (!(batch >= 1)) check.fail("batch", "must be >= 1, got " + std::to_string(batch));
+    if (!(capacity >= 1)) check.fail("capacity", "must be >= 1, got " + std::to_string(capacity));
     return cache_type(
         attn_.make_cache(batch, cfg_.kv_heads, cfg_.head_dim, cfg_.head_dim, capacity));
   }

@@ -83,9 +83,10 @@ class gated_deltanet {
     detail::check_config_positive(
         check, {"hidden", "key_heads", "value_heads", "key_dim", "value_dim", "chunk_size"},
         {cfg.hidden, cfg.key_heads, cfg.value_heads, cfg.key_dim, cfg.value_dim, cfg.chunk_size});
-    check.require(cfg.value_heads % cfg.key_heads == 0, "config.value_heads",
-                  "must be a multiple of key_heads (" + std::to_string(cfg.key_heads) + "), got " +
-                      std::to_string(cfg.value_heads));
+    if (!(cfg.value_heads % cfg.key_heads == 0))
+      check.fail("config.value_heads", "must be a multiple of key_heads (" +
+                                           std::to_string(cfg.key_heads) + "), got " +
+                                           std::to_string(cfg.value_heads));
     gated_deltanet l;
     l.cfg_ = cfg;
     const index_t Hk = cfg.key_heads, HV = cfg.value_heads, dk = cfg.key_dim, dv = cfg.value_dim;
@@ -130,8 +131,8 @@ class gated_deltanet {
   /// A zero cache for `batch` sequences (capacity: unused, the state is constant-size).
   cache_type make_cache(index_t batch, index_t capacity = 0) const {
     const checker check{"gated_deltanet::make_cache"};
-    check.require(batch >= 1, "batch", "must be >= 1, got " + std::to_string(batch));
-    check.require(capacity >= 0, "capacity", "must be >= 0, got " + std::to_string(capacity));
+    if (!(batch >= 1)) check.fail("batch", "must be >= 1, got " + std::to_string(batch));
+    if (!(capacity >= 0)) check.fail("capacity", "must be >= 0, got " + std::to_string(capacity));
     return cache_type(batch, cfg_.conv_kernel - 1, C_,
                       {cfg_.value_heads, cfg_.key_dim, cfg_.value_dim});
   }

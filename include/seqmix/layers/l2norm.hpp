@@ -28,11 +28,11 @@ inline void l2norm(tensor_view<const float, 2> x, tensor_view<float, 2> y, index
   check.extents("x", x);
   const index_t M = x.extent(0), W = x.extent(1);
   check.shape("y", y, {M, W});
-  check.require(
-      group > 0 && W % group == 0, "group",
-      "must be > 0 and divide the width " + std::to_string(W) + ", got " + std::to_string(group));
-  check.require(std::isfinite(eps) && eps >= 0, "eps",
-                "must be finite and >= 0, got " + std::to_string(eps));
+  if (!(group > 0 && W % group == 0))
+    check.fail("group", "must be > 0 and divide the width " + std::to_string(W) + ", got " +
+                            std::to_string(group));
+  if (!(std::isfinite(eps) && eps >= 0))
+    check.fail("eps", "must be finite and >= 0, got " + std::to_string(eps));
   check.inner_contiguous("x", x);
   check.inner_contiguous("y", y);
   if (!detail::same_view(x, y)) check.no_overlap({range_of("y", y)}, {range_of("x", x)});

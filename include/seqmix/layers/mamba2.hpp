@@ -74,15 +74,15 @@ class mamba2 {
         check, {"hidden", "heads", "head_dim", "state_size", "groups", "chunk_size", "norm_groups"},
         {cfg.hidden, cfg.heads, cfg.head_dim, cfg.state_size, cfg.groups, cfg.chunk_size,
          cfg.norm_groups});
-    check.require(
-        cfg.heads % cfg.groups == 0, "config.groups",
-        "must divide heads (" + std::to_string(cfg.heads) + "), got " + std::to_string(cfg.groups));
+    if (!(cfg.heads % cfg.groups == 0))
+      check.fail("config.groups", "must divide heads (" + std::to_string(cfg.heads) + "), got " +
+                                      std::to_string(cfg.groups));
     mamba2 l;
     l.cfg_ = cfg;
     const index_t H = cfg.heads, I = H * cfg.head_dim, GN = cfg.groups * cfg.state_size;
-    check.require(I % cfg.norm_groups == 0, "config.norm_groups",
-                  "must divide heads · head_dim (" + std::to_string(I) + "), got " +
-                      std::to_string(cfg.norm_groups));
+    if (!(I % cfg.norm_groups == 0))
+      check.fail("config.norm_groups", "must divide heads · head_dim (" + std::to_string(I) +
+                                           "), got " + std::to_string(cfg.norm_groups));
     l.I_ = I;
     l.C_ = I + 2 * GN;
     l.P_ = I + l.C_ + H;
@@ -110,8 +110,8 @@ class mamba2 {
   /// A zero cache for `batch` sequences (capacity unused: constant-size state).
   cache_type make_cache(index_t batch, index_t capacity = 0) const {
     const checker check{"mamba2::make_cache"};
-    check.require(batch >= 1, "batch", "must be >= 1, got " + std::to_string(batch));
-    check.require(capacity >= 0, "capacity", "must be >= 0, got " + std::to_string(capacity));
+    if (!(batch >= 1)) check.fail("batch", "must be >= 1, got " + std::to_string(batch));
+    if (!(capacity >= 0)) check.fail("capacity", "must be >= 0, got " + std::to_string(capacity));
     return cache_type(batch, cfg_.conv_kernel - 1, C_,
                       {cfg_.heads, cfg_.state_size, cfg_.head_dim});
   }

@@ -47,10 +47,10 @@ class rms_norm {
     const checker check{"rms_norm"};
     check.nonempty("weight", weight.view());
     check.finite("weight", weight.view());
-    check.require(std::isfinite(eps) && eps >= 0, "eps",
-                  "must be finite and >= 0, got " + std::to_string(eps));
+    if (!(std::isfinite(eps) && eps >= 0))
+      check.fail("eps", "must be finite and >= 0, got " + std::to_string(eps));
     group_ = group ? group : weight.extent(0);
-    check.require(group_ > 0, "group", "must be > 0, got " + std::to_string(group_));
+    if (!(group_ > 0)) check.fail("group", "must be > 0, got " + std::to_string(group_));
     w_ = std::move(weight);
     if (mode_ == norm_weight::one_plus)
       for (index_t i = 0; i < w_.extent(0); ++i) w_(i) += 1.0f;  // stored as the factor w'
@@ -85,14 +85,14 @@ class rms_norm {
     const index_t M = x.extent(0), W = x.extent(1);
     check.shape("y", y, {M, W});
     if (z) check.shape("z", *z, {M, W});
-    check.require(W % group_ == 0, "x",
-                  "width " + std::to_string(W) + " must be a multiple of the group " +
-                      std::to_string(group_));
+    if (!(W % group_ == 0))
+      check.fail("x", "width " + std::to_string(W) + " must be a multiple of the group " +
+                          std::to_string(group_));
     const index_t ws = w_.extent(0);
-    check.require(ws == W || ws == group_, "x",
-                  "width " + std::to_string(W) + " must equal the weight's size " +
-                      std::to_string(ws) + " (or the weight be one group of " +
-                      std::to_string(group_) + ")");
+    if (!(ws == W || ws == group_))
+      check.fail("x", "width " + std::to_string(W) + " must equal the weight's size " +
+                          std::to_string(ws) + " (or the weight be one group of " +
+                          std::to_string(group_) + ")");
     check.inner_contiguous("x", x);
     check.inner_contiguous("y", y);
     if (z) check.inner_contiguous("z", *z);

@@ -35,12 +35,12 @@ class rope {
        rope_style style = rope_style::rotate_half)
       : hd_(head_dim), rot_(rotary_dim), theta_(theta), style_(style) {
     const checker check{"rope"};
-    check.require(head_dim > 0, "head_dim", "must be > 0, got " + std::to_string(head_dim));
-    check.require(rotary_dim >= 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0, "rotary_dim",
-                  "must be even and in 0.." + std::to_string(head_dim) + ", got " +
-                      std::to_string(rotary_dim));
-    check.require(std::isfinite(theta) && theta > 0, "theta",
-                  "must be finite and > 0, got " + std::to_string(theta));
+    if (!(head_dim > 0)) check.fail("head_dim", "must be > 0, got " + std::to_string(head_dim));
+    if (!(rotary_dim >= 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0))
+      check.fail("rotary_dim", "must be even and in 0.." + std::to_string(head_dim) + ", got " +
+                                   std::to_string(rotary_dim));
+    if (!(std::isfinite(theta) && theta > 0))
+      check.fail("theta", "must be finite and > 0, got " + std::to_string(theta));
     inv_freq_.resize(static_cast<std::size_t>(rot_ / 2));
     for (index_t i = 0; i < rot_ / 2; ++i) {
       const float e = static_cast<float>(2 * i) / static_cast<float>(rot_);
@@ -52,8 +52,8 @@ class rope {
   static rope partial(index_t head_dim, double fraction, double theta,
                       rope_style style = rope_style::rotate_half) {
     const checker check{"rope::partial"};
-    check.require(fraction >= 0 && fraction <= 1, "fraction",
-                  "must be in [0, 1], got " + std::to_string(fraction));
+    if (!(fraction >= 0 && fraction <= 1))
+      check.fail("fraction", "must be in [0, 1], got " + std::to_string(fraction));
     const auto r = static_cast<index_t>(static_cast<double>(head_dim) * fraction);
     return rope(head_dim, r - r % 2, theta, style);
   }
@@ -74,9 +74,9 @@ class rope {
   void apply(tensor_view<float, 4> x, std::span<const index_t> start) const {
     const checker check{"rope::apply"};
     check_x(check, x);
-    check.require(x.extent(0) == static_cast<index_t>(start.size()), "start",
-                  "must hold B = " + std::to_string(x.extent(0)) + " positions, got " +
-                      std::to_string(start.size()));
+    if (!(x.extent(0) == static_cast<index_t>(start.size())))
+      check.fail("start", "must hold B = " + std::to_string(x.extent(0)) + " positions, got " +
+                              std::to_string(start.size()));
     check_starts(check, start);
     for (index_t b = 0; b < x.extent(0); ++b)
       for (index_t t = 0; t < x.extent(1); ++t)
@@ -90,9 +90,9 @@ class rope {
     const checker check{"rope::apply"};
     check_x(check, x);
     const index_t N = check.cu_seqlens(cu_seqlens, x.extent(0), x.extent(1));
-    check.require(N == static_cast<index_t>(start.size()), "start",
-                  "must hold N = " + std::to_string(N) + " positions (one per sequence), got " +
-                      std::to_string(start.size()));
+    if (!(N == static_cast<index_t>(start.size())))
+      check.fail("start", "must hold N = " + std::to_string(N) +
+                              " positions (one per sequence), got " + std::to_string(start.size()));
     check_starts(check, start);
     for (index_t n = 0; n < N; ++n) {
       const index_t t0 = cu_seqlens[static_cast<std::size_t>(n)];
@@ -108,9 +108,9 @@ class rope {
     check.extents("x1", x1);
     check.shape("x1", x1, {any_extent, any_extent, hd_});
     check.inner_contiguous("x1", x1);
-    check.require(x1.extent(0) == static_cast<index_t>(pos.size()), "pos",
-                  "must hold B = " + std::to_string(x1.extent(0)) + " positions, got " +
-                      std::to_string(pos.size()));
+    if (!(x1.extent(0) == static_cast<index_t>(pos.size())))
+      check.fail("pos", "must hold B = " + std::to_string(x1.extent(0)) + " positions, got " +
+                            std::to_string(pos.size()));
     check_starts(check, pos);
     for (index_t b = 0; b < x1.extent(0); ++b)
       token(x1.template select<0>(b), pos[static_cast<std::size_t>(b)]);

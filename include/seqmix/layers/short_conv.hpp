@@ -48,8 +48,8 @@ class short_conv {
     check.nonempty("weight", weight);
     C_ = weight.extent(0);
     K_ = weight.extent(1);
-    check.require(K_ >= 2 && K_ <= 8, "weight",
-                  "kernel (weight.extent(1)) must be in 2..8, got " + std::to_string(K_));
+    if (!(K_ >= 2 && K_ <= 8))
+      check.fail("weight", "kernel (weight.extent(1)) must be in 2..8, got " + std::to_string(K_));
     if (bias.data()) check.shape("bias", bias, {C_});
     check.finite("weight", weight);
     w_ = tensor<float, 2>({K_, C_});
@@ -88,7 +88,7 @@ class short_conv {
   /// A zero state [B, K-1, C].
   tensor<float, 3> make_state(index_t B) const {
     const checker check{"short_conv::make_state"};
-    check.require(B >= 1, "B", "must be >= 1, got " + std::to_string(B));
+    if (!(B >= 1)) check.fail("B", "must be >= 1, got " + std::to_string(B));
     return tensor<float, 3>({B, K_ - 1, C_});
   }
 

@@ -26,18 +26,21 @@ class swiglu_mlp {
     const checker check{"swiglu_mlp"};
     I_ = down_.cols();
     D_ = down_.rows();
-    check.require(gate_up_.rows() == 2 * I_ && gate_up_.cols() == D_, "gate_up",
-                  "expected shape [" + std::to_string(2 * I_) + ", " + std::to_string(D_) +
-                      "], got [" + std::to_string(gate_up_.rows()) + ", " +
-                      std::to_string(gate_up_.cols()) + "]");
+    if (!(gate_up_.rows() == 2 * I_ && gate_up_.cols() == D_))
+      check.fail("gate_up", "expected shape [" + std::to_string(2 * I_) + ", " +
+                                std::to_string(D_) + "], got [" + std::to_string(gate_up_.rows()) +
+                                ", " + std::to_string(gate_up_.cols()) + "]");
   }
   /// `gate_proj.weight`, `up_proj.weight` [I, D] and `down_proj.weight` [D, I] under scope.
   static swiglu_mlp load(std::string_view who, const checkpoint_scope& scope, index_t hidden,
                          index_t intermediate) {
-    return swiglu_mlp(
-        weight_matrix::load(who, scope, {"gate_proj.weight", "up_proj.weight"},
-                            {intermediate, intermediate}, hidden),
-        weight_matrix::load(who, scope, {"down_proj.weight"}, {hidden}, intermediate));
+    // in order (function arguments would be evaluated in any order): the first bad tensor is
+    // the one reported
+    weight_matrix gate_up = weight_matrix::load(who, scope, {"gate_proj.weight", "up_proj.weight"},
+                                                {intermediate, intermediate}, hidden);
+    weight_matrix down =
+        weight_matrix::load(who, scope, {"down_proj.weight"}, {hidden}, intermediate);
+    return swiglu_mlp(std::move(gate_up), std::move(down));
   }
   index_t hidden() const noexcept { return D_; }
   index_t intermediate() const noexcept { return I_; }
