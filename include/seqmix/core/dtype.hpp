@@ -28,8 +28,8 @@
 //   f16 <-> f32: AVX-512F vcvtph2ps / vcvtps2ph (16 lanes), else F16C (8 lanes), else scalar.
 // Scalar tails. Cost: memory bound (about one cycle per 16-32 elements on AVX-512).
 // Pointers need only the element type's alignment (2 bytes for bf16/f16); loads are unaligned.
-// The F16C / AVX-512F f16 paths assume the default MXCSR (no DAZ: -ffast-math's startup code sets
-// it, and then f16 subnormal inputs may widen to zero there); the bf16 paths do not depend on it.
+// No path depends on MXCSR (rounding is explicit; with DAZ and FTZ set, as -ffast-math does,
+// every path still equals the scalar one on all f16 patterns: checked on an AVX-512 BF16 Xeon).
 // detail::conversion_kernels() lists every compiled path, so tests check each one.
 #pragma once
 
