@@ -26,7 +26,9 @@
 //                else AVX-512F / AVX2 integer rounding (add 0x7fff + lsb, shift, NaN blend).
 //   bf16 -> f32: a zero-extending 16-bit load and a shift (AVX-512F / AVX2).
 //   f16 <-> f32: AVX-512F vcvtph2ps / vcvtps2ph (16 lanes), else F16C (8 lanes), else scalar.
-// Scalar tails. Cost: memory bound (about one cycle per 16-32 elements on AVX-512).
+// Scalar tails. Cost, measured on a 2.6 GHz Xeon (loaded machine, 16 Ki elements in L2): 0.13-0.26
+// ns per element for every vector path (f32 -> bf16 0.13-0.17 with vcvtne2ps2bf16); scalar f16
+// conversions 1.8 ns (the scalar bf16 loops auto-vectorise: 0.15-0.26).
 // Pointers need only the element type's alignment (2 bytes for bf16/f16); loads are unaligned.
 // No path depends on MXCSR (rounding is explicit; with DAZ and FTZ set, as -ffast-math does,
 // every path still equals the scalar one on all f16 patterns: checked on an AVX-512 BF16 Xeon).
