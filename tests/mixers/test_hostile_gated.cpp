@@ -4,6 +4,7 @@
 // values (NaN/finf options, NaN inputs, log gates > 0) and aliased outputs. Every case asserts
 // the exact function name, argument name and numbers in the message.
 #include <string>
+#include <vector>
 
 #include <seqmix/mixers/gla.hpp>
 #include <seqmix/mixers/linear_attention.hpp>
@@ -496,4 +497,63 @@ TEST_CASE("hostile mamba2_ssd: messages use Mamba2's names, never the engine's r
   REQUIRE_NOTHROW(mamba2_ssd<float>(unbounded));
   REQUIRE_SHAPE_ERROR(mamba2_ssd<float>::make_state(1, 2, -8, 4),
                       "seqmix::mamba2_ssd::make_state: ", "argument 'N'", "got -8");
+}
+
+TEST_CASE("hostile gated mixers: packed sequences (cu_seqlens) per entry",
+          "[hostile][gla][mamba2][simple_gla]") {
+  qkv a;
+  const std::vector<index_t> cu{0, 2, 5}, cu_bad{0, 3, 2, 5};
+  auto one = [](auto& t) { return t.view().template slice<0>(0, 1); };
+  const gla<float> m;
+  const simple_gla<float> sg;
+  tensor<float, 4> s2({2, H, K, V}), s3({3, H, K, V});
+  for (int f = 0; f < 3; ++f) {
+    const std::string w = where("gla", forms[f]);
+    INFO(w);
+    auto run = [&](tensor_view<float, 4> o, tensor_view<float, 4> s,
+                   std::span<const index_t> offsets) {
+      if (f == 0) m.forward_chunked(one(a.q), one(a.k), one(a.v), one(a.gk), o, s, offsets);
+      if (f == 1) m.forward_recurrent(one(a.q), one(a.k), one(a.v), one(a.gk), o, s, offsets);
+      if (f == 2) m.forward(one(a.q), one(a.k), one(a.v), one(a.gk), o, s, offsets);
+    };
+    REQUIRE_NOTHROW(run(one(a.o), s2, cu));
+    REQUIRE_SHAPE_ERROR(run(one(a.o), s3, cu), w, "argument 'state'",
+                        "expected shape [2, 2, 20, 24]", "got [3, 2, 20, 24]");
+    REQUIRE_SHAPE_ERROR(run(one(a.o), s3, cu_bad), w, "argument 'cu_seqlens'",
+                        "offsets must be non-decreasing (offset 2 is 2 < 3)");
+    REQUIRE_SHAPE_ERROR(run(tensor_view<float, 4>(a.v.data(), one(a.o).shape()), s2, cu), w,
+                        "argument 'o'", "must not share memory with argument 'v'");
+    const std::string ws = where("simple_gla", forms[f]);
+    auto g = a.g;
+    g.view()(0, 4, 1) = 3.f;
+    auto run_sg = [&](std::span<const index_t> offsets) {
+      if (f == 0) sg.forward_chunked(one(a.q), one(a.k), one(a.v), one(g), one(a.o), s2, offsets);
+      if (f == 1) sg.forward_recurrent(one(a.q), one(a.k), one(a.v), one(g), one(a.o), s2, offsets);
+      if (f == 2) sg.forward(one(a.q), one(a.k), one(a.v), one(g), one(a.o), s2, offsets);
+    };
+    REQUIRE_SHAPE_ERROR(run_sg(cu), ws, "argument 'g'", "got 3 at [0, 4, 1]");
+  }
+  mamba_in b;
+  const mamba2_ssd<float> mm;
+  tensor<float, 4> ms2({2, H, N, P}), ms1({1, H, N, P});
+  for (int f = 0; f < 3; ++f) {
+    const std::string w = where("mamba2_ssd", forms[f]);
+    INFO(w);
+    auto run = [&](tensor_view<float, 4> s) {
+      if (f == 0)
+        mm.forward_chunked(one(b.x), one(b.dt), b.A_log, one(b.Bm), one(b.Cm), b.D, b.dt_bias,
+                           one(b.y), s, cu);
+      if (f == 1)
+        mm.forward_recurrent(one(b.x), one(b.dt), b.A_log, one(b.Bm), one(b.Cm), b.D, b.dt_bias,
+                             one(b.y), s, cu);
+      if (f == 2)
+        mm.forward(one(b.x), one(b.dt), b.A_log, one(b.Bm), one(b.Cm), b.D, b.dt_bias, one(b.y), s,
+                   cu);
+    };
+    REQUIRE_NOTHROW(run(ms2));
+    REQUIRE_SHAPE_ERROR(run(ms1), w, "argument 'state'", "expected shape [2, 2, 8, 12]",
+                        "got [1, 2, 8, 12]");
+    REQUIRE_SHAPE_ERROR(mm.forward(b.x, b.dt, b.A_log, b.Bm, b.Cm, b.D, b.dt_bias, b.y, ms2, cu),
+                        "argument 'cu_seqlens'", "B == 1, got B = 2");
+  }
 }
