@@ -47,7 +47,6 @@ TEST_CASE("checker: empty, non-contiguous and non-finite arguments are rejected"
 namespace {
 /// A hand-made "view" with a negative extent (tensor_view itself refuses one).
 struct bad_view {
-  static constexpr std::size_t rank = 2;
   std::array<index_t, 2> s{2, -1};
   const std::array<index_t, 2>& shape() const { return s; }
 };
