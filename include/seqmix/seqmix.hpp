@@ -36,3 +36,7 @@
 #include <seqmix/mixers/sliding_window_attention.hpp>
 #include <seqmix/mixers/softmax_attention.hpp>
 #include <seqmix/reference/attention.hpp>
+
+// mixture of experts: routers, capacity, grouped (prefill) and per-token (decode) forms
+#include <seqmix/mixers/moe.hpp>
+#include <seqmix/reference/moe.hpp>

@@ -821,41 +821,99 @@ result run_per_token(const checker& check, const problem<W>& p) {
     }
   }
 
-  // 3. per token: shared expert into sh, routed experts accumulated into y_t, then y_t += sh
-  float* hb = scratch<float>(5, width);
-  float* ub = scratch<float>(6, width);
+  // 3. ONE parallel region for the T tokens (a region per GEMV would cost a thread wake-up
+  //    each: on a loaded machine that is a scheduler quantum, not microseconds). Per token:
+  //    phase A, each thread computes its slice of the rows of every hidden vector (the shared
+  //    expert's and each kept expert's act(W1 x) ⊙ W3 x); barrier; phase B, its slice of the
+  //    output columns: sh = g·W2_s h_s, y_t = Σ_j (slot order) w_j·W2_e h_j, then + sh; barrier.
+  //    matmul runs serially inside the region; a GEMV row's value does not depend on the slice
+  //    it is computed in, so the result is the same for any thread count.
+  const index_t nh = k + 1;  // hidden vectors per token: k experts, then the shared expert
+  float* hb = scratch<float>(5, nh * width);
+  float* ub = scratch<float>(6, nh * width);
   float* sh = scratch<float>(7, D);
-  for (index_t t = 0; t < T; ++t) {
+  float* sg = scratch<float>(3, T);  // shared gates (the losses' scratch 3 is free again)
+  if (has_shared) shared_gates(p, sg, T);
+  const expert_options eo = p.expert;
+  auto hidden = [&](const tensor_view<const float, 2>& xt, tensor_view<const W, 2> gate,
+                    tensor_view<const W, 2> up, float* h, float* u, index_t r0, index_t r1) {
+    const index_t n = r1 - r0;
+    if (n <= 0) return;
+    linalg::matmul_options first{};
+    first.act = matmul_act(eo.act);
+    if (eo.gated) {
+      linalg::matmul(xt, gate.template slice<0>(r0, r1), tensor_view<float, 2>(h + r0, {1, n}),
+                     first);
+      linalg::matmul(xt, up.template slice<0>(r0, r1), tensor_view<float, 2>(u + r0, {1, n}), {});
+    } else {
+      linalg::matmul(xt, up.template slice<0>(r0, r1), tensor_view<float, 2>(h + r0, {1, n}),
+                     first);
+    }
+    finish_hidden(eo.act, eo.gated, h + r0, u + r0, n);
+  };
+  auto phase_a = [&](index_t t, index_t tid, index_t nt) {
     const auto xt = p.x.template slice<0>(t, t + 1);  // [1, D]
-    const auto yt = p.y.template slice<0>(t, t + 1);  // [1, D]
-    float g = 1.0f;
     if (has_shared) {
-      if (p.shared_gate.data()) {
-        tensor_view<float, 2> gv(&g, {1, 1});
-        linalg::matmul(xt, p.shared_gate, gv, {});
-        g = math::sigmoid(g);
-      }
-      mlp_rows<W>(p.expert, xt, p.shared->gate, p.shared->up, p.shared->down, hb, ub,
-                  tensor_view<float, 2>(sh, {1, D}), tensor_view<const float, 1>(&g, {1}), false);
+      hidden(xt, p.shared->gate, p.shared->up, hb + k * width, ub + k * width, S * tid / nt,
+             S * (tid + 1) / nt);
+    }
+    for (index_t j = 0; j < k; ++j) {
+      const index_t a = t * k + j;
+      if (!kept[a]) continue;
+      const index_t e = ids[a];
+      hidden(xt, eo.gated ? ex.gate[uz(e)] : tensor_view<const W, 2>{}, ex.up[uz(e)],
+             hb + j * width, ub + j * width, I * tid / nt, I * (tid + 1) / nt);
+    }
+  };
+  auto phase_b = [&](index_t t, index_t tid, index_t nt) {
+    const index_t d0 = D * tid / nt, d1 = D * (tid + 1) / nt, n = d1 - d0;
+    if (n <= 0) return;
+    const auto yt = p.y.template slice<0>(t, t + 1).template slice<1>(d0, d1);  // [1, n]
+    if (has_shared) {
+      linalg::matmul_options o{};
+      o.row_scale = tensor_view<const float, 1>(sg + t, {1});
+      linalg::matmul(tensor_view<const float, 2>(hb + k * width, {1, S}),
+                     p.shared->down.template slice<0>(d0, d1),
+                     tensor_view<float, 2>(sh + d0, {1, n}), o);
     }
     bool any = false;
     for (index_t j = 0; j < k; ++j) {
       const index_t a = t * k + j;
       if (!kept[a]) continue;
-      const index_t e = ids[a];
-      const tensor_view<const W, 2> gate_e =
-          p.expert.gated ? ex.gate[uz(e)] : tensor_view<const W, 2>{};
-      mlp_rows<W>(p.expert, xt, gate_e, ex.up[uz(e)], ex.down[uz(e)], hb, ub, yt,
-                  tensor_view<const float, 1>(wts + a, {1}), any);
+      linalg::matmul_options o{};
+      o.row_scale = tensor_view<const float, 1>(wts + a, {1});
+      o.accumulate = any;
+      linalg::matmul(tensor_view<const float, 2>(hb + j * width, {1, I}),
+                     ex.down[uz(ids[a])].template slice<0>(d0, d1), yt, o);
       any = true;
     }
     float* yr = yt.data();
     const index_t ys = p.y.stride(1);
     if (!any) {
-      for (index_t d = 0; d < D; ++d) yr[d * ys] = has_shared ? sh[d] : 0.0f;
+      for (index_t d = 0; d < n; ++d) yr[d * ys] = has_shared ? sh[d0 + d] : 0.0f;
     } else if (has_shared) {
-      for (index_t d = 0; d < D; ++d) yr[d * ys] = yr[d * ys] + sh[d];
+      for (index_t d = 0; d < n; ++d) yr[d * ys] = yr[d * ys] + sh[d0 + d];
     }
+  };
+#if SEQMIX_HAS_OPENMP
+  const int threads = num_threads();
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const index_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      for (index_t t = 0; t < T; ++t) {
+        phase_a(t, tid, nt);
+#pragma omp barrier
+        phase_b(t, tid, nt);
+#pragma omp barrier
+      }
+    }
+    return res;
+  }
+#endif
+  for (index_t t = 0; t < T; ++t) {
+    phase_a(t, 0, 1);
+    phase_b(t, 0, 1);
   }
   return res;
 }
