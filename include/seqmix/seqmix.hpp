@@ -40,3 +40,4 @@
 // mixture of experts: routers, capacity, grouped (prefill) and per-token (decode) forms
 #include <seqmix/mixers/moe.hpp>
 #include <seqmix/reference/moe.hpp>
+#include <seqmix/layers/layers.hpp>  // layers with weights (issue 13): layers/layers.hpp lists them

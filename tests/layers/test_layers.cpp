@@ -490,3 +490,66 @@ TEST_CASE("layers: missing, mis-shaped and mis-typed weights name the tensor and
   CHECK_THAT(error_of([&] { layers::gated_deltanet::load(gold_ck(), "gdn.w.", cfg); }),
              Catch::Contains("config.value_heads"));
 }
+
+namespace {
+/// Stepping cache rows {2, 0} of a 3-row cache == stepping those sequences alone.
+template <class Layer>
+void state_index_stepping(const std::string& unit) {
+  Layer layer = load_layer<Layer>(gold_ck(), unit + ".w.");
+  auto rng = testing::make_rng(21);
+  const index_t D = 64;
+  const auto hist = testing::random_normal<float, 3>({3, 6, D}, rng);
+  auto c = layer.make_cache(3);
+  prefill(layer, hist, c);
+  std::vector<typename Layer::cache_type> alone;
+  for (index_t n = 0; n < 3; ++n) {
+    alone.push_back(layer.make_cache(1));
+    tensor<float, 3> hn({1, 6, D});
+    std::copy_n(hist.data() + n * 6 * D, 6 * D, hn.data());
+    prefill(layer, hn, alone.back());
+  }
+  const auto before1 = c.snapshot();
+  const std::vector<index_t> rows{2, 0};
+  for (int s = 0; s < 3; ++s) {
+    const auto x = testing::random_normal<float, 2>({2, D}, rng);
+    tensor<float, 2> y({2, D});
+    layer.step(x.view(), y.view(), c, rows);
+    if (s == 0) {
+      testing::allocation_scope scope;
+      layer.step(x.view(), y.view(), c, rows);  // warm: no allocation
+      CHECK(scope.stats().count == 0);
+      c.restore(before1);
+      layer.step(x.view(), y.view(), c, rows);
+    }
+    for (std::size_t i = 0; i < 2; ++i) {
+      tensor<float, 2> x1({1, D}), y1({1, D});
+      std::copy_n(x.data() + index_t(i) * D, D, x1.data());
+      layer.step(x1.view(), y1.view(), alone[std::size_t(rows[i])]);
+      tensor<float, 2> yi({1, D});
+      std::copy_n(y.data() + index_t(i) * D, D, yi.data());
+      CHECK(compare(y1, yi).rel_rms <= 1e-5);  // batched vs single-row GEMMs round apart
+    }
+  }
+  // row 1 untouched
+  CHECK(compare(ro(before1.conv()).select(0, 1), ro(c.conv()).select(0, 1)).max_abs == 0);
+  CHECK(compare(ro(before1.state()).select(0, 1), ro(c.state()).select(0, 1)).max_abs == 0);
+  for (index_t n : {0, 2}) {
+    CHECK(compare(ro(alone[std::size_t(n)].state()).select(0, 0), ro(c.state()).select(0, n))
+              .rel_rms <= 1e-5);
+  }
+  tensor<float, 2> x({2, D}), y({2, D});
+  CHECK_THAT(error_of([&] {
+               layer.step(x.view(), y.view(), c, std::vector<index_t>{1, 1});
+             }),
+             Catch::Contains("'rows'") && Catch::Contains("both row 1"));
+  CHECK_THAT(error_of([&] {
+               layer.step(x.view(), y.view(), c, std::vector<index_t>{0, 3});
+             }),
+             Catch::Contains("'rows'") && Catch::Contains("[0, 3)"));
+}
+}  // namespace
+
+TEST_CASE("recurrent layers: stepping a subset of cache rows == separate caches", "[layers]") {
+  state_index_stepping<layers::gated_deltanet>("gdn");
+  state_index_stepping<layers::mamba2>("mamba2");
+}

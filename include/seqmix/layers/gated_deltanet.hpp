@@ -163,35 +163,19 @@ class gated_deltanet {
   /// Decode one token per sequence: x [B, D] -> y [B, D]; cache [B] updated in place.
   void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& cache) {
     const checker check{"gated_deltanet::step"};
-    check.nonempty("x", x);
-    const index_t B = x.extent(0), D = cfg_.hidden;
-    check.shape("x", x, {B, D});
-    check.shape("y", y, {B, D});
-    check_cache(check, cache, B);
-    const index_t Hk = cfg_.key_heads, HV = cfg_.value_heads, dk = cfg_.key_dim,
-                  dv = cfg_.value_dim;
-    auto proj = ws_.view<2>(0, {B, P_});
-    auto xc = ws_.view<2>(1, {B, C_});
-    auto qn = ws_.view<2>(2, {B, Hk * dk});
-    auto kn = ws_.view<2>(3, {B, Hk * dk});
-    auto g = ws_.view<2>(4, {B, HV});
-    auto beta = ws_.view<2>(5, {B, HV});
-    auto o = ws_.view<2>(6, {B, HV * dv});
-    auto nz = ws_.view<2>(7, {B, HV * dv});
-    in_.apply(x, proj);
-    conv_.step(proj.slice(1, 0, C_), xc, cache.conv().view());
-    l2norm(xc.slice(1, 0, Hk * dk), qn, dk, 1e-6f, l2_eps::rsqrt_sum);
-    l2norm(xc.slice(1, Hk * dk, 2 * Hk * dk), kn, dk, 1e-6f, l2_eps::rsqrt_sum);
-    const index_t ob = C_ + HV * dv, oa = ob + HV;
-    gated_delta_gates<float>(proj.slice(1, oa, oa + HV).unsqueeze(1),
-                             proj.slice(1, ob, ob + HV).unsqueeze(1), A_log_.view(),
-                             dt_bias_.view(), g.unsqueeze(1), beta.unsqueeze(1));
-    mixer_.step(qn.split(1, {Hk, dk}), kn.split(1, {Hk, dk}),
-                xc.slice(1, 2 * Hk * dk, C_).split(1, {HV, dv}), g, beta, o.split(1, {HV, dv}),
-                cache.state().view());
-    norm_.forward(o, proj.slice(1, C_, C_ + HV * dv), nz);
-    out_.apply(nz, y);
-    for (index_t b = 0; b < B; ++b) cache.advance(b, 1);
+    check_step(check, x, y);
+    check_cache(check, cache, x.extent(0));
+    step_rows(x, y, cache, {});
+  }
+  /// Continuous batching: token i of x [B, D] continues cache row rows[i] (B distinct rows of
+  /// a cache of any size); the other rows are untouched. Allocates nothing once warm.
+  void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& cache,
+            std::span<const index_t> rows) {
+    const checker check{"gated_deltanet::step"};
+    check_step(check, x, y);
+    check_cache(check, cache, cache.batch());
+    detail::check_rows(check, rows, x.extent(0), cache.batch());
+    step_rows(x, y, cache, rows);
   }
 
   mixer_io last_mixer_io() const { return io_; }
@@ -217,6 +201,67 @@ class gated_deltanet {
     check.shape("cache.conv", cache.conv().view(), {rows, cfg_.conv_kernel - 1, C_});
     check.shape("cache.state", cache.state().view(),
                 {rows, cfg_.value_heads, cfg_.key_dim, cfg_.value_dim});
+  }
+
+  void check_step(const checker& check, const tensor_view<const float, 2>& x,
+                  const tensor_view<float, 2>& y) const {
+    check.nonempty("x", x);
+    check.shape("x", x, {x.extent(0), cfg_.hidden});
+    check.shape("y", y, {x.extent(0), cfg_.hidden});
+    check.inner_contiguous("x", x);
+    check.inner_contiguous("y", y);
+    check.no_overlap({range_of("y", y)}, {range_of("x", x)});
+  }
+  // rows empty: row b of the cache for token b (one batched conv and mixer step); otherwise
+  // one conv and mixer step per token on its cache row (views, no copies)
+  void step_rows(const tensor_view<const float, 2>& x, const tensor_view<float, 2>& y,
+                 cache_type& cache, std::span<const index_t> rows) {
+    const index_t B = x.extent(0);
+    const index_t Hk = cfg_.key_heads, HV = cfg_.value_heads, dk = cfg_.key_dim,
+                  dv = cfg_.value_dim;
+    auto proj = ws_.view<2>(0, {B, P_});
+    auto xc = ws_.view<2>(1, {B, C_});
+    auto qn = ws_.view<2>(2, {B, Hk * dk});
+    auto kn = ws_.view<2>(3, {B, Hk * dk});
+    auto g = ws_.view<2>(4, {B, HV});
+    auto beta = ws_.view<2>(5, {B, HV});
+    auto o = ws_.view<2>(6, {B, HV * dv});
+    auto nz = ws_.view<2>(7, {B, HV * dv});
+    in_.apply(x, proj);
+    auto conv_in = proj.slice(1, 0, C_);
+    if (rows.empty()) {
+      conv_.step(conv_in, xc, cache.conv().view());
+    } else {
+      for (index_t i = 0; i < B; ++i) {
+        const index_t r = rows[static_cast<std::size_t>(i)];
+        conv_.step(conv_in.slice(0, i, i + 1), xc.slice(0, i, i + 1),
+                   cache.conv().slice(0, r, r + 1));
+      }
+    }
+    l2norm(xc.slice(1, 0, Hk * dk), qn, dk, 1e-6f, l2_eps::rsqrt_sum);
+    l2norm(xc.slice(1, Hk * dk, 2 * Hk * dk), kn, dk, 1e-6f, l2_eps::rsqrt_sum);
+    const index_t ob = C_ + HV * dv, oa = ob + HV;
+    gated_delta_gates<float>(proj.slice(1, oa, oa + HV).unsqueeze(1),
+                             proj.slice(1, ob, ob + HV).unsqueeze(1), A_log_.view(),
+                             dt_bias_.view(), g.unsqueeze(1), beta.unsqueeze(1));
+    auto q3 = qn.split(1, {Hk, dk});
+    auto k3 = kn.split(1, {Hk, dk});
+    auto v3 = xc.slice(1, 2 * Hk * dk, C_).split(1, {HV, dv});
+    auto o3 = o.split(1, {HV, dv});
+    if (rows.empty()) {
+      mixer_.step(q3, k3, v3, g, beta, o3, cache.state().view());
+      for (index_t b = 0; b < B; ++b) cache.advance(b, 1);
+    } else {
+      for (index_t i = 0; i < B; ++i) {
+        const index_t r = rows[static_cast<std::size_t>(i)];
+        mixer_.step(q3.slice(0, i, i + 1), k3.slice(0, i, i + 1), v3.slice(0, i, i + 1),
+                    g.slice(0, i, i + 1), beta.slice(0, i, i + 1), o3.slice(0, i, i + 1),
+                    cache.state().slice(0, r, r + 1));
+        cache.advance(r, 1);
+      }
+    }
+    norm_.forward(o, proj.slice(1, C_, C_ + HV * dv), nz);
+    out_.apply(nz, y);
   }
 
   void run(const tensor_view<const float, 3>& x, const tensor_view<float, 3>& y, cache_type& cache,

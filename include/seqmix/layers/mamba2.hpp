@@ -141,24 +141,19 @@ class mamba2 {
   /// Decode one token per sequence: x [B, D] -> y [B, D].
   void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& cache) {
     const checker check{"mamba2::step"};
-    check.nonempty("x", x);
-    const index_t B = x.extent(0);
-    check.shape("x", x, {B, cfg_.hidden});
-    check.shape("y", y, {B, cfg_.hidden});
-    check_cache(check, cache, B);
-    const index_t H = cfg_.heads, P = cfg_.head_dim, G = cfg_.groups, N = cfg_.state_size;
-    auto proj = ws_.view<2>(0, {B, P_});
-    auto xc = ws_.view<2>(1, {B, C_});
-    auto ys = ws_.view<2>(2, {B, I_});
-    in_.forward(x, proj);
-    conv_.step(proj.slice(1, I_, I_ + C_), xc, cache.conv().view());
-    ssd_.step(xc.slice(1, 0, I_).split(1, {H, P}), proj.slice(1, I_ + C_, P_), A_log_.view(),
-              xc.slice(1, I_, I_ + G * N).split(1, {G, N}),
-              xc.slice(1, I_ + G * N, C_).split(1, {G, N}), D_.view(), dt_bias_.view(),
-              ys.split(1, {H, P}), cache.state().view());
-    norm_.forward(ys, proj.slice(1, 0, I_), ys);
-    out_.forward(ys, y);
-    for (index_t b = 0; b < B; ++b) cache.advance(b, 1);
+    check_step(check, x, y);
+    check_cache(check, cache, x.extent(0));
+    step_rows(x, y, cache, {});
+  }
+  /// Continuous batching: token i of x [B, D] continues cache row rows[i] (B distinct rows of
+  /// a cache of any size); the other rows are untouched. Allocates nothing once warm.
+  void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& cache,
+            std::span<const index_t> rows) {
+    const checker check{"mamba2::step"};
+    check_step(check, x, y);
+    check_cache(check, cache, cache.batch());
+    detail::check_rows(check, rows, x.extent(0), cache.batch());
+    step_rows(x, y, cache, rows);
   }
 
  private:
@@ -182,6 +177,50 @@ class mamba2 {
     check.shape("cache.conv", cache.conv().view(), {rows, cfg_.conv_kernel - 1, C_});
     check.shape("cache.state", cache.state().view(),
                 {rows, cfg_.heads, cfg_.state_size, cfg_.head_dim});
+  }
+
+  void check_step(const checker& check, const tensor_view<const float, 2>& x,
+                  const tensor_view<float, 2>& y) const {
+    check.nonempty("x", x);
+    check.shape("x", x, {x.extent(0), cfg_.hidden});
+    check.shape("y", y, {x.extent(0), cfg_.hidden});
+    check.inner_contiguous("x", x);
+    check.inner_contiguous("y", y);
+    check.no_overlap({range_of("y", y)}, {range_of("x", x)});
+  }
+  // rows empty: cache row b for token b (batched); otherwise per token on its row (views)
+  void step_rows(const tensor_view<const float, 2>& x, const tensor_view<float, 2>& y,
+                 cache_type& cache, std::span<const index_t> rows) {
+    const index_t B = x.extent(0);
+    const index_t H = cfg_.heads, P = cfg_.head_dim, G = cfg_.groups, N = cfg_.state_size;
+    auto proj = ws_.view<2>(0, {B, P_});
+    auto xc = ws_.view<2>(1, {B, C_});
+    auto ys = ws_.view<2>(2, {B, I_});
+    in_.forward(x, proj);
+    auto conv_in = proj.slice(1, I_, I_ + C_);
+    auto x3 = xc.slice(1, 0, I_).split(1, {H, P});
+    auto dt = proj.slice(1, I_ + C_, P_);
+    auto B3 = xc.slice(1, I_, I_ + G * N).split(1, {G, N});
+    auto C3 = xc.slice(1, I_ + G * N, C_).split(1, {G, N});
+    auto y3 = ys.split(1, {H, P});
+    if (rows.empty()) {
+      conv_.step(conv_in, xc, cache.conv().view());
+      ssd_.step(x3, dt, A_log_.view(), B3, C3, D_.view(), dt_bias_.view(), y3,
+                cache.state().view());
+      for (index_t b = 0; b < B; ++b) cache.advance(b, 1);
+    } else {
+      for (index_t i = 0; i < B; ++i) {
+        const index_t r = rows[static_cast<std::size_t>(i)];
+        conv_.step(conv_in.slice(0, i, i + 1), xc.slice(0, i, i + 1),
+                   cache.conv().slice(0, r, r + 1));
+        ssd_.step(x3.slice(0, i, i + 1), dt.slice(0, i, i + 1), A_log_.view(),
+                  B3.slice(0, i, i + 1), C3.slice(0, i, i + 1), D_.view(), dt_bias_.view(),
+                  y3.slice(0, i, i + 1), cache.state().slice(0, r, r + 1));
+        cache.advance(r, 1);
+      }
+    }
+    norm_.forward(ys, proj.slice(1, 0, I_), ys);
+    out_.forward(ys, y);
   }
 
   void run(const tensor_view<const float, 3>& x, const tensor_view<float, 3>& y, cache_type& cache,
