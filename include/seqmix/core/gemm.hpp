@@ -8,8 +8,11 @@
 // Shapes whose n is a multiple of the SIMD width run on a register-blocked micro-kernel (tiles of
 // 6 rows × up to 4 vectors, accumulators in registers, A broadcast from memory so a transposed A
 // costs nothing); others run Eigen's GEMM kernel through its internal entry point with no
-// parallel info (single-threaded, no global state). Cost 2·m·n·k FLOP; extra memory k·n for a
-// transposed B (the caller's `pack` buffer, reused across calls).
+// parallel info (single-threaded, no global state), except products with a lower-triangular A
+// (lower_a), whose tail columns run on the micro-kernel over a zero-padded copy: a triangular
+// product never reads A's upper part, so a chunk's masked future tokens never reach it as 0·NaN.
+// Cost 2·m·n·k FLOP (about half with lower_a); extra memory k·n for a transposed B, (k + m)·lanes
+// for a triangular product's tail (the caller's `pack` buffer, reused across calls).
 #pragma once
 
 #include <algorithm>
@@ -28,8 +31,12 @@ using simd::batch;
 /// Step D of a diagonal MR-row block (micro_tile with Tri): column k + D of A times row k + D of
 /// B into the accumulators of rows D .. MR-1, then step D + 1.
 template <class T, std::size_t MR, std::size_t NV, std::size_t D>
-inline void tri_step(batch<T> (&acc)[MR][NV], index_t k, const T* a, index_t rsa, index_t csa,
-                     const T* b, index_t ldb) {
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline void
+tri_step(batch<T> (&acc)[MR][NV], index_t k, const T* a, index_t rsa, index_t csa, const T* b,
+         index_t ldb) {
   if constexpr (D < MR) {
     constexpr index_t L = simd::lanes<T>;
     const index_t p = k + static_cast<index_t>(D);

@@ -31,7 +31,6 @@
 #include <array>
 #include <cmath>
 #include <limits>
-#include <utility>
 #include <vector>
 
 #include <seqmix/core/parallel.hpp>
@@ -89,6 +88,11 @@ inline constexpr index_t bq = qv* L<T>;
 // Measured on the 2-core Zen 4 VM, T = 2048, 1 thread (GFLOP/s at D = 64 / 128): (QV,RK,RQ,CV) =
 // (4,6,8,2) 85 / 86, (4,6,4,4) 78 / 74, (2,12,8,2) 83 / 78, (4,6,16,1) 73 / 70, (4,4,4,4) 70 / 67.
 // Key tile (chunk_size) 64..256 changes < 3 %. Overridable for experiments only.
+#if defined(__GNUC__)
+#define SEQMIX_ATTN_INLINE __attribute__((always_inline))
+#else
+#define SEQMIX_ATTN_INLINE
+#endif
 inline constexpr index_t rk = SEQMIX_ATTN_RK;
 inline constexpr index_t rq = SEQMIX_ATTN_RQ;
 inline constexpr index_t cv = SEQMIX_ATTN_CV;
@@ -118,7 +122,9 @@ inline void scores_block(const T* k, index_t k_stride, const T* qt, index_t key_
 /// 0's own key, lo0 the first key its window sees; d0 >= kn - 1 and lo0 <= 0 in interior tiles).
 /// The keys a row may not see are skipped, not multiplied by their zero probability: a future
 /// (or out-of-window) value of NaN or inf would make 0 · NaN.
-template <class T, index_t CV>
+/// Band = false (tiles every row sees whole: no causal diagonal, no window edge) is the plain
+/// product, with nothing but the full loop in the function.
+template <class T, index_t CV, bool Band>
 inline void pv_block(const T* pt, index_t kn, index_t lo0, index_t d0, const T* v, index_t v_stride,
                      const T* alpha, T* acc, index_t acc_stride) {
   constexpr auto NR = static_cast<std::size_t>(rq), NC = static_cast<std::size_t>(CV);
@@ -129,26 +135,27 @@ inline void pv_block(const T* pt, index_t kn, index_t lo0, index_t d0, const T* 
       a[r][c] = al * simd::load(acc + index_t(r) * acc_stride + index_t(c) * L<T>);
   }
   // keys [jb, je) reach some row; [fb, fe) reach all of them; the rest is the band's two edges
-  const index_t jb = std::clamp<index_t>(lo0, 0, kn), je = std::clamp<index_t>(d0 + rq, jb, kn);
-  const index_t fb = std::clamp<index_t>(lo0 + rq - 1, jb, je);
-  const index_t fe = std::clamp<index_t>(d0 + 1, fb, je);
-  auto partial = [&](index_t j) {
+  index_t jb = 0, je = kn, fb = 0, fe = kn;
+  if constexpr (Band) {
+    jb = std::clamp<index_t>(lo0, 0, kn), je = std::clamp<index_t>(d0 + rq, jb, kn);
+    fb = std::clamp<index_t>(lo0 + rq - 1, jb, je);
+    fe = std::clamp<index_t>(d0 + 1, fb, je);
+  }
+  // one key of the band's edges: rows rmin .. rmax see it (the row loop unrolls like the
+  // full one, so the accumulators stay in registers; the test is per row, not per element)
+  auto partial = [&](index_t j) SEQMIX_ATTN_INLINE {
     std::array<batch<T>, NC> vj;
     for (std::size_t c = 0; c < NC; ++c) vj[c] = simd::load(v + j * v_stride + index_t(c) * L<T>);
-    const index_t rmin = j - d0, rmax = j - lo0;  // rows that see key j
-    // rows expanded at compile time, so the accumulators stay in registers
-    [&]<std::size_t... R>(std::index_sequence<R...>) {
-      (
-          [&] {
-            if (index_t(R) < rmin || index_t(R) > rmax) return;
-            const batch<T> p(pt[j * bq<T> + index_t(R)]);
-            for (std::size_t c = 0; c < NC; ++c) a[R][c] = simd::fma(p, vj[c], a[R][c]);
-          }(),
-          ...);
+    const index_t rmin = j - d0, rmax = j - lo0;
+    for (std::size_t r = 0; r < NR; ++r) {
+      if (index_t(r) < rmin || index_t(r) > rmax) continue;
+      const batch<T> p(pt[j * bq<T> + index_t(r)]);
+      for (std::size_t c = 0; c < NC; ++c) a[r][c] = simd::fma(p, vj[c], a[r][c]);
     }
-    (std::make_index_sequence<NR>{});
   };
-  for (index_t j = jb; j < fb; ++j) partial(j);
+  if constexpr (Band) {
+    for (index_t j = jb; j < fb; ++j) partial(j);
+  }
   for (index_t j = fb; j < fe; ++j) {
     std::array<batch<T>, NC> vj;
     for (std::size_t c = 0; c < NC; ++c) vj[c] = simd::load(v + j * v_stride + index_t(c) * L<T>);
@@ -157,7 +164,9 @@ inline void pv_block(const T* pt, index_t kn, index_t lo0, index_t d0, const T* 
       for (std::size_t c = 0; c < NC; ++c) a[r][c] = simd::fma(p, vj[c], a[r][c]);
     }
   }
-  for (index_t j = fe; j < je; ++j) partial(j);
+  if constexpr (Band) {
+    for (index_t j = fe; j < je; ++j) partial(j);
+  }
   for (std::size_t r = 0; r < NR; ++r)
     for (std::size_t c = 0; c < NC; ++c)
       simd::store(acc + index_t(r) * acc_stride + index_t(c) * L<T>, a[r][c]);
@@ -290,13 +299,26 @@ void run_tile(const segment<T>& seg, const params<T>& p, index_t i0, tile_scratc
       T* acc_i = w.acc.data() + i * acc_stride;
       const index_t d0 = pos_lo + i - j0;
       const index_t lo0 = W > 0 ? d0 - W + 1 : -(kn + rq);  // no window: every row from key 0
+      const T* al = w.alpha.data() + i;
       index_t c0 = 0;
-      for (; c0 < Vfull; c0 += cv * L<T>)
-        pv_block<T, cv>(st + i, kn, lo0, d0, vj + c0, seg.v_stride, w.alpha.data() + i, acc_i + c0,
-                        acc_stride);
-      for (; c0 < Vvec; c0 += L<T>)
-        pv_block<T, 1>(st + i, kn, lo0, d0, vj + c0, seg.v_stride, w.alpha.data() + i, acc_i + c0,
-                       acc_stride);
+      for (; c0 < Vfull; c0 += cv * L<T>) {
+        if (diag || edge) {
+          pv_block<T, cv, true>(st + i, kn, lo0, d0, vj + c0, seg.v_stride, al, acc_i + c0,
+                                acc_stride);
+        } else {
+          pv_block<T, cv, false>(st + i, kn, lo0, d0, vj + c0, seg.v_stride, al, acc_i + c0,
+                                 acc_stride);
+        }
+      }
+      for (; c0 < Vvec; c0 += L<T>) {
+        if (diag || edge) {
+          pv_block<T, 1, true>(st + i, kn, lo0, d0, vj + c0, seg.v_stride, al, acc_i + c0,
+                               acc_stride);
+        } else {
+          pv_block<T, 1, false>(st + i, kn, lo0, d0, vj + c0, seg.v_stride, al, acc_i + c0,
+                                acc_stride);
+        }
+      }
       for (; c0 < V; ++c0) {  // scalar tail of odd value dims
         for (index_t r = 0; r < rq; ++r) {
           T a = w.alpha[static_cast<std::size_t>(i + r)] * acc_i[r * acc_stride + c0];
@@ -436,3 +458,5 @@ void decode_group(const T* q, index_t q_stride, index_t G, const key_run<T>* run
 }
 
 }  // namespace seqmix::kernels::attention
+
+#undef SEQMIX_ATTN_INLINE

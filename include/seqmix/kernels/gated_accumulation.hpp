@@ -704,12 +704,33 @@ bool factorable(index_t L, index_t K, index_t sub, const double* __restrict gv,
     double span = 0;
     for (index_t c = 0; c < K; ++c) span = std::max(span, first[c] - end[c]);
     if (!(span <= factor_bound<T>)) return false;
+    // max |k| and min nonzero |q| over the sub-chunk's rows (contiguous): one vector pass, NaN
+    // counted apart (it fails the bounds); zeros of q are exact on any path
+    using B = batch<T>;
+    constexpr index_t VL = simd::lanes<T>;
+    const T* kk = kc + r0 * K;
+    const T* qq = qs + r0 * K;
+    const index_t n = (r1 - r0) * K;
+    B kv(T(0)), qv(inf);
+    auto nan = xsimd::batch_bool<T>(false);
+    index_t e = 0;
+    for (; e + VL <= n; e += VL) {
+      const B ka = xsimd::abs(simd::load(kk + e)), qa = xsimd::abs(simd::load(qq + e));
+      nan = nan || xsimd::isnan(ka) || xsimd::isnan(qa);
+      kv = xsimd::max(kv, ka);
+      qv = xsimd::min(qv, xsimd::select(qa == B(T(0)), B(inf), qa));
+    }
+    if (xsimd::any(nan)) return false;
+    alignas(64) T kb[static_cast<std::size_t>(VL)], qb[static_cast<std::size_t>(VL)];
+    kv.store_aligned(kb);
+    qv.store_aligned(qb);
     T kmax = 0, qmin = inf;
-    for (index_t n = r0 * K; n < r1 * K; ++n) {
-      const T ka = std::abs(kc[n]), qa = std::abs(qs[n]);
-      kmax = ka > kmax || ka != ka ? ka : kmax;  // NaN sticks (and fails the test below)
-      qmin = qa < qmin && qa != T(0) ? qa : qmin;
-      qmin = qa != qa ? qa : qmin;
+    for (index_t c = 0; c < VL; ++c) kmax = std::max(kmax, kb[c]), qmin = std::min(qmin, qb[c]);
+    for (; e < n; ++e) {
+      const T ka = std::abs(kk[e]), qa = std::abs(qq[e]);
+      if (std::isnan(ka) || std::isnan(qa)) return false;
+      kmax = std::max(kmax, ka);
+      if (qa != T(0)) qmin = std::min(qmin, qa);
     }
     const double grow = std::exp(span);
     if (!(static_cast<double>(kmax) * grow <=
