@@ -620,6 +620,25 @@ TEST_CASE("moe: per-token form allocates nothing in steady state", "[moe]") {
     }
     CHECK(scope.stats().count == 0);
   }
+  // the grouped form allocates nothing in steady state either (thread_local scratch)
+  {
+    const auto xg = seqmix::testing::random_normal<float, 2>({40, D}, rng);
+    tensor<float, 2> yg({40, D});
+    m.forward_grouped(xg, yg);
+    const seqmix::testing::allocation_scope scope;
+    m.forward_grouped(xg, yg);
+    CHECK(scope.stats().count == 0);
+  }
+  // forward(): one token per token form, from 2 tokens the grouped form (bit for bit)
+  {
+    tensor<float, 2> y_f({1, D}), y_p({1, D}), y3({3, D}), y3g({3, D});
+    m.forward(x.view().slice<0>(0, 1), y_f);
+    m.forward_per_token(x.view().slice<0>(0, 1), y_p);
+    CHECK(std::memcmp(y_f.data(), y_p.data(), sizeof(float) * std::size_t(D)) == 0);
+    m.forward(x, y3);
+    m.forward_grouped(x, y3g);
+    CHECK(std::memcmp(y3.data(), y3g.data(), sizeof(float) * std::size_t(3 * D)) == 0);
+  }
   // step == row of forward_per_token
   tensor<float, 2> yy({3, D});
   m.forward_per_token(x, yy);

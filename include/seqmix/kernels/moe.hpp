@@ -579,17 +579,19 @@ result run_grouped(const checker& check, const problem<W>& p) {
     counts[2 * E] = z;
   });
   if (p.losses) {
-    std::vector<double> counts(uz(E), 0.0), psum(uz(E), 0.0);
+    double* counts = scratch<double>(1, 2 * E);  // [E] counts, [E] probability sums
+    double* psum = counts + E;
+    std::fill_n(counts, 2 * E, 0.0);
     double z = 0;
-    for (index_t b = 0; b < nblk; ++b) {
+    for (index_t b = 0; b < nblk; ++b) {  // block order: independent of the thread count
       const double* c = part + b * (2 * E + 1);
       for (index_t e = 0; e < E; ++e) {
-        counts[uz(e)] += c[e];
-        psum[uz(e)] += c[E + e];
+        counts[e] += c[e];
+        psum[e] += c[E + e];
       }
       z += c[2 * E];
     }
-    res.aux_loss = aux_from(counts.data(), psum.data(), E, T);
+    res.aux_loss = aux_from(counts, psum, E, T);
     res.z_loss = z / double(T);
   }
   if (p.out.ids.data()) {
@@ -666,10 +668,13 @@ result run_grouped(const checker& check, const problem<W>& p) {
     };
     for (index_t e = 0; e < E; ++e) push(e, cnt[e]);
     if (has_shared) push(E, T);
-    std::stable_sort(items, items + n_items, [&](const work_item& a, const work_item& b) {
+    // largest cost first, ties by (expert, first row): a total order (std::sort, which
+    // unlike stable_sort allocates nothing)
+    std::sort(items, items + n_items, [&](const work_item& a, const work_item& b) {
       const double ca = double(a.r1 - a.r0) * double(a.expert == E ? S : I);
       const double cb = double(b.r1 - b.r0) * double(b.expert == E ? S : I);
-      return ca > cb;
+      if (ca != cb) return ca > cb;
+      return a.expert < b.expert || (a.expert == b.expert && a.r0 < b.r0);
     });
   }
 

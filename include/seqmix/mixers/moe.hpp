@@ -14,7 +14,8 @@
 // Forms: forward_grouped (training / prefill: tokens permuted into expert groups, one grouped
 // GEMM per expert, all experts in one parallel region) and forward_per_token (inference /
 // decode: per token, k GEMVs, no permutation buffers, no allocation in steady state). They give
-// the same outputs to rounding; forward picks per_token below options::switch_over_t tokens.
+// the same outputs to rounding; forward picks per_token below options::switch_over_t tokens
+// (default 2: one token).
 // Both return the load-balancing and z losses and the count of dropped assignments.
 //
 // Checks: at construction every weight's shape, contiguity and count, and the options (k in
@@ -48,7 +49,11 @@ struct moe_options {
   float capacity_factor = 0.0f;  ///< 0: unlimited; C = ceil(T·k/E · factor)
   kernels::moe::drop_policy drop = kernels::moe::drop_policy::by_score;
   bool compute_losses = true;  ///< aux and z losses in the result
-  index_t switch_over_t = 16;  ///< forward(): per-token form for T below this
+  /// forward(): the per-token form for T below this. The per-token form reads k experts' weights
+  /// per token, the grouped form each chosen expert once per call, so from T = 2 on (tokens can
+  /// share experts) the grouped form reads no more; the per-token form wins on one token (no
+  /// permutation, every thread on the same GEMVs).
+  index_t switch_over_t = 2;
 
   /// MixtralSparseMoeBlock: softmax, top-k, renormalised (= softmax of the top-k logits).
   static moe_options mixtral(index_t k = 2) {
