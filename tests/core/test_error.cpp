@@ -110,3 +110,18 @@ TEST_CASE("checker: no_overlap compares the byte ranges views span", "[core][err
   CHECK(r.hi - r.lo == 8 * sizeof(float));
   CHECK(r.lo == reinterpret_cast<std::uintptr_t>(buf.data() + 8));
 }
+
+TEST_CASE("checker: distinct_elements rejects broadcast and overlapping strides", "[core][error]") {
+  checker check{"f"};
+  tensor<float, 3> t({2, 3, 4});
+  CHECK_NOTHROW(check.distinct_elements("o", t.view()));
+  CHECK_NOTHROW(check.distinct_elements("o", t.view().slice<2>(1, 3)));  // strided rows
+  CHECK_NOTHROW(check.distinct_elements("o", tensor_view<float, 2>(t.data(), {1, 4}, {0, 1})));
+  CHECK_NOTHROW(check.distinct_elements("o", tensor_view<float, 2>(t.data(), {4, 6}, {1, 4})));
+  CHECK_THROWS_WITH(check.distinct_elements("o", tensor_view<float, 2>(t.data(), {3, 4}, {0, 1})),
+                    Contains("argument 'o'") && Contains("got strides [0, 1] for shape [3, 4]"));
+  CHECK_THROWS_WITH(check.distinct_elements("s", tensor_view<float, 2>(t.data(), {3, 4}, {3, 1})),
+                    Contains("got strides [3, 1]"));
+  CHECK_THROWS_AS(check.distinct_elements("s", tensor_view<float, 2>(t.data(), {4, 3}, {-1, 2})),
+                  shape_error);
+}

@@ -217,3 +217,19 @@ TEST_CASE("hostile sliding_window_attention: messages name sliding_window_attent
                       "seqmix::sliding_window_attention::step: ", "argument 'cache'",
                       "a ring cache of 2 rows", "(W = 3)");
 }
+
+TEST_CASE("hostile attention: a self-overlapping output is rejected",
+          "[hostile][softmax_attention]") {
+  inputs a;
+  const softmax_attention<float> m;
+  tensor<float, 3> one_head({B, T, V});
+  tensor_view<float, 4> o_bcast(one_head.data(), {B, T, H, V}, {T * V, V, 0, 1});
+  REQUIRE_SHAPE_ERROR(m.forward(a.q, a.k, a.v, o_bcast),
+                      "seqmix::softmax_attention::forward: ", "argument 'o'",
+                      "got strides [60, 12, 0, 1]");
+  auto cache = m.make_cache(B, Hkv, K, V, 8);
+  tensor<float, 2> rows({B, V});
+  REQUIRE_SHAPE_ERROR(
+      m.step(a.q1, a.k1, a.v1, tensor_view<float, 3>(rows.data(), {B, H, V}, {V, 0, 1}), cache),
+      "seqmix::softmax_attention::step: ", "argument 'o1'", "got strides [12, 0, 1]");
+}

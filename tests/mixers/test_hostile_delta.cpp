@@ -225,3 +225,20 @@ TEST_CASE("hostile gated_delta_gates: NaN inputs, shapes and aliasing",
                                                        tensor_view<float, 3>(g.data(), g.shape())),
                       w, "argument 'g'", "must not share memory with argument 'beta'");
 }
+
+TEST_CASE("hostile delta rule: self-overlapping outputs are rejected", "[hostile][delta_net]") {
+  inputs a;
+  const delta_net<float> m;
+  tensor<float, 3> one({HV, K, V});
+  tensor_view<float, 4> s_bcast(one.data(), {B, HV, K, V}, {0, K * V, V, 1});
+  REQUIRE_SHAPE_ERROR(m.forward(a.q, a.k, a.v, a.beta, a.o, s_bcast),
+                      "seqmix::delta_net::forward: ", "argument 'state'",
+                      "got strides [0, 192, 24, 1]");
+  tensor<float, 3> x = randn<3>({B, T, HV}, 30), y = randn<3>({B, T, HV}, 31), gb({B, T, 1});
+  tensor<float, 1> A_log = randn<1>({HV}, 32), dt_bias = randn<1>({HV}, 33);
+  tensor<float, 3> beta({B, T, HV});
+  REQUIRE_SHAPE_ERROR(
+      seqmix::gated_delta_gates<float>(
+          x, y, A_log, dt_bias, tensor_view<float, 3>(gb.data(), {B, T, HV}, {T, 1, 0}), beta),
+      "seqmix::gated_delta_gates: ", "argument 'g'", "got strides [5, 1, 0]");
+}

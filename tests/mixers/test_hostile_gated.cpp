@@ -557,3 +557,32 @@ TEST_CASE("hostile gated mixers: packed sequences (cu_seqlens) per entry",
                         "argument 'cu_seqlens'", "B == 1, got B = 2");
   }
 }
+
+TEST_CASE("hostile gated mixers: outputs whose elements overlap themselves are rejected",
+          "[hostile][gla][mamba2][linear_attention]") {
+  qkv a;
+  const gla<float> m;
+  tensor<float, 2> row({B, V});
+  // o1 broadcast over the heads (stride 0): the heads would overwrite each other
+  tensor_view<float, 3> o_bcast(row.data(), {B, H, V}, {V, 0, 1});
+  REQUIRE_SHAPE_ERROR(m.step(a.q1, a.k1, a.v1, a.gk1, o_bcast, a.state),
+                      "seqmix::gla::step: ", "argument 'o1'", "expected non-overlapping strides",
+                      "got strides [24, 0, 1] for shape [2, 2, 24]");
+  // a state whose rows overlap (row stride 8 < V = 24)
+  tensor<float, 1> flat({B * H * K * V});
+  tensor_view<float, 4> s_overlap(flat.data(), {B, H, K, V}, {H * K * V, K * V, 8, 1});
+  REQUIRE_SHAPE_ERROR(m.forward(a.q, a.k, a.v, a.gk, a.o, s_overlap),
+                      "seqmix::gla::forward: ", "argument 'state'", "got strides [960, 480, 8, 1]");
+  const linear_attention<float> la;
+  tensor_view<float, 3> z_bcast(flat.data(), {B, H, K}, {0, K, 1});
+  REQUIRE_SHAPE_ERROR(la.forward_recurrent(a.q, a.k, a.v, a.o, a.state, z_bcast),
+                      "seqmix::linear_attention::forward_recurrent: ", "argument 'z'",
+                      "got strides [0, 20, 1]");
+  mamba_in b;
+  const mamba2_ssd<float> mm;
+  tensor<float, 4> yb({B, T, 1, P});
+  tensor_view<float, 4> y_bcast(yb.data(), {B, T, H, P}, {T * P, P, 0, 1});
+  REQUIRE_SHAPE_ERROR(mm.forward(b.x, b.dt, b.A_log, b.Bm, b.Cm, b.D, b.dt_bias, y_bcast, b.state),
+                      "seqmix::mamba2_ssd::forward: ", "argument 'y'",
+                      "got strides [60, 12, 0, 1]");
+}

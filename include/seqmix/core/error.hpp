@@ -30,6 +30,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 namespace seqmix {
 
@@ -276,6 +277,43 @@ class checker {
     }
     return detail::format_value(*view.ptr(idx)) + " at " +
            detail::format_flat_index({shape.data(), shape.size()}, flat);
+  }
+
+  /// An output (or the state) must address a distinct element for every index: a stride-0
+  /// (broadcast) or otherwise self-overlapping view would have the kernels' writes overwrite
+  /// each other. Sufficient test, O(rank²): with the dimensions of extent > 1 ordered by |stride|,
+  /// each stride exceeds the span of the dimensions inside it.
+  template <class View>
+  void distinct_elements(std::string_view argument, const View& view) const {
+    constexpr std::size_t R = View::rank;
+    std::array<index_t, R> st{}, ex{};
+    std::size_t n = 0;
+    for (std::size_t d = 0; d < R; ++d) {
+      if (view.extent(d) > 1) {
+        st[n] = view.stride(d) < 0 ? -view.stride(d) : view.stride(d);
+        ex[n] = view.extent(d);
+        ++n;
+      }
+    }
+    for (std::size_t i = 1; i < n; ++i) {  // insertion sort by stride
+      for (std::size_t j = i; j > 0 && st[j] < st[j - 1]; --j) {
+        std::swap(st[j], st[j - 1]);
+        std::swap(ex[j], ex[j - 1]);
+      }
+    }
+    index_t span = 0;  // largest offset the inner dimensions reach
+    for (std::size_t i = 0; i < n; ++i) {
+      if (st[i] <= span) {
+        const auto& sh = view.shape();
+        const auto& sd = view.strides();
+        fail(argument,
+             "is written, so every index must address its own element: expected "
+             "non-overlapping strides, got strides " +
+                 detail::format_shape({sd.data(), sd.size()}) + " for shape " +
+                 detail::format_shape({sh.data(), sh.size()}));
+      }
+      span += (ex[i] - 1) * st[i];
+    }
   }
 
   /// No output may share memory with an input, nor with another output (the state counts as an

@@ -163,6 +163,8 @@ void gated_delta_gates(tensor_view<const T, 3> a, tensor_view<const T, 3> b,
   check.shape("dt_bias", dt_bias, {HV});
   check.shape("g", g, {B, TT, HV});
   check.shape("beta", beta, {B, TT, HV});
+  check.distinct_elements("g", g);
+  check.distinct_elements("beta", beta);
   check.no_overlap(
       {range_of("g", g), range_of("beta", beta)},
       {range_of("a", a), range_of("b", b), range_of("A_log", A_log), range_of("dt_bias", dt_bias)});

@@ -130,6 +130,7 @@ class linear_attention {
     if (z.data()) {
       check.shape("z", z, {d.N, d.H, d.K});
       check.inner_contiguous("z", z);
+      check.distinct_elements("z", z);
     }
     check.no_overlap({range_of(n.o, o), range_of(n.state, state), range_of("z", z)},
                      {range_of(n.q, q), range_of(n.k, k), range_of(n.v, v)});

@@ -199,6 +199,8 @@ class mamba2_ssd {
     check.inner_contiguous(cn, Cm);
     check.inner_contiguous(yn, y);
     check.inner_contiguous("state", state);
+    check.distinct_elements(yn, y);
+    check.distinct_elements("state", state);
     check.no_overlap(
         {range_of(yn, y), range_of("state", state)},
         {range_of(xn, x), range_of(dtn, dt), range_of("A_log", A_log), range_of(bn, Bm),

@@ -163,6 +163,7 @@ class softmax_attention {
     check.inner_contiguous("k1", k1);
     check.inner_contiguous("v1", v1);
     check.inner_contiguous("o1", o1);
+    check.distinct_elements("o1", o1);
     const dims d{B, 1, H, Hkv, K, V};
     check_cache_geometry(check, d, cache, B);
     for (index_t b = 0; b < B; ++b) check_room(check, cache, b, 1);
@@ -313,6 +314,7 @@ class softmax_attention {
     check.inner_contiguous("k", k);
     check.inner_contiguous("v", v);
     check.inner_contiguous("o", o);
+    check.distinct_elements("o", o);
     return d;
   }
 

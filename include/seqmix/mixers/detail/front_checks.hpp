@@ -56,7 +56,8 @@ void head_shape(const checker& check, std::string_view name, const View& view, i
 }
 
 /// q, k: [B,(T),Hk,K]; v, o: [B,(T),H,V] with H % Hk == 0 (H == Hk when `same_heads`);
-/// state [N,H,K,V]; cu_seqlens (sequence form only) gives N. Rows must be contiguous.
+/// state [N,H,K,V]; cu_seqlens (sequence form only) gives N. Rows must be contiguous; o and
+/// state must not overlap themselves (checker::distinct_elements).
 template <class T, std::size_t R>
 qkvo_dims check_qkvo(const checker& check, const qkvo_names& n, const tensor_view<const T, R>& q,
                      const tensor_view<const T, R>& k, const tensor_view<const T, R>& v,
@@ -90,6 +91,8 @@ qkvo_dims check_qkvo(const checker& check, const qkvo_names& n, const tensor_vie
   check.inner_contiguous(n.v, v);
   check.inner_contiguous(n.o, o);
   check.inner_contiguous(n.state, state);
+  check.distinct_elements(n.o, o);
+  check.distinct_elements(n.state, state);
   return d;
 }
 
