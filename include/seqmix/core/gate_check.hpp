@@ -19,7 +19,9 @@
 // Cost: one compare per element on SIMD vectors (!(g <= limit) catches NaN and values above the
 // limit in one instruction; limit = 0, or the largest finite value with growth allowed), an
 // early exit at the first bad vector; a GLA step at H = 8, K = 64 checks 512 floats (32 AVX-512
-// vectors). Views whose rows are contiguous are scanned row by row; others element by element.
+// vectors): 12 ns of CPU time against 2.6 µs for the step, 0.5 % (bench_gated's
+// BM_gla_gate_check vs BM_gla_step, 2-core AVX-512 dev machine, loaded). Views whose rows are
+// contiguous are scanned row by row; others element by element.
 #pragma once
 
 #include <cmath>
