@@ -197,6 +197,7 @@ void BM_gemv(benchmark::State& state) {
   }
   std::size_t it = 0;
   double bytes = 0;
+  const double cpu0 = process_cpu_seconds();
   if (is16) {
     auto& set = weights<bf16>(N, K);
     for (auto _ : state) {
@@ -232,10 +233,13 @@ void BM_gemv(benchmark::State& state) {
     }
     bytes = double(N * K) * 4.0;
   }
+  const double cpu = process_cpu_seconds() - cpu0;
   using benchmark::Counter;
   state.counters["GBs"] = Counter(bytes * 1e-9, Counter::kIsIterationInvariantRate);
   state.counters["GFLOPs"] =
       Counter(2.0 * double(N * K) * 1e-9, Counter::kIsIterationInvariantRate);
+  if (cpu > 0)
+    state.counters["GBs_cpu"] = bytes * 1e-9 * double(state.iterations()) * threads / cpu;
   static const char* names[] = {"seqmix", "eigen", "openblas"};
   state.SetLabel(std::string(names[which]) + (is16 ? " bf16" : " f32"));
 }
@@ -249,6 +253,7 @@ void BM_dram_read(benchmark::State& state) {
   std::size_t it = 0;
   std::vector<float> partial(static_cast<std::size_t>(threads) * 16);
   const auto n = static_cast<index_t>(set.mats[0].size());
+  const double cpu0 = process_cpu_seconds();
   for (auto _ : state) {
     const float* w = set.mats[it++ % set.mats.size()].data();
     seqmix::parallel_for(threads, [&](index_t t) {
@@ -257,8 +262,12 @@ void BM_dram_read(benchmark::State& state) {
     });
     benchmark::DoNotOptimize(partial.data());
   }
+  const double cpu = process_cpu_seconds() - cpu0;
   using benchmark::Counter;
   state.counters["GBs"] = Counter(double(n) * 4.0 * 1e-9, Counter::kIsIterationInvariantRate);
+  if (cpu > 0) {
+    state.counters["GBs_cpu"] = double(n) * 4.0 * 1e-9 * double(state.iterations()) * threads / cpu;
+  }
 }
 
 void gemm_shapes(benchmark::internal::Benchmark* b, bool libs) {
