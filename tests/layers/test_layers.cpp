@@ -5,11 +5,13 @@
 #include <cmath>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch.hpp>
 
 #include <seqmix/core/io/checkpoint.hpp>
+#include <seqmix/core/parallel.hpp>
 #include <seqmix/core/safetensors.hpp>
 #include <seqmix/layers/gated_attention.hpp>
 #include <seqmix/layers/gated_deltanet.hpp>
@@ -414,6 +416,23 @@ void layer_properties(const std::string& unit) {
     CHECK(compare(yw, y16).rel_rms <= 1e-6);
     std::filesystem::remove(p16);
     std::filesystem::remove(pw);
+  }
+  SECTION("results do not depend on the thread count (bitwise)") {
+    const int before = num_threads();
+    auto run = [&](int threads) {
+      set_num_threads(threads);
+      if (threads > 1) testing::require_team(threads);
+      auto c = layer.make_cache(B, cap);
+      auto y = prefill(layer, x, c);
+      tensor<float, 2> x1({B, D}), y1({B, D});
+      for (index_t i = 0; i < B * D; ++i) x1[i] = static_cast<float>(i % 5) * 0.2f;
+      layer.step(x1.view(), y1.view(), c);
+      return std::make_pair(std::move(y), std::move(y1));
+    };
+    const auto one = run(1), two = run(2);
+    set_num_threads(before);
+    CHECK(testing::bitwise_equal(one.first, two.first));
+    CHECK(testing::bitwise_equal(one.second, two.second));
   }
   SECTION("bad arguments") {
     auto c = layer.make_cache(B, cap);
