@@ -572,3 +572,61 @@ TEST_CASE("recurrent layers: stepping a subset of cache rows == separate caches"
   state_index_stepping<layers::gated_deltanet>("gdn");
   state_index_stepping<layers::mamba2>("mamba2");
 }
+
+TEST_CASE("gated_deltanet loads Qwen3.5's split projections (same layer, same bits)", "[layers]") {
+  // Qwen3.5's in_proj_qkv / z / b / a, re-derived from the golden Qwen3-Next weights: key head
+  // j's block of in_proj_qkvz is [q dk | k dk | v r·dv | z r·dv], of in_proj_ba [b r | a r]
+  const auto s = gold_ck().scope("gdn.w.");
+  const auto qkvz = s.get<float, 2>("in_proj_qkvz.weight"),
+             ba = s.get<float, 2>("in_proj_ba.weight");
+  const index_t Hk = 2, r = 2, dk = 32, dv = 32, D = 64, per = 2 * dk + 2 * r * dv;
+  tensor<float, 2> qkv({2 * Hk * dk + Hk * r * dv, D}), z({Hk * r * dv, D}), b({Hk * r, D}),
+      a({Hk * r, D});
+  for (index_t j = 0; j < Hk; ++j) {
+    for (index_t e = 0; e < dk; ++e)
+      for (index_t c = 0; c < D; ++c) {
+        qkv(j * dk + e, c) = qkvz(j * per + e, c);
+        qkv(Hk * dk + j * dk + e, c) = qkvz(j * per + dk + e, c);
+      }
+    for (index_t e = 0; e < r * dv; ++e)
+      for (index_t c = 0; c < D; ++c) {
+        qkv(2 * Hk * dk + j * r * dv + e, c) = qkvz(j * per + 2 * dk + e, c);
+        z(j * r * dv + e, c) = qkvz(j * per + 2 * dk + r * dv + e, c);
+      }
+    for (index_t i = 0; i < r; ++i)
+      for (index_t c = 0; c < D; ++c) {
+        b(j * r + i, c) = ba(j * 2 * r + i, c);
+        a(j * r + i, c) = ba(j * 2 * r + r + i, c);
+      }
+  }
+  safetensors_writer wr;
+  wr.add("L.in_proj_qkv.weight", qkv);
+  wr.add("L.in_proj_z.weight", z);
+  wr.add("L.in_proj_b.weight", b);
+  wr.add("L.in_proj_a.weight", a);
+  for (const char* n : {"A_log", "dt_bias", "norm.weight"}) {
+    const auto v = s.get<float, 1>(n);
+    wr.add(std::string("L.") + n, v);
+  }
+  wr.add("L.conv1d.weight", s.get<float, 3>("conv1d.weight"));
+  wr.add("L.out_proj.weight", s.get<float, 2>("out_proj.weight"));
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("seqmix_layers_qwen35_" + std::to_string(::getpid()) + ".safetensors"))
+                               .string();
+  wr.save(path);
+  auto l35 = layers::gated_deltanet::load(checkpoint::open(path), "L.", gdn_cfg());
+  auto l3n = layers::gated_deltanet::load(gold_ck(), "gdn.w.", gdn_cfg());
+  const auto x = batch1(g<2>("gdn.x"));
+  auto c1 = l35.make_cache(1), c2 = l3n.make_cache(1);
+  tensor<float, 3> y1({1, 37, 64}), y2({1, 37, 64});
+  l35.forward(x.view(), y1.view(), c1);
+  l3n.forward(x.view(), y2.view(), c2);
+  CHECK(testing::bitwise_equal(y1, y2));
+  check_rel("gdn.y (Qwen3.5 layout)", compare(batch1(g<2>("gdn.y")), y1));
+  auto cfg = gdn_cfg();
+  cfg.layout = layers::gated_deltanet_config::projection_layout::qwen3_5_split;
+  CHECK_THAT(error_of([&] { layers::gated_deltanet::load(gold_ck(), "gdn.w.", cfg); }),
+             Catch::Contains("'gdn.w.in_proj_qkv.weight'") && Catch::Contains("missing") &&
+                 Catch::Contains("[256, 64]"));
+  std::filesystem::remove(path);
+}

@@ -14,8 +14,10 @@
 // [2·Hk·dk + 2·HV·dv, D], in_proj_ba.weight [2·HV, D], conv1d.weight [2·Hk·dk + HV·dv, 1, K],
 // A_log [HV], dt_bias [HV], norm.weight [dv], out_proj.weight [D, HV·dv]. At load time the two
 // projections are fused into one matrix whose rows are re-ordered to [q_all | k_all | v_all |
-// z_all | b_all | a_all], so one GEMM writes every block contiguously. (Qwen3.5's split
-// q/k/v/z/b/a layout is not loaded yet.)
+// z_all | b_all | a_all], so one GEMM writes every block contiguously. Qwen3.5 stores the
+// projections split: in_proj_qkv.weight [2·Hk·dk + HV·dv, D] (q_all | k_all | v_all),
+// in_proj_z.weight [HV·dv, D], in_proj_b.weight, in_proj_a.weight [HV, D]; they are
+// concatenated into the same matrix (config.layout: detected from the names by default).
 //
 // Forms: forward(x [B, T, D]) prefill — the mixer's chosen form (chunked or recurrent, chunk
 // `chunk_size`), continuing from the cache; packed variable-length forward over [1, T, D] with
@@ -55,6 +57,10 @@ struct gated_deltanet_config {
   index_t conv_kernel = 4;  ///< K (linear_conv_kernel_dim)
   float norm_eps = 1e-6f;   ///< rms_norm_eps
   index_t chunk_size = 64;  ///< chunk of the mixer's chunked form
+  /// Projection names: Qwen3-Next's fused in_proj_qkvz / in_proj_ba, Qwen3.5's split
+  /// in_proj_qkv / in_proj_z / in_proj_b / in_proj_a, or detected from the checkpoint.
+  enum class projection_layout { detect, qwen3_next_fused, qwen3_5_split };
+  projection_layout layout = projection_layout::detect;
 };
 
 class gated_deltanet {
@@ -107,8 +113,22 @@ class gated_deltanet {
       for (index_t i = 0; i < r; ++i) order.push_back(qkvz + j * 2 * r + i);  // b
     for (index_t j = 0; j < Hk; ++j)
       for (index_t i = 0; i < r; ++i) order.push_back(qkvz + j * 2 * r + r + i);  // a
-    l.in_ = weight_matrix::load(who, scope, {"in_proj_qkvz.weight", "in_proj_ba.weight"},
-                                {qkvz, 2 * HV}, D, order);
+    using layout_t = gated_deltanet_config::projection_layout;
+    layout_t layout = cfg.layout;
+    if (layout == layout_t::detect) {
+      layout = scope.contains("in_proj_qkvz.weight") || !scope.contains("in_proj_qkv.weight")
+                   ? layout_t::qwen3_next_fused
+                   : layout_t::qwen3_5_split;
+    }
+    if (layout == layout_t::qwen3_next_fused) {
+      l.in_ = weight_matrix::load(who, scope, {"in_proj_qkvz.weight", "in_proj_ba.weight"},
+                                  {qkvz, 2 * HV}, D, order);
+    } else {  // already [q_all | k_all | v_all], z, b, a: concatenated as stored
+      l.in_ = weight_matrix::load(
+          who, scope,
+          {"in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight"},
+          {2 * Hk * dk + HV * dv, HV * dv, HV, HV}, D);
+    }
     l.C_ = 2 * Hk * dk + HV * dv;
     l.P_ = l.C_ + HV * dv + 2 * HV;
     l.conv_ =
