@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -27,30 +28,6 @@
 namespace seqmix::linalg {
 
 using simd::batch;
-
-/// Step D of a diagonal MR-row block (micro_tile with Tri): column k + D of A times row k + D of
-/// B into the accumulators of rows D .. MR-1, then step D + 1.
-template <class T, std::size_t MR, std::size_t NV, std::size_t D>
-#if defined(__GNUC__)
-__attribute__((always_inline))
-#endif
-inline void
-tri_step(batch<T> (&acc)[MR][NV], index_t k, const T* a, index_t rsa, index_t csa, const T* b,
-         index_t ldb) {
-  if constexpr (D < MR) {
-    constexpr index_t L = simd::lanes<T>;
-    const index_t p = k + static_cast<index_t>(D);
-    const T* bp = b + p * ldb;
-    batch<T> bb[NV];
-    for (std::size_t u = 0; u < NV; ++u) bb[u] = simd::load(bp + static_cast<index_t>(u) * L);
-    const T* ap = a + p * csa;
-    for (std::size_t r = D; r < MR; ++r) {
-      const batch<T> ar(ap[static_cast<index_t>(r) * rsa]);
-      for (std::size_t u = 0; u < NV; ++u) acc[r][u] = simd::fma(ar, bb[u], acc[r][u]);
-    }
-    tri_step<T, MR, NV, D + 1>(acc, k, a, rsa, csa, b, ldb);
-  }
-}
 
 /// Register-blocked micro-kernel: an MR×(NV·lanes) tile of C (row-major, ldc) += A·B over
 /// depth k, A element (i, p) at a[i·rsa + p·csa] (broadcast from memory, so A may be
@@ -83,9 +60,25 @@ inline void micro_tile(index_t k, const T* a, index_t rsa, index_t csa, const T*
       for (std::size_t u = 0; u < NV; ++u) acc[r][u] = simd::fma(ar, bb[u], acc[r][u]);
     }
   }
-  // the diagonal block: column k + D reaches rows D .. MR-1 (tri_step, unrolled at compile
-  // time so that every accumulator index is a constant and they stay in registers)
-  if constexpr (Tri) tri_step<T, MR, NV, 0>(acc, k, a, rsa, csa, b, ldb);
+  if constexpr (Tri) {
+    // the diagonal block, row by row: row R also takes columns k .. k + R (R a compile-time
+    // constant in each expansion, so its accumulators stay in registers; the rows of B it reads
+    // come from L1)
+    [&]<std::size_t... R>(std::index_sequence<R...>) {
+      (
+          [&] {
+            const T* ar = a + static_cast<index_t>(R) * rsa;
+            for (index_t p = k; p <= k + static_cast<index_t>(R); ++p) {
+              const B x(ar[p * csa]);
+              const T* bp = b + p * ldb;
+              for (std::size_t u = 0; u < NV; ++u)
+                acc[R][u] = simd::fma(x, simd::load(bp + static_cast<index_t>(u) * L), acc[R][u]);
+            }
+          }(),
+          ...);
+    }
+    (std::make_index_sequence<MR>{});
+  }
   for (std::size_t r = 0; r < MR; ++r) {
     for (std::size_t u = 0; u < NV; ++u)
       simd::store(c + static_cast<index_t>(r) * ldc + static_cast<index_t>(u) * L, acc[r][u]);
