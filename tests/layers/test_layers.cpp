@@ -16,6 +16,8 @@
 #include <seqmix/layers/gated_attention.hpp>
 #include <seqmix/layers/gated_deltanet.hpp>
 #include <seqmix/layers/mamba2.hpp>
+#include <seqmix/reference/attention.hpp>
+#include <seqmix/reference/layers.hpp>
 
 #include "alloc_counter.hpp"
 #include "golden.hpp"
@@ -36,8 +38,8 @@ template <std::size_t R>
 tensor<float, R> g(const std::string& name) {
   return gold().get<float, R>(name);
 }
-template <std::size_t R>
-tensor_view<const float, R> ro(const tensor<float, R>& t) {
+template <class T, std::size_t R>
+tensor_view<const T, R> ro(const tensor<T, R>& t) {
   return t.view();
 }
 checkpoint gold_ck() {
@@ -628,5 +630,65 @@ TEST_CASE("gated_deltanet loads Qwen3.5's split projections (same layer, same bi
   CHECK_THAT(error_of([&] { layers::gated_deltanet::load(gold_ck(), "gdn.w.", cfg); }),
              Catch::Contains("'gdn.w.in_proj_qkv.weight'") && Catch::Contains("missing") &&
                  Catch::Contains("[256, 64]"));
+  std::filesystem::remove(path);
+}
+
+TEST_CASE(
+    "plain GQA attention layer (Granite: no gate, no q/k norm, full RoPE, scale) == "
+    "double reference",
+    "[layers]") {
+  auto rng = testing::make_rng(31);
+  const index_t D = 48, H = 4, Hkv = 2, hd = 16, T = 23;
+  auto wq = testing::random_normal<float, 2>({H * hd, D}, rng, 0.15);
+  auto wk = testing::random_normal<float, 2>({Hkv * hd, D}, rng, 0.15);
+  auto wv = testing::random_normal<float, 2>({Hkv * hd, D}, rng, 0.15);
+  auto wo = testing::random_normal<float, 2>({D, H * hd}, rng, 0.15);
+  safetensors_writer wr;
+  wr.add("a.q_proj.weight", wq);
+  wr.add("a.k_proj.weight", wk);
+  wr.add("a.v_proj.weight", wv);
+  wr.add("a.o_proj.weight", wo);
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("seqmix_layers_gqa_" + std::to_string(::getpid()) + ".safetensors"))
+                               .string();
+  wr.save(path);
+  layers::gated_attention_config cfg;
+  cfg.hidden = D;
+  cfg.heads = H;
+  cfg.kv_heads = Hkv;
+  cfg.head_dim = hd;
+  cfg.partial_rotary = 1.0;
+  cfg.rope_theta = 1e4;
+  cfg.gated = false;
+  cfg.qk_norm = false;
+  cfg.scale = 0.125f;
+  auto layer = layers::gated_attention::load(checkpoint::open(path), "a.", cfg);
+  const auto x = testing::random_normal<float, 3>({1, T, D}, rng);
+  auto c = layer.make_cache(1, T);
+  tensor<float, 3> y({1, T, D});
+  layer.forward(x.view(), y.view(), c);
+  // the reference, block by block in double
+  const auto xd = testing::cast<double>(x);
+  const auto x2 = tensor_view<const double, 2>(xd.data(), {T, D});
+  auto proj = [&](const tensor<float, 2>& w) {
+    const auto wd = testing::cast<double>(w);
+    return reference::linear<double>(x2, ro(wd));
+  };
+  const auto q = proj(wq);
+  const auto k = proj(wk);
+  const auto v = proj(wv);
+  const std::vector<index_t> start{0};
+  const auto qr = reference::rope<double>(tensor_view<const double, 4>(q.data(), {1, T, H, hd}), hd,
+                                          1e4, false, start);
+  const auto kr = reference::rope<double>(tensor_view<const double, 4>(k.data(), {1, T, Hkv, hd}),
+                                          hd, 1e4, false, start);
+  tensor<double, 4> o({1, T, H, hd});
+  reference::softmax_attention<double>(qr.view(), kr.view(),
+                                       tensor_view<const double, 4>(v.data(), {1, T, Hkv, hd}),
+                                       o.view(), 0.125);
+  const auto wod = testing::cast<double>(wo);
+  const auto yr =
+      reference::linear<double>(tensor_view<const double, 2>(o.data(), {T, H * hd}), ro(wod));
+  check_rel("plain GQA layer", compare(yr.view(), tensor_view<const float, 2>(y.data(), {T, D})));
   std::filesystem::remove(path);
 }
