@@ -16,7 +16,8 @@
 // inputs in it; packed variable-length forward over [1, T, C] with cu_seqlens and a state row per
 // sequence (nothing crosses a boundary); step over one token per sequence [B, C]. Inputs and
 // outputs may be strided views with unit channel stride (e.g. a column block of a fused
-// projection). Cost: 2·K·C FLOP per token (+ the activation), memory-bound; allocates nothing.
+// projection). Cost: 2·K·C FLOP per token (+ the activation), memory-bound; step allocates
+// nothing, forward one small vector of block offsets (N + 1 indices) per call.
 //
 // Checks: shapes with the numbers, unit channel stride, x / y / state pairwise disjoint
 // (seqmix::shape_error naming the function and the argument).
