@@ -23,6 +23,13 @@
 // packed (once per query tile, scaled by s), and K and V are read in place from their strided
 // [T, H, D] rows: a broadcast of k[j][d] times a vector of 16 queries' q[d].
 //
+// Causality and non-finite inputs: a tile's P·V reads, per query row, only the values of the keys
+// that row sees (the causal diagonal and the window edge are a band, not zeros multiplied in), so
+// a NaN or inf key or value at token t never reaches an output before t (nor one whose window
+// excludes t). A visible NaN score (a NaN key, or an inf one, whose score is inf - inf) makes
+// its row's output NaN in the tile form and in decode alike: IEEE propagation, never a silently
+// dropped key.
+//
 // Determinism: every (segment, query tile) work item is computed by one thread in a fixed order,
 // so results are bitwise identical for any thread count.
 #pragma once
