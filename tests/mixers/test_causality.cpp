@@ -7,16 +7,20 @@
 // triangular products read only the lower part (core/gemm.hpp's lower_a, the attention P·V
 // band). Also here: GLA's factored chunk path against extreme |q| and |k| (it falls back to the
 // exact path), scratch sized by min(C, T) / min(W, T) rather than by the option (chunk_size 2^20,
-// window 1e15), and softmax decode propagating a NaN key as the chunked form does.
+// window 1e15), softmax decode propagating a NaN key as the chunked form does, and
+// linalg::gemm's lower-triangular product on its own.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <catch2/catch.hpp>
 
+#include <seqmix/core/gemm.hpp>
 #include <seqmix/mixers/delta_net.hpp>
 #include <seqmix/mixers/gated_delta_net.hpp>
 #include <seqmix/mixers/gla.hpp>
@@ -661,4 +665,71 @@ TEST_CASE("oversized chunk_size and window are clamped to the sequence, results 
     w20.forward_recurrent(a.q, a.k, a.v, r20);
     SEQMIX_CHECK_CLOSE(c20, r20, 1e-6);
   }
+}
+
+TEST_CASE("linalg::gemm lower_a reads neither A's upper part nor B's later rows",
+          "[causality][gemm]") {
+  // C = A·B (+ C) with A lower triangular: NaN above A's diagonal must not be read, and row i
+  // of C must not depend on rows > i of B (NaN there). Every row-tile height, full-vector and
+  // tail columns, B plain and transposed, accumulate or not, float and double.
+  auto rng = make_rng(2009);
+  auto run = [&]<class T>(T) {
+    std::normal_distribution<double> nd;
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    std::vector<T> pack;
+    for (index_t m : {1, 2, 5, 6, 7, 13, 33, 64}) {
+      for (index_t n : {1, 7, 8, 16, 24, 40, 64, 70}) {
+        for (int trans_b = 0; trans_b < 2; ++trans_b) {
+          for (int accumulate = 0; accumulate < 2; ++accumulate) {
+            for (index_t t : {index_t(0), m / 2, m - 1}) {  // B rows >= t hold NaN (t = 0: none)
+              const index_t lda = m + 3, ldb = (trans_b ? m : n) + 2, ldc = n + 5;
+              std::vector<T> a(std::size_t(m * lda), nan), b(std::size_t((trans_b ? n : m) * ldb));
+              std::vector<T> c(std::size_t(m * ldc));
+              for (index_t i = 0; i < m; ++i)
+                for (index_t p = 0; p <= i; ++p) a[std::size_t(i * lda + p)] = T(nd(rng));
+              for (auto& x : b) x = T(nd(rng));
+              for (auto& x : c) x = T(nd(rng));
+              auto bel = [&](index_t p, index_t j) -> T& {
+                return trans_b ? b[std::size_t(j * ldb + p)] : b[std::size_t(p * ldb + j)];
+              };
+              if (t > 0) {
+                for (index_t p = t; p < m; ++p)
+                  for (index_t j = 0; j < n; ++j) bel(p, j) = nan;
+              }
+              std::vector<T> c0 = c;
+              if (trans_b) {
+                seqmix::linalg::gemm<T, false, true>(m, n, m, a.data(), lda, b.data(), ldb,
+                                                     c.data(), ldc, accumulate != 0, pack, true);
+              } else {
+                seqmix::linalg::gemm<T, false, false>(m, n, m, a.data(), lda, b.data(), ldb,
+                                                      c.data(), ldc, accumulate != 0, pack, true);
+              }
+              INFO("m " << m << " n " << n << " transB " << trans_b << " accumulate " << accumulate
+                        << " NaN rows of B from " << t);
+              double worst = 0;
+              bool finite = true;
+              const index_t rows = t > 0 ? t : m;  // rows that must not see a NaN
+              for (index_t i = 0; i < rows; ++i) {
+                for (index_t j = 0; j < n; ++j) {
+                  double ref = accumulate ? double(c0[std::size_t(i * ldc + j)]) : 0.0;
+                  for (index_t p = 0; p <= i; ++p)
+                    ref += double(a[std::size_t(i * lda + p)]) * double(bel(p, j));
+                  const double got = double(c[std::size_t(i * ldc + j)]);
+                  finite = finite && std::isfinite(got);
+                  worst = std::max(worst, std::abs(got - ref) / (1.0 + std::abs(ref)));
+                }
+                // the padding columns past n are the caller's: untouched
+                for (index_t j = n; j < ldc; ++j)
+                  finite = finite && c[std::size_t(i * ldc + j)] == c0[std::size_t(i * ldc + j)];
+              }
+              CHECK(finite);
+              CHECK(worst < (std::is_same_v<T, float> ? 1e-5 : 1e-13));
+            }
+          }
+        }
+      }
+    }
+  };
+  run(0.f);
+  run(0.0);
 }
