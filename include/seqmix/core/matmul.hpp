@@ -118,6 +118,17 @@ inline constexpr index_t max_nc = SEQMIX_MATMUL_NC;
 // M at or below this takes the decode (GEMV) path.
 inline constexpr index_t gemv_max_m = 8;
 
+/// a·b + c with one rounding. xsimd 8.1 has no AVX-512 fma (it falls back to a·b + c): g++ in
+/// GNU mode contracts that into vfmadd, clang does not (half the speed, other rounding), so the
+/// kernels call the instruction directly.
+inline batch<float> fmadd(const batch<float>& a, const batch<float>& b, const batch<float>& c) {
+#if defined(__AVX512F__)
+  return batch<float>(_mm512_fmadd_ps(a, b, c));
+#else
+  return simd::fma(a, b, c);
+#endif
+}
+
 /// Grow-only per-thread scratch (OpenMP's threads persist, so steady-state calls allocate
 /// nothing).
 inline float* scratch(int which, std::size_t n) {
@@ -166,12 +177,12 @@ batch<float> load_w_partial(const W* p, index_t n) {
 inline batch<float> erf_as(const batch<float>& x) {
   const batch<float> z = xsimd::abs(x);
   const batch<float> t =
-      batch<float>(1.0f) / simd::fma(batch<float>(0.3275911f), z, batch<float>(1.0f));
+      batch<float>(1.0f) / fmadd(batch<float>(0.3275911f), z, batch<float>(1.0f));
   batch<float> p(1.061405429f);
-  p = simd::fma(p, t, batch<float>(-1.453152027f));
-  p = simd::fma(p, t, batch<float>(1.421413741f));
-  p = simd::fma(p, t, batch<float>(-0.284496736f));
-  p = simd::fma(p, t, batch<float>(0.254829592f));
+  p = fmadd(p, t, batch<float>(-1.453152027f));
+  p = fmadd(p, t, batch<float>(1.421413741f));
+  p = fmadd(p, t, batch<float>(-0.284496736f));
+  p = fmadd(p, t, batch<float>(0.254829592f));
   p = p * t;
   const batch<float> r = batch<float>(1.0f) - p * simd::exp(-(z * z));
   return xsimd::select(x < batch<float>(0.0f), -r, r);
@@ -188,7 +199,7 @@ inline batch<float> apply_act(activation act, const batch<float>& v) {
       // 0.5·(1 + tanh(u)) = sigmoid(2u)
       const batch<float> u =
           batch<float>(1.5957691216057308f) *
-          simd::fma(batch<float>(0.044715f) * v, v * v, v);  // 2·√(2/π)·(x + 0.044715x³)
+          fmadd(batch<float>(0.044715f) * v, v * v, v);  // 2·√(2/π)·(x + 0.044715x³)
       return v * simd::sigmoid(u);
     }
     case activation::none:
@@ -392,7 +403,7 @@ inline void micro_tile(index_t kc, const float* ap, const float* bp, float* tile
     for (index_t u = 0; u < NV; ++u) bb[u] = simd::load(bp + p * NR + u * L);
     for (index_t r = 0; r < MR; ++r) {
       const batch<float> av(ap[p * MR + r]);
-      for (index_t u = 0; u < NV; ++u) acc[r][u] = simd::fma(av, bb[u], acc[r][u]);
+      for (index_t u = 0; u < NV; ++u) acc[r][u] = fmadd(av, bb[u], acc[r][u]);
     }
   }
   if (ep && ep->vector) {
@@ -471,7 +482,7 @@ void gemv_rows(const float* a, index_t lda, const W* b, index_t ldb, index_t K, 
       for (index_t r = 0; r < R; ++r) bv[r] = load_w(br[r] + k);
       for (index_t m = 0; m < M; ++m) {
         const batch<float> av = simd::load(a + m * lda + k);
-        for (index_t r = 0; r < R; ++r) acc[r][m] = simd::fma(av, bv[r], acc[r][m]);
+        for (index_t r = 0; r < R; ++r) acc[r][m] = fmadd(av, bv[r], acc[r][m]);
       }
     }
     if (kv < K) {
@@ -479,7 +490,7 @@ void gemv_rows(const float* a, index_t lda, const W* b, index_t ldb, index_t K, 
       for (index_t r = 0; r < R; ++r) bv[r] = load_w_partial(br[r] + kv, K - kv);
       for (index_t m = 0; m < M; ++m) {
         const batch<float> av = simd::load_partial(a + m * lda + kv, K - kv);
-        for (index_t r = 0; r < R; ++r) acc[r][m] = simd::fma(av, bv[r], acc[r][m]);
+        for (index_t r = 0; r < R; ++r) acc[r][m] = fmadd(av, bv[r], acc[r][m]);
       }
     }
     for (index_t r = 0; r < R; ++r) {
