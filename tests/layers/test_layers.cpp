@@ -692,3 +692,21 @@ TEST_CASE(
   check_rel("plain GQA layer", compare(yr.view(), tensor_view<const float, 2>(y.data(), {T, D})));
   std::filesystem::remove(path);
 }
+
+TEST_CASE("gated_attention: a full cache is an error naming the layer, the row and the capacity",
+          "[layers]") {
+  auto layer = layers::gated_attention::load(gold_ck(), "gated_attn.w.", attn_cfg());
+  auto c = layer.make_cache(1, 40);
+  const auto x = batch1(g<2>("gated_attn.x"));  // 37 tokens
+  tensor<float, 3> y({1, 37, 64});
+  layer.forward(x.view(), y.view(), c);
+  tensor<float, 2> x1({1, 64}), y1({1, 64});
+  for (int i = 0; i < 3; ++i) layer.step(x1.view(), y1.view(), c);
+  CHECK_THAT(error_of([&] { layer.step(x1.view(), y1.view(), c); }),
+             Catch::Contains("gated_attention::step") && Catch::Contains("holds 40 tokens") &&
+                 Catch::Contains("capacity is 40"));
+  c.truncate(0, 37);  // roll back the three decoded tokens
+  CHECK(c.length(0) == 37);
+  layer.step(x1.view(), y1.view(), c);
+  CHECK(c.length(0) == 38);
+}

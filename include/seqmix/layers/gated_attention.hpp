@@ -156,6 +156,7 @@ class gated_attention {
     const checker check{"gated_attention::forward"};
     check_x(check, x, y);
     check_cache(check, cache, x.extent(0));
+    for (index_t b = 0; b < x.extent(0); ++b) check_room(check, cache, b, x.extent(1));
     run(x, y, cache, {});
   }
   /// Packed variable-length prefill: x, y [1, T, D], cu_seqlens [N+1]; row n of `cache`.
@@ -165,6 +166,10 @@ class gated_attention {
     check_x(check, x, y);
     const index_t N = check.cu_seqlens(cu_seqlens, x.extent(0), x.extent(1));
     check_cache(check, cache, N);
+    for (index_t n = 0; n < N; ++n)
+      check_room(
+          check, cache, n,
+          cu_seqlens[static_cast<std::size_t>(n) + 1] - cu_seqlens[static_cast<std::size_t>(n)]);
     run(x, y, cache, cu_seqlens);
   }
   tensor<float, 3> forward(tensor_view<const float, 3> x, cache_type& cache) {
@@ -181,6 +186,7 @@ class gated_attention {
     check.shape("x", x, {B, cfg_.hidden});
     check.shape("y", y, {B, cfg_.hidden});
     check_cache(check, cache, B);
+    for (index_t b = 0; b < B; ++b) check_room(check, cache, b, 1);
     const index_t H = cfg_.heads, Hkv = cfg_.kv_heads, hd = cfg_.head_dim;
     auto proj = ws_.view<2>(0, {B, P_});
     auto q = ws_.view<2>(1, {B, H * hd});
@@ -222,6 +228,18 @@ class gated_attention {
                               std::to_string(kv.kv_heads()) + " heads, key dim " +
                               std::to_string(kv.key_dim()) + ", value dim " +
                               std::to_string(kv.value_dim()));
+    }
+  }
+  // room for n[r] more tokens in row r of a full cache (n: T for every row, or the packed
+  // lengths), named after this layer's entry rather than the mixer's
+  static void check_room(const checker& check, const cache_type& cache, index_t row, index_t n) {
+    const kv_cache<float>& kv = cache.kv();
+    if (!kv.is_ring() && kv.length(row) + n > kv.capacity()) {
+      check.fail("cache", "sequence " + std::to_string(row) + " holds " +
+                              std::to_string(kv.length(row)) + " tokens and cannot take " +
+                              std::to_string(n) + " more: the capacity is " +
+                              std::to_string(kv.capacity()) +
+                              " (make_cache with a larger capacity, or cache.kv().reserve)");
     }
   }
   void prepare_qk(const tensor_view<float, 2>& proj, const tensor_view<float, 2>& q,
