@@ -10,8 +10,12 @@
 //   dram_read/t                  a plain read of the same rotating buffers (the bandwidth bound)
 //
 // Counters: GFLOPs (2·M·N·K per iteration), pct_peak (of bench_peak's FMA peak: 117 GFLOP/s per
-// thread), GBs (weight bytes per second, decode). Eigen runs single-threaded
-// (EIGEN_DONT_PARALLELIZE); OpenBLAS with openblas_set_num_threads(threads). Run with
+// thread, README), GBs (weight bytes per second, decode), and GFLOPs_cpu / GBs_cpu: the same per
+// CPU-second of this process (times the threads), which discounts the time it spent descheduled
+// on a shared machine (the dev VM runs several jobs; wall-clock rates there measure its share).
+// bench_peak's FMA probe itself runs at ~240 GFLOP per CPU-second and thread on that VM. Eigen runs
+// single-threaded (EIGEN_DONT_PARALLELIZE); OpenBLAS with openblas_set_num_threads(threads). Run
+// with
 //   --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
 // so the three libraries alternate under the same load.
 #include <cstring>

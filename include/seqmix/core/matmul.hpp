@@ -26,9 +26,15 @@
 //    threads and no blocking choice changes the chain, so results are bitwise identical for any
 //    thread count.
 //  * bf16 weights are widened exactly: results equal the f32 path on the widened weights, bit
-//    for bit. The opt-in `matmul_precision::bf16_dot` rounds A to bf16 and uses vdpbf16ps; on
-//    the dev machine it is ~0.7x the speed of the exact path (there vdpbf16ps issues at 0.26x the
-//    FMA rate with 12 independent chains), so the exact path is the default and the faster one.
+//    for bit, at the f32 speed. The opt-in `matmul_precision::bf16_dot` rounds A to bf16 (rel.
+//    RMS error of C vs exact ~1.7e-3) and runs on AMX tiles where the CPU and Linux allow it
+//    (2.7-4.2x the f32 rate per CPU-second on the dev machine), else on vdpbf16ps (0.73x there:
+//    it issues at 0.26x the FMA rate), else in f32 on the rounded A; bf16_dot_engine() says which.
+//  * Measured on the 2-core dev VM (bench_linalg, GFLOP per CPU-second, the machine shared):
+//    f32 1 thread 112-128 (0.73-0.86x OpenBLAS 0.3.21, 0.85-0.95x Eigen 3.4), 2 threads 160-240
+//    (0.56-0.80x OpenBLAS); the register kernel alone, operands in L1, runs at ~200 (the FMA peak
+//    per CPU-second is ~240). Decode M = 1 reads weights at 1.1x (f32) / 0.9x (bf16) the rate of
+//    a plain one-stream read of the same memory.
 #pragma once
 
 #include <algorithm>
