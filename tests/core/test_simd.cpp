@@ -82,14 +82,23 @@ TEMPLATE_TEST_CASE("simd: exp/log accuracy over wide ranges", "[core][simd]", fl
             xs, [](const T* a, T* b, index_t n) { simd::exp(a, b, n); },
             [](long double x) { return std::exp(x); }, "exp") <= tolerance<T>);
   // Beyond the range: underflow to 0 (or a denormal), overflow to +inf, -inf gives 0.
+  // NaN stays NaN in every lane position (a vector body and the scalar tail).
   std::vector<T> extreme{T(-1e4), T(-200), -std::numeric_limits<T>::infinity(), T(1e4),
                          std::numeric_limits<T>::infinity()};
+  extreme.resize(static_cast<std::size_t>(2 * simd::lanes<T> + 3), T(0));
+  for (std::size_t i = 5; i < extreme.size(); i += 3) {
+    extreme[i] = std::numeric_limits<T>::quiet_NaN();
+  }
   std::vector<T> out(extreme.size());
   simd::exp(extreme.data(), out.data(), static_cast<index_t>(extreme.size()));
   CHECK(out[0] == T(0));
   CHECK(out[2] == T(0));
   CHECK(std::isinf(out[3]));
   CHECK(std::isinf(out[4]));
+  for (std::size_t i = 5; i < extreme.size(); ++i) {
+    INFO("lane " << i);
+    CHECK(std::isnan(out[i]) == ((i - 5) % 3 == 0));
+  }
 
   std::vector<T> pos;
   for (int e = -30; e <= 30; ++e) {
