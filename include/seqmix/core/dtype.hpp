@@ -349,7 +349,15 @@ inline void f16_to_f32_avx512(const f16* s, float* d, std::size_t n) noexcept {
 inline void f32_to_f16_avx512(const float* s, f16* d, std::size_t n) noexcept {
   std::size_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    // At -O0 g++'s _mm512_cvtps_ph is a macro that passes (__mmask16)-1: -Wsign-conversion.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-conversion"
+#endif
     const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT);
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), h);
   }
   f32_to_f16_scalar(s + i, d + i, n - i);
