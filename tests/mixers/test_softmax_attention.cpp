@@ -413,3 +413,33 @@ TEST_CASE("softmax_attention: bad input raises shape_error", "[attention][errors
   CHECK_THROWS_AS(kv_cache<float>::ring(1, 0, 16, 16, 4), shape_error);
   CHECK_THROWS_AS(kv_cache<float>::ring(1, 1, 16, 16, 4).reserve(8), shape_error);
 }
+
+TEST_CASE("softmax_attention: make_cache sizes a window >= capacity by the capacity",
+          "[attention][cache]") {
+  // A window of 1e15 for a cache that will hold 75 tokens: a full cache of 75 rows (the window
+  // never excludes a cached token), not a 1e15-row ring; decode through it equals unwindowed
+  // decode bit for bit. A window below the capacity keeps its ring.
+  const index_t B = 2, H = 2, Hkv = 1, K = 8, V = 8, T = 75;
+  const softmax_attention<float> huge({.window = static_cast<index_t>(1e15)});
+  const softmax_attention<float> full;
+  auto c_huge = huge.make_cache(B, Hkv, K, V, T);
+  auto c_full = full.make_cache(B, Hkv, K, V, T);
+  CHECK_FALSE(c_huge.is_ring());
+  CHECK(c_huge.capacity() == T);
+  const softmax_attention<float> small({.window = 16});
+  const auto ring = small.make_cache(B, Hkv, K, V, T);
+  CHECK(ring.is_ring());
+  CHECK(ring.capacity() == 16);
+  const sliding_window_attention<float> swa({.window = static_cast<index_t>(1e15)});
+  CHECK(swa.make_cache(B, Hkv, K, V, T).capacity() == T);
+  auto rng = make_rng(77);
+  for (index_t t = 0; t < T; ++t) {
+    const auto q1 = random_normal<float, 3>({B, H, K}, rng);
+    const auto k1 = random_normal<float, 3>({B, Hkv, K}, rng);
+    const auto v1 = random_normal<float, 3>({B, Hkv, V}, rng);
+    tensor<float, 3> oa({B, H, V}), ob({B, H, V});
+    huge.step(q1, k1, v1, oa, c_huge);
+    full.step(q1, k1, v1, ob, c_full);
+    REQUIRE(bitwise_equal(oa, ob));
+  }
+}

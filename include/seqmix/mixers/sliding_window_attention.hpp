@@ -17,6 +17,8 @@
 // Checks as softmax_attention's (this is a front over it): messages name this class's entries.
 #pragma once
 
+#include <limits>
+
 #include <seqmix/mixers/softmax_attention.hpp>
 
 namespace seqmix {
@@ -42,9 +44,16 @@ class sliding_window_attention {
   /// The underlying softmax_attention (same window).
   const softmax_attention<T>& attention() const noexcept { return impl_; }
 
-  /// The recurrent state: a ring buffer of the last W keys/values per (sequence, kv head).
+  /// The recurrent state: a ring buffer of the last W keys/values per (sequence, kv head), for
+  /// any number of tokens.
   kv_cache<T> make_cache(index_t B, index_t Hkv, index_t K, index_t V) const {
-    return impl_.make_cache(B, Hkv, K, V, window());
+    const index_t w = window();
+    return impl_.make_cache(B, Hkv, K, V, w < std::numeric_limits<index_t>::max() ? w + 1 : w);
+  }
+  /// A cache for at most `capacity` tokens per sequence: the ring of W rows, or a full cache of
+  /// `capacity` rows when W >= capacity (so a huge window costs only what the tokens need).
+  kv_cache<T> make_cache(index_t B, index_t Hkv, index_t K, index_t V, index_t capacity) const {
+    return impl_.make_cache(B, Hkv, K, V, capacity);
   }
 
   /// q: [B,T,H,K] in; k: [B,T,Hkv,K] in; v: [B,T,Hkv,V] in; o: [B,T,H,V] out.

@@ -96,13 +96,15 @@ class softmax_attention {
   /// W, or 0 when unbounded.
   index_t window() const noexcept { return opt_.window ? *opt_.window : 0; }
 
-  /// A cache for decode: a ring of the last W tokens when the window is set (capacity is then
-  /// ignored: memory constant in T), else a full cache of `capacity` tokens per sequence.
+  /// A cache for decode of at most `capacity` tokens per sequence: a ring of the last W tokens
+  /// when the window is set and W < capacity (memory constant in T), else a full cache of
+  /// `capacity` rows (a window W >= capacity never excludes a cached token, so a full cache is
+  /// exact and no larger than needed: a window of 1e15 costs `capacity` rows, not 1e15).
   kv_cache<T> make_cache(index_t B, index_t Hkv, index_t K, index_t V, index_t capacity) const {
     const checker check{name(entry::make_cache)};
-    front::check_sizes(check, {"B", "Hkv", "K", "V"}, {B, Hkv, K, V});
-    if (opt_.window) return kv_cache<T>::ring(B, Hkv, K, V, *opt_.window);
-    front::check_sizes(check, {"capacity"}, {capacity});
+    front::check_sizes(check, {"B", "Hkv", "K", "V", "capacity"}, {B, Hkv, K, V, capacity});
+    if (opt_.window && *opt_.window < capacity)
+      return kv_cache<T>::ring(B, Hkv, K, V, *opt_.window);
     return kv_cache<T>::full(B, Hkv, K, V, capacity);
   }
 
