@@ -40,4 +40,6 @@
 // mixture of experts: routers, capacity, grouped (prefill) and per-token (decode) forms
 #include <seqmix/mixers/moe.hpp>
 #include <seqmix/reference/moe.hpp>
-#include <seqmix/layers/layers.hpp>  // layers with weights (issue 13): layers/layers.hpp lists them
+
+// layers with weights from checkpoints (layers/layers.hpp lists them)
+#include <seqmix/layers/layers.hpp>
