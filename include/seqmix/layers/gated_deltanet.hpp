@@ -41,6 +41,7 @@
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/layers/l2norm.hpp>
 #include <seqmix/layers/recurrent_cache.hpp>
+#include <seqmix/layers/recurrent_layer.hpp>
 #include <seqmix/layers/rms_norm.hpp>
 #include <seqmix/layers/short_conv.hpp>
 #include <seqmix/layers/weights.hpp>
@@ -63,10 +64,12 @@ struct gated_deltanet_config {
   projection_layout layout = projection_layout::detect;
 };
 
-class gated_deltanet {
+class gated_deltanet : public recurrent_layer<gated_deltanet> {
  public:
   using config_type = gated_deltanet_config;
   using cache_type = recurrent_cache;
+  static constexpr layer_names names{"gated_deltanet::make_cache", "gated_deltanet::forward",
+                                     "gated_deltanet::step"};
 
   /// What the layer passed to and got from the mixer in its last forward (views into its
   /// scratch, valid until the next call): q, k after the conv and before the l2norm
@@ -148,89 +151,23 @@ class gated_deltanet {
   /// Bytes of weights (what a decode step streams).
   std::size_t weight_bytes() const noexcept { return in_.bytes() + out_.bytes(); }
 
-  /// A zero cache for `batch` sequences (capacity: unused, the state is constant-size).
-  cache_type make_cache(index_t batch, index_t capacity = 0) const {
-    const checker check{"gated_deltanet::make_cache"};
-    if (!(batch >= 1)) check.fail("batch", "must be >= 1, got " + std::to_string(batch));
-    if (!(capacity >= 0)) check.fail("capacity", "must be >= 0, got " + std::to_string(capacity));
-    return cache_type(batch, cfg_.conv_kernel - 1, C_,
-                      {cfg_.value_heads, cfg_.key_dim, cfg_.value_dim});
-  }
-
-  /// Prefill: x [B, T, D] -> y [B, T, D], continuing each row of `cache` ([B] sequences).
-  void forward(tensor_view<const float, 3> x, tensor_view<float, 3> y, cache_type& cache) {
-    const checker check{"gated_deltanet::forward"};
-    check_x(check, x, y);
-    check_cache(check, cache, x.extent(0));
-    run(x, y, cache, {});
-  }
-  /// Packed variable-length prefill: x, y [1, T, D]; sequence n is tokens cu_seqlens[n] ..
-  /// cu_seqlens[n+1]-1 and continues row n of `cache` ([N] sequences).
-  void forward(tensor_view<const float, 3> x, tensor_view<float, 3> y, cache_type& cache,
-               std::span<const index_t> cu_seqlens) {
-    const checker check{"gated_deltanet::forward"};
-    check_x(check, x, y);
-    const index_t N = check.cu_seqlens(cu_seqlens, x.extent(0), x.extent(1));
-    check_cache(check, cache, N);
-    run(x, y, cache, cu_seqlens);
-  }
-  tensor<float, 3> forward(tensor_view<const float, 3> x, cache_type& cache) {
-    tensor<float, 3> y({x.extent(0), x.extent(1), cfg_.hidden});
-    forward(x, y.view(), cache);
-    return y;
-  }
-
-  /// Decode one token per sequence: x [B, D] -> y [B, D]; cache [B] updated in place.
-  void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& cache) {
-    const checker check{"gated_deltanet::step"};
-    check_step(check, x, y);
-    check_cache(check, cache, x.extent(0));
-    step_rows(x, y, cache, {});
-  }
-  /// Continuous batching: token i of x [B, D] continues cache row rows[i] (B distinct rows of
-  /// a cache of any size); the other rows are untouched. Allocates nothing once warm.
-  void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& cache,
-            std::span<const index_t> rows) {
-    const checker check{"gated_deltanet::step"};
-    check_step(check, x, y);
-    check_cache(check, cache, cache.batch());
-    detail::check_rows(check, rows, x.extent(0), cache.batch());
-    step_rows(x, y, cache, rows);
+  index_t hidden_size() const noexcept { return cfg_.hidden; }
+  index_t conv_rows() const noexcept { return cfg_.conv_kernel - 1; }
+  index_t conv_channels() const noexcept { return C_; }
+  shape_t<3> state_dims() const noexcept {
+    return {cfg_.value_heads, cfg_.key_dim, cfg_.value_dim};
   }
 
   mixer_io last_mixer_io() const { return io_; }
 
  private:
+  friend class recurrent_layer<gated_deltanet>;
   static tensor<float, 1> load_tensor(std::string_view who, const checkpoint_scope& scope,
                                       const std::string& name, index_t n) {
     const auto v = load_vector(who, scope, name, {n});
     tensor<float, 1> t({n});
     std::copy(v.begin(), v.end(), t.data());
     return t;
-  }
-  void check_x(const checker& check, const tensor_view<const float, 3>& x,
-               const tensor_view<float, 3>& y) const {
-    check.nonempty("x", x);
-    check.shape("x", x, {any_extent, any_extent, cfg_.hidden});
-    check.shape("y", y, {x.extent(0), x.extent(1), cfg_.hidden});
-    check.inner_contiguous("x", x);
-    check.inner_contiguous("y", y);
-    check.no_overlap({range_of("y", y)}, {range_of("x", x)});
-  }
-  void check_cache(const checker& check, cache_type& cache, index_t rows) const {
-    check.shape("cache.conv", cache.conv().view(), {rows, cfg_.conv_kernel - 1, C_});
-    check.shape("cache.state", cache.state().view(),
-                {rows, cfg_.value_heads, cfg_.key_dim, cfg_.value_dim});
-  }
-
-  void check_step(const checker& check, const tensor_view<const float, 2>& x,
-                  const tensor_view<float, 2>& y) const {
-    check.nonempty("x", x);
-    check.shape("x", x, {x.extent(0), cfg_.hidden});
-    check.shape("y", y, {x.extent(0), cfg_.hidden});
-    check.inner_contiguous("x", x);
-    check.inner_contiguous("y", y);
-    check.no_overlap({range_of("y", y)}, {range_of("x", x)});
   }
   // rows empty: row b of the cache for token b (one batched conv and mixer step); otherwise
   // one conv and mixer step per token on its cache row (views, no copies)
