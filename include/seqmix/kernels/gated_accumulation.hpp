@@ -1297,5 +1297,16 @@ tensor_view<T, 3> as_one_token(const tensor_view<T, 2>& x) {
   return tensor_view<T, 3>(x.data(), {x.extent(0), 1, x.extent(1)},
                            {x.stride(0), x.stride(0), x.stride(1)});
 }
+/// The engine's rank-4 view of a front's argument: a sequence [B,T,H,D] as it is, a token
+/// [B,H,D] as [B,1,H,D] (the fronts' forward and step share one path through this).
+template <class T, std::size_t R>
+tensor_view<T, 4> as_rank4(const tensor_view<T, R>& x) {
+  static_assert(R == 3 || R == 4, "a sequence [B,T,H,D] or a token [B,H,D]");
+  if constexpr (R == 4) {
+    return x;
+  } else {
+    return as_one_token(x);
+  }
+}
 
 }  // namespace seqmix::kernels::gated

@@ -136,8 +136,8 @@ class gated_deltanet : public recurrent_layer<gated_deltanet> {
     l.P_ = l.C_ + HV * dv + 2 * HV;
     l.conv_ =
         short_conv::load(who, scope, "conv1d", l.C_, cfg.conv_kernel, false, conv_activation::silu);
-    l.A_log_ = load_tensor(who, scope, "A_log", HV);
-    l.dt_bias_ = load_tensor(who, scope, "dt_bias", HV);
+    l.A_log_ = load_vector_tensor(who, scope, "A_log", HV);
+    l.dt_bias_ = load_vector_tensor(who, scope, "dt_bias", HV);
     l.norm_ = gated_rms_norm::load(who, scope, "norm.weight", dv, cfg.norm_eps,
                                    norm_gate::silu_after, dv);
     l.out_ = weight_matrix::load(who, scope, {"out_proj.weight"}, {D}, HV * dv);
@@ -162,13 +162,6 @@ class gated_deltanet : public recurrent_layer<gated_deltanet> {
 
  private:
   friend class recurrent_layer<gated_deltanet>;
-  static tensor<float, 1> load_tensor(std::string_view who, const checkpoint_scope& scope,
-                                      const std::string& name, index_t n) {
-    const auto v = load_vector(who, scope, name, {n});
-    tensor<float, 1> t({n});
-    std::copy(v.begin(), v.end(), t.data());
-    return t;
-  }
   // rows empty: row b of the cache for token b (one batched conv and mixer step); otherwise
   // one conv and mixer step per token on its cache row (views, no copies)
   void step_rows(const tensor_view<const float, 2>& x, const tensor_view<float, 2>& y,

@@ -92,9 +92,9 @@ class mamba2 : public recurrent_layer<mamba2> {
     l.out_ = linear::load(who, scope, "out_proj", cfg.hidden, I, cfg.use_bias);
     l.conv_ = short_conv::load(who, scope, "conv1d", l.C_, cfg.conv_kernel, cfg.use_conv_bias,
                                conv_activation::silu);
-    l.A_log_ = vec(who, scope, "A_log", H);
-    l.dt_bias_ = vec(who, scope, "dt_bias", H);
-    l.D_ = vec(who, scope, "D", H);
+    l.A_log_ = load_vector_tensor(who, scope, "A_log", H);
+    l.dt_bias_ = load_vector_tensor(who, scope, "dt_bias", H);
+    l.D_ = load_vector_tensor(who, scope, "D", H);
     l.norm_ = gated_rms_norm::load(who, scope, "norm.weight", I, cfg.norm_eps,
                                    norm_gate::silu_before, I / cfg.norm_groups);
     typename mamba2_ssd<float>::options opt;
@@ -116,13 +116,6 @@ class mamba2 : public recurrent_layer<mamba2> {
 
  private:
   friend class recurrent_layer<mamba2>;
-  static tensor<float, 1> vec(std::string_view who, const checkpoint_scope& scope,
-                              const std::string& name, index_t n) {
-    const auto v = load_vector(who, scope, name, {n});
-    tensor<float, 1> t({n});
-    std::copy(v.begin(), v.end(), t.data());
-    return t;
-  }
   // rows empty: cache row b for token b (batched); otherwise per token on its row (views)
   void step_rows(const tensor_view<const float, 2>& x, const tensor_view<float, 2>& y,
                  cache_type& cache, std::span<const index_t> rows) {

@@ -20,6 +20,7 @@
 // allocate nothing.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <numeric>
 #include <span>
@@ -81,6 +82,15 @@ inline std::vector<float> load_vector(std::string_view who, const checkpoint_sco
                                       const std::string& name, const std::vector<index_t>& shape) {
   detail::checked_info(who, scope, name, shape, false);
   return scope.get_flat<float>(name);
+}
+
+/// A checked per-head parameter vector [n] (A_log, dt_bias, D, ...) as a tensor.
+inline tensor<float, 1> load_vector_tensor(std::string_view who, const checkpoint_scope& scope,
+                                           const std::string& name, index_t n) {
+  const auto v = load_vector(who, scope, name, {n});
+  tensor<float, 1> t({n});
+  std::copy(v.begin(), v.end(), t.data());
+  return t;
 }
 
 /// A [rows, cols] projection matrix (nn.Linear.weight layout [out, in]) held in f32 or bf16.

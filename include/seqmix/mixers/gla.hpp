@@ -153,11 +153,7 @@ class gla {
   }
   template <class U, std::size_t R>
   static tensor_view<U, 4> to4(const tensor_view<U, R>& x) {
-    if constexpr (R == 4) {
-      return x;
-    } else {
-      return kernels::gated::as_one_token(x);
-    }
+    return kernels::gated::as_rank4(x);
   }
   void run4(const checker& check, kernels::gated::form f, tensor_view<const T, 4> q,
             tensor_view<const T, 4> k, tensor_view<const T, 4> v, tensor_view<const T, 4> gk,

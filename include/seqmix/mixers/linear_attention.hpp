@@ -142,11 +142,7 @@ class linear_attention {
   }
   template <class U, std::size_t R>
   static tensor_view<U, 4> to4(const tensor_view<U, R>& x) {
-    if constexpr (R == 4) {
-      return x;
-    } else {
-      return kernels::gated::as_one_token(x);
-    }
+    return kernels::gated::as_rank4(x);
   }
 
   options opt_;

@@ -179,11 +179,7 @@ class simple_gla {
   }
   template <class U, std::size_t R>
   static tensor_view<U, 4> to4(const tensor_view<U, R>& x) {
-    if constexpr (R == 4) {
-      return x;
-    } else {
-      return kernels::gated::as_one_token(x);
-    }
+    return kernels::gated::as_rank4(x);
   }
   template <std::size_t R>
   void run_g(const char* where, kernels::gated::form f, tensor_view<const T, R> q,
