@@ -141,11 +141,14 @@ template <class T>
 batch<T> exp(const batch<T>& x) {
   // Clamp far outside the finite range first: the result is unchanged (0 or +inf), and xsimd
   // would otherwise convert ±inf to an integer exponent (undefined behaviour in its scalar
-  // fallback for double). NaN passes through unchanged: tested with isnan, since xsimd 8.1's
-  // AVX-512 `x != x` is an ordered compare (false for NaN), which made exp(NaN) = exp(-1000) = 0.
+  // fallback for double). NaN passes through unchanged: it is tested with isnan (xsimd 8.1's
+  // AVX-512 `x != x` is an ordered compare, false for NaN, which made exp(NaN) = 0), kept out of
+  // xsimd's exp (whose double path converts it to an integer: undefined behaviour) and put back.
   const batch<T> bound(T(1000));
-  const batch<T> clamped = xsimd::min(xsimd::max(x, -bound), bound);
-  return xsimd::exp(xsimd::select(xsimd::isnan(x), x, clamped));
+  const auto nan = xsimd::isnan(x);
+  const batch<T> clamped =
+      xsimd::select(nan, batch<T>(T(0)), xsimd::min(xsimd::max(x, -bound), bound));
+  return xsimd::select(nan, x, xsimd::exp(clamped));
 }
 template <class T>
 batch<T> log(const batch<T>& x) {
