@@ -31,8 +31,9 @@
 //  * grouped (training / prefill): route every token (parallel over 64-token blocks), a stable
 //    counting sort of the T·k assignments by expert (token order inside an expert), capacity,
 //    then ONE parallel region over work items (expert, row block) and (shared expert, row block)
-//    handed out largest first from an atomic counter, each item gathering its rows and running
-//    its expert's three GEMMs single-threaded (matmul inside the region is serial); a row block
+//    assigned largest first to the least-loaded worker (a fixed rule: the same routing gives
+//    each thread the same items, so scratch never grows in steady state), each item gathering
+//    its rows and running its expert's three GEMMs single-threaded (matmul inside the region is serial); a row block
 //    of an expert never has <= 8 rows unless the whole group does, so every row takes the same
 //    fma chain for any thread count and block size (bitwise identical results); then the
 //    combine over tokens in slot order. Cost 2·T·D·E + 2·T·k·(2 or 1 + 1)·D·I FLOP (+ shared),
@@ -46,7 +47,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -685,14 +685,27 @@ result run_grouped(const checker& check, const problem<W>& p) {
     p.stats->busy_seconds.assign(uz(threads), 0.0);
     p.stats->items = n_items;
   }
-  std::atomic<index_t> next{0};
+  // Items go to workers by a fixed rule (longest processing time first: each item, largest
+  // first, to the worker with the least work so far, ties to the lower worker), not by a shared
+  // counter: the same routing then gives every thread the same items on every call, so its
+  // grow-only scratch (and matmul's) never grows in steady state, whatever the timing.
+  index_t* owner = scratch<index_t>(6, n_items);
+  {
+    double* load = scratch<double>(2, threads);
+    std::fill_n(load, threads, 0.0);
+    for (index_t q = 0; q < n_items; ++q) {
+      const work_item& it = items[q];
+      const index_t w = std::min_element(load, load + threads) - load;
+      owner[q] = w;
+      load[w] += double(it.r1 - it.r0) * double(it.expert == E ? S : I);
+    }
+  }
   const index_t width = std::max(I, S);
   const bool x_rows = p.x.stride(1) == 1 || D == 1;
-  parallel_for_with_slot(threads, [&](index_t, int tid) {
+  parallel_for_with_slot(threads, [&](index_t worker, int tid) {
     const auto t0 = std::chrono::steady_clock::now();
-    for (;;) {
-      const index_t q = next.fetch_add(1, std::memory_order_relaxed);
-      if (q >= n_items) break;
+    for (index_t q = 0; q < n_items; ++q) {
+      if (owner[q] != worker) continue;
       const work_item it = items[q];
       const index_t n = it.r1 - it.r0;
       float* hb = scratch<float>(5, n * width);
