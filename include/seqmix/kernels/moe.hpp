@@ -33,11 +33,11 @@
 //    then ONE parallel region over work items (expert, row block) and (shared expert, row block)
 //    assigned largest first to the least-loaded worker (a fixed rule: the same routing gives
 //    each thread the same items, so scratch never grows in steady state), each item gathering
-//    its rows and running its expert's three GEMMs single-threaded (matmul inside the region is serial); a row block
-//    of an expert never has <= 8 rows unless the whole group does, so every row takes the same
-//    fma chain for any thread count and block size (bitwise identical results); then the
-//    combine over tokens in slot order. Cost 2·T·D·E + 2·T·k·(2 or 1 + 1)·D·I FLOP (+ shared),
-//    memory T·k·D floats of permuted outputs + per thread rows×(D + 2I) gathered rows.
+//    its rows and running its expert's three GEMMs single-threaded (matmul inside the region is
+//    serial); a row block of an expert never has <= 8 rows unless the whole group does, so every
+//    row takes the same fma chain for any thread count and block size (bitwise identical results);
+//    then the combine over tokens in slot order. Cost 2·T·D·E + 2·T·k·(2 or 1 + 1)·D·I FLOP (+
+//    shared), memory T·k·D floats of permuted outputs + per thread rows×(D + 2I) gathered rows.
 //  * per token (inference / decode): per token, route, then per chosen expert three GEMVs
 //    (matmul's M = 1 path, threaded over output rows) accumulating into y_t; no permutation
 //    buffers; scratch is grow-only thread_local, so steady-state calls allocate nothing. Reads
