@@ -270,7 +270,8 @@ def main():
         "loop over the sequence; `step` = one decode token (B = 1), its cost does not depend on T "
         "for the O(N) mixers; softmax `decode` = one token against a KV cache holding T tokens. "
         "Each cell: time per token (µs) · GFLOP/s · % of the FMA peak for that thread count "
-        "(decode of softmax: GB/s of K/V read · % of measured read bandwidth).\n")
+        "(decode of softmax: GB/s of K/V read · % of measured read bandwidth; above 100 % the "
+        "K/V cache was cache-resident, since the probe reads 256 MiB from DRAM).\n")
     for th in thread_counts:
         fma = peak["fma"].get(th) or max(peak["fma"].values())
         bw = peak["read"].get(th) or max(peak["read"].values())
