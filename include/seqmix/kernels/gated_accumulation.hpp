@@ -27,18 +27,20 @@
 //   with fewer, the local phases and inter terms of all chunks run in parallel around a
 //   sequential scan (chunk_windows), so B = 1 with few heads still uses every thread. Both
 //   schedules run the same per-chunk code: results are bitwise equal for any thread count.
+//   The two schedules are kernels/common/chunk_schedule.hpp's (shared with the delta engine).
 //   Extra memory O(C·(C+K+V) + K·V) per thread plus K·V per item, independent of T.
 // Which is faster depends on the machine and the head size, hardly on T (both are O(T)): on the
 // 2-core AVX-512 dev machine the recurrent form wins at every T and shape measured, on a 16-core
 // Xeon the chunked form wins at K = V = 128. The fronts' forward() follows options::switch_over_t
 // (default: recurrent), which seqmix/tune.hpp measures for the machine at hand.
 //
-// Numerics (docs/math.md §1): cumulative gates are chunk-local and accumulated in double, every
-// exponential has an argument <= 0 when gates are <= 0, and differences are formed in double
-// before rounding to T, so no precision is lost to a large cumulative sum. A log gate below
-// kill_threshold<T> (including -inf) is "forget everything": exp of it is below the smallest
-// normal float (double), so treating it as an exact zero changes nothing representable and keeps
-// -inf - -inf out of the arithmetic. Per-key gates use sub-chunks of 16 rows and two paths:
+// Numerics (docs/math.md §1; the helpers are kernels/common/log_gate.hpp's): cumulative gates are
+// chunk-local and accumulated in double, every exponential has an argument <= 0 when gates are <=
+// 0, and differences are formed in double before rounding to T, so no precision is lost to a large
+// cumulative sum. A log gate below kill_threshold<T> (including -inf) is "forget everything": exp
+// of it is below the smallest normal float (double), so treating it as an exact zero changes
+// nothing representable and keeps -inf - -inf out of the arithmetic. Per-key gates use sub-chunks
+// of 16 rows and two paths:
 // - factored (factorable(): no kill and no positive gate in the chunk, no sub-chunk spanning a
 //   decay above e^{factor_bound}, 30 in float, and the chunk's |k|·e^{span} and |q|·e^{-span}
 //   inside float's range, one max/min-abs pass): every A entry goes through the first row r of its
@@ -66,13 +68,13 @@
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/kernels/common/chunk_schedule.hpp>
+#include <seqmix/kernels/common/log_gate.hpp>
 
 namespace seqmix::kernels::gated {
 
-/// Log gates below this are treated as -inf ("forget everything"): exp of it is < 1e-34 (float)
-/// or < 1e-304 (double), far below what the state's precision can see.
-template <class T>
-inline constexpr double kill_threshold = std::is_same_v<T, float> ? -80.0 : -700.0;
+// The -inf convention and the cumulative-gate numerics live in kernels/common/log_gate.hpp.
+using common::kill_threshold;
 
 // ---- gate policies ---------------------------------------------------------------------------
 // A policy answers, per (b, t, h): the scalar log gate (log_gate) or the per-key row (key_gate,
@@ -179,62 +181,21 @@ void validate(const checker& check, const problem<T>& p, index_t chunk_size) {
   if (p.normalised()) check.inner_contiguous("z", p.z);
 }
 
-/// Log gates must be finite or -inf (NaN and +inf would poison the state silently). One
-/// vectorised pass for contiguous views (gates are as large as q), checker::log_gate otherwise.
-template <class T, std::size_t R>
-void check_log_gate(const checker& check, std::string_view name, tensor_view<const T, R> g) {
-  if (!g.is_contiguous()) {
-    check.log_gate(name, g);
-    return;
-  }
-  const T* x = g.data();
-  const index_t n = g.size();
-  // x - x is 0 for finite x, NaN for ±inf and NaN; -inf passes separately
-  using B = simd::batch<T>;
-  constexpr index_t L = simd::lanes<T>;
-  const T inf = std::numeric_limits<T>::infinity();
-  bool bad = false;
-  index_t i = 0;
-  for (; i + L <= n && !bad; i += L) {
-    const B v = simd::load(x + i);
-    bad = !xsimd::all((v - v == B(T(0))) || (v == B(-inf)));
-  }
-  for (; i < n && !bad; ++i) bad = std::isnan(x[i]) || x[i] == inf;
-  if (bad) check.fail(name, "log gates must be finite or -inf (found NaN or +inf)");
-}
-
 namespace detail {
 
 using simd::batch;
 
-/// exp of log-gate arithmetic: arguments are first raised to -1e4 (exp is already 0 there in
-/// float and double), so -inf sentinels and huge negative gates never reach the integer
-/// conversion inside the vector exp (undefined for them in xsimd's double path).
-template <class T>
-#if defined(__GNUC__)
-__attribute__((always_inline))
-#endif
-inline batch<T>
-gexp(const batch<T>& x) {
-  return xsimd::exp(xsimd::max(x, batch<T>(T(-1e4))));
-}
-template <class T>
-void gexp(const T* in, T* out, index_t n) {
-  simd::transform(in, out, n, [](const batch<T>& x) { return gexp<T>(x); });
-}
-
+using common::cumulate;
+using common::epoch_t;
+using common::exp_diff;
+using common::factor_bound;
+using common::factorable;
+using common::gexp;
+using common::local_args;
+using common::rel_arg;
+using common::rel_args;
+using common::rel_args_row;
 using linalg::gemm;
-
-// Epochs are small integers held in doubles, so the loops over (value, epoch) pairs vectorise
-// without mixed-width lanes.
-using epoch_t = double;
-
-// Chunk-local cumulative gate: value (double) and epoch (number of kills so far in the chunk).
-// Two positions a >= b combine to exp(val_a - val_b) in the same epoch, else 0.
-template <class T>
-inline T rel_arg(double va, epoch_t ea, double vb, epoch_t eb) {
-  return ea == eb ? static_cast<T>(va - vb) : -std::numeric_limits<T>::infinity();
-}
 
 // ---- recurrent ------------------------------------------------------------------------------
 
@@ -531,216 +492,6 @@ struct chunk_carry {
     }
   }
 };
-
-/// Cumulative chunk-local gates of rows 0..L-1, width W, from `row(i)` (a pointer to W log gates
-/// of token i), with kills (gates below the threshold) starting a new epoch at value 0.
-template <class T, class Row>
-void cumulate(index_t L, index_t W, Row&& row, double* __restrict val, epoch_t* __restrict ep) {
-  // The widening conversion has a loop of its own: fused with the all-double select below, the
-  // mixed lane widths keep the compiler from vectorising either.
-  constexpr index_t block = 256;
-  alignas(64) double gd[block];
-  constexpr double thr = kill_threshold<T>;
-  for (index_t i = 0; i < L; ++i) {
-    const T* __restrict g = row(i);
-    for (index_t c0 = 0; c0 < W; c0 += block) {
-      const index_t m = std::min(block, W - c0);
-      for (index_t c = 0; c < m; ++c) gd[c] = static_cast<double>(g[c0 + c]);
-      double* __restrict v = val + i * W + c0;
-      epoch_t* __restrict e = ep + i * W + c0;
-      if (i == 0) {
-        for (index_t c = 0; c < m; ++c) {
-          const bool kill = gd[c] < thr;
-          v[c] = kill ? 0.0 : gd[c];
-          e[c] = kill ? 1.0 : 0.0;
-        }
-      } else {
-        const double* __restrict pv = v - W;
-        const epoch_t* __restrict pe = e - W;
-        for (index_t c = 0; c < m; ++c) {
-          const bool kill = gd[c] < thr;
-          v[c] = kill ? 0.0 : pv[c] + gd[c];
-          e[c] = kill ? pe[c] + 1.0 : pe[c];
-        }
-      }
-    }
-  }
-}
-
-/// out[c] = exponent of e^{G_a - G_b} for n channels (-inf across a kill); b may be the chunk
-/// start (vb = eb = nullptr: value 0, epoch 0).
-template <class T>
-void rel_args(index_t n, const double* __restrict va, const epoch_t* __restrict ea,
-              const double* __restrict vb, const epoch_t* __restrict eb, T* __restrict out) {
-  // Two simple loops per block (all-double select, then the narrowing conversion): each
-  // vectorises on its own, the fused form does not (mixed lane widths).
-  constexpr index_t block = 256;
-  alignas(64) double tmp[block];
-  const double ninf = -std::numeric_limits<double>::infinity();
-  for (index_t c0 = 0; c0 < n; c0 += block) {
-    const index_t m = std::min(block, n - c0);
-    if (vb == nullptr) {
-      for (index_t c = 0; c < m; ++c) tmp[c] = ea[c0 + c] == 0.0 ? va[c0 + c] : ninf;
-    } else {
-      for (index_t c = 0; c < m; ++c) {
-        tmp[c] = ea[c0 + c] == eb[c0 + c] ? va[c0 + c] - vb[c0 + c] : ninf;
-      }
-    }
-    for (index_t c = 0; c < m; ++c) out[c0 + c] = static_cast<T>(tmp[c]);
-  }
-}
-
-/// out[j] = exponent of e^{G_a - G_j} for one position a against n positions j.
-template <class T>
-void rel_args_row(index_t n, double va, epoch_t ea, const double* __restrict vb,
-                  const epoch_t* __restrict eb, T* __restrict out) {
-  constexpr index_t block = 256;
-  alignas(64) double tmp[block];
-  const double ninf = -std::numeric_limits<double>::infinity();
-  for (index_t c0 = 0; c0 < n; c0 += block) {
-    const index_t m = std::min(block, n - c0);
-    for (index_t c = 0; c < m; ++c) tmp[c] = ea == eb[c0 + c] ? va - vb[c0 + c] : ninf;
-    for (index_t c = 0; c < m; ++c) out[c0 + c] = static_cast<T>(tmp[c]);
-  }
-}
-
-/// Sub-chunk-local gates: loc = va - vb in the same epoch, else va (relative to the kill that
-/// opened the epoch); lep = ea - eb. Blocks of two vectorisable loops, as rel_args.
-template <class T>
-void local_args(index_t n, const double* __restrict va, const epoch_t* __restrict ea,
-                const double* __restrict vb, const epoch_t* __restrict eb, T* __restrict loc,
-                T* __restrict lep) {
-  constexpr index_t block = 256;
-  alignas(64) double tmp[block];
-  for (index_t c0 = 0; c0 < n; c0 += block) {
-    const index_t m = std::min(block, n - c0);
-    for (index_t c = 0; c < m; ++c) {
-      tmp[c] = ea[c0 + c] == eb[c0 + c] ? va[c0 + c] - vb[c0 + c] : va[c0 + c];
-    }
-    for (index_t c = 0; c < m; ++c) loc[c0 + c] = static_cast<T>(tmp[c]);
-    for (index_t c = 0; c < m; ++c) tmp[c] = ea[c0 + c] - eb[c0 + c];
-    for (index_t c = 0; c < m; ++c) lep[c0 + c] = static_cast<T>(tmp[c]);
-  }
-}
-
-/// e^{a - b} for n channels (b == nullptr: e^{a}), the difference formed in double. In float it
-/// is split into a head and a tail, e^{hi}·(1 + lo): rounding the exponent itself to float would
-/// cost a relative error of 2^-24·|a - b| in the result, the largest error of the factored path
-/// below, whose exponents reach ±factor_bound.
-template <class T>
-void exp_diff(index_t n, const double* __restrict a, const double* __restrict b, T* __restrict out,
-              const T* __restrict mul = nullptr) {
-  constexpr index_t block = 256;
-  alignas(64) double d[block];
-  for (index_t c0 = 0; c0 < n; c0 += block) {
-    const index_t m = std::min(block, n - c0);
-    if (b != nullptr) {
-      for (index_t c = 0; c < m; ++c) d[c] = a[c0 + c] - b[c0 + c];
-    } else {
-      for (index_t c = 0; c < m; ++c) d[c] = a[c0 + c];
-    }
-    if constexpr (std::is_same_v<T, double>) {
-      gexp<T>(d, out + c0, m);
-      if (mul != nullptr) {
-        for (index_t c = 0; c < m; ++c) out[c0 + c] *= mul[c0 + c];
-      }
-    } else {
-      using B = batch<T>;
-      constexpr index_t VL = simd::lanes<T>;
-      alignas(64) T hi[block], lo[block];
-      for (index_t c = 0; c < m; ++c) hi[c] = static_cast<T>(d[c]);
-      for (index_t c = 0; c < m; ++c) lo[c] = static_cast<T>(d[c] - static_cast<double>(hi[c]));
-      index_t c = 0;
-      for (; c + VL <= m; c += VL) {
-        const B e = gexp<T>(simd::load(hi + c));
-        B r = simd::fma(e, simd::load(lo + c), e);
-        if (mul != nullptr) r *= simd::load(mul + c0 + c);
-        simd::store(out + c0 + c, r);
-      }
-      if (c < m) {
-        const index_t left = m - c;
-        const B e = gexp<T>(simd::load_partial(hi + c, left));
-        B r = simd::fma(e, simd::load_partial(lo + c, left), e);
-        if (mul != nullptr) r *= simd::load_partial(mul + c0 + c, left);
-        simd::store_partial(out + c0 + c, r, left);
-      }
-    }
-  }
-}
-
-/// Largest decay, e^{factor_bound}, a sub-chunk may span for the factored per-key path: its k side
-/// carries e^{G_r - G_j} <= e^{factor_bound} (1.1e13 in float, so |k| up to 1e25 stays finite; its
-/// q side e^{G_i - G_r} >= e^{-factor_bound} stays a normal number for |q| >= 1e-25).
-template <class T>
-inline constexpr double factor_bound = std::is_same_v<T, float> ? 30.0 : 300.0;
-
-/// Whether chunk rows 0..L-1 of per-key cumulative gates (gv, ge: [L, K]) may take the factored
-/// path: no kill inside the chunk, no positive gate (so every factor but the in-sub-chunk k side
-/// is <= 1), no sub-chunk of `sub` rows spanning more than factor_bound in any channel, and the
-/// factors of the chunk's own q and k (qs, kc: [L, K]) inside their safe range: a sub-chunk
-/// spanning a decay e^{span} scales its keys up to e^{span} (max|k|·e^{span} must stay finite
-/// with room for the GEMM: below max/256) and its queries down to e^{-span} (every nonzero
-/// |q|·e^{-span} must stay a normal number, else it loses precision as a subnormal). Outside it
-/// the chunk takes the exact path (its factors are <= 1 and its diagonal blocks direct), so the
-/// choice costs no accuracy: e.g. gk = -1.8 per token with |k| ~ 1e30 or |q| ~ 1e-30. The bounds
-/// are one max/min-abs pass over q and k per chunk (2·L·K, against the L²·K of A). NaN in q or k
-/// fails them too (the exact path then carries it, as the recurrent form does).
-template <class T>
-bool factorable(index_t L, index_t K, index_t sub, const double* __restrict gv,
-                const epoch_t* __restrict ge, const T* __restrict qs, const T* __restrict kc) {
-  int bad = 0;
-  const epoch_t* last = ge + (L - 1) * K;  // epochs never decrease: the last row has them all
-  for (index_t c = 0; c < K; ++c) bad |= last[c] != 0.0;
-  for (index_t i = 1; i < L; ++i) {
-    const double* g = gv + i * K;
-    for (index_t c = 0; c < K; ++c) bad |= g[c] > g[c - K];
-  }
-  if (bad != 0) return false;
-  const T inf = std::numeric_limits<T>::infinity();
-  for (index_t r0 = 0; r0 < L; r0 += sub) {
-    const index_t r1 = std::min(L, r0 + sub);
-    const double* first = gv + r0 * K;
-    const double* end = gv + (r1 - 1) * K;
-    double span = 0;
-    for (index_t c = 0; c < K; ++c) span = std::max(span, first[c] - end[c]);
-    if (!(span <= factor_bound<T>)) return false;
-    // max |k| and min nonzero |q| over the sub-chunk's rows (contiguous): one vector pass, NaN
-    // counted apart (it fails the bounds); zeros of q are exact on any path
-    using B = batch<T>;
-    constexpr index_t VL = simd::lanes<T>;
-    const T* kk = kc + r0 * K;
-    const T* qq = qs + r0 * K;
-    const index_t n = (r1 - r0) * K;
-    B kv(T(0)), qv(inf);
-    auto nan = xsimd::batch_bool<T>(false);
-    index_t e = 0;
-    for (; e + VL <= n; e += VL) {
-      const B ka = xsimd::abs(simd::load(kk + e)), qa = xsimd::abs(simd::load(qq + e));
-      nan = nan || xsimd::isnan(ka) || xsimd::isnan(qa);
-      kv = xsimd::max(kv, ka);
-      qv = xsimd::min(qv, xsimd::select(qa == B(T(0)), B(inf), qa));
-    }
-    if (xsimd::any(nan)) return false;
-    alignas(64) T kb[static_cast<std::size_t>(VL)], qb[static_cast<std::size_t>(VL)];
-    kv.store_aligned(kb);
-    qv.store_aligned(qb);
-    T kmax = 0, qmin = inf;
-    for (index_t c = 0; c < VL; ++c) kmax = std::max(kmax, kb[c]), qmin = std::min(qmin, qb[c]);
-    for (; e < n; ++e) {
-      const T ka = std::abs(kk[e]), qa = std::abs(qq[e]);
-      if (std::isnan(ka) || std::isnan(qa)) return false;
-      kmax = std::max(kmax, ka);
-      if (qa != T(0)) qmin = std::min(qmin, qa);
-    }
-    const double grow = std::exp(span);
-    if (!(static_cast<double>(kmax) * grow <=
-          static_cast<double>(std::numeric_limits<T>::max()) / 256))
-      return false;
-    if (!(static_cast<double>(qmin) / grow >= static_cast<double>(std::numeric_limits<T>::min())))
-      return false;
-  }
-  return true;
-}
 
 /// The per-key chunk pieces when factorable(): A (rows at stride lda), Q̃ = sQ ⊙ e^{G} (qt),
 /// K̃ = cK ⊙ e^{G_L - G} (kt) and the state decay e^{G_L} (dk). Each A entry is factored through
@@ -1092,28 +843,33 @@ void advance(chunk_carry<T>& c, index_t K, index_t V, bool has_gv, T* S) {
   }
 }
 
+/// The tokens of item i = n·H + h (the scheduler's view of a segment).
+template <class T>
+auto item_tokens(const problem<T>& p) {
+  return [&p](index_t i) {
+    const segment sg = segment_of(p, i / p.heads());
+    return common::token_range{sg.t0, sg.t1};
+  };
+}
+
 /// The chunked form for the (sequence, head) items [i0, i1) (item i = n·H + h) on one thread:
-/// chunk by chunk, every item of the range in turn (the heads of a token share its rows' pages,
-/// as in recurrent_items); each item's state is a [K, V] block of `states`.
+/// chunk by chunk, every item of the range in turn (common::for_chunks_interleaved; the heads
+/// of a token share its rows' pages, as in recurrent_items); each item's state is a [K, V]
+/// block of `states`.
 template <class T, class Gate>
 void chunk_items(const problem<T>& p, const Gate& gate, index_t i0, index_t i1, index_t C,
                  chunk_scratch<T>& w, chunk_carry<T>& carry, T* states) {
   const index_t H = p.heads(), K = p.q.extent(3), V = p.v.extent(3);
   const bool has_gv = gate.has_value_gate();
-  for (index_t off = 0;; off += C) {
-    bool any = false;
-    for (index_t i = i0; i < i1; ++i) {
-      const segment sg = segment_of(p, i / H);
-      const index_t c0 = sg.t0 + off;
-      if (c0 >= sg.t1) continue;
-      any = true;
-      T* S = states + (i - i0) * K * V;
-      chunk_local<T, Gate>(p, gate, sg, c0, i % H, C, w, carry);
-      chunk_inter<T>(carry, K, V, has_gv, S, p.o.ptr({sg.b, c0, i % H, 0}), p.o.stride(1), w);
-      advance<T, false>(carry, K, V, has_gv, S);
-    }
-    if (!any) break;
-  }
+  common::for_chunks_interleaved(
+      i0, i1, C, common::chunk_order::forward, item_tokens(p),
+      [&](index_t i, const common::token_range& c) {
+        const segment sg = segment_of(p, i / H);
+        T* S = states + (i - i0) * K * V;
+        chunk_local<T, Gate>(p, gate, sg, c.t0, i % H, C, w, carry);
+        chunk_inter<T>(carry, K, V, has_gv, S, p.o.ptr({sg.b, c.t0, i % H, 0}), p.o.stride(1), w);
+        advance<T, false>(carry, K, V, has_gv, S);
+      });
 }
 
 /// Copies the state rows of items [i0, i1) between the caller's tensor and contiguous [K, V]
@@ -1135,18 +891,17 @@ void copy_states(const problem<T>& p, index_t i0, index_t i1, T* blocks, bool in
 }
 
 /// The chunked form when there are fewer (sequence, head) items than threads: windows of `wc`
-/// chunks per item, three parallel steps each. 1) every chunk's local phase (intra outputs, Q̃,
-/// K̃ᵀṼ, decays: independent of the state); 2) per item, the scan S_{n+1} = D_n S_n + U_n over
-/// the window's chunks, leaving S_n in each carry; 3) every chunk's inter output Q̃·S_n. Each
-/// chunk runs exactly the computations of the sequential schedule (chunk_items), so the results
-/// are bitwise the same for every thread count.
+/// chunks per item, three parallel steps each (common::run_windows). 1) every chunk's local
+/// phase (intra outputs, Q̃, K̃ᵀṼ, decays: independent of the state); 2) per item, the scan
+/// S_{n+1} = D_n S_n + U_n over the window's chunks, leaving S_n in each carry; 3) every chunk's
+/// inter output Q̃·S_n. Each chunk runs exactly the computations of the sequential schedule
+/// (chunk_items), so the results are bitwise the same for every thread count.
 template <class T, class Gate>
 void chunk_windows(const problem<T>& p, const Gate& gate, index_t C, int threads) {
   const index_t items = p.heads() * p.sequences(), H = p.heads();
   const index_t K = p.q.extent(3), V = p.v.extent(3);
   const bool has_gv = gate.has_value_gate();
-  // about 4 chunks per thread per step: each parallel step then outweighs its start-up cost
-  const index_t wc = std::max<index_t>(1, (4 * index_t(threads) + items - 1) / items);
+  const index_t wc = common::window_chunks(items, threads);
   const index_t jobs = items * wc;
   std::vector<chunk_carry<T>> carries(static_cast<std::size_t>(jobs));
   for (auto& c : carries) c.resize(C, K, V, has_gv);
@@ -1154,41 +909,24 @@ void chunk_windows(const problem<T>& p, const Gate& gate, index_t C, int threads
   for (auto& w : scratch) w.resize(C, K, V, Gate::per_key, has_gv);
   std::vector<T> states(static_cast<std::size_t>(items * K * V));
   copy_states<T>(p, 0, items, states.data(), true);
-  auto chunk_start = [&](index_t job, index_t first) {  // token offset of a job's chunk, or -1
-    const segment sg = segment_of(p, (job / wc) / H);
-    const index_t c0 = sg.t0 + (first + job % wc) * C;
-    return c0 < sg.t1 ? c0 : index_t(-1);
+  auto carry = [&](index_t job) -> chunk_carry<T>& {
+    return carries[static_cast<std::size_t>(job)];
   };
-  for (index_t first = 0;; first += wc) {
-    bool any = false;
-    for (index_t i = 0; i < items && !any; ++i) {
-      const segment sg = segment_of(p, i / H);
-      any = sg.t0 + first * C < sg.t1;
-    }
-    if (!any) break;
-    parallel_for_with_slot(jobs, [&](index_t job, int slot) {
-      const index_t c0 = chunk_start(job, first);
-      if (c0 < 0) return;
-      const index_t i = job / wc;
-      chunk_local<T, Gate>(p, gate, segment_of(p, i / H), c0, i % H, C,
-                           scratch[static_cast<std::size_t>(slot)],
-                           carries[static_cast<std::size_t>(job)]);
-    });
-    parallel_for(items, [&](index_t i) {
-      for (index_t j = i * wc; j < (i + 1) * wc && chunk_start(j, first) >= 0; ++j) {
-        advance<T, true>(carries[static_cast<std::size_t>(j)], K, V, has_gv,
-                         states.data() + i * K * V);
-      }
-    });
-    parallel_for_with_slot(jobs, [&](index_t job, int slot) {
-      const index_t c0 = chunk_start(job, first);
-      if (c0 < 0) return;
-      const index_t i = job / wc;
-      const auto& c = carries[static_cast<std::size_t>(job)];
-      chunk_inter<T>(c, K, V, has_gv, c.u.data(), p.o.ptr({segment_of(p, i / H).b, c0, i % H, 0}),
-                     p.o.stride(1), scratch[static_cast<std::size_t>(slot)]);
-    });
-  }
+  common::run_windows(
+      items, C, common::chunk_order::forward, wc, item_tokens(p),
+      [&](index_t job, index_t i, const common::token_range& c, int slot) {
+        chunk_local<T, Gate>(p, gate, segment_of(p, i / H), c.t0, i % H, C,
+                             scratch[static_cast<std::size_t>(slot)], carry(job));
+      },
+      [&](index_t job, index_t i, const common::token_range&) {
+        advance<T, true>(carry(job), K, V, has_gv, states.data() + i * K * V);
+      },
+      [&](index_t job, index_t i, const common::token_range& c, int slot) {
+        const auto& cj = carry(job);
+        chunk_inter<T>(cj, K, V, has_gv, cj.u.data(),
+                       p.o.ptr({segment_of(p, i / H).b, c.t0, i % H, 0}), p.o.stride(1),
+                       scratch[static_cast<std::size_t>(slot)]);
+      });
   copy_states<T>(p, 0, items, states.data(), false);
 }
 
@@ -1228,13 +966,11 @@ void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
   const bool has_gv = gate.has_value_gate();
   const int threads = std::max(1, num_threads());
   const index_t chunks = (p.q.extent(0) * p.q.extent(1) + C - 1) / C;  // about, over all items
-  if (items < threads && chunks * p.heads() > items) {
+  if (common::use_windows(items, chunks * p.heads(), threads)) {
     detail::chunk_windows<T, Gate>(p, gate, C, threads);
   } else {
     // one contiguous range of items per thread (static, like parallel_for's own partition)
-    const index_t groups = std::min<index_t>(items, threads);
-    auto body = [&](index_t g) {
-      const index_t i0 = g * items / groups, i1 = (g + 1) * items / groups;
+    common::for_item_ranges(items, threads, [&](index_t i0, index_t i1) {
       detail::chunk_scratch<T> w;
       w.resize(C, K, V, Gate::per_key, has_gv);
       detail::chunk_carry<T> carry;
@@ -1243,12 +979,7 @@ void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
       detail::copy_states<T>(p, i0, i1, states.data(), true);
       detail::chunk_items<T, Gate>(p, gate, i0, i1, C, w, carry, states.data());
       detail::copy_states<T>(p, i0, i1, states.data(), false);
-    };
-    if (groups == 1) {
-      body(0);
-    } else {
-      parallel_for(groups, body);
-    }
+    });
   }
   if constexpr (!Gate::per_key) {
     if (p.normalised()) {
