@@ -1,0 +1,517 @@
+// SPDX-License-Identifier: MIT
+// MoBA (mixture of block attention, docs/math.md §5.2) on the flash tiles of
+// kernels/attention.hpp: the kernel behind mixers/moba.hpp.
+//
+//   chunks of c keys per sequence; m_b = mean of the keys of chunk b (only complete chunks are
+//   ever gated: a query gates the chunks strictly before its own)
+//   gate_tb = q_t · m_b                      (no scale), for b < t / c
+//   S_t = own chunk ∪ top-(k-1) of {b < t / c} by gate (every earlier chunk when there are
+//         at most k-1; equal gates go to the lower chunk index; a NaN gate ranks as -inf)
+//   o_t = softmax_{j in S_t, j <= t}(s q_t · k_j) · V    (s = K^-1/2 by default)
+//
+// Legend: T tokens of one sequence, K key dim, V value dim, c chunk size, k top-k,
+// n = T / c chunks, Q the query tile (64 floats / 32 doubles), Bk the key tile (64).
+//
+// Form (prefill / training), per (sequence, query head) work item:
+//  1. gates: Q consecutive queries at a time against the means of the chunks before the tile's
+//     last row, through the engine's scores micro-kernel (queries along the SIMD lanes);
+//     top-(k-1) per query by a lane-wise threshold test (a scalar insertion only when a gate
+//     beats the lane's current worst). Time O(T·n·K/2).
+//  2. inversion: per earlier chunk b, the ascending list of queries that selected b (counting
+//     sort, O(T·k)).
+//  3. attention: for each chunk b, its list in tiles of Q gathered queries against b's c keys
+//     (no mask: b is strictly earlier), then each query tile of its own chunk against the
+//     chunk's keys with the causal diagonal. Online softmax state (running max and sum per
+//     query, the output rows as the accumulator) persists across chunks. Time
+//     O(T·(k-1/2)·c·(K+V)): never a T×T matrix, never all keys per query.
+//  Memory: O(T·k) selection + O(n·Q + Q·(K+V+Bk)) scratch per thread, grow-only.
+//
+// Decode (one query row per head against a moba cache): gates of every complete chunk with the
+// means stored transposed ([K, chunks], chunks along the lanes: the same fma sequence over d as
+// the tile's, so decode and prefill select bitwise the same chunks), top-(k-1), then the engine's
+// decode_group over the selected chunks' runs plus the own chunk's. Time O(n·K + k·c·(K+V)).
+//
+// Determinism: every work item is computed by one thread in a fixed order (chunks ascending, the
+// own chunk last); lanes never interact, so results are bitwise identical for any thread count
+// and for any grouping of queries into tiles.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <seqmix/core/parallel.hpp>
+#include <seqmix/core/simd.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/kernels/attention.hpp>
+
+namespace seqmix::kernels::moba {
+
+/// One MoBA problem of a single query head over one sequence: nq query rows at positions
+/// q_pos0 .. q_pos0 + nq - 1 of the sequence, keys/values at positions 0 .. q_pos0 + nq - 1.
+template <class T>
+struct problem {
+  const T* q = nullptr;  // [nq, K], row stride q_stride
+  index_t q_stride = 0;
+  const T* k = nullptr;  // [q_pos0 + nq, K], row stride k_stride
+  index_t k_stride = 0;
+  const T* v = nullptr;  // [q_pos0 + nq, V], row stride v_stride
+  index_t v_stride = 0;
+  const T* means = nullptr;  // [(q_pos0 + nq - 1) / c, K] complete-chunk key means, stride K
+  T* o = nullptr;            // [nq, V], row stride o_stride
+  index_t o_stride = 0;
+  index_t nq = 0;
+  index_t q_pos0 = 0;
+  std::int32_t* selected = nullptr;  // optional [nq, k-1]: chosen earlier chunks, ascending, -1
+};
+
+/// Parameters shared by all problems of a call.
+template <class T>
+struct params {
+  index_t key_dim = 0;    // K
+  index_t value_dim = 0;  // V
+  index_t chunk = 0;      // c
+  index_t top_k = 0;      // k (own chunk included)
+  T scale = T(1);         // s
+};
+
+namespace detail {
+
+namespace at = ::seqmix::kernels::attention::detail;
+template <class T>
+using batch = simd::batch<T>;
+template <class T>
+inline constexpr index_t L = simd::lanes<T>;
+template <class T>
+inline constexpr index_t Q = at::bq<T>;
+inline constexpr index_t key_tile = 64;
+
+template <class T>
+using avec = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+
+template <class V>
+void grow(V& v, std::size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+/// Mean of keys [first, first + n) (rows of stride k_stride): summed in double in token order,
+/// divided, rounded to T once. The moba cache adds the same terms in the same order, so
+/// prefill and decode see bitwise the same means.
+template <class T>
+void chunk_mean(const T* k, index_t k_stride, index_t n, index_t K, double* sum, T* mean) {
+  std::fill_n(sum, K, 0.0);
+  for (index_t j = 0; j < n; ++j)
+    for (index_t d = 0; d < K; ++d) sum[d] += static_cast<double>(k[j * k_stride + d]);
+  for (index_t d = 0; d < K; ++d) mean[d] = static_cast<T>(sum[d] / static_cast<double>(n));
+}
+
+/// Gate order: a before b iff a's gate is larger, or equal with the lower chunk index
+/// (NaN ranks as -inf).
+template <class T>
+inline T rank_value(T g) {
+  return g != g ? -std::numeric_limits<T>::infinity() : g;
+}
+
+/// Per-lane top-(k-1) of a query tile: values descending, indices ascending among equals.
+template <class T>
+struct topk_lanes {
+  index_t cap = 0;  // k - 1
+  avec<T> val;      // [Q, cap]
+  std::vector<std::int32_t> idx;
+  std::array<index_t, static_cast<std::size_t>(Q<T>)> count{};
+  alignas(64) std::array<T, static_cast<std::size_t>(Q<T>)> worst{};  // -inf until full
+
+  void reset(index_t k1) {
+    cap = k1;
+    grow(val, static_cast<std::size_t>(Q<T> * k1));
+    grow(idx, static_cast<std::size_t>(Q<T> * k1));
+    count.fill(0);
+    worst.fill(-std::numeric_limits<T>::infinity());
+  }
+  // offer chunk b with gate g (rank value) to lane i; chunks arrive in ascending b, so an equal
+  // gate never displaces an earlier chunk
+  void offer(index_t i, T g, std::int32_t b) {
+    const auto si = static_cast<std::size_t>(i);
+    T* vv = val.data() + i * cap;
+    std::int32_t* ii = idx.data() + i * cap;
+    index_t n = count[si];
+    if (n == cap) {
+      if (!(g > vv[cap - 1])) return;
+      --n;  // drop the worst
+    }
+    index_t p = n;
+    while (p > 0 && g > vv[p - 1]) {
+      vv[p] = vv[p - 1];
+      ii[p] = ii[p - 1];
+      --p;
+    }
+    vv[p] = g;
+    ii[p] = b;
+    count[si] = n + 1;
+    if (n + 1 == cap) worst[si] = vv[cap - 1];
+  }
+};
+
+/// Per-thread scratch.
+template <class T>
+struct scratch {
+  avec<T> qt, st, gst, acc, m, l, alpha;  // tile buffers
+  avec<T> m_all, l_all;                   // per query row of the item
+  std::vector<std::int32_t> sel;          // [nq, k-1]
+  std::vector<index_t> nsel;              // [nq]
+  std::vector<index_t> list, start;       // per chunk: the rows that selected it
+  std::vector<index_t> rows;              // tile's item rows
+  topk_lanes<T> top;
+  index_t acc_stride = 0;
+};
+
+/// Loads the state of `nr` item rows into the tile (pad lanes: zero query, empty state), runs
+/// keys [kb, ke) of the sequence through the online softmax, stores the state back.
+/// causal: the rows are consecutive positions pos_lo .. pos_lo + nr - 1 and key j is visible
+/// to row i iff j <= pos_lo + i (the own-chunk tile); otherwise every key is visible.
+template <class T>
+void tile_pass(const problem<T>& pr, const params<T>& p, const index_t* rows, index_t nr,
+               index_t kb, index_t ke, bool causal, index_t pos_lo, scratch<T>& w) {
+  constexpr index_t Qn = Q<T>;
+  const index_t K = p.key_dim, V = p.value_dim, as = w.acc_stride;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T* qt = w.qt.data();
+  T* st = w.st.data();
+  for (index_t i = 0; i < Qn; ++i) {
+    T* a = w.acc.data() + i * as;
+    if (i < nr) {
+      const index_t r = rows[i];
+      const T* qi = pr.q + r * pr.q_stride;
+      for (index_t d = 0; d < K; ++d) qt[d * Qn + i] = p.scale * qi[d];
+      std::copy_n(pr.o + r * pr.o_stride, V, a);
+      w.m[static_cast<std::size_t>(i)] = w.m_all[static_cast<std::size_t>(r)];
+      w.l[static_cast<std::size_t>(i)] = w.l_all[static_cast<std::size_t>(r)];
+    } else {
+      for (index_t d = 0; d < K; ++d) qt[d * Qn + i] = T(0);
+      std::fill_n(a, V, T(0));
+      w.m[static_cast<std::size_t>(i)] = ninf;
+      w.l[static_cast<std::size_t>(i)] = T(0);
+    }
+  }
+  const index_t Vfull = V / (at::cv * L<T>)*(at::cv * L<T>);
+  const index_t Vvec = V / L<T> * L<T>;
+  const index_t rows_used = (nr + at::rq - 1) / at::rq * at::rq;
+
+  std::array<batch<T>, static_cast<std::size_t>(at::qv)> iota;
+  {
+    alignas(64) std::array<T, static_cast<std::size_t>(Qn)> id{};
+    for (index_t i = 0; i < Qn; ++i) id[static_cast<std::size_t>(i)] = T(i);
+    for (std::size_t c = 0; c < iota.size(); ++c)
+      iota[c] = batch<T>::load_aligned(id.data() + index_t(c) * L<T>);
+  }
+
+  for (index_t j0 = kb; j0 < ke; j0 += key_tile) {
+    const index_t kn = std::min(key_tile, ke - j0);
+    const T* kj = pr.k + j0 * pr.k_stride;
+    index_t j = 0;
+    for (; j + at::rk <= kn; j += at::rk)
+      at::scores_block<T, at::rk>(kj + j * pr.k_stride, pr.k_stride, qt, K, st + j * Qn);
+    for (; j < kn; ++j)
+      at::scores_block<T, 1>(kj + j * pr.k_stride, pr.k_stride, qt, K, st + j * Qn);
+    const bool diag = causal && j0 + kn - 1 > pos_lo;
+    if (diag) {  // key j0+j visible to row i iff i >= j0 + j - pos_lo
+      for (j = 0; j < kn; ++j) {
+        const T lo = T(std::clamp<index_t>(j0 + j - pos_lo, -1, Qn + 1));
+        for (index_t c = 0; c < at::qv; ++c) {
+          T* sp = st + j * Qn + c * L<T>;
+          const auto vis = iota[static_cast<std::size_t>(c)] >= batch<T>(lo);
+          simd::store(sp, xsimd::select(vis, simd::load(sp), batch<T>(ninf)));
+        }
+      }
+    }
+    for (index_t c = 0; c < at::qv; ++c) {
+      const index_t off = c * L<T>;
+      const batch<T> m_old = simd::load(w.m.data() + off);
+      batch<T> m_new = m_old;
+      for (j = 0; j < kn; ++j) m_new = xsimd::max(m_new, simd::load(st + j * Qn + off));
+      const batch<T> m_use = xsimd::select(m_new == batch<T>(ninf), batch<T>(T(0)), m_new);
+      const batch<T> alpha = at::exp_nonpositive<T>(m_old - m_use);
+      batch<T> sum(T(0));
+      for (j = 0; j < kn; ++j) {
+        T* sp = st + j * Qn + off;
+        const batch<T> e = at::exp_nonpositive<T>(simd::load(sp) - m_use);
+        simd::store(sp, e);
+        sum += e;
+      }
+      simd::store(w.l.data() + off, simd::fma(simd::load(w.l.data() + off), alpha, sum));
+      simd::store(w.m.data() + off, m_new);
+      simd::store(w.alpha.data() + off, alpha);
+    }
+    const T* vj = pr.v + j0 * pr.v_stride;
+    for (index_t i = 0; i < rows_used; i += at::rq) {
+      T* acc_i = w.acc.data() + i * as;
+      const index_t d0 = pos_lo + i - j0;
+      const index_t lo0 = -(kn + at::rq);
+      const T* al = w.alpha.data() + i;
+      index_t c0 = 0;
+      for (; c0 < Vfull; c0 += at::cv * L<T>) {
+        if (diag) {
+          at::pv_block<T, at::cv, true>(st + i, kn, lo0, d0, vj + c0, pr.v_stride, al, acc_i + c0,
+                                        as);
+        } else {
+          at::pv_block<T, at::cv, false>(st + i, kn, lo0, d0, vj + c0, pr.v_stride, al, acc_i + c0,
+                                         as);
+        }
+      }
+      for (; c0 < Vvec; c0 += L<T>) {
+        if (diag) {
+          at::pv_block<T, 1, true>(st + i, kn, lo0, d0, vj + c0, pr.v_stride, al, acc_i + c0, as);
+        } else {
+          at::pv_block<T, 1, false>(st + i, kn, lo0, d0, vj + c0, pr.v_stride, al, acc_i + c0, as);
+        }
+      }
+      for (; c0 < V; ++c0) {  // scalar tail of odd value dims
+        for (index_t r = 0; r < at::rq; ++r) {
+          T a = w.alpha[static_cast<std::size_t>(i + r)] * acc_i[r * as + c0];
+          const index_t jn = diag ? std::clamp<index_t>(d0 + r + 1, 0, kn) : kn;
+          for (j = 0; j < jn; ++j) a += st[j * Qn + i + r] * vj[j * pr.v_stride + c0];
+          acc_i[r * as + c0] = a;
+        }
+      }
+    }
+  }
+  for (index_t i = 0; i < nr; ++i) {
+    const index_t r = rows[i];
+    std::copy_n(w.acc.data() + i * as, V, pr.o + r * pr.o_stride);
+    w.m_all[static_cast<std::size_t>(r)] = w.m[static_cast<std::size_t>(i)];
+    w.l_all[static_cast<std::size_t>(r)] = w.l[static_cast<std::size_t>(i)];
+  }
+}
+
+/// Gates and top-(k-1) of the query rows r0 .. r0 + nr - 1 (consecutive positions).
+template <class T>
+void select_tile(const problem<T>& pr, const params<T>& p, index_t r0, index_t nr, scratch<T>& w) {
+  constexpr index_t Qn = Q<T>;
+  const index_t K = p.key_dim, c = p.chunk, k1 = p.top_k - 1;
+  const index_t pos_lo = pr.q_pos0 + r0;
+  const index_t nb = (pos_lo + nr - 1) / c;  // chunks before the last row's own
+  for (index_t i = 0; i < nr; ++i) w.nsel[static_cast<std::size_t>(r0 + i)] = 0;
+  if (nb == 0 || k1 == 0) return;
+  T* qt = w.qt.data();
+  for (index_t i = 0; i < Qn; ++i) {
+    if (i < nr) {
+      const T* qi = pr.q + (r0 + i) * pr.q_stride;
+      for (index_t d = 0; d < K; ++d) qt[d * Qn + i] = qi[d];  // unscaled: the gate has no scale
+    } else {
+      for (index_t d = 0; d < K; ++d) qt[d * Qn + i] = T(0);
+    }
+  }
+  T* g = w.gst.data();
+  index_t b = 0;
+  for (; b + at::rk <= nb; b += at::rk)
+    at::scores_block<T, at::rk>(pr.means + b * K, K, qt, K, g + b * Qn);
+  for (; b < nb; ++b) at::scores_block<T, 1>(pr.means + b * K, K, qt, K, g + b * Qn);
+
+  auto& top = w.top;
+  top.reset(k1);  // sized by prepare: no allocation
+  // lane i takes chunks b < own chunk of row i: (pos_lo + i) / c
+  alignas(64) std::array<T, static_cast<std::size_t>(Qn)> own{};
+  for (index_t i = 0; i < Qn; ++i)
+    own[static_cast<std::size_t>(i)] = i < nr ? T((pos_lo + i) / c) : T(0);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (b = 0; b < nb; ++b) {
+    const T* gb = g + b * Qn;
+    const batch<T> bb = batch<T>(T(b));
+    for (index_t cc = 0; cc < at::qv; ++cc) {
+      const index_t off = cc * L<T>;
+      const batch<T> x = simd::load(gb + off);
+      const batch<T> thr = simd::load(top.worst.data() + off);
+      // candidates: a lane not yet full (worst = -inf; NaN ranks -inf) or a strictly larger gate
+      const auto valid = bb < simd::load(own.data() + off);
+      const auto cand = valid && ((x > thr) || (thr == batch<T>(ninf)));
+      if (!xsimd::any(cand)) continue;
+      for (index_t i = off; i < off + L<T>; ++i) {
+        if (T(b) < own[static_cast<std::size_t>(i)])
+          top.offer(i, rank_value(gb[i]), static_cast<std::int32_t>(b));
+      }
+    }
+  }
+  for (index_t i = 0; i < nr; ++i) {
+    const auto si = static_cast<std::size_t>(i);
+    const index_t n = top.count[si];
+    std::int32_t* s = w.sel.data() + (r0 + i) * k1;
+    std::copy_n(top.idx.data() + i * k1, n, s);
+    std::sort(s, s + n);
+    w.nsel[static_cast<std::size_t>(r0 + i)] = n;
+  }
+}
+
+/// Sizes a scratch for problems of at most max_nq rows ending at or before position max_end
+/// (called before the parallel region, so nothing inside it allocates or throws).
+template <class T>
+void prepare(scratch<T>& w, const params<T>& p, index_t max_nq, index_t max_end) {
+  constexpr index_t Qn = Q<T>;
+  const index_t K = p.key_dim, V = p.value_dim, k1 = std::max<index_t>(p.top_k - 1, 1);
+  const index_t nb = std::max<index_t>((max_end - 1) / p.chunk, 0);
+  w.acc_stride = (V + L<T> - 1) / L<T> * L<T>;
+  grow(w.qt, static_cast<std::size_t>(K * Qn));
+  grow(w.st, static_cast<std::size_t>(key_tile * Qn));
+  grow(w.gst, static_cast<std::size_t>(std::max<index_t>(nb, 1) * Qn));
+  grow(w.acc, static_cast<std::size_t>(Qn * w.acc_stride));
+  grow(w.m, static_cast<std::size_t>(Qn));
+  grow(w.l, static_cast<std::size_t>(Qn));
+  grow(w.alpha, static_cast<std::size_t>(Qn));
+  grow(w.m_all, static_cast<std::size_t>(max_nq));
+  grow(w.l_all, static_cast<std::size_t>(max_nq));
+  grow(w.sel, static_cast<std::size_t>(max_nq * k1));
+  grow(w.nsel, static_cast<std::size_t>(max_nq));
+  grow(w.list, static_cast<std::size_t>(std::max<index_t>(max_nq * k1, 1)));
+  grow(w.start, static_cast<std::size_t>(nb + 2));
+  grow(w.rows, static_cast<std::size_t>(Qn));
+  w.top.reset(k1);
+}
+
+/// One work item: a whole problem (scratch prepared for it). With pr.o == nullptr only the
+/// selection is computed (into pr.selected).
+template <class T>
+void run_problem(const problem<T>& pr, const params<T>& p, scratch<T>& w) {
+  constexpr index_t Qn = Q<T>;
+  const index_t V = p.value_dim, c = p.chunk, k1 = p.top_k - 1;
+  const index_t nq = pr.nq;
+  if (nq <= 0) return;
+  w.acc_stride = (V + L<T> - 1) / L<T> * L<T>;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  std::fill_n(w.m_all.data(), nq, ninf);
+  std::fill_n(w.l_all.data(), nq, T(0));
+
+  // 1. selection
+  for (index_t r0 = 0; r0 < nq; r0 += Qn) select_tile(pr, p, r0, std::min(Qn, nq - r0), w);
+  if (pr.selected) {
+    for (index_t r = 0; r < nq; ++r) {
+      const index_t n = w.nsel[static_cast<std::size_t>(r)];
+      std::copy_n(w.sel.data() + r * k1, n, pr.selected + r * k1);
+      std::fill(pr.selected + r * k1 + n, pr.selected + (r + 1) * k1, std::int32_t(-1));
+    }
+  }
+  if (!pr.o) return;
+  for (index_t r = 0; r < nq; ++r) std::fill_n(pr.o + r * pr.o_stride, V, T(0));
+  // 2. per earlier chunk, the rows that selected it (ascending)
+  const index_t pos_end = pr.q_pos0 + nq;
+  const index_t nb = (pos_end - 1) / c;
+  std::fill_n(w.start.data(), nb + 2, index_t(0));
+  for (index_t r = 0; r < nq; ++r) {
+    const std::int32_t* s = w.sel.data() + r * k1;
+    for (index_t e = 0; e < w.nsel[static_cast<std::size_t>(r)]; ++e)
+      ++w.start[static_cast<std::size_t>(s[e]) + 1];
+  }
+  for (index_t b = 0; b < nb; ++b)
+    w.start[static_cast<std::size_t>(b + 1)] += w.start[static_cast<std::size_t>(b)];
+  for (index_t r = 0; r < nq; ++r) {
+    const std::int32_t* s = w.sel.data() + r * k1;
+    for (index_t e = 0; e < w.nsel[static_cast<std::size_t>(r)]; ++e)
+      w.list[static_cast<std::size_t>(w.start[static_cast<std::size_t>(s[e])]++)] = r;
+  }
+  // start[b] is now the end of b's list; b's list begins at start[b - 1] (0 for b = 0)
+  // 3a. earlier chunks, ascending
+  for (index_t b = 0; b < nb; ++b) {
+    const index_t lb = b == 0 ? 0 : w.start[static_cast<std::size_t>(b - 1)];
+    const index_t le = w.start[static_cast<std::size_t>(b)];
+    for (index_t e = lb; e < le; e += Qn) {
+      const index_t nr = std::min(Qn, le - e);
+      tile_pass(pr, p, w.list.data() + e, nr, b * c, (b + 1) * c, false, 0, w);
+    }
+  }
+  // 3b. own chunks: tiles of consecutive rows that never cross a chunk boundary
+  for (index_t r0 = 0; r0 < nq;) {
+    const index_t pos = pr.q_pos0 + r0;
+    const index_t cs = pos / c * c;
+    const index_t nr = std::min({Qn, nq - r0, cs + c - pos});
+    for (index_t i = 0; i < nr; ++i) w.rows[static_cast<std::size_t>(i)] = r0 + i;
+    tile_pass(pr, p, w.rows.data(), nr, cs, pos + nr, true, pos, w);
+    r0 += nr;
+  }
+  // epilogue
+  for (index_t r = 0; r < nq; ++r) {
+    const T inv = T(1) / w.l_all[static_cast<std::size_t>(r)];
+    T* o = pr.o + r * pr.o_stride;
+    for (index_t d = 0; d < V; ++d) o[d] *= inv;
+  }
+}
+
+}  // namespace detail
+
+/// Per-thread scratch of run_problems, reusable across calls (grow-only).
+template <class T>
+using workspace = std::vector<detail::scratch<T>>;
+
+/// Runs every problem in one parallel region, longest first (a static split then balances
+/// the sequences of a varlen batch reasonably); each problem is one thread's, start to end.
+template <class T>
+void run_problems(const std::vector<problem<T>>& probs, const params<T>& p, workspace<T>& ws) {
+  if (probs.empty()) return;
+  std::vector<index_t> order(probs.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<index_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) {
+    return probs[static_cast<std::size_t>(a)].nq > probs[static_cast<std::size_t>(b)].nq;
+  });
+  const int slots = max_slots();
+  if (ws.size() < static_cast<std::size_t>(slots)) ws.resize(static_cast<std::size_t>(slots));
+  index_t max_nq = 1, max_end = 1;
+  for (const auto& pr : probs) {
+    max_nq = std::max(max_nq, pr.nq);
+    max_end = std::max(max_end, pr.q_pos0 + pr.nq);
+  }
+  for (auto& w : ws) detail::prepare(w, p, max_nq, max_end);
+  parallel_for_with_slot(static_cast<index_t>(order.size()), [&](index_t n, int tid) {
+    detail::run_problem(probs[static_cast<std::size_t>(order[static_cast<std::size_t>(n)])], p,
+                        ws[static_cast<std::size_t>(tid)]);
+  });
+}
+
+/// Complete-chunk means of a sequence's keys: means[b] = mean of keys b·c .. b·c + c - 1 for
+/// b < nb (rows of stride k_stride; means rows of K). sum: [K] scratch.
+template <class T>
+void chunk_means(const T* k, index_t k_stride, index_t nb, index_t c, index_t K, T* means,
+                 double* sum) {
+  for (index_t b = 0; b < nb; ++b)
+    detail::chunk_mean(k + b * c * k_stride, k_stride, c, K, sum, means + b * K);
+}
+
+/// Decode gates: g[b] = Σ_d q[d] · mt[d][b] for b < nb (mt: [K, ld] transposed means, ld a
+/// multiple of the SIMD width and >= nb rounded up to it; g: as many entries), the same fma
+/// sequence over d, from 0, as the tile's scores kernel (so the same chunks are selected).
+template <class T>
+void decode_gates(const T* q, const T* mt, index_t ld, index_t nb, index_t K, T* g) {
+  constexpr index_t Ln = detail::L<T>;
+  for (index_t b = 0; b < nb; b += Ln) {
+    detail::batch<T> acc(T(0));
+    for (index_t d = 0; d < K; ++d)
+      acc = simd::fma(detail::batch<T>(q[d]), simd::load(mt + d * ld + b), acc);
+    simd::store(g + b, acc);
+  }
+}
+
+/// Top-(k1) chunks of gates g[0..nb) (rank order as in the tiles), written ascending to sel;
+/// returns their count. val: [k1] scratch.
+template <class T>
+index_t decode_select(const T* g, index_t nb, index_t k1, std::int32_t* sel, T* val) {
+  index_t n = 0;
+  for (index_t b = 0; b < nb; ++b) {
+    const T x = detail::rank_value(g[b]);
+    if (n == k1) {
+      if (!(x > val[k1 - 1])) continue;
+      --n;
+    }
+    index_t p = n;
+    while (p > 0 && x > val[p - 1]) {
+      val[p] = val[p - 1];
+      sel[p] = sel[p - 1];
+      --p;
+    }
+    val[p] = x;
+    sel[p] = static_cast<std::int32_t>(b);
+    ++n;
+  }
+  std::sort(sel, sel + n);
+  return n;
+}
+
+}  // namespace seqmix::kernels::moba
