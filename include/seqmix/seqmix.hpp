@@ -37,6 +37,10 @@
 #include <seqmix/mixers/softmax_attention.hpp>
 #include <seqmix/reference/attention.hpp>
 
+// block-sparse attention: MoBA (moba_attention, moba_cache)
+#include <seqmix/mixers/moba.hpp>
+#include <seqmix/reference/moba.hpp>
+
 // mixture of experts: routers, capacity, grouped (prefill) and per-token (decode) forms
 #include <seqmix/mixers/moe.hpp>
 #include <seqmix/reference/moe.hpp>
