@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Gated-accumulation family: linear attention, simple GLA, GLA, Mamba2 SSD, both forms and the
-// decode step. B = 1, H = 8 throughout; args {T, K (= V, or N = P for Mamba2), threads}.
+// Gated-accumulation family: linear attention, simple GLA, GLA, RWKV-6, Mamba2 SSD, both forms and
+// the decode step. B = 1, H = 8 throughout; args {T, K (= V, or N = P for Mamba2), threads}.
 //
 // FLOP per head and token (multiply and add count as two):
 //   chunked:   2·C·(K + V) + 4·K·V    (C = min(chunk 64, T); dense C×C blocks, docs/math.md §1)
@@ -21,6 +21,7 @@
 #include <seqmix/mixers/gla.hpp>
 #include <seqmix/mixers/linear_attention.hpp>
 #include <seqmix/mixers/mamba2_ssd.hpp>
+#include <seqmix/mixers/rwkv6.hpp>
 #include <seqmix/mixers/simple_gla.hpp>
 
 #include "bench_common.hpp"
@@ -104,6 +105,39 @@ void BM_gla_recurrent(benchmark::State& st) {
   for (auto _ : st) m.forward_recurrent(in.q, in.k, in.v, in.gk, in.o, in.state);
   seqmix_bench::report_rates(st, double(in.T), recurrent_flops(in.T, in.K, in.V));
 }
+// ---- RWKV-6 (GLA's per-key gate, read before the write, bonus u [H, K]) ----------------------
+// ggml peer (issue 18, measured on another machine than this one): rwkv_wkv6 at H=8, K=V=64,
+// T=8192: 130k / 204k tokens/s on 1 / 2 threads, decode 5.7 / 8.8 µs. FLOP counted as GLA's
+// (the bonus adds 3·K per token: under 1 % at K = 64).
+void BM_rwkv6_chunked(benchmark::State& st) {
+  seqmix_bench::use_threads(int(st.range(2)));
+  inputs in(st.range(0), st.range(1), st.range(1), true);
+  const auto u = randn<2>({H, in.K}, 0.5f);
+  seqmix::rwkv6<float> m({.scale = {}, .chunk_size = chunk});
+  for (auto _ : st) m.forward_chunked(in.q, in.k, in.v, in.gk, u, in.o, in.state);
+  seqmix_bench::report_rates(st, double(in.T), chunked_flops(in.T, in.K, in.V));
+}
+void BM_rwkv6_recurrent(benchmark::State& st) {
+  seqmix_bench::use_threads(int(st.range(2)));
+  inputs in(st.range(0), st.range(1), st.range(1), true);
+  const auto u = randn<2>({H, in.K}, 0.5f);
+  seqmix::rwkv6<float> m;
+  for (auto _ : st) m.forward_recurrent(in.q, in.k, in.v, in.gk, u, in.o, in.state);
+  seqmix_bench::report_rates(st, double(in.T), recurrent_flops(in.T, in.K, in.V));
+}
+void BM_rwkv6_step(benchmark::State& st) {
+  seqmix_bench::use_threads(int(st.range(1)));
+  const index_t K = st.range(0);
+  inputs in(1, K, K, true);
+  const auto u = randn<2>({H, K}, 0.5f);
+  seqmix::rwkv6<float> m;
+  for (auto _ : st) {
+    m.step(in.q.select<1>(0), in.k.select<1>(0), in.v.select<1>(0), in.gk.select<1>(0), u,
+           in.o.select<1>(0), in.state);
+  }
+  seqmix_bench::report_rates(st, 1.0, recurrent_flops(1, K, K));
+}
+
 /// Decode: one token for B = 1, H heads, state [1, H, K, K]. Args {K, threads}.
 void BM_gla_step(benchmark::State& st) {
   seqmix_bench::use_threads(int(st.range(1)));
@@ -219,6 +253,19 @@ void BM_mamba2_ssd_step(benchmark::State& st) {
   seqmix_bench::report_rates(st, 1.0, recurrent_flops(1, in.N, in.P));
 }
 
+void rwkv6_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"T", "K", "threads"});
+  for (int threads : {1, 2}) {
+    for (index_t T : {512, 2048, 8192}) b->Args({T, 64, threads});
+  }
+  b->UseRealTime();
+}
+void rwkv6_step_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"K", "threads"});
+  for (int threads : {1, 2}) b->Args({64, threads});
+  b->UseRealTime();
+}
+
 void forward_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "K", "threads"});
   for (int threads : {1, 2}) {
@@ -267,5 +314,8 @@ BENCHMARK(BM_gla_step_unchecked)->Apply(step_args);
 BENCHMARK(BM_gla_gate_check)->Apply(step_args);
 BENCHMARK(BM_simple_gla_step)->Apply(step_args);
 BENCHMARK(BM_mamba2_ssd_step)->Apply(step_args);
+BENCHMARK(BM_rwkv6_chunked)->Apply(rwkv6_args);
+BENCHMARK(BM_rwkv6_recurrent)->Apply(rwkv6_args);
+BENCHMARK(BM_rwkv6_step)->Apply(rwkv6_step_args);
 
 BENCHMARK_MAIN();

@@ -207,6 +207,18 @@ std::vector<entry> registry() {
       "gla", [gl](inputs& in) { gl.forward_chunked(in.q, in.k, in.v, in.gk, in.o, in.state); },
       [gl](inputs& in) { gl.forward_recurrent(in.q, in.k, in.v, in.gk, in.o, in.state); },
       [gl](token& t, tensor<float, 4>& S) { gl.step(t.q, t.k, t.v, t.gk, t.o, S); });
+  // RWKV-6: r = q, w = gk, bonus u [H, K] = 0.5 (its value does not change the cost)
+  const seqmix::rwkv6<float> rw;
+  static const tensor<float, 2> rwkv6_u = [] {
+    tensor<float, 2> u({H, K});
+    u.fill(0.5f);
+    return u;
+  }();
+  add_gated(
+      "rwkv6",
+      [rw](inputs& in) { rw.forward_chunked(in.q, in.k, in.v, in.gk, rwkv6_u, in.o, in.state); },
+      [rw](inputs& in) { rw.forward_recurrent(in.q, in.k, in.v, in.gk, rwkv6_u, in.o, in.state); },
+      [rw](token& t, tensor<float, 4>& S) { rw.step(t.q, t.k, t.v, t.gk, rwkv6_u, t.o, S); });
   // Mamba2: x = v [B,T,H,P], B = k and C = q with G = H groups, N = K, P = V, dt raw = g·(-16)
   // through softplus (dt ≈ 0.7 ± noise), A_log = 0 (A = -1), no D, no dt_bias.
   const seqmix::mamba2_ssd<float> ssd;

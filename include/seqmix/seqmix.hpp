@@ -23,12 +23,15 @@
 #include <seqmix/mixers/gla.hpp>
 #include <seqmix/mixers/linear_attention.hpp>
 #include <seqmix/mixers/mamba2_ssd.hpp>
+#include <seqmix/mixers/rwkv6.hpp>
 #include <seqmix/mixers/simple_gla.hpp>
 #include <seqmix/reference/gated_accumulation.hpp>
 
 // delta rule: DeltaNet, Gated DeltaNet
 #include <seqmix/mixers/delta_net.hpp>
 #include <seqmix/mixers/gated_delta_net.hpp>
+#include <seqmix/mixers/kda.hpp>
+#include <seqmix/mixers/rwkv7.hpp>
 #include <seqmix/reference/delta_rule.hpp>
 
 // softmax attention (flash-style, KV cache) and sliding-window attention (ring buffer)

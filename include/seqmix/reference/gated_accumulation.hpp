@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Plain references of the gated-accumulation family (docs/math.md §1 and §4): readable token loops
-// over any scalar type, written for clarity, not speed. Tests run them in double.
+// Plain references of the gated-accumulation family (docs/math.md §1, §3 RWKV-6 and §4): readable
+// token loops over any scalar type, written for clarity, not speed. Tests run them in double.
 //
 //   S_t = Diag(exp(gk_t)) · exp(g_t) · S_{t-1} · Diag(exp(gv_t)) + k_t v_tᵀ      S: [K, V]
 //   o_t = S_tᵀ (s q_t)                       (linear attention may divide by s q_t · z_t + 1e-10)
@@ -112,6 +112,39 @@ void gla(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const
   gates.gk = gk;
   gates.gv = gv;
   gated_accumulation<T>(q, k, v, gates, scale, o, state);
+}
+
+/// RWKV-6 (docs/math.md §3): the read comes before the write and adds the current token through
+/// the bonus u:
+///   o_t = (S_{t-1} + Diag(u) k_t v_tᵀ)ᵀ (s r_t),   S_t = Diag(exp(w_t)) S_{t-1} + k_t v_tᵀ.
+/// r, k, w: [B,T,H,K]; v: [B,T,H,V]; u: [H,K]; o: [B,T,H,V] out; state: [B,H,K,V] in/out.
+template <class T>
+void rwkv6(tensor_view<const T, 4> r, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+           tensor_view<const T, 4> w, tensor_view<const T, 2> u, T scale, tensor_view<T, 4> o,
+           tensor_view<T, 4> state) {
+  const index_t B = r.extent(0), TT = r.extent(1), H = r.extent(2), K = r.extent(3);
+  const index_t V = v.extent(3);
+  for (index_t b = 0; b < B; ++b) {
+    for (index_t h = 0; h < H; ++h) {
+      for (index_t t = 0; t < TT; ++t) {
+        // read-out before the write (exclusive), plus the bonus on the current token
+        for (index_t j = 0; j < V; ++j) {
+          T acc = T(0);
+          for (index_t i = 0; i < K; ++i) {
+            acc += scale * r(b, t, h, i) *
+                   (state(b, h, i, j) + u(h, i) * k(b, t, h, i) * v(b, t, h, j));
+          }
+          o(b, t, h, j) = acc;
+        }
+        for (index_t i = 0; i < K; ++i) {
+          const T a = std::exp(w(b, t, h, i));
+          for (index_t j = 0; j < V; ++j) {
+            state(b, h, i, j) = a * state(b, h, i, j) + k(b, t, h, i) * v(b, t, h, j);
+          }
+        }
+      }
+    }
+  }
 }
 
 /// Mamba2 SSD (docs/math.md §4) with state layout [B,H,N,P]:
