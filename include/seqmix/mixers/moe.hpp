@@ -270,7 +270,11 @@ class moe {
     I_ = ex.up[0].extent(0);
     check.require(I_ >= 1, "weights.experts.up[0]", "must have >= 1 rows (I), got 0");
     for (index_t e = 0; e < E_; ++e) {
-      const std::string n = "[" + std::to_string(e) + "]";
+      // appended, not "[" + ...: g++ 12 -O3 reports a false -Wrestrict on operator+(const char*,
+      // string&&) here when the block is inlined into a caller (models / moe_ffn)
+      std::string n = "[";
+      n += std::to_string(e);
+      n += "]";
       const auto i = static_cast<std::size_t>(e);
       check.shape("weights.experts.up" + n, ex.up[i], {I_, D_});
       check.inner_contiguous("weights.experts.up" + n, ex.up[i]);

@@ -1,0 +1,532 @@
+// SPDX-License-Identifier: MIT
+// model_config: a Hugging Face config.json read into a description of a hybrid Linear-MoE
+// decoder (which mixer and which feed-forward block each layer has, and every hyperparameter
+// the layers read), for the families seqmix runs from their checkpoints:
+//
+//   model_type         mixers (layer_types / pattern)                       feed-forward
+//   qwen3_next         linear_attention = Gated DeltaNet, full_attention =   MoE + sigmoid-gated
+//                      gated attention; default pattern: every              shared expert; dense
+//                      full_attention_interval-th layer is attention         SwiGLU in
+//                                                                            mlp_only_layers
+//   granitemoehybrid   linear_attention / "mamba" = Mamba2, full_attention   MoE (top-k softmax)
+//                      / "attention" = GQA with scale attention_multiplier   + shared MLP
+//                      (layer_types, or layers_block_type)
+//
+// kimi_linear (KDA + MLA + DeepSeek-V3 MoE) is recognised and rejected with a message until its
+// layers exist (mixer_kind::kda / mla and moe_ffn_names::deepseek are its slots).
+//
+// Multipliers (Granite; 1 elsewhere): embedding × embedding_multiplier, each residual branch ×
+// residual_multiplier, attention scale = attention_multiplier, logits ÷ logits_scaling. Norm
+// epsilons as the modules read them: every RMSNorm of both families uses rms_norm_eps
+// (Qwen3-Next's norms multiply by 1 + w).
+//
+// Strictness: an unknown model_type, or a field the loader does not know for that model_type,
+// is a seqmix::io_error listing every such field. Fields that only matter to training or to
+// other runtimes (dropout, initializer_range, router_aux_loss_coef, token ids, ...) are known
+// and ignored; fields the loader knows but whose value it cannot run (hidden_act other than
+// silu, attention_bias true, a rope_type other than default, ...) are errors naming the field
+// and the value. Non-finite numbers are read as transformers writes them ({"__float__":
+// "Infinity"}). Cost: a JSON parse, O(size of config.json).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/layers/gated_attention.hpp>
+#include <seqmix/layers/gated_deltanet.hpp>
+#include <seqmix/layers/mamba2.hpp>
+#include <seqmix/layers/moe_ffn.hpp>
+#include <seqmix/layers/rms_norm.hpp>
+
+namespace seqmix::models {
+
+enum class model_family { qwen3_next, granitemoehybrid };
+enum class mixer_kind { gated_deltanet, attention, mamba2, kda, mla };
+enum class ffn_kind { dense, moe };
+
+inline const char* mixer_name(mixer_kind k) {
+  switch (k) {
+    case mixer_kind::gated_deltanet:
+      return "gated_deltanet";
+    case mixer_kind::attention:
+      return "attention";
+    case mixer_kind::mamba2:
+      return "mamba2";
+    case mixer_kind::kda:
+      return "kda";
+    default:
+      return "mla";
+  }
+}
+
+struct layer_spec {
+  mixer_kind mixer = mixer_kind::attention;
+  ffn_kind ffn = ffn_kind::dense;
+};
+
+/// Everything the model needs to build its layers.
+struct model_config {
+  model_family family = model_family::qwen3_next;
+  std::string model_type;
+  index_t hidden = 0, vocab = 0;
+  std::vector<layer_spec> layers;
+  float norm_eps = 1e-6f;
+  layers::norm_weight norm_mode = layers::norm_weight::plain;  ///< decoder / final norms
+  bool tie_embeddings = false;
+  float embedding_multiplier = 1.0f, residual_multiplier = 1.0f, logits_scaling = 1.0f;
+  layers::gated_deltanet_config gdn{};
+  layers::gated_attention_config attention{};
+  layers::mamba2_config mamba{};
+  layers::moe_ffn_config moe{};
+  index_t dense_dim = 0;  ///< intermediate of the dense SwiGLU layers (Qwen3-Next)
+
+  index_t num_layers() const noexcept { return static_cast<index_t>(layers.size()); }
+  index_t count(mixer_kind k) const {
+    index_t n = 0;
+    for (const auto& l : layers) n += l.mixer == k;
+    return n;
+  }
+};
+
+namespace detail {
+
+[[noreturn]] inline void config_fail(const std::string& source, const std::string& what) {
+  throw io_error("seqmix::models::load_config: '" + source + "': " + what);
+}
+
+class config_reader {
+ public:
+  config_reader(const nlohmann::json& j, std::string source) : j_(j), src_(std::move(source)) {}
+
+  bool has(const std::string& k) const { return j_.contains(k) && !j_.at(k).is_null(); }
+  const nlohmann::json& at(const std::string& k) const {
+    if (!j_.contains(k)) config_fail(src_, "required field \"" + k + "\" is missing");
+    return j_.at(k);
+  }
+  std::int64_t integer(const std::string& k) const {
+    const auto& v = at(k);
+    if (!v.is_number_integer())
+      config_fail(src_, "field \"" + k + "\" must be an integer, got " + v.dump());
+    return v.get<std::int64_t>();
+  }
+  std::int64_t integer(const std::string& k, std::int64_t def) const {
+    return has(k) ? integer(k) : def;
+  }
+  index_t positive(const std::string& k) const {
+    const auto v = integer(k);
+    if (v <= 0) config_fail(src_, "field \"" + k + "\" must be > 0, got " + std::to_string(v));
+    return static_cast<index_t>(v);
+  }
+  static std::optional<double> as_number(const nlohmann::json& v) {
+    if (v.is_number()) return v.get<double>();
+    if (v.is_object() && v.size() == 1 && v.contains("__float__") && v["__float__"].is_string()) {
+      const std::string s = v["__float__"].get<std::string>();
+      if (s == "Infinity" || s == "inf") return std::numeric_limits<double>::infinity();
+      if (s == "-Infinity" || s == "-inf") return -std::numeric_limits<double>::infinity();
+      if (s == "NaN" || s == "nan") return std::numeric_limits<double>::quiet_NaN();
+    }
+    return std::nullopt;
+  }
+  double number(const std::string& k) const {
+    const auto v = as_number(at(k));
+    if (!v) config_fail(src_, "field \"" + k + "\" must be a number, got " + at(k).dump());
+    return *v;
+  }
+  double number(const std::string& k, double def) const { return has(k) ? number(k) : def; }
+  bool boolean(const std::string& k, bool def) const {
+    if (!has(k)) return def;
+    const auto& v = at(k);
+    if (!v.is_boolean())
+      config_fail(src_, "field \"" + k + "\" must be true or false, got " + v.dump());
+    return v.get<bool>();
+  }
+  std::string string(const std::string& k, const std::string& def) const {
+    if (!has(k)) return def;
+    const auto& v = at(k);
+    if (!v.is_string()) config_fail(src_, "field \"" + k + "\" must be a string, got " + v.dump());
+    return v.get<std::string>();
+  }
+  template <class T>
+  void require_value(const std::string& k, const T& supported, const std::string& why) const {
+    if (!has(k)) return;
+    const auto& v = at(k);
+    if (v != nlohmann::json(supported))
+      config_fail(src_, "field \"" + k + "\" is " + v.dump() + ": only " +
+                            nlohmann::json(supported).dump() + " is supported (" + why + ")");
+  }
+  /// Every key of the object must be in `known`; otherwise one error listing all the others.
+  void only_known(const std::set<std::string>& known, const std::string& what) const {
+    std::vector<std::string> unknown;
+    for (const auto& [k, v] : j_.items())
+      if (!known.count(k)) unknown.push_back(k);
+    if (unknown.empty()) return;
+    std::string list;
+    for (const auto& u : unknown) list += (list.empty() ? "" : ", ") + ("\"" + u + "\"");
+    config_fail(src_, std::to_string(unknown.size()) + " field(s) the " + what +
+                          " loader does not understand: " + list +
+                          " (a field seqmix cannot interpret might change the model; "
+                          "remove it only if it does not)");
+  }
+  const std::string& source() const noexcept { return src_; }
+
+ private:
+  const nlohmann::json& j_;
+  std::string src_;
+};
+
+inline const std::set<std::string>& ignored_fields() {
+  static const std::set<std::string> s{"architectures",
+                                       "attention_dropout",
+                                       "bos_token_id",
+                                       "eos_token_id",
+                                       "pad_token_id",
+                                       "dtype",
+                                       "torch_dtype",
+                                       "initializer_range",
+                                       "max_position_embeddings",
+                                       "output_router_logits",
+                                       "router_aux_loss_coef",
+                                       "transformers_version",
+                                       "use_cache",
+                                       "model_type",
+                                       "_name_or_path",
+                                       "output_attentions",
+                                       "output_hidden_states",
+                                       "use_return_dict",
+                                       "return_dict",
+                                       "chunk_size_feed_forward",
+                                       "is_encoder_decoder",
+                                       "id2label",
+                                       "label2id",
+                                       "problem_type",
+                                       "tokenizer_class",
+                                       "auto_map",
+                                       "_attn_implementation",
+                                       "_experts_implementation",
+                                       "embedding_dropout",
+                                       "router_jitter_noise"};
+  return s;
+}
+
+/// The rope_parameters / rope_scaling / rope_theta fields: θ and the partial factor.
+inline void read_rope(const config_reader& r, double& theta, double& partial) {
+  if (r.has("rope_scaling")) {
+    const auto& rs = r.at("rope_scaling");
+    if (!(rs.is_object() &&
+          rs.value("rope_type", rs.value("type", std::string("default"))) == "default"))
+      config_fail(r.source(), "field \"rope_scaling\" is " + rs.dump() +
+                                  ": only the default RoPE (no scaling) is supported");
+  }
+  theta = r.number("rope_theta", theta);
+  if (r.has("rope_parameters")) {
+    const auto& rp = r.at("rope_parameters");
+    if (!rp.is_object()) config_fail(r.source(), "field \"rope_parameters\" must be an object");
+    config_reader sub(rp, r.source() + " rope_parameters");
+    sub.only_known({"rope_theta", "rope_type", "partial_rotary_factor"}, "rope_parameters");
+    sub.require_value("rope_type", std::string("default"),
+                      "scaled RoPE variants are not implemented");
+    theta = sub.number("rope_theta", theta);
+    partial = sub.number("partial_rotary_factor", partial);
+  }
+}
+
+/// layer_types entries -> mixers; `linear` is the recurrent mixer of the family.
+inline std::vector<layer_spec> read_layer_types(const config_reader& r, const std::string& key,
+                                                index_t L, mixer_kind linear,
+                                                const std::string& linear_name,
+                                                const std::string& attention_name) {
+  const auto& lt = r.at(key);
+  if (!lt.is_array() || static_cast<index_t>(lt.size()) != L)
+    config_fail(r.source(), "field \"" + key + "\" must be an array of num_hidden_layers = " +
+                                std::to_string(L) + " strings, got " + lt.dump());
+  std::vector<layer_spec> out(static_cast<std::size_t>(L));
+  for (index_t i = 0; i < L; ++i) {
+    const auto& v = lt[static_cast<std::size_t>(i)];
+    const std::string s = v.is_string() ? v.get<std::string>() : v.dump();
+    if (s == linear_name || s == "linear_attention") {
+      out[static_cast<std::size_t>(i)].mixer = linear;
+    } else if (s == attention_name || s == "full_attention") {
+      out[static_cast<std::size_t>(i)].mixer = mixer_kind::attention;
+    } else {
+      config_fail(r.source(), "field \"" + key + "\"[" + std::to_string(i) + "] is \"" + s +
+                                  "\": expected \"linear_attention\", \"" + linear_name +
+                                  "\", \"full_attention\" or \"" + attention_name + "\"");
+    }
+  }
+  return out;
+}
+
+inline model_config parse_qwen3_next(const config_reader& r) {
+  r.only_known({"hidden_size",
+                "vocab_size",
+                "num_hidden_layers",
+                "intermediate_size",
+                "rms_norm_eps",
+                "tie_word_embeddings",
+                "head_dim",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "partial_rotary_factor",
+                "rope_parameters",
+                "rope_theta",
+                "rope_scaling",
+                "layer_types",
+                "full_attention_interval",
+                "linear_conv_kernel_dim",
+                "linear_key_head_dim",
+                "linear_num_key_heads",
+                "linear_num_value_heads",
+                "linear_value_head_dim",
+                "mlp_only_layers",
+                "decoder_sparse_step",
+                "moe_intermediate_size",
+                "norm_topk_prob",
+                "num_experts",
+                "num_experts_per_tok",
+                "shared_expert_intermediate_size",
+                "hidden_act",
+                "attention_bias"},
+               "qwen3_next");
+  r.require_value("hidden_act", std::string("silu"), "the layers implement SwiGLU");
+  r.require_value("attention_bias", false, "the attention layer has no projection biases");
+  model_config c;
+  c.family = model_family::qwen3_next;
+  c.model_type = "qwen3_next";
+  c.hidden = r.positive("hidden_size");
+  c.vocab = r.positive("vocab_size");
+  const index_t L = r.positive("num_hidden_layers");
+  c.norm_eps = static_cast<float>(r.number("rms_norm_eps", 1e-6));
+  c.norm_mode = layers::norm_weight::one_plus;
+  c.tie_embeddings = r.boolean("tie_word_embeddings", false);
+  if (r.has("layer_types")) {
+    c.layers = read_layer_types(r, "layer_types", L, mixer_kind::gated_deltanet, "linear_attention",
+                                "full_attention");
+  } else {
+    const index_t every = static_cast<index_t>(r.integer("full_attention_interval", 4));
+    if (every <= 0) config_fail(r.source(), "field \"full_attention_interval\" must be > 0");
+    c.layers.resize(static_cast<std::size_t>(L));
+    for (index_t i = 0; i < L; ++i)
+      c.layers[static_cast<std::size_t>(i)].mixer =
+          (i + 1) % every == 0 ? mixer_kind::attention : mixer_kind::gated_deltanet;
+  }
+  // attention
+  auto& a = c.attention;
+  a.hidden = c.hidden;
+  a.heads = r.positive("num_attention_heads");
+  a.kv_heads = r.has("num_key_value_heads") ? r.positive("num_key_value_heads") : a.heads;
+  a.head_dim = r.has("head_dim") ? r.positive("head_dim") : c.hidden / a.heads;
+  a.partial_rotary = r.number("partial_rotary_factor", 0.25);
+  a.rope_theta = 10000.0;
+  read_rope(r, a.rope_theta, a.partial_rotary);
+  a.norm_eps = c.norm_eps;
+  a.gated = true;
+  a.qk_norm = true;
+  // gated deltanet
+  auto& g = c.gdn;
+  g.hidden = c.hidden;
+  g.key_heads = r.positive("linear_num_key_heads");
+  g.value_heads = r.positive("linear_num_value_heads");
+  g.key_dim = r.positive("linear_key_head_dim");
+  g.value_dim = r.positive("linear_value_head_dim");
+  g.conv_kernel = r.has("linear_conv_kernel_dim") ? r.positive("linear_conv_kernel_dim") : 4;
+  g.norm_eps = c.norm_eps;
+  g.layout = layers::gated_deltanet_config::projection_layout::qwen3_next_fused;
+  // feed-forward: MoE unless mlp_only_layers or the sparse step say dense
+  c.dense_dim = r.has("intermediate_size") ? r.positive("intermediate_size") : 0;
+  const index_t E = static_cast<index_t>(r.integer("num_experts", 0));
+  const index_t step = static_cast<index_t>(r.integer("decoder_sparse_step", 1));
+  std::set<index_t> dense_only;
+  if (r.has("mlp_only_layers")) {
+    const auto& m = r.at("mlp_only_layers");
+    if (!m.is_array()) config_fail(r.source(), "field \"mlp_only_layers\" must be an array");
+    for (const auto& v : m) {
+      if (!v.is_number_integer() || v.get<index_t>() < 0 || v.get<index_t>() >= L)
+        config_fail(r.source(), "field \"mlp_only_layers\" holds " + v.dump() +
+                                    ": expected layer indices in [0, " + std::to_string(L) + ")");
+      dense_only.insert(v.get<index_t>());
+    }
+  }
+  for (index_t i = 0; i < L; ++i) {
+    const bool moe = E > 0 && step > 0 && (i + 1) % step == 0 && !dense_only.count(i);
+    c.layers[static_cast<std::size_t>(i)].ffn = moe ? ffn_kind::moe : ffn_kind::dense;
+  }
+  for (const auto& l : c.layers)
+    if (l.ffn == ffn_kind::dense && c.dense_dim <= 0)
+      config_fail(r.source(), "a dense layer needs \"intermediate_size\" > 0");
+  if (E > 0) {
+    auto& m = c.moe;
+    m.hidden = c.hidden;
+    m.experts = E;
+    m.expert_dim = r.positive("moe_intermediate_size");
+    m.shared_dim = static_cast<index_t>(r.integer("shared_expert_intermediate_size", 0));
+    m.routing = moe_options::qwen_moe(
+        r.boolean("norm_topk_prob", true),
+        r.has("num_experts_per_tok") ? r.positive("num_experts_per_tok") : 10);
+    m.names = layers::moe_ffn_names::qwen3_next(m.shared_dim > 0);
+  }
+  return c;
+}
+
+inline model_config parse_granite(const config_reader& r) {
+  r.only_known({"hidden_size",          "vocab_size",
+                "num_hidden_layers",    "intermediate_size",
+                "rms_norm_eps",         "tie_word_embeddings",
+                "attention_multiplier", "embedding_multiplier",
+                "residual_multiplier",  "logits_scaling",
+                "layer_types",          "layers_block_type",
+                "mamba_chunk_size",     "mamba_conv_bias",
+                "mamba_d_conv",         "mamba_d_head",
+                "mamba_d_state",        "mamba_expand",
+                "mamba_n_groups",       "mamba_n_heads",
+                "mamba_proj_bias",      "num_attention_heads",
+                "num_key_value_heads",  "num_experts_per_tok",
+                "num_local_experts",    "position_embedding_type",
+                "rope_parameters",      "rope_theta",
+                "rope_scaling",         "shared_intermediate_size",
+                "time_step_limit",      "hidden_act",
+                "attention_bias",       "normalization_function",
+                "mamba_dt_rank",        "mamba_dt_min",
+                "mamba_dt_max",         "mamba_dt_init_floor"},
+               "granitemoehybrid");
+  r.require_value("hidden_act", std::string("silu"), "the layers implement SwiGLU");
+  r.require_value("attention_bias", false, "the attention layer has no projection biases");
+  r.require_value("normalization_function", std::string("rmsnorm"), "the layers use RMSNorm");
+  model_config c;
+  c.family = model_family::granitemoehybrid;
+  c.model_type = "granitemoehybrid";
+  c.hidden = r.positive("hidden_size");
+  c.vocab = r.positive("vocab_size");
+  const index_t L = r.positive("num_hidden_layers");
+  c.norm_eps = static_cast<float>(r.number("rms_norm_eps", 1e-6));
+  c.norm_mode = layers::norm_weight::plain;
+  c.tie_embeddings = r.boolean("tie_word_embeddings", true);
+  c.embedding_multiplier = static_cast<float>(r.number("embedding_multiplier", 1.0));
+  c.residual_multiplier = static_cast<float>(r.number("residual_multiplier", 1.0));
+  c.logits_scaling = static_cast<float>(r.number("logits_scaling", 1.0));
+  if (!(c.logits_scaling != 0 && std::isfinite(c.logits_scaling)))
+    config_fail(r.source(), "field \"logits_scaling\" must be finite and non-zero");
+  if (r.has("layer_types")) {
+    c.layers = read_layer_types(r, "layer_types", L, mixer_kind::mamba2, "mamba", "attention");
+  } else if (r.has("layers_block_type")) {
+    c.layers =
+        read_layer_types(r, "layers_block_type", L, mixer_kind::mamba2, "mamba", "attention");
+  } else {
+    config_fail(r.source(), "neither \"layer_types\" nor \"layers_block_type\" is given");
+  }
+  auto& a = c.attention;
+  a.hidden = c.hidden;
+  a.heads = r.positive("num_attention_heads");
+  a.kv_heads = r.has("num_key_value_heads") ? r.positive("num_key_value_heads") : a.heads;
+  a.head_dim = c.hidden / a.heads;
+  a.partial_rotary = 1.0;
+  a.rope_theta = 10000.0;
+  read_rope(r, a.rope_theta, a.partial_rotary);
+  const std::string pe = r.string("position_embedding_type", "rope");
+  if (pe == "nope") {
+    a.rope_theta = 0;
+  } else if (pe != "rope") {
+    config_fail(r.source(), "field \"position_embedding_type\" is \"" + pe +
+                                "\": expected \"rope\" or \"nope\"");
+  }
+  a.norm_eps = c.norm_eps;
+  a.gated = false;
+  a.qk_norm = false;
+  a.scale =
+      static_cast<float>(r.number("attention_multiplier", 1.0 / std::sqrt(double(a.head_dim))));
+  auto& m = c.mamba;
+  m.hidden = c.hidden;
+  m.heads = r.positive("mamba_n_heads");
+  m.head_dim = r.positive("mamba_d_head");
+  m.state_size = r.positive("mamba_d_state");
+  m.groups = r.has("mamba_n_groups") ? r.positive("mamba_n_groups") : 1;
+  m.conv_kernel = r.has("mamba_d_conv") ? r.positive("mamba_d_conv") : 4;
+  m.chunk_size = r.has("mamba_chunk_size") ? r.positive("mamba_chunk_size") : 256;
+  m.norm_eps = c.norm_eps;
+  m.use_conv_bias = r.boolean("mamba_conv_bias", true);
+  m.use_bias = r.boolean("mamba_proj_bias", false);
+  m.norm_groups = 1;  // GraniteMoeHybridRMSNormGated normalises the full width
+  const index_t expand = static_cast<index_t>(r.integer("mamba_expand", 2));
+  if (expand * c.hidden != m.heads * m.head_dim)
+    config_fail(r.source(), "mamba_expand · hidden_size = " + std::to_string(expand * c.hidden) +
+                                " must equal mamba_n_heads · mamba_d_head = " +
+                                std::to_string(m.heads * m.head_dim));
+  if (r.has("time_step_limit")) {
+    const auto& t = r.at("time_step_limit");
+    const auto lo = t.is_array() && t.size() == 2 ? config_reader::as_number(t[0]) : std::nullopt;
+    const auto hi = t.is_array() && t.size() == 2 ? config_reader::as_number(t[1]) : std::nullopt;
+    if (!lo || !hi)
+      config_fail(r.source(), "field \"time_step_limit\" must be [min, max], got " + t.dump());
+    m.dt_min = static_cast<float>(*lo);
+    m.dt_max = static_cast<float>(*hi);
+  }
+  const index_t E = static_cast<index_t>(r.integer("num_local_experts", 0));
+  const index_t S = static_cast<index_t>(r.integer("shared_intermediate_size", 0));
+  if (E <= 0)
+    config_fail(r.source(), "field \"num_local_experts\" is " + std::to_string(E) +
+                                ": the dense (expert-free) Granite hybrid is not implemented");
+  for (auto& l : c.layers) l.ffn = ffn_kind::moe;
+  auto& f = c.moe;
+  f.hidden = c.hidden;
+  f.experts = E;
+  f.expert_dim = r.positive("intermediate_size");
+  f.shared_dim = S;
+  f.routing =
+      moe_options::granite(r.has("num_experts_per_tok") ? r.positive("num_experts_per_tok") : 2);
+  f.names = layers::moe_ffn_names::granite(S > 0);
+  return c;
+}
+
+}  // namespace detail
+
+/// Reads a parsed config.json (`source` names it in errors).
+inline model_config parse_config(const nlohmann::json& j, const std::string& source) {
+  if (!j.is_object()) detail::config_fail(source, "not a JSON object");
+  const detail::config_reader r(j, source);
+  const std::string type = r.string("model_type", "");
+  if (type.empty()) detail::config_fail(source, "has no \"model_type\"");
+  // every family shares the ignored fields: strip them before the per-family check
+  nlohmann::json rest = j;
+  for (const auto& k : detail::ignored_fields()) rest.erase(k);
+  const detail::config_reader rr(rest, source);
+  if (type == "qwen3_next") return detail::parse_qwen3_next(rr);
+  if (type == "granitemoehybrid") return detail::parse_granite(rr);
+  if (type == "kimi_linear")
+    detail::config_fail(source,
+                        "model_type \"kimi_linear\" is recognised but not implemented yet "
+                        "(its KDA and MLA layers are missing); supported: qwen3_next, "
+                        "granitemoehybrid");
+  detail::config_fail(
+      source, "unknown model_type \"" + type + "\"; supported: qwen3_next, granitemoehybrid");
+}
+
+/// Reads `path` (a config.json, or a folder holding one).
+inline model_config load_config(const std::string& path) {
+  std::filesystem::path p(path);
+  std::error_code ec;
+  if (std::filesystem::is_directory(p, ec)) p /= "config.json";
+  std::ifstream in(p, std::ios::binary);
+  if (!in) detail::config_fail(p.string(), "cannot be opened");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string text = ss.str();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    detail::config_fail(p.string(), std::string("is not valid JSON: ") + e.what());
+  }
+  return parse_config(j, p.string());
+}
+
+}  // namespace seqmix::models

@@ -1,0 +1,544 @@
+// SPDX-License-Identifier: MIT
+// hybrid_model: a Linear-MoE decoder from a Hugging Face checkpoint folder (config.json +
+// model.safetensors or model.safetensors.index.json), run exactly as transformers does in
+// float32: prefill with the mixers' chunked forms, decode with their recurrent forms.
+//
+//   h_0 = embed(ids) · embedding_multiplier
+//   for each layer i:  h += residual_multiplier · mixer_i(norm(h))          (GDN / attention /
+//                      h += residual_multiplier · ffn_i(post_norm(h))       Mamba2; MoE or dense)
+//   logits = lm_head(norm(h)) / logits_scaling
+//
+//   auto m = models::hybrid_model::load("path/to/model_dir");
+//   auto cache = m.make_cache(2, 4096);                    // 2 sequences, 4096 tokens of KV
+//   auto lp = m.prefill(ids, cu_seqlens, cache, logits_mode::last);     // [2, V]
+//   auto ld = m.decode(next_ids, cache);                    // [2, V], one token per sequence
+//
+// prefill(ids [T], cu_seqlens [N+1], cache): N packed sequences (cu_seqlens empty: one), each
+// continuing row n of `cache` (a cache of exactly N rows); logits of every token [T, V] or of
+// each sequence's last token [N, V]. decode(ids [B], cache): one token per sequence of a cache
+// of B rows -> [B, V]. The cache (model_cache) holds one entry per layer: conv window +
+// recurrent state (GDN, Mamba2) or a full KV cache of `capacity` tokens (attention); snapshot()
+// / restore() copy all of it (speculative decoding, prefix reuse).
+//
+// Loading checks the checkpoint against the model: every tensor the layers read must be present
+// with its shape and a dtype of F32 or BF16 (bf16 matrices stay bf16, f32 compute), and every
+// tensor of the checkpoint must be read (mtp.* of Qwen3-Next, its multi-token-prediction head,
+// is listed in unused_tensors() and not loaded). Missing and extra tensors are one
+// seqmix::io_error listing them all.
+//
+// Cost per token: the layers' (see their headers) + 2·D·V for the logits (all positions:
+// T·2·D·V; logits_mode::last: N·2·D·V). Scratch is grow-only; decode allocates nothing but
+// its returned logits once warm (decode_into writes a caller's buffer). A model object is not
+// shareable between threads calling it at once.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include <seqmix/core/error.hpp>
+#include <seqmix/core/io/checkpoint.hpp>
+#include <seqmix/core/tensor.hpp>
+#include <seqmix/layers/gated_attention.hpp>
+#include <seqmix/layers/gated_deltanet.hpp>
+#include <seqmix/layers/mamba2.hpp>
+#include <seqmix/layers/moe_ffn.hpp>
+#include <seqmix/layers/recurrent_cache.hpp>
+#include <seqmix/layers/rms_norm.hpp>
+#include <seqmix/layers/swiglu_mlp.hpp>
+#include <seqmix/layers/weights.hpp>
+#include <seqmix/models/config.hpp>
+
+namespace seqmix::models {
+
+enum class logits_mode { all, last };
+
+/// The decode state of every layer for a batch of sequences.
+class model_cache {
+ public:
+  using entry = std::variant<layers::recurrent_cache, layers::attention_cache>;
+
+  model_cache() = default;
+  model_cache(std::vector<entry> layers, index_t batch, index_t capacity)
+      : layers_(std::move(layers)),
+        batch_(batch),
+        capacity_(capacity),
+        len_(static_cast<std::size_t>(batch), 0) {}
+
+  index_t batch() const noexcept { return batch_; }
+  index_t capacity() const noexcept { return capacity_; }
+  index_t num_layers() const noexcept { return static_cast<index_t>(layers_.size()); }
+  /// Tokens seen by sequence b.
+  index_t length(index_t b) const {
+    if (b < 0 || b >= batch_)
+      throw shape_error("seqmix::model_cache::length: argument 'b': expected 0 <= b < " +
+                        std::to_string(batch_) + ", got " + std::to_string(b));
+    return len_[static_cast<std::size_t>(b)];
+  }
+  entry& layer(index_t i) { return layers_.at(static_cast<std::size_t>(i)); }
+  const entry& layer(index_t i) const { return layers_.at(static_cast<std::size_t>(i)); }
+  /// Bytes of state and KV storage.
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const auto& e : layers_) {
+      if (const auto* r = std::get_if<layers::recurrent_cache>(&e)) {
+        n += static_cast<std::size_t>(r->conv().size() + r->state().size()) * sizeof(float);
+      } else {
+        n += std::get<layers::attention_cache>(e).kv().storage_bytes();
+      }
+    }
+    return n;
+  }
+  void reset() {
+    for (auto& e : layers_) std::visit([](auto& c) { c.reset(); }, e);
+    std::fill(len_.begin(), len_.end(), index_t(0));
+  }
+  /// A deep copy of every layer's state and KV rows.
+  model_cache snapshot() const {
+    model_cache s;
+    s.batch_ = batch_;
+    s.capacity_ = capacity_;
+    s.len_ = len_;
+    for (const auto& e : layers_)
+      s.layers_.push_back(std::visit([](const auto& c) -> entry { return c.snapshot(); }, e));
+    return s;
+  }
+  /// Restores a snapshot of a cache of the same model and batch (checked before any copy).
+  void restore(const model_cache& s) {
+    if (s.batch_ != batch_ || s.layers_.size() != layers_.size())
+      throw shape_error("seqmix::model_cache::restore: argument 's': a snapshot of " +
+                        std::to_string(s.layers_.size()) + " layers and " +
+                        std::to_string(s.batch_) + " sequences, expected " +
+                        std::to_string(layers_.size()) + " layers and " + std::to_string(batch_) +
+                        " sequences");
+    for (std::size_t i = 0; i < layers_.size(); ++i)
+      if (s.layers_[i].index() != layers_[i].index())
+        throw shape_error("seqmix::model_cache::restore: argument 's': layer " + std::to_string(i) +
+                          " holds another kind of cache");
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      if (auto* r = std::get_if<layers::recurrent_cache>(&layers_[i])) {
+        r->restore(std::get<layers::recurrent_cache>(s.layers_[i]));
+      } else {
+        std::get<layers::attention_cache>(layers_[i])
+            .restore(std::get<layers::attention_cache>(s.layers_[i]));
+      }
+    }
+    len_ = s.len_;
+  }
+  void advance(index_t b, index_t n) { len_[static_cast<std::size_t>(b)] += n; }
+
+ private:
+  std::vector<entry> layers_;
+  index_t batch_ = 0, capacity_ = 0;
+  std::vector<index_t> len_;
+};
+
+/// What a prefill can record (tests, debugging): hidden states and router outputs.
+struct forward_trace {
+  /// [L+1] of [T, D]: the decoder's input, the output of each layer i < L-1, then after the
+  /// final norm (transformers' output_hidden_states); layer_out: the last layer's output.
+  std::vector<tensor<float, 2>> hidden;
+  tensor<float, 2> last_layer_out;
+  struct router {
+    index_t layer = 0;
+    tensor<float, 2> logits;   ///< [T, E]
+    tensor<index_t, 2> ids;    ///< [T, k], router order
+    tensor<float, 2> weights;  ///< [T, k]
+  };
+  std::vector<router> routers;
+};
+
+struct load_options {
+  /// Tensors of the checkpoint that the model does not read are an error unless listed by a
+  /// known unused prefix (mtp.) or this is true (then they are only listed in unused_tensors()).
+  bool allow_unused = false;
+};
+
+class hybrid_model {
+ public:
+  hybrid_model() = default;
+  hybrid_model(hybrid_model&&) noexcept = default;
+  hybrid_model& operator=(hybrid_model&&) noexcept = default;
+
+  /// config.json and the checkpoint of a folder.
+  static hybrid_model load(const std::string& dir, const load_options& opt = {}) {
+    return load(load_config(dir), checkpoint::open(dir), opt);
+  }
+  static hybrid_model load(const model_config& cfg, const checkpoint& ck,
+                           const load_options& opt = {}) {
+    constexpr std::string_view who = "hybrid_model::load";
+    hybrid_model m;
+    m.cfg_ = cfg;
+    m.check_tensors(ck, opt);
+    const index_t D = cfg.hidden, V = cfg.vocab;
+    const auto root = ck.scope("model.");
+    {
+      const auto& info =
+          layers::detail::checked_info(who, root, "embed_tokens.weight", {V, D}, true);
+      (void)info;
+      const auto e = root.get_flat<float>("embed_tokens.weight");
+      m.embed_ = tensor<float, 2>({V, D});
+      std::copy(e.begin(), e.end(), m.embed_.data());
+    }
+    m.final_norm_ =
+        layers::rms_norm::load(who, root, "norm.weight", D, cfg.norm_eps, cfg.norm_mode);
+    if (cfg.tie_embeddings) {
+      m.lm_head_ = layers::weight_matrix::load(who, root, {"embed_tokens.weight"}, {V}, D);
+    } else {
+      m.lm_head_ = layers::weight_matrix::load(who, ck.scope(""), {"lm_head.weight"}, {V}, D);
+    }
+    for (index_t i = 0; i < cfg.num_layers(); ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      const auto sc = ck.scope(p);
+      const layer_spec& spec = cfg.layers[static_cast<std::size_t>(i)];
+      decoder_layer l;
+      l.spec = spec;
+      l.in_norm =
+          layers::rms_norm::load(who, sc, "input_layernorm.weight", D, cfg.norm_eps, cfg.norm_mode);
+      l.post_norm = layers::rms_norm::load(who, sc, "post_attention_layernorm.weight", D,
+                                           cfg.norm_eps, cfg.norm_mode);
+      switch (spec.mixer) {
+        case mixer_kind::gated_deltanet:
+          l.gdn.emplace(layers::gated_deltanet::load(sc.scope("linear_attn."), cfg.gdn));
+          break;
+        case mixer_kind::attention:
+          l.attn.emplace(layers::gated_attention::load(sc.scope("self_attn."), cfg.attention));
+          break;
+        case mixer_kind::mamba2:
+          l.mamba.emplace(layers::mamba2::load(sc.scope("mamba."), cfg.mamba));
+          break;
+        default:
+          throw io_error("seqmix::hybrid_model::load: layer " + std::to_string(i) + " is a " +
+                         mixer_name(spec.mixer) + " layer, which is not implemented yet");
+      }
+      if (spec.ffn == ffn_kind::moe) {
+        const bool granite = cfg.family == model_family::granitemoehybrid;
+        l.moe.emplace(layers::moe_ffn::load(granite ? sc : sc.scope("mlp."), cfg.moe));
+      } else {
+        l.mlp.emplace(layers::swiglu_mlp::load(who, sc.scope("mlp."), D, cfg.dense_dim));
+      }
+      m.layers_.push_back(std::move(l));
+    }
+    return m;
+  }
+
+  const model_config& config() const noexcept { return cfg_; }
+  index_t vocab() const noexcept { return cfg_.vocab; }
+  index_t hidden() const noexcept { return cfg_.hidden; }
+  /// Tensors of the checkpoint not loaded (mtp.*, or any with allow_unused).
+  const std::vector<std::string>& unused_tensors() const noexcept { return unused_; }
+
+  /// A zero cache for `batch` sequences with `capacity` tokens of KV per attention layer.
+  model_cache make_cache(index_t batch, index_t capacity) const {
+    const checker check{"hybrid_model::make_cache"};
+    if (!(batch >= 1)) check.fail("batch", "must be >= 1, got " + std::to_string(batch));
+    if (!(capacity >= 1)) check.fail("capacity", "must be >= 1, got " + std::to_string(capacity));
+    std::vector<model_cache::entry> e;
+    for (const auto& l : layers_) {
+      if (l.gdn) {
+        e.emplace_back(l.gdn->make_cache(batch));
+      } else if (l.mamba) {
+        e.emplace_back(l.mamba->make_cache(batch));
+      } else {
+        e.emplace_back(l.attn->make_cache(batch, capacity));
+      }
+    }
+    return model_cache(std::move(e), batch, capacity);
+  }
+
+  /// Prefill N packed sequences: ids [T]; cu_seqlens [N+1] (empty: one sequence of T tokens);
+  /// cache of N rows. Returns logits [T, V] (all) or [N, V] (last token of each sequence).
+  tensor<float, 2> prefill(std::span<const std::int64_t> ids, std::span<const index_t> cu_seqlens,
+                           model_cache& cache, logits_mode mode = logits_mode::all,
+                           forward_trace* trace = nullptr) {
+    const checker check{"hybrid_model::prefill"};
+    const index_t T = static_cast<index_t>(ids.size());
+    if (T < 1) check.fail("ids", "must hold at least one token");
+    std::vector<index_t> cu_one;
+    std::span<const index_t> cu = cu_seqlens;
+    if (cu.empty()) {
+      cu_one = {0, T};
+      cu = cu_one;
+    }
+    const index_t N = check.cu_seqlens(cu, 1, T);
+    check_ids(check, "ids", ids);
+    if (cache.batch() != N || cache.num_layers() != static_cast<index_t>(layers_.size()))
+      check.fail("cache", "expected a cache of this model with " + std::to_string(N) +
+                              " rows (one per sequence of cu_seqlens), got " +
+                              std::to_string(cache.batch()) + " rows and " +
+                              std::to_string(cache.num_layers()) + " layers");
+    for (index_t n = 0; n < N; ++n) {
+      const index_t len = cu[static_cast<std::size_t>(n) + 1] - cu[static_cast<std::size_t>(n)];
+      if (cache.length(n) + len > cache.capacity() && cfg_.count(mixer_kind::attention) > 0)
+        check.fail("cache", "sequence " + std::to_string(n) + " holds " +
+                                std::to_string(cache.length(n)) + " tokens and cannot take " +
+                                std::to_string(len) + " more: the capacity is " +
+                                std::to_string(cache.capacity()));
+    }
+    const index_t D = cfg_.hidden;
+    auto h = ws_.view<2>(0, {T, D});
+    auto xn = ws_.view<2>(1, {T, D});
+    auto y = ws_.view<2>(2, {T, D});
+    embed(ids, h);
+    if (trace) {
+      trace->hidden.clear();
+      trace->routers.clear();
+      trace->hidden.push_back(tensor<float, 2>::copy_of(tensor_view<const float, 2>(h)));
+    }
+    const bool packed = N > 1;
+    const auto x3 = tensor_view<const float, 3>(xn.data(), {1, T, D}, {T * D, D, 1});
+    const auto y3 = tensor_view<float, 3>(y.data(), {1, T, D}, {T * D, D, 1});
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      auto& l = layers_[i];
+      l.in_norm.forward(h, xn);
+      auto& ce = cache.layer(static_cast<index_t>(i));
+      if (l.gdn) {
+        auto& c = std::get<layers::recurrent_cache>(ce);
+        packed ? l.gdn->forward(x3, y3, c, cu) : l.gdn->forward(x3, y3, c);
+      } else if (l.mamba) {
+        auto& c = std::get<layers::recurrent_cache>(ce);
+        packed ? l.mamba->forward(x3, y3, c, cu) : l.mamba->forward(x3, y3, c);
+      } else {
+        auto& c = std::get<layers::attention_cache>(ce);
+        packed ? l.attn->forward(x3, y3, c, cu) : l.attn->forward(x3, y3, c);
+      }
+      add_scaled(h, y);
+      l.post_norm.forward(h, xn);
+      if (l.moe) {
+        kernels::moe::router_outputs ro;
+        forward_trace::router* tr = nullptr;
+        if (trace) {
+          trace->routers.push_back({});
+          tr = &trace->routers.back();
+          tr->layer = static_cast<index_t>(i);
+          tr->logits = tensor<float, 2>({T, l.moe->experts()});
+          tr->ids = tensor<index_t, 2>({T, l.moe->top_k()});
+          tr->weights = tensor<float, 2>({T, l.moe->top_k()});
+          ro.logits = tr->logits.view();
+          ro.ids = tr->ids.view();
+          ro.weights = tr->weights.view();
+        }
+        l.moe->forward(xn, y, ro);
+      } else {
+        l.mlp->forward(xn, y);
+      }
+      add_scaled(h, y);
+      if (trace) {
+        if (i + 1 < layers_.size()) {
+          trace->hidden.push_back(tensor<float, 2>::copy_of(tensor_view<const float, 2>(h)));
+        } else {
+          trace->last_layer_out = tensor<float, 2>::copy_of(tensor_view<const float, 2>(h));
+        }
+      }
+    }
+    for (index_t n = 0; n < N; ++n)
+      cache.advance(n, cu[static_cast<std::size_t>(n) + 1] - cu[static_cast<std::size_t>(n)]);
+    final_norm_.forward(h, xn);
+    if (trace) trace->hidden.push_back(tensor<float, 2>::copy_of(tensor_view<const float, 2>(xn)));
+    if (mode == logits_mode::all) {
+      tensor<float, 2> logits({T, cfg_.vocab});
+      head(xn, logits.view());
+      return logits;
+    }
+    auto last = ws_.view<2>(3, {N, D});
+    for (index_t n = 0; n < N; ++n)
+      std::copy_n(xn.ptr({cu[static_cast<std::size_t>(n) + 1] - 1, 0}), D, last.ptr({n, 0}));
+    tensor<float, 2> logits({N, cfg_.vocab});
+    head(last, logits.view());
+    return logits;
+  }
+
+  /// One token per sequence: ids [B] with a cache of B rows -> logits [B, V].
+  tensor<float, 2> decode(std::span<const std::int64_t> ids, model_cache& cache) {
+    tensor<float, 2> logits({static_cast<index_t>(ids.size()), cfg_.vocab});
+    decode_into(ids, cache, logits.view());
+    return logits;
+  }
+  /// decode writing logits [B, V]; allocates nothing once warm.
+  void decode_into(std::span<const std::int64_t> ids, model_cache& cache,
+                   tensor_view<float, 2> logits) {
+    const checker check{"hybrid_model::decode"};
+    const index_t B = static_cast<index_t>(ids.size());
+    if (B < 1) check.fail("ids", "must hold one token per sequence, got none");
+    check_ids(check, "ids", ids);
+    if (cache.batch() != B || cache.num_layers() != static_cast<index_t>(layers_.size()))
+      check.fail("cache", "expected a cache of this model with " + std::to_string(B) +
+                              " rows (one per token of ids), got " + std::to_string(cache.batch()) +
+                              " rows and " + std::to_string(cache.num_layers()) + " layers");
+    check.shape("logits", logits, {B, cfg_.vocab});
+    if (cfg_.count(mixer_kind::attention) > 0)
+      for (index_t b = 0; b < B; ++b)
+        if (cache.length(b) + 1 > cache.capacity())
+          check.fail("cache", "sequence " + std::to_string(b) + " is full (" +
+                                  std::to_string(cache.capacity()) + " tokens)");
+    const index_t D = cfg_.hidden;
+    auto h = ws_.view<2>(4, {B, D});
+    auto xn = ws_.view<2>(5, {B, D});
+    auto y = ws_.view<2>(6, {B, D});
+    embed(ids, h);
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      auto& l = layers_[i];
+      l.in_norm.forward(h, xn);
+      auto& ce = cache.layer(static_cast<index_t>(i));
+      if (l.gdn) {
+        l.gdn->step(xn, y, std::get<layers::recurrent_cache>(ce));
+      } else if (l.mamba) {
+        l.mamba->step(xn, y, std::get<layers::recurrent_cache>(ce));
+      } else {
+        l.attn->step(xn, y, std::get<layers::attention_cache>(ce));
+      }
+      add_scaled(h, y);
+      l.post_norm.forward(h, xn);
+      if (l.moe) {
+        l.moe->forward(xn, y);
+      } else {
+        l.mlp->forward(xn, y);
+      }
+      add_scaled(h, y);
+    }
+    for (index_t b = 0; b < B; ++b) cache.advance(b, 1);
+    final_norm_.forward(h, xn);
+    head(xn, logits);
+  }
+
+ private:
+  struct decoder_layer {
+    layer_spec spec;
+    layers::rms_norm in_norm, post_norm;
+    std::optional<layers::gated_deltanet> gdn;
+    std::optional<layers::gated_attention> attn;
+    std::optional<layers::mamba2> mamba;
+    std::optional<layers::moe_ffn> moe;
+    std::optional<layers::swiglu_mlp> mlp;
+  };
+
+  void check_ids(const checker& check, const char* arg, std::span<const std::int64_t> ids) const {
+    for (std::size_t t = 0; t < ids.size(); ++t)
+      if (ids[t] < 0 || ids[t] >= cfg_.vocab)
+        check.fail(arg, "entry " + std::to_string(t) + " is " + std::to_string(ids[t]) +
+                            ", expected a token id in [0, " + std::to_string(cfg_.vocab) + ")");
+  }
+  void embed(std::span<const std::int64_t> ids, const tensor_view<float, 2>& h) const {
+    const index_t D = cfg_.hidden;
+    const float m = cfg_.embedding_multiplier;
+    for (std::size_t t = 0; t < ids.size(); ++t) {
+      const float* src = embed_.data() + static_cast<index_t>(ids[t]) * D;
+      float* dst = h.ptr({static_cast<index_t>(t), 0});
+      for (index_t d = 0; d < D; ++d) dst[d] = src[d] * m;
+    }
+  }
+  // h += residual_multiplier · y
+  void add_scaled(const tensor_view<float, 2>& h, const tensor_view<float, 2>& y) const {
+    const float r = cfg_.residual_multiplier;
+    const index_t M = h.extent(0), D = h.extent(1);
+    for (index_t m = 0; m < M; ++m) {
+      float* hp = h.ptr({m, 0});
+      const float* yp = y.ptr({m, 0});
+      if (r == 1.0f) {
+        for (index_t d = 0; d < D; ++d) hp[d] += yp[d];
+      } else {
+        for (index_t d = 0; d < D; ++d) hp[d] += yp[d] * r;
+      }
+    }
+  }
+  void head(const tensor_view<float, 2>& x, const tensor_view<float, 2>& logits) const {
+    lm_head_.apply(x, logits);
+    if (cfg_.logits_scaling != 1.0f) {
+      const float s = cfg_.logits_scaling;
+      for (index_t m = 0; m < logits.extent(0); ++m) {
+        float* p = logits.ptr({m, 0});
+        for (index_t v = 0; v < logits.extent(1); ++v) p[v] /= s;
+      }
+    }
+  }
+
+  /// Every tensor the model reads, by full name.
+  std::vector<std::string> expected_tensors() const {
+    std::vector<std::string> out{"model.embed_tokens.weight", "model.norm.weight"};
+    if (!cfg_.tie_embeddings) out.push_back("lm_head.weight");
+    for (index_t i = 0; i < cfg_.num_layers(); ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      const layer_spec& s = cfg_.layers[static_cast<std::size_t>(i)];
+      out.push_back(p + "input_layernorm.weight");
+      out.push_back(p + "post_attention_layernorm.weight");
+      if (s.mixer == mixer_kind::gated_deltanet) {
+        for (const char* n : {"in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "A_log",
+                              "dt_bias", "norm.weight", "out_proj.weight"})
+          out.push_back(p + "linear_attn." + n);
+      } else if (s.mixer == mixer_kind::attention) {
+        for (const char* n : {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"})
+          out.push_back(p + "self_attn." + n);
+        if (cfg_.attention.qk_norm) {
+          out.push_back(p + "self_attn.q_norm.weight");
+          out.push_back(p + "self_attn.k_norm.weight");
+        }
+      } else if (s.mixer == mixer_kind::mamba2) {
+        for (const char* n : {"in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D",
+                              "norm.weight", "out_proj.weight"})
+          out.push_back(p + "mamba." + n);
+        if (cfg_.mamba.use_conv_bias) out.push_back(p + "mamba.conv1d.bias");
+        if (cfg_.mamba.use_bias) {
+          out.push_back(p + "mamba.in_proj.bias");
+          out.push_back(p + "mamba.out_proj.bias");
+        }
+      }
+      if (s.ffn == ffn_kind::moe) {
+        const std::string mp = cfg_.family == model_family::granitemoehybrid ? p : p + "mlp.";
+        for (const auto& n : layers::moe_ffn::tensor_names(cfg_.moe)) out.push_back(mp + n);
+      } else {
+        for (const char* n : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+          out.push_back(p + "mlp." + n);
+      }
+    }
+    return out;
+  }
+
+  void check_tensors(const checkpoint& ck, const load_options& opt) {
+    const auto expected = expected_tensors();
+    const std::set<std::string> want(expected.begin(), expected.end());
+    std::vector<std::string> missing, extra;
+    for (const auto& n : expected)
+      if (!ck.contains(n)) missing.push_back(n);
+    for (const auto& n : ck.names()) {
+      if (want.count(n)) continue;
+      const bool known_unused = cfg_.family == model_family::qwen3_next && n.rfind("mtp.", 0) == 0;
+      if (known_unused || opt.allow_unused) {
+        unused_.push_back(n);
+      } else {
+        extra.push_back(n);
+      }
+    }
+    if (missing.empty() && extra.empty()) return;
+    auto list = [](const std::vector<std::string>& v) {
+      std::string s;
+      for (std::size_t i = 0; i < v.size() && i < 24; ++i) s += (i ? ", " : "") + v[i];
+      if (v.size() > 24) s += ", ... (" + std::to_string(v.size() - 24) + " more)";
+      return s;
+    };
+    std::string msg = "seqmix::hybrid_model::load: checkpoint '" + ck.path() +
+                      "' does not match the " + cfg_.model_type + " model of its config:";
+    if (!missing.empty())
+      msg += " " + std::to_string(missing.size()) + " tensor(s) missing: " + list(missing) + ";";
+    if (!extra.empty())
+      msg += " " + std::to_string(extra.size()) +
+             " tensor(s) the model does not use: " + list(extra) +
+             " (load_options::allow_unused accepts them);";
+    msg.pop_back();
+    throw io_error(msg);
+  }
+
+  model_config cfg_{};
+  tensor<float, 2> embed_;
+  layers::rms_norm final_norm_;
+  layers::weight_matrix lm_head_;
+  std::vector<decoder_layer> layers_;
+  std::vector<std::string> unused_;
+  layers::scratch ws_;
+};
+
+}  // namespace seqmix::models
