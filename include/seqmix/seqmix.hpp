@@ -40,6 +40,10 @@
 #include <seqmix/mixers/softmax_attention.hpp>
 #include <seqmix/reference/attention.hpp>
 
+// block-sparse attention: NSA (native_sparse_attention, nsa_cache)
+#include <seqmix/mixers/nsa.hpp>
+#include <seqmix/reference/nsa.hpp>
+
 // block-sparse attention: MoBA (moba_attention, moba_cache)
 #include <seqmix/mixers/moba.hpp>
 #include <seqmix/reference/moba.hpp>
