@@ -1,0 +1,35 @@
+// SPDX-License-Identifier: MIT
+// The seqmix Python extension (seqmix._seqmix): module-level settings and the family bindings
+// (gated.cpp, delta.cpp, attention.cpp, moe.cpp). Each family file is its own translation unit,
+// so a change to one mixer recompiles one file.
+#include <seqmix/core/parallel.hpp>
+#include <seqmix/core/simd.hpp>
+#include <seqmix/version.hpp>
+
+#include "common.hpp"
+
+PYBIND11_MODULE(_seqmix, m) {
+  namespace py = pybind11;
+  using namespace pybind11::literals;
+  m.doc() =
+      "seqmix: exact, fast sequence-mixing kernels for CPUs (C++20, header-only), in\n"
+      "flash-linear-attention's calling conventions. Activations are [B, T, H, D]\n"
+      "(head_first=False), states [B, H, K, V]; NumPy arrays or PyTorch CPU tensors,\n"
+      "float32 or float64, used without copying; the GIL is released while kernels run.";
+  m.attr("__version__") = seqmix::version_string;
+  m.def(
+      "set_num_threads", [](int n) { seqmix::set_num_threads(n); }, "n"_a,
+      "Threads of seqmix's kernels (0 = OpenMP's default: OMP_NUM_THREADS or all cores).\n"
+      "Process-wide; results do not depend on it (bitwise).");
+  m.def(
+      "get_num_threads", [] { return seqmix::num_threads(); },
+      "Threads a kernel started now would use.");
+  m.def(
+      "simd_arch", [] { return std::string(seqmix::simd::arch_name()); },
+      "The SIMD target the extension was compiled for (e.g. 'avx512bw').");
+  m.attr("has_openmp") = py::bool_(SEQMIX_HAS_OPENMP != 0);
+  seqmix::python::bind_gated(m);
+  seqmix::python::bind_delta(m);
+  seqmix::python::bind_attention(m);
+  seqmix::python::bind_moe(m);
+}
