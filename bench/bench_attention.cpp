@@ -3,9 +3,13 @@
 //
 //  - BM_softmax_attention_prefill  {T, D, threads}: causal forward_chunked (flash-style tiles).
 //      FLOP = H · (2·T²·D [QKᵀ] + 2·T²·D [PV]) / 2 (causal half) = 2·H·T²·D.
-//  - BM_softmax_attention_decode   {L, D, threads}: one step against a full cache of L tokens
-//      (the cache is truncated back to L after each step). bytes = H·L·2·D·4 (K and V read);
-//      FLOP = H · 4·L·D.
+//  - BM_softmax_attention_decode   {L, D, Hkv, threads}: one step against a full cache of L
+//      tokens (written directly, truncated back to L after each step); Hkv = 8 (MHA) or 2 (GQA,
+//      4 query heads per kv head). bytes = Hkv·(L+1)·2·D·4 (K and V read once: the split-KV
+//      decode reads each kv head's rows once for its query heads); FLOP = H · 4·(L+1)·D.
+//      Beyond the L3 (L·Hkv·D large) this is the DRAM read rate; below it, cache-resident.
+//  - BM_softmax_attention_short_prefill {L, n, Hkv, threads}: n new tokens into a cache of L
+//      (D = 128); n <= 16 takes the split-KV row path, n = 17 the 64-row query tiles.
 //  - BM_sliding_window_attention_prefill {T, W, threads}: D = 64; FLOP = 2·H·D·Σ_t min(t+1, W)·2
 //      (QKᵀ and PV over the visible keys only): linear in T.
 //  - BM_sliding_window_attention_step {L, W, threads}: D = 64, one step against a ring of W rows
@@ -57,18 +61,31 @@ void prefill(benchmark::State& state, double ggml_seconds) {
   }
 }
 
-void decode(benchmark::State& state, double ggml_seconds) {
-  const index_t L = state.range(0), D = state.range(1);
-  seqmix_bench::use_threads(static_cast<int>(state.range(2)));
-  const auto q = random_tensor({1, L, H, D}, 1), k = random_tensor({1, L, H, D}, 2),
-             v = random_tensor({1, L, H, D}, 3);
+// A full cache of L tokens of random rows, written directly (a causal prefill of L = 64k would
+// take minutes).
+seqmix::kv_cache<float> filled_cache(index_t L, index_t Hkv, index_t D, index_t extra) {
+  auto cache = seqmix::kv_cache<float>::full(1, Hkv, D, D, L + extra);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (index_t h = 0; h < Hkv; ++h) {
+    for (index_t t = 0; t < L; ++t) {
+      float* kr = cache.key_row(0, h, t);
+      float* vr = cache.value_row(0, h, t);
+      for (index_t d = 0; d < D; ++d) kr[d] = dist(rng), vr[d] = dist(rng);
+    }
+  }
+  cache.set_length(0, L);
+  return cache;
+}
+
+// One decode step against L cached tokens (then truncated back to L): bytes = Hkv·(L+1)·2·D·4.
+void decode(benchmark::State& state, index_t L, index_t D, index_t Hkv, int threads,
+            double ggml_seconds) {
+  seqmix_bench::use_threads(threads);
   seqmix::softmax_attention<float> m;
-  auto cache = seqmix::kv_cache<float>::full(1, H, D, D, L + 1);
-  tensor<float, 4> o({1, L, H, D});
-  m.forward_chunked(q.view().slice<1>(0, L), k.view().slice<1>(0, L), v.view().slice<1>(0, L), o,
-                    cache);
-  const auto q1 = random_tensor({1, 1, H, D}, 4), k1 = random_tensor({1, 1, H, D}, 5),
-             v1 = random_tensor({1, 1, H, D}, 6);
+  auto cache = filled_cache(L, Hkv, D, 1);
+  const auto q1 = random_tensor({1, 1, H, D}, 4), k1 = random_tensor({1, 1, Hkv, D}, 5),
+             v1 = random_tensor({1, 1, Hkv, D}, 6);
   tensor<float, 4> o1({1, 1, H, D});
   for (auto _ : state) {
     m.step(q1.select<1>(0), k1.select<1>(0), v1.select<1>(0), o1.select<1>(0), cache);
@@ -77,7 +94,8 @@ void decode(benchmark::State& state, double ggml_seconds) {
   }
   const double keys = double(L + 1);
   seqmix_bench::report_rates(state, 1.0, 4.0 * double(H) * keys * double(D),
-                             double(H) * keys * 2.0 * double(D) * 4.0);
+                             double(Hkv) * keys * 2.0 * double(D) * 4.0);
+  state.counters["cache_MB"] = double(Hkv) * keys * 2.0 * double(D) * 4.0 / 1e6;
   if (ggml_seconds > 0) {
     state.counters["x_ggml"] =
         benchmark::Counter(ggml_seconds, benchmark::Counter::kIsIterationInvariantRate);
@@ -88,7 +106,28 @@ void BM_softmax_attention_prefill(benchmark::State& state) {
   prefill(state, 0);
 }
 void BM_softmax_attention_decode(benchmark::State& state) {
-  decode(state, 0);
+  decode(state, state.range(0), state.range(1), state.range(2), static_cast<int>(state.range(3)),
+         0);
+}
+
+// n new tokens (a short prefill: the split-KV row path for n <= 16) into a cache of L tokens,
+// truncated back after each call. bytes = Hkv·(L+n)·2·D·4 (the cache read once), D = 128.
+void BM_softmax_attention_short_prefill(benchmark::State& state) {
+  const index_t L = state.range(0), n = state.range(1), Hkv = state.range(2), D = 128;
+  seqmix_bench::use_threads(static_cast<int>(state.range(3)));
+  seqmix::softmax_attention<float> m;
+  auto cache = filled_cache(L, Hkv, D, n);
+  const auto q = random_tensor({1, n, H, D}, 4), k = random_tensor({1, n, Hkv, D}, 5),
+             v = random_tensor({1, n, Hkv, D}, 6);
+  tensor<float, 4> o({1, n, H, D});
+  for (auto _ : state) {
+    m.forward(q, k, v, o, cache);
+    cache.truncate(0, L);
+    benchmark::DoNotOptimize(o.data());
+  }
+  const double keys = double(L + n);
+  seqmix_bench::report_rates(state, double(n), 4.0 * double(H) * keys * double(n) * double(D),
+                             double(Hkv) * keys * 2.0 * double(D) * 4.0);
 }
 
 // ggml flash_attn_ext, fp32 KV, H=8, D=64 (docs/bench/peers.md): prefill T=2048 164 / 81 ms,
@@ -99,7 +138,8 @@ void BM_softmax_attention_peer_prefill(benchmark::State& state) {
   prefill(state, ggml);
 }
 void BM_softmax_attention_peer_decode(benchmark::State& state) {
-  decode(state, state.range(2) == 1 ? 1.8e-3 : 1.08e-3);
+  decode(state, state.range(0), state.range(1), H, static_cast<int>(state.range(2)),
+         state.range(2) == 1 ? 1.8e-3 : 1.08e-3);
 }
 
 void BM_sliding_window_attention_prefill(benchmark::State& state) {
@@ -151,8 +191,13 @@ BENCHMARK(BM_softmax_attention_prefill)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_softmax_attention_decode)
-    ->ArgNames({"L", "D", "threads"})
-    ->ArgsProduct({{1024, 8192, 32768}, {64, 128}, {1, 2}})
+    ->ArgNames({"L", "D", "Hkv", "threads"})
+    ->ArgsProduct({{1024, 4096, 8192, 16384, 32768, 65536}, {64, 128}, {8, 2}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_softmax_attention_short_prefill)
+    ->ArgNames({"L", "n", "Hkv", "threads"})
+    ->ArgsProduct({{8192, 32768}, {4, 16, 17}, {8}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_softmax_attention_peer_prefill)

@@ -443,3 +443,115 @@ TEST_CASE("softmax_attention: make_cache sizes a window >= capacity by the capac
     REQUIRE(bitwise_equal(oa, ob));
   }
 }
+
+// ---- split-KV decode and short prefill (kernels/attention.hpp run_row_jobs) -----------------
+namespace {
+
+// Prefills tokens [0, a) with one tile-path call, then feeds the rest in pieces of `pieces`
+// tokens (cycled): a piece of 1 is a step, up to 16 a short prefill (row path), longer ones go
+// through the tiles again. Returns o for every token.
+tensor<float, 4> run_pieces(const softmax_attention<float>& m, const attn::inputs& in,
+                            kv_cache<float>& cache, index_t a, const std::vector<index_t>& pieces) {
+  auto q = cast<float>(in.q), k = cast<float>(in.k), v = cast<float>(in.v);
+  const index_t T = q.extent(1);
+  tensor<float, 4> o({q.extent(0), T, q.extent(2), v.extent(3)});
+  m.forward_chunked(attn::tokens(q, 0, a), attn::tokens(k, 0, a), attn::tokens(v, 0, a),
+                    attn::tokens(o, 0, a), cache);
+  std::size_t i = 0;
+  for (index_t t = a; t < T; ++i) {
+    const index_t n = std::min(pieces[i % pieces.size()], T - t);
+    if (n == 1) {
+      m.step(q.view().template select<1>(t), k.view().template select<1>(t),
+             v.view().template select<1>(t), o.view().template select<1>(t), cache);
+    } else {
+      m.forward(attn::tokens(q, t, n), attn::tokens(k, t, n), attn::tokens(v, t, n),
+                attn::tokens(o, t, n), cache);
+    }
+    t += n;
+  }
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "softmax_attention: split-KV decode and short prefill into a long cache match the "
+    "reference",
+    "[attention][cache][split]") {
+  auto rng = make_rng(21);
+  // 1090 cached keys: 2 splits of the row path per (sequence, kv head); V = 40 has a tail
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const std::vector<double> sink{0.5, -1.0, ninf, 2.0};
+  const std::vector<float> sinkf(sink.begin(), sink.end());
+  struct config {
+    problem p;
+    index_t W;
+    bool sink;
+  };
+  for (const config& cf :
+       {config{{2, 1150, 4, 1, 32, 40}, 0, true}, config{{2, 1150, 4, 1, 32, 40}, 500, false},
+        config{{1, 1150, 4, 2, 48, 32}, 0, false}}) {
+    const problem& p = cf.p;
+    const index_t W = cf.W;
+    INFO("Hkv " << p.Hkv << " W " << W << " sink " << cf.sink);
+    const auto in = attn::make_inputs(p, rng);
+    const auto ref = attn::reference_out(
+        in, {}, W, cf.sink ? std::span<const double>(sink) : std::span<const double>());
+    typename softmax_attention<float>::options opt;
+    if (W) opt.window = W;
+    if (cf.sink) opt.sink = sinkf;
+    softmax_attention<float> m(opt);
+    const index_t a = 1090;
+    for (int ring = 0; ring < (W ? 2 : 1); ++ring) {
+      auto cache = ring ? kv_cache<float>::ring(p.B, p.Hkv, p.K, p.V, W)
+                        : kv_cache<float>::full(p.B, p.Hkv, p.K, p.V, p.T);
+      // steps, short prefills of 2..16 tokens, and a 17-token prefill (tiles) in between
+      const auto o = run_pieces(m, in, cache, a, {1, 5, 1, 1, 16, 2, 17, 3, 1});
+      CHECK(cache.length(0) == p.T);
+      const auto c =
+          compare(ref.view().template slice<1>(a, p.T), o.view().template slice<1>(a, p.T));
+      INFO(c.report);
+      CHECK(c.rel_rms <= float_tol);
+    }
+  }
+}
+
+TEST_CASE("softmax_attention: split-KV decode is bitwise equal on 1, 2 and 3 threads",
+          "[attention][threads][split]") {
+  auto rng = make_rng(22);
+  // Hkv = 1, B = 1: all parallelism comes from the splits of the cache length
+  const problem p{1, 1150, 4, 1, 32, 32};
+  const auto in = attn::make_inputs(p, rng);
+  softmax_attention<float> m({.sink = std::vector<float>{0.f, 1.f, -1.f, 0.5f}});
+  softmax_attention<float> w({.window = 800});
+  std::vector<tensor<float, 4>> full_out, win_out;
+  for (int threads : {1, 2, 3}) {
+    scoped_num_threads t(threads);
+    if (threads > 1) require_team(threads);
+    auto c1 = kv_cache<float>::full(p.B, p.Hkv, p.K, p.V, p.T);
+    full_out.push_back(run_pieces(m, in, c1, 1090, {1, 7, 1, 12}));
+    auto c2 = w.make_cache(p.B, p.Hkv, p.K, p.V, p.T);
+    win_out.push_back(run_pieces(w, in, c2, 1090, {1, 7, 1, 12}));
+  }
+  CHECK(bitwise_equal(full_out[0], full_out[1]));
+  CHECK(bitwise_equal(full_out[0], full_out[2]));
+  CHECK(bitwise_equal(win_out[0], win_out[1]));
+  CHECK(bitwise_equal(win_out[0], win_out[2]));
+  // and the outputs are right (a bitwise comparison of garbage would pass)
+  SEQMIX_CHECK_CLOSE(attn::reference_out(in, {}, 0, std::vector<double>{0., 1., -1., .5}),
+                     full_out[0], float_tol);
+  SEQMIX_CHECK_CLOSE(attn::reference_out(in, {}, 800), win_out[0], float_tol);
+}
+
+TEST_CASE("softmax_attention: a step with many query heads per kv head spills no partials",
+          "[attention][cache][split]") {
+  // G = 64 query heads on one kv head with V = 256: one split's partials (64 · 258 floats)
+  // exceed the step's stack scratch, so the job runs in one piece straight into o
+  auto rng = make_rng(23);
+  const problem p{1, 120, 64, 1, 16, 256};
+  const auto in = attn::make_inputs(p, rng);
+  softmax_attention<float> m;
+  auto cache = kv_cache<float>::full(p.B, p.Hkv, p.K, p.V, p.T);
+  const auto o = run_pieces(m, in, cache, 100, {1, 3});
+  SEQMIX_CHECK_CLOSE(attn::reference_out(in), o, float_tol);
+}

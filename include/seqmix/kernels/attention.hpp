@@ -38,6 +38,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <seqmix/core/parallel.hpp>
@@ -461,6 +462,239 @@ void decode_group(const T* q, index_t q_stride, index_t G, const key_run<T>* run
         simd::scale(og, T(1) / l[static_cast<std::size_t>(g)], V);
       }
     }
+  }
+}
+
+// ---- split-KV decode (flash-decoding) -------------------------------------------------------
+//
+// A row job is the query rows of one (sequence, kv head): ntok tokens × nhead heads of a GQA
+// group (decode: ntok = 1; a short prefill into a long cache: a few tokens). Token t's rows see
+// the keys lo_t <= j < pos0 + t + 1 (lo_t = pos0 + t - W + 1 with a window, else 0) of the
+// concatenated runs. The job's key range is cut into splits whose number and boundaries depend
+// only on the number of keys, the rows and V (never on the thread count); each (job, split) is
+// one work item that computes the unnormalised partial state (m, l, acc[V]) of every row over
+// its keys, and the partials are then merged in split order 0, 1, 2, ... by one thread per job:
+// results are bitwise identical for any thread count. Cost: the keys are read once per job (not
+// once per query tile of 64 rows as in run_tiles); the merge is O(splits · rows · V).
+
+/// The rows and keys of one row job.
+template <class T>
+struct row_job {
+  const T* q = nullptr;  // row (t, g) at q + t·q_tstride + g·q_hstride, [K]
+  index_t q_tstride = 0, q_hstride = 0;
+  T* o = nullptr;  // row (t, g) at o + t·o_tstride + g·o_hstride, [V]
+  index_t o_tstride = 0, o_hstride = 0;
+  index_t ntok = 1, nhead = 1;
+  index_t pos0 = 0;                // key index of token 0's own key
+  std::array<key_run<T>, 2> runs;  // keys 0 .. pos0 + ntok - 1, in order (a ring wraps once)
+  int nruns = 1;
+  const T* sinks = nullptr;  // [nhead] sink logits, or nullptr
+};
+
+namespace detail {
+
+inline constexpr index_t decode_block = 64;  // keys per online-softmax block
+inline constexpr index_t split_min = 512;    // a split holds at least this many keys ...
+inline constexpr index_t split_max = 16;     // ... and a job has at most this many splits
+
+/// Padded row length of a partial accumulator.
+template <class T>
+constexpr index_t acc_pad(index_t V) {
+  return (V + L<T> - 1) / L<T> * L<T>;
+}
+
+/// First key and end of the keys any row of `job` sees.
+template <class T>
+std::pair<index_t, index_t> job_keys(const row_job<T>& job, index_t W) {
+  const index_t end = job.pos0 + job.ntok;
+  const index_t first = W > 0 ? std::max<index_t>(0, job.pos0 - W + 1) : 0;
+  return {first, end};
+}
+
+/// Keys per split of a job (a multiple of the block), from its key count, rows and V only;
+/// `cap` elements of scratch bound splits · rows · (V + 2). Returns 0 when even one split's
+/// partials do not fit (the job then runs in one piece straight into o).
+inline index_t split_keys(index_t nkeys, index_t rows, index_t vpad, index_t cap) {
+  const index_t per_split = rows * (vpad + 2);
+  if (per_split > cap) return 0;
+  index_t ns = std::clamp<index_t>(nkeys / split_min, 1, split_max);
+  ns = std::min(ns, cap / per_split);
+  const index_t per = (nkeys + ns - 1) / ns;
+  return std::max<index_t>(decode_block, (per + decode_block - 1) / decode_block * decode_block);
+}
+
+/// Partial state of rows [r0, r1) (row r = t·nhead + g) of `job` over keys [j0, j1):
+/// m[r] (NaN after a NaN or +inf score, -inf when no key was visible), l[r] and the
+/// unnormalised acc row r at acc + t·a_ts + g·a_hs (indexing m and l by r - r0).
+template <class T>
+void partial_rows(const row_job<T>& job, const params<T>& p, index_t r0, index_t r1, index_t j0,
+                  index_t j1, T* acc, index_t a_ts, index_t a_hs, T* m, T* l) {
+  constexpr index_t blk = decode_block;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const index_t K = p.key_dim, V = p.value_dim, W = p.window, G = job.nhead;
+  for (index_t r = r0; r < r1; ++r) {
+    m[r - r0] = ninf;
+    l[r - r0] = T(0);
+    std::fill_n(acc + (r / G) * a_ts + (r % G) * a_hs, V, T(0));
+  }
+  index_t run_start = 0;
+  for (int ri = 0; ri < job.nruns; ++ri) {
+    const key_run<T>& run = job.runs[static_cast<std::size_t>(ri)];
+    const index_t rb = std::max(j0, run_start), re = std::min(j1, run_start + run.n);
+    for (index_t jb = rb; jb < re; jb += blk) {
+      const index_t je = std::min(jb + blk, re);
+      for (index_t r = r0; r < r1; ++r) {
+        const index_t t = r / G, g = r % G;
+        const index_t hi = job.pos0 + t + 1;
+        const index_t lo = W > 0 ? job.pos0 + t - W + 1 : 0;
+        const index_t a = std::max(jb, lo), e = std::min(je, hi);
+        T& mr = m[r - r0];
+        if (a >= e || mr != mr) continue;  // no visible key here, or the row is NaN already
+        const index_t kn = e - a;
+        const T* kj = run.k + (a - run_start) * run.k_stride;
+        const T* vj = run.v + (a - run_start) * run.v_stride;
+        const T* qr = job.q + t * job.q_tstride + g * job.q_hstride;
+        alignas(64) std::array<T, blk> s;
+        T bmax = ninf;
+        bool bad = false;
+        for (index_t j = 0; j < kn; ++j) {
+          const T x = p.scale * simd::dot(qr, kj + j * run.k_stride, K);
+          bad = bad || x != x || x == -ninf;  // NaN, or +inf (whose softmax is inf/inf)
+          s[static_cast<std::size_t>(j)] = x;
+          bmax = std::max(bmax, x);
+        }
+        if (bad) {  // kept out of max and exp (whose argument conversion is UB for NaN)
+          mr = std::numeric_limits<T>::quiet_NaN();
+          continue;
+        }
+        const T m_new = std::max(mr, bmax);
+        const T m_use = m_new == ninf ? T(0) : m_new;
+        const T alpha = std::exp(mr - m_use);
+        for (index_t j = 0; j < kn; ++j) s[static_cast<std::size_t>(j)] -= m_use;
+        simd::exp(s.data(), s.data(), kn);
+        l[r - r0] = l[r - r0] * alpha + simd::sum(s.data(), kn);
+        mr = m_new;
+        T* ar = acc + t * a_ts + g * a_hs;
+        simd::scale(ar, alpha, V);
+        for (index_t j = 0; j < kn; ++j)
+          simd::axpy(ar, s[static_cast<std::size_t>(j)], vj + j * run.v_stride, V);
+      }
+    }
+    run_start += run.n;
+  }
+}
+
+/// o row = merge, in split order, of the ns partials (m[s·ms], l[s·ms], acc + s·as) and the
+/// sink (one extra key of value 0). acc may alias o when ns == 1.
+template <class T>
+void merge_row(index_t ns, const T* m, const T* l, index_t ms, const T* acc, index_t as, T sink,
+               T* o, index_t V) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T M = sink;
+  for (index_t s = 0; s < ns; ++s) {
+    const T x = m[s * ms];
+    if (x != x) {
+      std::fill_n(o, V, std::numeric_limits<T>::quiet_NaN());
+      return;
+    }
+    M = std::max(M, x);
+  }
+  const T m_use = M == ninf ? T(0) : M;
+  T lsum = sink > ninf ? std::exp(sink - m_use) : T(0);
+  bool first = true;
+  for (index_t s = 0; s < ns; ++s) {
+    const T x = m[s * ms];
+    if (x == ninf) continue;  // no visible key in this split: its accumulator is zero
+    const T w = std::exp(x - m_use);
+    lsum += w * l[s * ms];
+    const T* a = acc + s * as;
+    if (first) {
+      for (index_t c = 0; c < V; ++c) o[c] = w * a[c];  // elementwise: safe when a == o
+      first = false;
+    } else {
+      simd::axpy(o, w, a, V);
+    }
+  }
+  if (first) std::fill_n(o, V, T(0));
+  simd::scale(o, T(1) / lsum, V);
+}
+
+}  // namespace detail
+
+/// Scratch elements (of T) that run_row_jobs callers without a heap budget pass on the stack.
+template <class T>
+inline constexpr index_t row_scratch_elems = index_t(65536 / sizeof(T));
+
+/// Runs njobs row jobs (job_of(i) builds job i; it is called several times per job and must be
+/// cheap and pure) with split-KV parallelism: (job, split) work items over the thread team,
+/// then one merge per job in split order. `scratch` holds the partials (jobs are taken in
+/// batches that fit); nothing is allocated. Bitwise identical for any thread count.
+template <class T, class JobOf>
+void run_row_jobs(index_t njobs, JobOf&& job_of, const params<T>& p, T* scratch, index_t cap) {
+  constexpr index_t max_batch = 256;
+  const index_t vpad = detail::acc_pad<T>(p.value_dim), V = p.value_dim;
+  // per job of the batch: keys per split (0: direct), first key, splits, scratch offset
+  std::array<index_t, max_batch> per, first, nsp, off;
+  std::array<index_t, max_batch + 1> item0;
+  for (index_t j0 = 0; j0 < njobs;) {
+    index_t nb = 0, used = 0;
+    item0[0] = 0;
+    for (; j0 + nb < njobs && nb < max_batch; ++nb) {
+      const row_job<T> job = job_of(j0 + nb);
+      const auto [kf, ke] = detail::job_keys(job, p.window);
+      const index_t rows = job.ntok * job.nhead;
+      const index_t ps = detail::split_keys(ke - kf, rows, vpad, cap);
+      const index_t ns = ps > 0 ? (ke - kf + ps - 1) / ps : 1;
+      const index_t need = ps > 0 ? ns * rows * (vpad + 2) : 0;
+      if (nb > 0 && used + need > cap) break;
+      const auto b = static_cast<std::size_t>(nb);
+      per[b] = ps, first[b] = kf, nsp[b] = ns, off[b] = used;
+      used += need;
+      item0[b + 1] = item0[b] + ns;
+    }
+    const index_t nitems = item0[static_cast<std::size_t>(nb)];
+    parallel_for(nitems, [&](index_t it) {
+      const auto b = static_cast<std::size_t>(
+          std::upper_bound(item0.begin() + 1, item0.begin() + nb + 1, it) - item0.begin() - 1);
+      const row_job<T> job = job_of(j0 + index_t(b));
+      const index_t rows = job.ntok * job.nhead, G = job.nhead;
+      const index_t end = job.pos0 + job.ntok;
+      if (per[b] == 0) {  // direct: the rows in chunks, each accumulated in o and finished there
+        constexpr index_t chunk = 32;
+        std::array<T, chunk> m, l;
+        for (index_t r0 = 0; r0 < rows; r0 += chunk) {
+          const index_t r1 = std::min(rows, r0 + chunk);
+          detail::partial_rows(job, p, r0, r1, first[b], end, job.o, job.o_tstride, job.o_hstride,
+                               m.data(), l.data());
+          for (index_t r = r0; r < r1; ++r) {
+            T* o = job.o + (r / G) * job.o_tstride + (r % G) * job.o_hstride;
+            const T sink = job.sinks ? job.sinks[r % G] : -std::numeric_limits<T>::infinity();
+            detail::merge_row(index_t(1), m.data() + (r - r0), l.data() + (r - r0), 0, o, 0, sink,
+                              o, V);
+          }
+        }
+        return;
+      }
+      const index_t s = it - item0[b];
+      const index_t ka = first[b] + s * per[b], kb = std::min(end, ka + per[b]);
+      T* base = scratch + off[b] + s * rows * (vpad + 2);
+      T* m = base + rows * vpad;
+      detail::partial_rows(job, p, 0, rows, ka, kb, base, G * vpad, vpad, m, m + rows);
+    });
+    parallel_for(nb, [&](index_t bi) {
+      const auto b = static_cast<std::size_t>(bi);
+      if (per[b] == 0) return;
+      const row_job<T> job = job_of(j0 + bi);
+      const index_t rows = job.ntok * job.nhead, G = job.nhead, stride = rows * (vpad + 2);
+      const T* base = scratch + off[b];
+      for (index_t r = 0; r < rows; ++r) {
+        T* o = job.o + (r / G) * job.o_tstride + (r % G) * job.o_hstride;
+        const T sink = job.sinks ? job.sinks[r % G] : -std::numeric_limits<T>::infinity();
+        const T* m = base + rows * vpad + r;
+        detail::merge_row(nsp[b], m, m + rows, stride, base + r * vpad, stride, sink, o, V);
+      }
+    });
+    j0 += nb;
   }
 }
 

@@ -227,6 +227,10 @@ class softmax_attention {
   struct dims {
     index_t B, Tn, H, Hkv, K, V;
   };
+  // A sequence of at most this many new tokens is a short prefill (split-KV row path): below a
+  // quarter of the query tile, the tile's padding rows cost more than the row path's slower
+  // per-row arithmetic.
+  static constexpr index_t short_prefill_tokens = kernels::attention::query_tile<T>() / 4;
   // one sequence: tokens t0 .. t0+len-1 of batch row qb of the inputs; cache row `row`
   struct seq {
     index_t qb, t0, len, row;
@@ -477,9 +481,41 @@ class softmax_attention {
         }
       }
     }
+    // Short sequences (a few tokens, e.g. into a long cache) go through the split-KV row path:
+    // their ntok·G rows read the keys once, instead of one 64-row query tile per head that
+    // would be mostly padding.
+    std::vector<kernels::attention::row_job<T>> jobs;
     for (std::size_t n = 0; n < seqs.size(); ++n) {
       const seq& s = seqs[n];
-      if (s.len == 0) continue;
+      if (s.len == 0 || s.len > short_prefill_tokens) continue;
+      for (index_t h = 0; h < d.Hkv; ++h) {
+        const std::size_t kv = n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h);
+        kernels::attention::row_job<T> job;
+        job.q = q.ptr({s.qb, s.t0, h * G, 0});
+        job.q_tstride = q.stride(1);
+        job.q_hstride = q.stride(2);
+        job.o = o.ptr({s.qb, s.t0, h * G, 0});
+        job.o_tstride = o.stride(1);
+        job.o_hstride = o.stride(2);
+        job.ntok = s.len;
+        job.nhead = G;
+        job.pos0 = pos0[n];
+        job.runs[0] = {kp[kv], vp[kv], pos0[n] + s.len, ks, vs};
+        job.sinks = opt_.sink.empty() ? nullptr : opt_.sink.data() + h * G;
+        jobs.push_back(job);
+      }
+    }
+    if (!jobs.empty()) {
+      constexpr index_t cap = index_t(1) << 18;
+      std::vector<T, xsimd::aligned_allocator<T, 64>> scratch(static_cast<std::size_t>(cap));
+      kernels::attention::run_row_jobs<T>(
+          static_cast<index_t>(jobs.size()),
+          [&](index_t i) { return jobs[static_cast<std::size_t>(i)]; }, kernel_params(d),
+          scratch.data(), cap);
+    }
+    for (std::size_t n = 0; n < seqs.size(); ++n) {
+      const seq& s = seqs[n];
+      if (s.len == 0 || s.len <= short_prefill_tokens) continue;
       for (index_t h = 0; h < d.H; ++h) {
         const std::size_t kv =
             n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h / G);
@@ -525,32 +561,46 @@ class softmax_attention {
     const bool ring = cache.is_ring();
     const auto p = kernel_params(d);
     const T* sinks = opt_.sink.empty() ? nullptr : opt_.sink.data();
-    parallel_for(d.B * d.Hkv, [&](index_t n) {
+    parallel_for(d.B * d.Hkv, [&](index_t n) {  // append the new token's key and value
       const index_t b = n / d.Hkv, h = n % d.Hkv;
-      const index_t pos = cache.length(b);  // position of the new token
+      const index_t pos = cache.length(b);
       const index_t slot = ring ? pos % R : pos;
       std::copy_n(k1.ptr({b, h, 0}), d.K, cache.key_row(b, h, slot));
       std::copy_n(v1.ptr({b, h, 0}), d.V, cache.value_row(b, h, slot));
-      // visible positions first .. pos
+    });
+    // one row job per (sequence, kv head): its G query heads against the visible positions
+    // first .. pos (keys renumbered from 0 = position first), split over the cache length
+    const auto job_of = [&](index_t n) {
+      const index_t b = n / d.Hkv, h = n % d.Hkv;
+      const index_t pos = cache.length(b);  // position of the new token
       const index_t first = W > 0 ? std::max<index_t>(0, pos - W + 1) : 0;
-      std::array<key_run<T>, 2> runs{};
-      int nruns = 1;
+      kernels::attention::row_job<T> job;
+      job.q = q1.ptr({b, h * G, 0});
+      job.q_hstride = q1.stride(1);
+      job.o = o1.ptr({b, h * G, 0});
+      job.o_hstride = o1.stride(1);
+      job.ntok = 1;
+      job.nhead = G;
+      job.pos0 = pos - first;
+      job.sinks = sinks ? sinks + h * G : nullptr;
       if (!ring) {
-        runs[0] = {cache.key_row(b, h, first), cache.value_row(b, h, first), pos - first + 1, d.K,
-                   d.V};
+        job.runs[0] = {cache.key_row(b, h, first), cache.value_row(b, h, first), pos - first + 1,
+                       d.K, d.V};
       } else {
         const index_t s0 = first % R, count = pos - first + 1;
         const index_t n0 = std::min(count, R - s0);
-        runs[0] = {cache.key_row(b, h, s0), cache.value_row(b, h, s0), n0, d.K, d.V};
+        job.runs[0] = {cache.key_row(b, h, s0), cache.value_row(b, h, s0), n0, d.K, d.V};
         if (count > n0) {
-          runs[1] = {cache.key_row(b, h, 0), cache.value_row(b, h, 0), count - n0, d.K, d.V};
-          nruns = 2;
+          job.runs[1] = {cache.key_row(b, h, 0), cache.value_row(b, h, 0), count - n0, d.K, d.V};
+          job.nruns = 2;
         }
       }
-      kernels::attention::decode_group(q1.ptr({b, h * G, 0}), q1.stride(1), G, runs.data(), nruns,
-                                       o1.ptr({b, h * G, 0}), o1.stride(1),
-                                       sinks ? sinks + h * G : nullptr, p);
-    });
+      return job;
+    };
+    // partials on the stack: step allocates nothing
+    constexpr index_t cap = kernels::attention::row_scratch_elems<T>;
+    alignas(64) std::array<T, static_cast<std::size_t>(cap)> scratch;
+    kernels::attention::run_row_jobs<T>(d.B * d.Hkv, job_of, p, scratch.data(), cap);
     for (index_t b = 0; b < d.B; ++b) cache.set_length(b, cache.length(b) + 1);
   }
 
