@@ -172,7 +172,12 @@ class config_reader {
       if (!known.count(k)) unknown.push_back(k);
     if (unknown.empty()) return;
     std::string list;
-    for (const auto& u : unknown) list += (list.empty() ? "" : ", ") + ("\"" + u + "\"");
+    for (const auto& u : unknown) {
+      if (!list.empty()) list += ", ";
+      list += "\"";
+      list += u;
+      list += "\"";
+    }
     config_fail(src_, std::to_string(unknown.size()) + " field(s) the " + what +
                           " loader does not understand: " + list +
                           " (a field seqmix cannot interpret might change the model; "

@@ -516,7 +516,10 @@ class hybrid_model {
     if (missing.empty() && extra.empty()) return;
     auto list = [](const std::vector<std::string>& v) {
       std::string s;
-      for (std::size_t i = 0; i < v.size() && i < 24; ++i) s += (i ? ", " : "") + v[i];
+      for (std::size_t i = 0; i < v.size() && i < 24; ++i) {
+        if (i) s += ", ";
+        s += v[i];
+      }
       if (v.size() > 24) s += ", ... (" + std::to_string(v.size() - 24) + " more)";
       return s;
     };
