@@ -115,43 +115,13 @@ inline T rank_value(T g) {
   return g != g ? -std::numeric_limits<T>::infinity() : g;
 }
 
-/// Per-lane top-(k-1) of a query tile: values descending, indices ascending among equals.
+/// Per-lane top-(k-1) lists of a query tile, [k-1][Q]: gates and chunk indices (select_tile).
 template <class T>
 struct topk_lanes {
-  index_t cap = 0;  // k - 1
-  avec<T> val;      // [Q, cap]
-  std::vector<std::int32_t> idx;
-  std::array<index_t, static_cast<std::size_t>(Q<T>)> count{};
-  alignas(64) std::array<T, static_cast<std::size_t>(Q<T>)> worst{};  // -inf until full
-
+  avec<T> val, fidx;  // chunk indices as T: exact below 2^24 chunks
   void reset(index_t k1) {
-    cap = k1;
     grow(val, static_cast<std::size_t>(Q<T> * k1));
-    grow(idx, static_cast<std::size_t>(Q<T> * k1));
-    count.fill(0);
-    worst.fill(-std::numeric_limits<T>::infinity());
-  }
-  // offer chunk b with gate g (rank value) to lane i; chunks arrive in ascending b, so an equal
-  // gate never displaces an earlier chunk
-  void offer(index_t i, T g, std::int32_t b) {
-    const auto si = static_cast<std::size_t>(i);
-    T* vv = val.data() + i * cap;
-    std::int32_t* ii = idx.data() + i * cap;
-    index_t n = count[si];
-    if (n == cap) {
-      if (!(g > vv[cap - 1])) return;
-      --n;  // drop the worst
-    }
-    index_t p = n;
-    while (p > 0 && g > vv[p - 1]) {
-      vv[p] = vv[p - 1];
-      ii[p] = ii[p - 1];
-      --p;
-    }
-    vv[p] = g;
-    ii[p] = b;
-    count[si] = n + 1;
-    if (n + 1 == cap) worst[si] = vv[cap - 1];
+    grow(fidx, static_cast<std::size_t>(Q<T> * k1));
   }
 };
 
@@ -159,11 +129,13 @@ struct topk_lanes {
 template <class T>
 struct scratch {
   avec<T> qt, st, gst, acc, m, l, alpha;  // tile buffers
-  avec<T> m_all, l_all;                   // per query row of the item
-  std::vector<std::int32_t> sel;          // [nq, k-1]
-  std::vector<index_t> nsel;              // [nq]
-  std::vector<index_t> list, start;       // per chunk: the rows that selected it
-  std::vector<index_t> rows;              // tile's item rows
+  avec<T> qc;     // [nq, K]: the item's query rows, contiguous (gathers stay within it)
+  avec<T> state;  // [nq, ss]: per query row m, l (first SIMD vector), then the V accumulators
+  index_t ss = 0;
+  std::vector<std::int32_t> sel;     // [nq, k-1]
+  std::vector<index_t> nsel;         // [nq]
+  std::vector<index_t> list, start;  // per chunk: the rows that selected it
+  std::vector<index_t> rows;         // tile's item rows
   topk_lanes<T> top;
   index_t acc_stride = 0;
 };
@@ -184,11 +156,12 @@ void tile_pass(const problem<T>& pr, const params<T>& p, const index_t* rows, in
     T* a = w.acc.data() + i * as;
     if (i < nr) {
       const index_t r = rows[i];
-      const T* qi = pr.q + r * pr.q_stride;
+      const T* qi = w.qc.data() + r * K;
       for (index_t d = 0; d < K; ++d) qt[d * Qn + i] = p.scale * qi[d];
-      std::copy_n(pr.o + r * pr.o_stride, V, a);
-      w.m[static_cast<std::size_t>(i)] = w.m_all[static_cast<std::size_t>(r)];
-      w.l[static_cast<std::size_t>(i)] = w.l_all[static_cast<std::size_t>(r)];
+      const T* sr = w.state.data() + r * w.ss;
+      std::copy_n(sr + L<T>, V, a);
+      w.m[static_cast<std::size_t>(i)] = sr[0];
+      w.l[static_cast<std::size_t>(i)] = sr[1];
     } else {
       for (index_t d = 0; d < K; ++d) qt[d * Qn + i] = T(0);
       std::fill_n(a, V, T(0));
@@ -279,10 +252,10 @@ void tile_pass(const problem<T>& pr, const params<T>& p, const index_t* rows, in
     }
   }
   for (index_t i = 0; i < nr; ++i) {
-    const index_t r = rows[i];
-    std::copy_n(w.acc.data() + i * as, V, pr.o + r * pr.o_stride);
-    w.m_all[static_cast<std::size_t>(r)] = w.m[static_cast<std::size_t>(i)];
-    w.l_all[static_cast<std::size_t>(r)] = w.l[static_cast<std::size_t>(i)];
+    T* sr = w.state.data() + rows[i] * w.ss;
+    std::copy_n(w.acc.data() + i * as, V, sr + L<T>);
+    sr[0] = w.m[static_cast<std::size_t>(i)];
+    sr[1] = w.l[static_cast<std::size_t>(i)];
   }
 }
 
@@ -298,7 +271,7 @@ void select_tile(const problem<T>& pr, const params<T>& p, index_t r0, index_t n
   T* qt = w.qt.data();
   for (index_t i = 0; i < Qn; ++i) {
     if (i < nr) {
-      const T* qi = pr.q + (r0 + i) * pr.q_stride;
+      const T* qi = w.qc.data() + (r0 + i) * K;
       for (index_t d = 0; d < K; ++d) qt[d * Qn + i] = qi[d];  // unscaled: the gate has no scale
     } else {
       for (index_t d = 0; d < K; ++d) qt[d * Qn + i] = T(0);
@@ -310,36 +283,50 @@ void select_tile(const problem<T>& pr, const params<T>& p, index_t r0, index_t n
     at::scores_block<T, at::rk>(pr.means + b * K, K, qt, K, g + b * Qn);
   for (; b < nb; ++b) at::scores_block<T, 1>(pr.means + b * K, K, qt, K, g + b * Qn);
 
+  // Per lane, a sorted top-(k-1) list [k-1][Q] (value, chunk as T; chunk -1: empty slot),
+  // kept by an insertion network over whole SIMD vectors: chunk b enters at the top of the list
+  // and sinks past every entry it beats, exchanging places, so the list stays sorted by (gate
+  // descending, chunk ascending) with empty slots last, and no branch depends on the data.
   auto& top = w.top;
   top.reset(k1);  // sized by prepare: no allocation
+  T* tv = top.val.data();
+  T* ti = top.fidx.data();
+  const T ninf = -std::numeric_limits<T>::infinity();
+  std::fill_n(tv, k1 * Qn, ninf);
+  std::fill_n(ti, k1 * Qn, T(-1));
   // lane i takes chunks b < own chunk of row i: (pos_lo + i) / c
   alignas(64) std::array<T, static_cast<std::size_t>(Qn)> own{};
   for (index_t i = 0; i < Qn; ++i)
     own[static_cast<std::size_t>(i)] = i < nr ? T((pos_lo + i) / c) : T(0);
-  const T ninf = -std::numeric_limits<T>::infinity();
+  const batch<T> neg_inf(ninf), zero(T(0)), none(T(-1));
   for (b = 0; b < nb; ++b) {
     const T* gb = g + b * Qn;
     const batch<T> bb = batch<T>(T(b));
     for (index_t cc = 0; cc < at::qv; ++cc) {
       const index_t off = cc * L<T>;
-      const batch<T> x = simd::load(gb + off);
-      const batch<T> thr = simd::load(top.worst.data() + off);
-      // candidates: a lane not yet full (worst = -inf; NaN ranks -inf) or a strictly larger gate
-      const auto valid = bb < simd::load(own.data() + off);
-      const auto cand = valid && ((x > thr) || (thr == batch<T>(ninf)));
-      if (!xsimd::any(cand)) continue;
-      for (index_t i = off; i < off + L<T>; ++i) {
-        if (T(b) < own[static_cast<std::size_t>(i)])
-          top.offer(i, rank_value(gb[i]), static_cast<std::int32_t>(b));
+      batch<T> x = simd::load(gb + off);
+      x = xsimd::select(xsimd::isnan(x), neg_inf, x);  // NaN ranks as -inf
+      batch<T> xi = xsimd::select(bb < simd::load(own.data() + off), bb, none);
+      for (index_t j = 0; j < k1; ++j) {
+        T* vp = tv + j * Qn + off;
+        T* ip = ti + j * Qn + off;
+        const batch<T> v = simd::load(vp), vi = simd::load(ip);
+        const auto win = (xi >= zero) && ((vi < zero) || (x > v) || ((x == v) && (xi < vi)));
+        simd::store(vp, xsimd::select(win, x, v));
+        simd::store(ip, xsimd::select(win, xi, vi));
+        x = xsimd::select(win, v, x);
+        xi = xsimd::select(win, vi, xi);
       }
     }
   }
   for (index_t i = 0; i < nr; ++i) {
-    const auto si = static_cast<std::size_t>(i);
-    const index_t n = top.count[si];
-    std::int32_t* s = w.sel.data() + (r0 + i) * k1;
-    std::copy_n(top.idx.data() + i * k1, n, s);
-    std::sort(s, s + n);
+    std::int32_t* sr = w.sel.data() + (r0 + i) * k1;
+    index_t n = 0;
+    for (index_t j = 0; j < k1; ++j) {
+      const T id = ti[j * Qn + i];
+      if (id >= T(0)) sr[n++] = static_cast<std::int32_t>(id);
+    }
+    std::sort(sr, sr + n);
     w.nsel[static_cast<std::size_t>(r0 + i)] = n;
   }
 }
@@ -359,8 +346,9 @@ void prepare(scratch<T>& w, const params<T>& p, index_t max_nq, index_t max_end)
   grow(w.m, static_cast<std::size_t>(Qn));
   grow(w.l, static_cast<std::size_t>(Qn));
   grow(w.alpha, static_cast<std::size_t>(Qn));
-  grow(w.m_all, static_cast<std::size_t>(max_nq));
-  grow(w.l_all, static_cast<std::size_t>(max_nq));
+  w.ss = w.acc_stride + L<T>;
+  grow(w.qc, static_cast<std::size_t>(max_nq * K));
+  grow(w.state, static_cast<std::size_t>(max_nq * w.ss));
   grow(w.sel, static_cast<std::size_t>(max_nq * k1));
   grow(w.nsel, static_cast<std::size_t>(max_nq));
   grow(w.list, static_cast<std::size_t>(std::max<index_t>(max_nq * k1, 1)));
@@ -378,9 +366,9 @@ void run_problem(const problem<T>& pr, const params<T>& p, scratch<T>& w) {
   const index_t nq = pr.nq;
   if (nq <= 0) return;
   w.acc_stride = (V + L<T> - 1) / L<T> * L<T>;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  std::fill_n(w.m_all.data(), nq, ninf);
-  std::fill_n(w.l_all.data(), nq, T(0));
+  w.ss = w.acc_stride + L<T>;
+  for (index_t r = 0; r < nq; ++r)
+    std::copy_n(pr.q + r * pr.q_stride, p.key_dim, w.qc.data() + r * p.key_dim);
 
   // 1. selection
   for (index_t r0 = 0; r0 < nq; r0 += Qn) select_tile(pr, p, r0, std::min(Qn, nq - r0), w);
@@ -392,7 +380,13 @@ void run_problem(const problem<T>& pr, const params<T>& p, scratch<T>& w) {
     }
   }
   if (!pr.o) return;
-  for (index_t r = 0; r < nq; ++r) std::fill_n(pr.o + r * pr.o_stride, V, T(0));
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (index_t r = 0; r < nq; ++r) {
+    T* sr = w.state.data() + r * w.ss;
+    sr[0] = ninf;
+    sr[1] = T(0);
+    std::fill_n(sr + L<T>, V, T(0));
+  }
   // 2. per earlier chunk, the rows that selected it (ascending)
   const index_t pos_end = pr.q_pos0 + nq;
   const index_t nb = (pos_end - 1) / c;
@@ -430,9 +424,10 @@ void run_problem(const problem<T>& pr, const params<T>& p, scratch<T>& w) {
   }
   // epilogue
   for (index_t r = 0; r < nq; ++r) {
-    const T inv = T(1) / w.l_all[static_cast<std::size_t>(r)];
+    const T* sr = w.state.data() + r * w.ss;
+    const T inv = T(1) / sr[1];
     T* o = pr.o + r * pr.o_stride;
-    for (index_t d = 0; d < V; ++d) o[d] *= inv;
+    for (index_t d = 0; d < V; ++d) o[d] = sr[L<T> + d] * inv;
   }
 }
 
