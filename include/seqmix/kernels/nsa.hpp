@@ -282,11 +282,26 @@ inline void compressed(const token_problem<T>& tp, const params<T>& p, index_t n
     w.lse[static_cast<std::size_t>(g0 + i)] = w.m[is] + std::log(li);
   }
   if (tp.given) return;  // no selection to score
+  // selection scores: score[j] += Σ_{i < gn} e[j][i] / l[i] (the probabilities, summed over the
+  // group's heads; lanes past gn are padding and masked out)
+  std::array<batch<T>, static_cast<std::size_t>(kernels::attention::detail::qv)> lv, keep;
+  for (index_t c = 0; c < nvec; ++c) {
+    const auto cs = static_cast<std::size_t>(c);
+    lv[cs] = simd::load(w.l.data() + c * L<T>);
+    alignas(64) std::array<T, static_cast<std::size_t>(L<T>)> lane{};
+    for (index_t i = 0; i < L<T>; ++i)
+      lane[static_cast<std::size_t>(i)] = c * L<T> + i < gn ? T(1) : T(0);
+    keep[cs] = batch<T>::load_aligned(lane.data());
+  }
   for (index_t j = 0; j < nv; ++j) {
     const T* e = st + j * bq<T>;
-    T s = T(0);
-    for (index_t i = 0; i < gn; ++i) s += e[i] / w.l[static_cast<std::size_t>(i)];
-    w.score[static_cast<std::size_t>(j)] += s;
+    const batch<T> half(T(0.5)), zero(T(0));
+    batch<T> acc = xsimd::select(keep[0] > half, simd::load(e) / lv[0], zero);
+    for (index_t c = 1; c < nvec; ++c) {
+      const auto cs = static_cast<std::size_t>(c);
+      acc += xsimd::select(keep[cs] > half, simd::load(e + c * L<T>) / lv[cs], zero);
+    }
+    w.score[static_cast<std::size_t>(j)] += simd::reduce_sum(acc);
   }
 }
 

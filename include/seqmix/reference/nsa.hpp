@@ -26,6 +26,7 @@
 #include <limits>
 #include <optional>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include <seqmix/core/tensor.hpp>
