@@ -52,5 +52,8 @@
 #include <seqmix/mixers/moe.hpp>
 #include <seqmix/reference/moe.hpp>
 
+// backward passes of the chunked forms (training): mixers/backward.hpp lists them
+#include <seqmix/mixers/backward.hpp>
+
 // layers with weights from checkpoints (layers/layers.hpp lists them)
 #include <seqmix/layers/layers.hpp>

@@ -184,7 +184,11 @@ template <class T>
 void attention_backward(const attention_problem<T>& p, index_t C) {
   const index_t B = p.q.extent(0), TT = p.q.extent(1), H = p.q.extent(2), Hkv = p.k.extent(2);
   const index_t group = H / Hkv, K = p.q.extent(3), V = p.v.extent(3);
-  std::vector<detail::attention_scratch<T>> scratch(static_cast<std::size_t>(max_slots()));
+  thread_local std::vector<detail::attention_scratch<T>> scratch;  // grow-only, per caller
+  if (scratch.size() < static_cast<std::size_t>(max_slots()))
+    scratch.resize(static_cast<std::size_t>(max_slots()));
+  // the workers index the caller's slots (a thread_local named inside the lambda would be theirs)
+  auto* slots = scratch.data();
   parallel_for_with_slot(B * Hkv, [&](index_t item, int tid) {
     const index_t b = item / Hkv, hk = item % Hkv;
     for (index_t t = 0; t < TT; ++t) {
@@ -192,7 +196,7 @@ void attention_backward(const attention_problem<T>& p, index_t C) {
       std::fill_n(p.dv.ptr({b, t, hk, 0}), V, T(0));
     }
     for (index_t h = hk * group; h < (hk + 1) * group; ++h)
-      detail::attention_head(p, C, b, h, hk, scratch[static_cast<std::size_t>(tid)]);
+      detail::attention_head(p, C, b, h, hk, slots[tid]);
   });
 }
 

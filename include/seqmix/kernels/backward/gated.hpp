@@ -241,13 +241,20 @@ void gated_head(const gated_problem<T>& p, index_t C, index_t b, index_t t0, ind
     if (!per_key) {
       // A = (Qs Kcᵀ) ⊙ M, dA ⊙= M, M_rj = e^{b_r - b_j} (j <= r)
       linalg::gemm<T, false, true>(L, L, K, s.Qs.data(), K, s.Kc.data(), K, A, C, false, s.pack);
+      const bool gated = p.g.data() != nullptr;
       for (index_t r = 0; r < L; ++r) {
-        for (index_t j = 0; j <= r; ++j) {
-          const T m = fexp(cum[r] - cum[j]);
-          A[r * C + j] *= m;
-          dA[r * C + j] *= m;
+        T* ar = A + r * C;
+        T* dar = dA + r * C;
+        if (gated) {
+          T* m = s.w.data();
+          for (index_t j = 0; j <= r; ++j) m[j] = static_cast<T>(cum[r] - cum[j]);
+          exp_inplace(m, r + 1);
+          for (index_t j = 0; j <= r; ++j) {
+            ar[j] *= m[j];
+            dar[j] *= m[j];
+          }
         }
-        for (index_t j = r + 1; j < L; ++j) A[r * C + j] = dA[r * C + j] = T(0);
+        for (index_t j = r + 1; j < L; ++j) ar[j] = dar[j] = T(0);
       }
       linalg::gemm<T, false, false>(L, K, L, dA, C, s.Kc.data(), K, dQ, K, false, s.pack);
       linalg::gemm<T, true, false>(L, K, L, dA, C, s.Qs.data(), K, dK, K, false, s.pack);
@@ -367,27 +374,25 @@ void gated_head(const gated_problem<T>& p, index_t C, index_t b, index_t t0, ind
       T* dko = p.dk.ptr({b, t, hk, 0});
       const T* dq = dQ + r * K;
       const T* dkc = dK + r * K;
-      double dc = 0, dgs = 0;
-      for (index_t i = 0; i < K; ++i) {
-        const T dki = cc * dkc[i];
-        dc += static_cast<double>(kr[i]) * static_cast<double>(dkc[i]);
-        if (want_gate) {
-          const double dG = static_cast<double>(qr[i]) * static_cast<double>(dq[i]) -
-                            static_cast<double>(kr[i]) * static_cast<double>(dki);
-          if (per_key) {
-            s.acc[static_cast<std::size_t>(i)] += dG;
-          } else {
-            dgs += dG;
-          }
-        }
-        if (add_qk) {
-          dqo[i] += dq[i];
-          dko[i] += dki;
-        } else {
-          dqo[i] = dq[i];
-          dko[i] = dki;
-        }
+      // plain loops the compiler vectorises; the per-token sums are SIMD dot products in T (their
+      // rounding is relative to one token's terms), the running sums across tokens are in double
+      const T kdk = simd::dot(kr, dkc, K);  // k·d(ck): the key scale's gradient, and k·dk / c
+      double dgs = 0;
+      if (want_gate && !per_key)
+        dgs = static_cast<double>(simd::dot(qr, dq, K)) - static_cast<double>(cc * kdk);
+      if (want_gate && per_key) {
+        double* acc = s.acc.data();
+        for (index_t i = 0; i < K; ++i)
+          acc[i] += static_cast<double>(qr[i] * dq[i]) - static_cast<double>(kr[i] * (cc * dkc[i]));
       }
+      if (add_qk) {
+        for (index_t i = 0; i < K; ++i) dqo[i] += dq[i];
+        for (index_t i = 0; i < K; ++i) dko[i] += cc * dkc[i];
+      } else {
+        for (index_t i = 0; i < K; ++i) dqo[i] = dq[i];
+        for (index_t i = 0; i < K; ++i) dko[i] = cc * dkc[i];
+      }
+      const T dc = kdk;
       if (p.dk_scale.data()) p.dk_scale(b, t, h) = static_cast<T>(dc);
       if (want_gate) {
         if (per_key) {
@@ -420,13 +425,19 @@ template <class T>
 void gated_backward(const gated_problem<T>& p, index_t C) {
   const index_t N = p.sequences(), Hk = p.q.extent(2), H = p.v.extent(2), group = H / Hk;
   const index_t TT = p.q.extent(1);
-  std::vector<detail::gated_scratch<T>> scratch(static_cast<std::size_t>(max_slots()));
+  // grow-only per calling thread, one slot per worker: repeated calls (training steps) allocate
+  // nothing and touch no fresh pages (a new 2 MiB state buffer per call cost ~10 % in page faults)
+  thread_local std::vector<detail::gated_scratch<T>> scratch;
+  if (scratch.size() < static_cast<std::size_t>(max_slots()))
+    scratch.resize(static_cast<std::size_t>(max_slots()));
+  // the workers index the caller's slots (a thread_local named inside the lambda would be theirs)
+  auto* slots = scratch.data();
   parallel_for_with_slot(N * Hk, [&](index_t item, int tid) {
     const index_t n = item / Hk, hk = item % Hk;
     const index_t b = p.cu_seqlens.empty() ? n : 0;
     const index_t t0 = p.cu_seqlens.empty() ? 0 : p.cu_seqlens[static_cast<std::size_t>(n)];
     const index_t t1 = p.cu_seqlens.empty() ? TT : p.cu_seqlens[static_cast<std::size_t>(n) + 1];
-    auto& s = scratch[static_cast<std::size_t>(tid)];
+    auto& s = slots[tid];
     for (index_t h = hk * group; h < (hk + 1) * group; ++h)
       detail::gated_head(p, C, b, t0, t1, n, h, hk, h != hk * group, s);
   });
