@@ -4,10 +4,12 @@
 // routers, the caches after prefill and after decode, the greedy decode steps and the full
 // forward; the MoE FFN layer against moe_blocks; packed batch == separate runs; snapshot /
 // restore; config and checkpoint errors; sampling.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <string>
 #include <vector>
@@ -166,4 +168,409 @@ TEST_CASE("qwen3_next model matches transformers' Qwen3NextForCausalLM", "[golde
 TEST_CASE("mamba2_hybrid model matches transformers' GraniteMoeHybridForCausalLM",
           "[golden][models]") {
   golden_model("mamba2_hybrid");
+}
+
+// --- the MoE FFN layer alone: transformers' MoE blocks ------------------------------------------
+
+namespace {
+
+void golden_moe_block(const std::string& block, const std::string& weights,
+                      layers::moe_ffn_config cfg) {
+  const auto& f = gl::file("v2/moe_blocks");
+  const auto ck = checkpoint::open(gl::path("v2/moe_blocks.safetensors"));
+  const auto layer = layers::moe_ffn::load(ck, weights + ".w.", cfg);
+  const auto x = f.get<float, 2>(block + ".x");
+  const index_t T = x.extent(0), k = cfg.routing.top_k;
+  tensor<float, 2> y({T, cfg.hidden}), logits({T, cfg.experts}), w({T, k});
+  tensor<index_t, 2> ids({T, k});
+  layer.forward(x.view(), y.view(), {logits.view(), ids.view(), w.view()});
+  check_rel(block + ".y", compare(f.get<float, 2>(block + ".y"), y), 1e-5);
+  check_rel(block + ".router_logits", compare(f.get<float, 2>(block + ".router_logits"), logits),
+            1e-5);
+  // pairs sorted by expert id (DeepSeek's topk is unsorted)
+  const auto ref_ids = f.get<std::int64_t, 2>(block + ".topk_ids_sorted");
+  const auto ref_w = f.get<float, 2>(block + ".topk_weights_sorted");
+  tensor<float, 2> ws({T, k});
+  index_t diff = 0;
+  for (index_t t = 0; t < T; ++t) {
+    std::vector<std::pair<index_t, float>> p;
+    for (index_t j = 0; j < k; ++j) p.emplace_back(ids(t, j), w(t, j));
+    std::sort(p.begin(), p.end());
+    for (index_t j = 0; j < k; ++j) {
+      diff += p[static_cast<std::size_t>(j)].first != ref_ids(t, j);
+      ws(t, j) = p[static_cast<std::size_t>(j)].second;
+    }
+  }
+  INFO(block << " expert ids differing: " << diff);
+  CHECK(diff == 0);
+  check_rel(block + ".topk_weights", compare(ref_w, ws), 1e-5);
+}
+
+layers::moe_ffn_config block_cfg(moe_options r, layers::moe_ffn_names n, index_t shared) {
+  layers::moe_ffn_config c;
+  c.hidden = 64;
+  c.experts = 8;
+  c.expert_dim = 32;
+  c.shared_dim = shared;
+  c.routing = r;
+  c.names = std::move(n);
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("moe_ffn matches transformers' MoE blocks (moe_blocks)", "[golden][models][moe_ffn]") {
+  using N = layers::moe_ffn_names;
+  golden_moe_block("qwen3_next", "qwen3_next",
+                   block_cfg(moe_options::qwen_moe(true), N::transformers_fused(true, true), 48));
+  golden_moe_block("mixtral", "mixtral",
+                   block_cfg(moe_options::mixtral(), N::transformers_fused(false, false), 0));
+  golden_moe_block("qwen3_moe_norm", "qwen3_moe_norm",
+                   block_cfg(moe_options::qwen_moe(true), N::transformers_fused(false, false), 0));
+  golden_moe_block("qwen3_moe_nonorm", "qwen3_moe_norm",
+                   block_cfg(moe_options::qwen_moe(false), N::transformers_fused(false, false), 0));
+  auto ds = N::transformers_fused(true, false, "shared_experts.");
+  ds.score_bias = "gate.e_score_correction_bias";
+  golden_moe_block("deepseek_v3", "deepseek_v3",
+                   block_cfg(moe_options::deepseek_v3(4, 2, 2.5f, 2), ds, 32));
+}
+
+// --- batches, snapshots ------------------------------------------------------------------------
+
+namespace {
+
+tensor<float, 2> rows(const tensor<float, 2>& t, index_t r0, index_t r1) {
+  tensor<float, 2> out({r1 - r0, t.extent(1)});
+  std::copy(t.data() + r0 * t.extent(1), t.data() + r1 * t.extent(1), out.data());
+  return out;
+}
+
+void packed_equals_separate(const std::string& name) {
+  auto m = models::hybrid_model::load(model_dir(name));
+  const auto a = ids_of(name, "prompt_ids");                 // 37 tokens
+  std::vector<std::int64_t> b(a.rbegin(), a.rbegin() + 21);  // 21 others
+  std::vector<std::int64_t> ab(a);
+  ab.insert(ab.end(), b.begin(), b.end());
+  const std::vector<index_t> cu{0, 37, 58};
+  auto cp = m.make_cache(2, 64);
+  const auto lp = m.prefill(ab, cu, cp);
+  auto ca = m.make_cache(1, 64), cb = m.make_cache(1, 64);
+  const auto la = m.prefill(a, {}, ca);
+  const auto lb = m.prefill(b, {}, cb);
+  check_rel(name + " packed sequence 0", compare(la, rows(lp, 0, 37)), 1e-5);
+  check_rel(name + " packed sequence 1", compare(lb, rows(lp, 37, 58)), 1e-5);
+  // last-token logits of the packed prefill
+  auto cl = m.make_cache(2, 64);
+  const auto ll = m.prefill(ab, cu, cl, models::logits_mode::last);
+  REQUIRE(ll.extent(0) == 2);
+  check_rel(name + " last logits 0", compare(rows(lp, 36, 37), rows(ll, 0, 1)), 1e-6);
+  check_rel(name + " last logits 1", compare(rows(lp, 57, 58), rows(ll, 1, 2)), 1e-6);
+  // two decode steps: batch of two == each alone
+  std::vector<std::int64_t> next{5, 17};
+  for (int s = 0; s < 2; ++s) {
+    const auto d2 = m.decode(next, cp);
+    const auto da = m.decode(std::vector<std::int64_t>{next[0]}, ca);
+    const auto db = m.decode(std::vector<std::int64_t>{next[1]}, cb);
+    check_rel(name + " batched decode 0", compare(da, rows(d2, 0, 1)), 1e-5);
+    check_rel(name + " batched decode 1", compare(db, rows(d2, 1, 2)), 1e-5);
+    next = {models::greedy_token({d2.data(), static_cast<std::size_t>(m.vocab())}),
+            models::greedy_token({d2.data() + m.vocab(), static_cast<std::size_t>(m.vocab())})};
+  }
+  CHECK(cp.length(0) == 39);
+  CHECK(cp.length(1) == 23);
+}
+
+void snapshot_round_trip(const std::string& name) {
+  auto m = models::hybrid_model::load(model_dir(name));
+  const auto a = ids_of(name, "prompt_ids");
+  auto c = m.make_cache(1, 64);
+  m.prefill(a, {}, c, models::logits_mode::last);
+  const auto snap = c.snapshot();
+  const std::vector<std::int64_t> t1{3}, t2{99};
+  const auto l1 = m.decode(t1, c);
+  const auto l2 = m.decode(t2, c);
+  CHECK(c.length(0) == 39);
+  // a different continuation, then back to the snapshot
+  m.decode(std::vector<std::int64_t>{400}, c);
+  c.restore(snap);
+  CHECK(c.length(0) == 37);
+  const auto r1 = m.decode(t1, c);
+  const auto r2 = m.decode(t2, c);
+  CHECK(testing::bitwise_equal(l1, r1));
+  CHECK(testing::bitwise_equal(l2, r2));
+  // a snapshot of another batch size is refused, the cache untouched
+  auto other = m.make_cache(2, 64);
+  CHECK_THROWS_AS(c.restore(other.snapshot()), shape_error);
+  CHECK(c.length(0) == 39);
+  CHECK(c.bytes() > 0);
+}
+
+}  // namespace
+
+TEST_CASE("models: a packed batch of two prompts == two separate runs", "[models]") {
+  packed_equals_separate("qwen3_next");
+  packed_equals_separate("mamba2_hybrid");
+}
+
+TEST_CASE("models: cache snapshot / restore round trip", "[models]") {
+  snapshot_round_trip("qwen3_next");
+  snapshot_round_trip("mamba2_hybrid");
+}
+
+// --- checkpoints and configs that do not match ---------------------------------------------------
+
+namespace {
+
+std::filesystem::path temp_model(const std::string& tag) {
+  const auto p = std::filesystem::temp_directory_path() /
+                 ("seqmix_models_" + tag + "_" + std::to_string(Catch::rngSeed()));
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p;
+}
+
+/// The golden model's tensors re-written into `dir` (dropping, adding, reshaping or widening
+/// to bf16 as asked) with its config.json.
+void write_model(const std::string& name, const std::filesystem::path& dir,
+                 const std::string& drop = {}, const std::string& extra = {},
+                 const std::string& reshape = {}, int bf16_mode = 0) {
+  const auto ck = checkpoint::open(model_dir(name));
+  safetensors_writer w;
+  for (const auto& n : ck.names()) {
+    if (n == drop) continue;
+    const auto& info = ck.info(n);
+    if (n == reshape) {
+      std::vector<index_t> s = info.shape;
+      s.back() += 1;
+      w.add(any_tensor(n, dtype::f32, s));
+    } else if (bf16_mode == 1) {  // stored as bf16
+      const auto f = ck.get_flat<float>(n);
+      any_tensor t(n, dtype::bf16, info.shape);
+      auto* d = reinterpret_cast<bf16*>(t.mutable_data());
+      for (std::size_t i = 0; i < f.size(); ++i) d[i] = bf16_from_float(f[i]);
+      w.add(std::move(t));
+    } else if (bf16_mode == 2) {  // rounded to bf16, stored as f32
+      const auto f = ck.get_flat<float>(n);
+      any_tensor t(n, dtype::f32, info.shape);
+      auto* d = reinterpret_cast<float*>(t.mutable_data());
+      for (std::size_t i = 0; i < f.size(); ++i) d[i] = static_cast<float>(bf16_from_float(f[i]));
+      w.add(std::move(t));
+    } else {
+      w.add(ck.at(n));
+    }
+  }
+  if (!extra.empty()) w.add(any_tensor(extra, dtype::f32, {4}));
+  w.save((dir / "model.safetensors").string());
+  std::filesystem::copy_file(std::filesystem::path(model_dir(name)) / "config.json",
+                             dir / "config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+}
+
+void write_config(const std::string& name, const std::filesystem::path& dir,
+                  const std::function<void(nlohmann::json&)>& edit) {
+  std::ifstream in(std::filesystem::path(model_dir(name)) / "config.json");
+  nlohmann::json j = nlohmann::json::parse(in);
+  edit(j);
+  std::ofstream(dir / "config.json") << j.dump(2);
+}
+
+template <class E>
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+}  // namespace
+
+TEST_CASE("models: missing, extra, mis-shaped tensors and truncated files are clear errors",
+          "[models]") {
+  const auto dir = temp_model("errors");
+  const auto load = [&] { (void)models::hybrid_model::load(dir.string()); };
+  SECTION("missing tensor") {
+    write_model("qwen3_next", dir, "model.layers.1.linear_attn.A_log");
+    const auto msg = error_of<io_error>(load);
+    INFO(msg);
+    CHECK(msg.find("1 tensor(s) missing: model.layers.1.linear_attn.A_log") != std::string::npos);
+  }
+  SECTION("extra tensor") {
+    write_model("mamba2_hybrid", dir, {}, "model.layers.0.mamba.extra_bias");
+    const auto msg = error_of<io_error>(load);
+    INFO(msg);
+    CHECK(msg.find("does not use: model.layers.0.mamba.extra_bias") != std::string::npos);
+    models::load_options opt;
+    opt.allow_unused = true;
+    const auto m = models::hybrid_model::load(models::load_config(dir.string()),
+                                              checkpoint::open(dir.string()), opt);
+    CHECK(m.unused_tensors() == std::vector<std::string>{"model.layers.0.mamba.extra_bias"});
+  }
+  SECTION("mis-shaped tensor") {
+    write_model("qwen3_next", dir, {}, {}, "model.layers.2.self_attn.q_norm.weight");
+    const auto msg = error_of<io_error>(load);
+    INFO(msg);
+    CHECK(msg.find("model.layers.2.self_attn.q_norm.weight") != std::string::npos);
+    CHECK(msg.find("expected shape [32]") != std::string::npos);
+    CHECK(msg.find("got shape [33]") != std::string::npos);
+  }
+  SECTION("truncated checkpoint") {
+    write_model("qwen3_next", dir);
+    const auto file = dir / "model.safetensors";
+    const auto size = std::filesystem::file_size(file);
+    std::filesystem::resize_file(file, size / 2);
+    const auto msg = error_of<io_error>(load);
+    INFO(msg);
+    CHECK(msg.find("model.safetensors") != std::string::npos);
+    CHECK(msg != "(no error)");
+  }
+  SECTION("no checkpoint in the folder") {
+    write_config("qwen3_next", dir, [](nlohmann::json&) {});
+    const auto msg = error_of<io_error>(load);
+    INFO(msg);
+    CHECK(msg.find("holds neither") != std::string::npos);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("models: unknown model_type, unknown fields, unsupported values are clear errors",
+          "[models]") {
+  const auto dir = temp_model("config");
+  const auto parse = [&] { (void)models::load_config(dir.string()); };
+  SECTION("unknown model_type") {
+    write_config("qwen3_next", dir, [](nlohmann::json& j) { j["model_type"] = "llama"; });
+    const auto msg = error_of<io_error>(parse);
+    INFO(msg);
+    CHECK(msg.find("unknown model_type \"llama\"") != std::string::npos);
+    CHECK(msg.find("qwen3_next, granitemoehybrid") != std::string::npos);
+  }
+  SECTION("unknown fields, all listed") {
+    write_config("mamba2_hybrid", dir, [](nlohmann::json& j) {
+      j["mamba_fancy_mode"] = true;
+      j["zz_other"] = 3;
+    });
+    const auto msg = error_of<io_error>(parse);
+    INFO(msg);
+    CHECK(msg.find("2 field(s)") != std::string::npos);
+    CHECK(msg.find("\"mamba_fancy_mode\", \"zz_other\"") != std::string::npos);
+  }
+  SECTION("unsupported value") {
+    write_config("qwen3_next", dir, [](nlohmann::json& j) { j["hidden_act"] = "gelu"; });
+    const auto msg = error_of<io_error>(parse);
+    INFO(msg);
+    CHECK(msg.find("\"hidden_act\" is \"gelu\"") != std::string::npos);
+  }
+  SECTION("layer_types of the wrong length") {
+    write_config("qwen3_next", dir, [](nlohmann::json& j) { j["layer_types"].erase(0); });
+    const auto msg = error_of<io_error>(parse);
+    INFO(msg);
+    CHECK(msg.find("\"layer_types\" must be an array of num_hidden_layers = 4") !=
+          std::string::npos);
+  }
+  SECTION("kimi_linear is recognised, not yet implemented") {
+    write_config("qwen3_next", dir, [](nlohmann::json& j) { j["model_type"] = "kimi_linear"; });
+    const auto msg = error_of<io_error>(parse);
+    INFO(msg);
+    CHECK(msg.find("not implemented yet") != std::string::npos);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("models: config patterns and multipliers as each family reads them", "[models]") {
+  const auto q = models::load_config(model_dir("qwen3_next"));
+  REQUIRE(q.num_layers() == 4);
+  CHECK(q.layers[2].mixer == models::mixer_kind::attention);
+  CHECK(q.layers[0].mixer == models::mixer_kind::gated_deltanet);
+  CHECK(q.layers[3].ffn == models::ffn_kind::dense);  // mlp_only_layers
+  CHECK(q.layers[0].ffn == models::ffn_kind::moe);
+  CHECK(q.attention.partial_rotary == 0.25);
+  CHECK(q.norm_mode == layers::norm_weight::one_plus);
+  const auto g = models::load_config(model_dir("mamba2_hybrid"));
+  CHECK(g.layers[1].mixer == models::mixer_kind::attention);
+  CHECK(g.layers[0].mixer == models::mixer_kind::mamba2);
+  CHECK(g.embedding_multiplier == 2.0f);
+  CHECK(g.residual_multiplier == 0.5f);
+  CHECK(g.logits_scaling == 4.0f);
+  CHECK(g.attention.scale.value() == 0.125f);
+  CHECK(std::isinf(g.mamba.dt_max));
+  // the default pattern without layer_types: every full_attention_interval-th layer
+  nlohmann::json j;
+  {
+    std::ifstream in(std::filesystem::path(model_dir("qwen3_next")) / "config.json");
+    j = nlohmann::json::parse(in);
+  }
+  j.erase("layer_types");
+  j["num_hidden_layers"] = 8;
+  j["full_attention_interval"] = 4;
+  j["mlp_only_layers"] = nlohmann::json::array();
+  const auto d = models::parse_config(j, "test");
+  for (index_t i = 0; i < 8; ++i) {
+    CHECK((d.layers[static_cast<std::size_t>(i)].mixer == models::mixer_kind::attention) ==
+          (i % 4 == 3));
+    CHECK(d.layers[static_cast<std::size_t>(i)].ffn == models::ffn_kind::moe);
+  }
+}
+
+TEST_CASE("models: bf16 checkpoints run as the f32 model of the same (rounded) weights",
+          "[models]") {
+  // bf16 storage is exact widening: the bf16 model must equal, to f32 rounding, the f32 model
+  // whose weights are the bf16 values (the f32 original is further away: a routing flip)
+  const auto d16 = temp_model("bf16"), d32 = temp_model("bf16r");
+  write_model("qwen3_next", d16, {}, {}, {}, 1);
+  write_model("qwen3_next", d32, {}, {}, {}, 2);
+  auto m16 = models::hybrid_model::load(d16.string());
+  auto m32 = models::hybrid_model::load(d32.string());
+  const auto a = ids_of("qwen3_next", "prompt_ids");
+  auto c16 = m16.make_cache(1, 64), c32 = m32.make_cache(1, 64);
+  const auto l16 = m16.prefill(a, {}, c16);
+  const auto l32 = m32.prefill(a, {}, c32);
+  check_rel("bf16 vs rounded f32 prefill", compare(l32, l16), 1e-5);
+  const std::vector<std::int64_t> t{7};
+  check_rel("bf16 vs rounded f32 decode", compare(m32.decode(t, c32), m16.decode(t, c16)), 1e-5);
+  std::filesystem::remove_all(d16);
+  std::filesystem::remove_all(d32);
+}
+
+TEST_CASE("models: sampling is greedy at temperature 0 and reproducible by seed", "[models]") {
+  const std::vector<float> l{0.1f, 2.0f, 2.0f, -1.0f, 1.9f};
+  CHECK(models::greedy_token(l) == 1);  // first of the equal maxima
+  models::sampler g({0.0f, 1.0f, 7});
+  CHECK(g.sample(l) == 1);
+  models::sampler a({1.0f, 0.9f, 42}), b({1.0f, 0.9f, 42});
+  std::vector<int> count(5, 0);
+  for (int i = 0; i < 400; ++i) {
+    const auto x = a.sample(l);
+    CHECK(x == b.sample(l));
+    ++count[static_cast<std::size_t>(x)];
+  }
+  CHECK(count[0] == 0);  // outside the 0.9 nucleus
+  CHECK(count[3] == 0);
+  CHECK(count[1] > 50);
+  CHECK(count[2] > 50);
+  CHECK(count[4] > 50);
+  models::sampler tiny({1.0f, 1e-6f, 1});
+  for (int i = 0; i < 20; ++i) CHECK(tiny.sample(l) == 1);
+  CHECK_THROWS_AS(models::sampler({1.0f, 0.0f, 1}), shape_error);
+  const std::vector<float> bad{0.0f, NAN};
+  CHECK_THROWS_AS(a.sample(bad), shape_error);
+}
+
+TEST_CASE("models: bad prefill / decode arguments name the argument", "[models]") {
+  auto m = models::hybrid_model::load(model_dir("qwen3_next"));
+  auto c = m.make_cache(1, 8);
+  const std::vector<std::int64_t> bad{1, 512};
+  auto msg = error_of<shape_error>([&] { m.prefill(bad, {}, c); });
+  CHECK(msg.find("hybrid_model::prefill") != std::string::npos);
+  CHECK(msg.find("entry 1 is 512") != std::string::npos);
+  const std::vector<std::int64_t> ten(10, 3);
+  msg = error_of<shape_error>([&] { m.prefill(ten, {}, c); });
+  CHECK(msg.find("capacity is 8") != std::string::npos);
+  CHECK(c.length(0) == 0);
+  const std::vector<std::int64_t> two{1, 2};
+  msg = error_of<shape_error>([&] { m.decode(two, c); });
+  CHECK(msg.find("2 rows") != std::string::npos);
+  const std::vector<index_t> cu{0, 1, 2};
+  msg = error_of<shape_error>([&] { m.prefill(two, cu, c); });
+  CHECK(msg.find("cache") != std::string::npos);
 }
