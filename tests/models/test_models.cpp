@@ -12,6 +12,7 @@
 #include <functional>
 #include <set>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include <catch2/catch.hpp>
@@ -22,6 +23,7 @@
 #include <seqmix/mixers/mamba2_ssd.hpp>
 #include <seqmix/models/models.hpp>
 
+#include "alloc_counter.hpp"
 #include "golden.hpp"
 #include "testing.hpp"
 
@@ -323,7 +325,8 @@ namespace {
 
 std::filesystem::path temp_model(const std::string& tag) {
   const auto p = std::filesystem::temp_directory_path() /
-                 ("seqmix_models_" + tag + "_" + std::to_string(Catch::rngSeed()));
+                 ("seqmix_models_" + tag + "_" + std::to_string(::getpid()) + "_" +
+                  std::to_string(Catch::rngSeed()));
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p;
@@ -573,4 +576,28 @@ TEST_CASE("models: bad prefill / decode arguments name the argument", "[models]"
   const std::vector<index_t> cu{0, 1, 2};
   msg = error_of<shape_error>([&] { m.prefill(two, cu, c); });
   CHECK(msg.find("cache") != std::string::npos);
+}
+
+TEST_CASE("models: a warm decode step allocates nothing", "[models]") {
+  for (const std::string name : {"qwen3_next", "mamba2_hybrid"}) {
+    auto m = models::hybrid_model::load(model_dir(name));
+    auto c = m.make_cache(2, 64);
+    const auto a = ids_of(name, "prompt_ids");
+    std::vector<std::int64_t> ab(a);
+    ab.insert(ab.end(), a.begin(), a.begin() + 5);
+    const std::vector<index_t> cu{0, 37, 42};
+    m.prefill(ab, cu, c, models::logits_mode::last);
+    tensor<float, 2> logits({2, m.vocab()});
+    std::vector<std::int64_t> next{1, 2};
+    m.decode_into(next, c, logits.view());  // warm-up: scratch reaches its size
+    m.decode_into(next, c, logits.view());
+    std::size_t count = 0;
+    {
+      testing::allocation_scope scope;
+      for (int s = 0; s < 3; ++s) m.decode_into(next, c, logits.view());
+      count = scope.stats().count;
+    }
+    INFO(name);
+    CHECK(count == 0);
+  }
 }
