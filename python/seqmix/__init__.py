@@ -56,6 +56,11 @@ from ._seqmix import (  # noqa: F401
     simd_arch,
     simple_gla_step,
 )
+from ._seqmix import (  # noqa: F401  (benchmark and test helpers)
+    _cpp_chunk_simple_gla_loop,
+    _cpp_simple_gla_step_loop,
+    _view_address,
+)
 from ._safetensors import load_safetensors  # noqa: F401
 
 # Mixers added later register here: each name the extension exports beyond the list above
