@@ -89,26 +89,34 @@ template <class T, index_t R, index_t NV>
 inline void scores_rows(const T* k, index_t k_stride, const T* qt, index_t key_dim, T* st) {
   constexpr auto NR = static_cast<std::size_t>(R), NC = static_cast<std::size_t>(NV);
   std::array<std::array<batch<T>, NC>, NR> acc;
+#pragma GCC unroll 16
   for (std::size_t r = 0; r < NR; ++r)
+#pragma GCC unroll 4
     for (std::size_t c = 0; c < NC; ++c) acc[r][c] = batch<T>(T(0));
   for (index_t d = 0; d < key_dim; ++d) {
     std::array<batch<T>, NC> qd;
+#pragma GCC unroll 4
     for (std::size_t c = 0; c < NC; ++c) qd[c] = simd::load(qt + d * bq<T> + index_t(c) * L<T>);
+#pragma GCC unroll 16
     for (std::size_t r = 0; r < NR; ++r) {
       const batch<T> kr(k[index_t(r) * k_stride + d]);
+#pragma GCC unroll 4
       for (std::size_t c = 0; c < NC; ++c) acc[r][c] = simd::fma(kr, qd[c], acc[r][c]);
     }
   }
+#pragma GCC unroll 16
   for (std::size_t r = 0; r < NR; ++r)
+#pragma GCC unroll 4
     for (std::size_t c = 0; c < NC; ++c)
       simd::store(st + index_t(r) * bq<T> + index_t(c) * L<T>, acc[r][c]);
 }
 
-// Register blocks: R key rows × NV query vectors, about 16-24 accumulators.
+// Register blocks: R key rows × NV query vectors, 8-24 accumulators (g++ 12 keeps an
+// 8 x 1 or 6 x 4 block in registers; a 16 x 1 one it spilled to the stack: 1.5x slower).
 template <index_t NV>
-inline constexpr index_t rows_for = NV == 1   ? 16
-                                    : NV == 2 ? 10
-                                    : NV == 3 ? 7
+inline constexpr index_t rows_for = NV == 1   ? 8
+                                    : NV == 2 ? 6
+                                    : NV == 3 ? 4
                                               : 6;
 
 template <class T, index_t NV>
@@ -363,6 +371,21 @@ inline void selected(const token_problem<T>& tp, const params<T>& p, const index
     for (index_t j0 = j_begin; j0 < j_end; j0 += scratch<T>::key_tile) {
       const index_t kn = std::min(scratch<T>::key_tile, j_end - j0);
       any = true;
+      // the next tile's keys and values (the next selected block is usually far away in a long
+      // sequence, where the hardware prefetcher cannot guess it): requested now, used next
+      index_t nj = j0 + scratch<T>::key_tile, nn = std::min(scratch<T>::key_tile, j_end - nj);
+      if (nn <= 0 && b < nblocks && blocks[b] >= 0 && blocks[b] * bs <= t) {
+        nj = blocks[b] * bs;
+        nn = std::min({scratch<T>::key_tile, bs, t + 1 - nj});
+      }
+      for (index_t j = 0; j < nn; ++j) {
+        const char* kr = reinterpret_cast<const char*>(tp.k + (nj + j) * tp.k_stride);
+        const char* vr = reinterpret_cast<const char*>(tp.v + (nj + j) * tp.v_stride);
+        for (index_t byte = 0; byte < p.key_dim * index_t(sizeof(T)); byte += 64)
+          __builtin_prefetch(kr + byte);
+        for (index_t byte = 0; byte < V * index_t(sizeof(T)); byte += 64)
+          __builtin_prefetch(vr + byte);
+      }
       scores(tp.k + j0 * tp.k_stride, tp.k_stride, kn, w.qt.data(), p.key_dim, nvec, st);
       for (index_t cc = 0; cc < nvec; ++cc) {
         const index_t off = cc * L<T>;

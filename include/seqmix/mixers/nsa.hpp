@@ -679,31 +679,11 @@ class native_sparse_attention {
         }
       }
     }
-    // work items (sequence, token): per sequence 0, n-1, 1, n-2, ... so that the static split
-    // balances the cost growing with t; the kv heads of a token are one item each
-    struct item {
-      std::size_t n;
-      index_t i;
-    };
-    std::vector<item> items;
-    index_t max_blocks = 1;
-    for (std::size_t n = 0; n < ns; ++n) {
-      const index_t len = seqs[n].len;
-      max_blocks = std::max(max_blocks, (len0[n] + len) / bs + 1);
-      for (index_t a = 0, b = len - 1; a <= b; ++a, --b) {
-        items.push_back({n, a});
-        if (a != b) items.push_back({n, b});
-      }
-    }
-    std::vector<kernels::nsa::scratch<T>> work(static_cast<std::size_t>(max_slots()));
-    for (auto& w : work) w.resize(p, max_blocks);
-    parallel_for_with_slot(static_cast<index_t>(items.size()) * d.Hkv, [&](index_t idx, int tid) {
-      const item& it = items[static_cast<std::size_t>(idx / d.Hkv)];
-      const index_t h = idx % d.Hkv;
-      const seq& s = seqs[it.n];
-      const rows& r = src[it.n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)];
-      auto& w = work[static_cast<std::size_t>(tid)];
-      const index_t t = s.t0 + it.i;  // token in the input
+    // one (token, kv head): the kernel, then the gated sum and the optional outputs
+    const auto one_token = [&](std::size_t n, index_t i, index_t h, kernels::nsa::scratch<T>& w) {
+      const seq& s = seqs[n];
+      const rows& r = src[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)];
+      const index_t t = s.t0 + i;  // token in the input
       kernels::nsa::token_problem<T> tp;
       tp.q = q.ptr({s.qb, t, h * G, 0});
       tp.q_stride = q.stride(2);
@@ -715,7 +695,7 @@ class native_sparse_attention {
       tp.k_stride = r.ks;
       tp.v = r.v;
       tp.v_stride = r.vs;
-      tp.pos = len0[it.n] + it.i;
+      tp.pos = len0[n] + i;
       if (given) {
         tp.given = given->ptr({s.qb, t, h, 0});
         tp.given_n = p.block_count;
@@ -746,6 +726,31 @@ class native_sparse_attention {
       if (x.block_indices.data())
         for (index_t j = 0; j < p.block_count; ++j)
           x.block_indices(s.qb, t, h, j) = w.sel[static_cast<std::size_t>(j)];
+    };
+    // Work items: runs of `chunk` consecutive tokens of one sequence and kv head (consecutive
+    // tokens mostly select the same blocks: their keys stay in cache), ordered per sequence
+    // 0, n-1, 1, n-2, ... so that the static split balances the cost growing with t.
+    constexpr index_t chunk = 16;
+    struct item {
+      std::size_t n;
+      index_t i0, i1;
+    };
+    std::vector<item> items;
+    index_t max_blocks = 1;
+    for (std::size_t n = 0; n < ns; ++n) {
+      const index_t len = seqs[n].len, nc = (len + chunk - 1) / chunk;
+      max_blocks = std::max(max_blocks, (len0[n] + len) / bs + 1);
+      for (index_t a = 0, b = nc - 1; a <= b; ++a, --b) {
+        items.push_back({n, a * chunk, std::min(len, (a + 1) * chunk)});
+        if (a != b) items.push_back({n, b * chunk, std::min(len, (b + 1) * chunk)});
+      }
+    }
+    std::vector<kernels::nsa::scratch<T>> work(static_cast<std::size_t>(max_slots()));
+    for (auto& w : work) w.resize(p, max_blocks);
+    parallel_for_with_slot(static_cast<index_t>(items.size()) * d.Hkv, [&](index_t idx, int tid) {
+      const item& it = items[static_cast<std::size_t>(idx / d.Hkv)];
+      for (index_t i = it.i0; i < it.i1; ++i)
+        one_token(it.n, i, idx % d.Hkv, work[static_cast<std::size_t>(tid)]);
     });
   }
 
