@@ -124,11 +124,20 @@ inline constexpr std::size_t sz(index_t n) {
   return static_cast<std::size_t>(n);
 }
 
-/// exp(max(g, gate_floor)) for n gates (n <= key_block), into out.
+/// exp(g) for n gates into out; -inf gives 0 (simd::exp clamps at -1000 first). Written on
+/// batches here rather than through simd::exp(in, out, n): an out-of-line call inside the token
+/// loop made the compiler keep the column accumulators in memory.
 template <class T>
 inline void decay_block(const T* g, index_t n, T* out) {
-  for (index_t j = 0; j < n; ++j) out[j] = std::max(g[j], T(gate_floor));
-  simd::exp(out, out, n);
+  constexpr index_t L = simd::lanes<T>;
+  index_t j = 0;
+  for (; j + L <= n; j += L) simd::store(out + j, simd::exp(simd::load(g + j)));
+  if (j < n) {  // tail through a zero-padded batch (no out-of-line call: see above)
+    alignas(64) std::array<T, std::size_t(L)> buf{};
+    for (index_t i = j; i < n; ++i) buf[std::size_t(i - j)] = g[i];
+    simd::store(buf.data(), simd::exp(simd::load(buf.data())));
+    for (index_t i = j; i < n; ++i) out[i] = buf[std::size_t(i - j)];
+  }
 }
 
 // ---- validation ------------------------------------------------------------------------------
@@ -170,37 +179,65 @@ void validate(const checker& check, const problem<T>& p, index_t chunk_size) {
 // ---- recurrent form --------------------------------------------------------------------------
 
 /// Keys handled per block of the per-key factors (stack arrays, so nothing is allocated).
-inline constexpr index_t key_block = 64;
+inline constexpr index_t key_block = 256;
+
+/// Per-key factors of one token for keys [i0, i0 + kb): the decay d = e^g, the read vectors
+/// rq = d ⊙ q and ra = d ⊙ k (kda) or a (rwkv7); raw q, k (the norms are applied as scalars).
+template <class T, kind Kd>
+inline void read_factors(const rows<T>& rw, index_t t, index_t i0, index_t kb, T* d, T* ra, T* rq) {
+  // one pass on batches (separate passes read the 512-bit stores of d back as halves, which
+  // defeats store forwarding); the tail through zero-padded batches
+  constexpr index_t L = simd::lanes<T>;
+  const T* gt = rw.g(t) + i0;
+  const T* qt = rw.q(t) + i0;
+  const T* xt = Kd == kind::kda ? rw.k(t) + i0 : rw.a(t) + i0;
+  index_t j = 0;
+  for (; j + L <= kb; j += L) {
+    const auto e = simd::exp(simd::load(gt + j));
+    simd::store(d + j, e);
+    simd::store(rq + j, e * simd::load(qt + j));
+    simd::store(ra + j, Kd == kind::kda ? e * simd::load(xt + j) : simd::load(xt + j));
+  }
+  if (j < kb) {
+    alignas(64) std::array<T, std::size_t(L)> bg{}, bq{}, bx{};
+    for (index_t i = j; i < kb; ++i) {
+      const auto u = std::size_t(i - j);
+      bg[u] = gt[i], bq[u] = qt[i], bx[u] = xt[i];
+    }
+    const auto e = simd::exp(simd::load(bg.data()));
+    simd::store(bg.data(), e);
+    simd::store(bq.data(), e * simd::load(bq.data()));
+    if (Kd == kind::kda) simd::store(bx.data(), e * simd::load(bx.data()));
+    for (index_t i = j; i < kb; ++i) {
+      const auto u = std::size_t(i - j);
+      d[i] = bg[u], rq[i] = bq[u], ra[i] = bx[u];
+    }
+  }
+}
 
 /// Runs all tokens of one segment over the columns [c0, c0 + NB·width) of S ([K, V], row
-/// stride lds), updating S in place and writing those columns of o.
-template <class T, class Lane, std::size_t NB, kind Kd>
+/// stride lds), updating S in place and writing those columns of o. OneBlock: K <= key_block,
+/// so every per-key factor of a token fits the stack arrays at once and the token loop has a
+/// single key loop (as kernels/delta_rule.hpp's, which keeps the accumulators in registers).
+template <class T, class Lane, std::size_t NB, kind Kd, bool OneBlock>
 inline void recurrent_columns(const rows<T>& rw, index_t K, index_t c0, T* S, index_t lds) {
   using vec = typename Lane::type;
   constexpr index_t W = Lane::width;
+  constexpr bool R7 = Kd == kind::rwkv7;
   const problem<T>& p = rw.p;
   const index_t n = rw.sg.len;
   if (n == 0) return;
-  // acc_a = S_{t-1}ᵀ ra_t and acc_q = S_{t-1}ᵀ rq_t on this column tile, with
-  // rq = e^{g_t} ⊙ q_t (raw) and ra = e^{g_t} ⊙ k_t (raw, kda) or a_t (rwkv7).
+  // acc_a = S_{t-1}ᵀ ra_t and acc_q = S_{t-1}ᵀ rq_t on this column tile.
   std::array<vec, NB> acc_a, acc_q, u, vv;
-  alignas(64) std::array<T, key_block> ra, rq, dc, c1, c2;
-  auto reads = [&](index_t t, index_t i0, index_t kb) {
-    decay_block(rw.g(t) + i0, kb, rq.data());
-    const T* qt = rw.q(t) + i0;
-    if constexpr (Kd == kind::kda) {
-      const T* kt = rw.k(t) + i0;
-      for (index_t j = 0; j < kb; ++j) ra[sz(j)] = rq[sz(j)] * kt[j];
-    } else {
-      const T* at = rw.a(t) + i0;
-      for (index_t j = 0; j < kb; ++j) ra[sz(j)] = at[j];
-    }
-    for (index_t j = 0; j < kb; ++j) rq[sz(j)] *= qt[j];
-  };
+  // two sets of factors, swapped per token: the next token's (read in this token's pass) and
+  // this token's decay (computed for its reads in the previous pass)
+  alignas(64) std::array<T, key_block> d0, d1, ra, rq;
+  T* dcur = d0.data();
+  T* dnext = d1.data();
   for (std::size_t r = 0; r < NB; ++r) acc_a[r] = acc_q[r] = Lane::zero();
-  for (index_t i0 = 0; i0 < K; i0 += key_block) {  // prologue: reads of token 0 from S_0
+  for (index_t i0 = 0; i0 < K; i0 += key_block) {  // prologue: token 0's reads from S_0
     const index_t kb = std::min(key_block, K - i0);
-    reads(0, i0, kb);
+    read_factors<T, Kd>(rw, 0, i0, kb, dcur, ra.data(), rq.data());
     for (index_t i = 0; i < kb; ++i) {
       const vec ai = Lane::bcast(ra[sz(i)]), qi = Lane::bcast(rq[sz(i)]);
       const T* s = S + (i0 + i) * lds + c0;
@@ -217,7 +254,7 @@ inline void recurrent_columns(const rows<T>& rw, index_t K, index_t c0, T* S, in
     const T* vt = rw.v(t) + c0;
     T* ot = rw.o(t) + c0;
     T rk = T(1);  // kda: k_t = rk · k_raw
-    if constexpr (Kd == kind::kda) {
+    if constexpr (!R7) {
       rk = inv_norm(kt, K, p.l2norm);
       const T cq = p.scale * inv_norm(qt, K, p.l2norm);
       const T kq = rk * cq * simd::dot(kt, qt, K);
@@ -229,7 +266,7 @@ inline void recurrent_columns(const rows<T>& rw, index_t K, index_t c0, T* S, in
         Lane::store(ot + index_t(r) * W, Lane::fma(vkq, u[r], vcq * acc_q[r]));
       }
     } else {
-      // sa = a_tᵀ S_{t-1} = acc_a;  o = s·acc_q + s(b·r) sa + s(k·r) v
+      // u = a_tᵀ S_{t-1} = acc_a;  o = s·acc_q + s(b·r) u + s(k·r) v
       const T br = p.scale * simd::dot(rw.b(t), qt, K), kr = p.scale * simd::dot(kt, qt, K);
       const vec vs = Lane::bcast(p.scale), vbr = Lane::bcast(br), vkr = Lane::bcast(kr);
       for (std::size_t r = 0; r < NB; ++r) {
@@ -239,36 +276,54 @@ inline void recurrent_columns(const rows<T>& rw, index_t K, index_t c0, T* S, in
                     Lane::fma(vkr, vv[r], Lane::fma(vbr, u[r], vs * acc_q[r])));
       }
     }
-    const bool more = t + 1 < n;
-    for (std::size_t r = 0; r < NB; ++r) acc_a[r] = acc_q[r] = Lane::zero();
-    for (index_t i0 = 0; i0 < K; i0 += key_block) {
-      const index_t kb = std::min(key_block, K - i0);
-      decay_block(rw.g(t) + i0, kb, dc.data());
-      if constexpr (Kd == kind::kda) {
-        for (index_t j = 0; j < kb; ++j) c1[sz(j)] = rk * kt[i0 + j];
-      } else {
-        const T* bt = rw.b(t) + i0;
-        for (index_t j = 0; j < kb; ++j) c1[sz(j)] = bt[j], c2[sz(j)] = kt[i0 + j];
-      }
-      if (more) reads(t + 1, i0, kb);
-      for (index_t i = 0; i < kb; ++i) {
-        const vec di = Lane::bcast(dc[sz(i)]), c1i = Lane::bcast(c1[sz(i)]);
-        T* s = S + (i0 + i) * lds + c0;
-        auto update = [&](std::size_t r) {
-          vec x = Lane::fma(c1i, u[r], di * Lane::load(s + index_t(r) * W));
-          if constexpr (Kd == kind::rwkv7) x = Lane::fma(Lane::bcast(c2[sz(i)]), vv[r], x);
-          Lane::store(s + index_t(r) * W, x);
-          return x;
-        };
-        if (more) {
+    const T* c1 = R7 ? rw.b(t) : kt;  // rank-one row factor of u (kda: times rk)
+    if (t + 1 < n) {
+      if (OneBlock) read_factors<T, Kd>(rw, t + 1, 0, K, dnext, ra.data(), rq.data());
+      for (std::size_t r = 0; r < NB; ++r) acc_a[r] = acc_q[r] = Lane::zero();
+      for (index_t i0 = 0; i0 < K; i0 += key_block) {
+        const index_t kb = std::min(key_block, K - i0);
+        if (!OneBlock) {
+          decay_block(rw.g(t) + i0, kb, dcur);
+          read_factors<T, Kd>(rw, t + 1, i0, kb, dnext, ra.data(), rq.data());
+        }
+        for (index_t i = 0; i < kb; ++i) {
+          const index_t ik = i0 + i;
+          const vec di = Lane::bcast(dcur[i]), c1i = Lane::bcast(rk * c1[ik]);
           const vec ai = Lane::bcast(ra[sz(i)]), qi = Lane::bcast(rq[sz(i)]);
-          for (std::size_t r = 0; r < NB; ++r) {
-            const vec x = update(r);
-            acc_a[r] = Lane::fma(ai, x, acc_a[r]);
-            acc_q[r] = Lane::fma(qi, x, acc_q[r]);
+          T* s = S + ik * lds + c0;
+          if constexpr (R7) {
+            const vec c2i = Lane::bcast(kt[ik]);
+            for (std::size_t r = 0; r < NB; ++r) {
+              vec x = Lane::fma(c1i, u[r], di * Lane::load(s + index_t(r) * W));
+              x = Lane::fma(c2i, vv[r], x);
+              Lane::store(s + index_t(r) * W, x);
+              acc_a[r] = Lane::fma(ai, x, acc_a[r]);
+              acc_q[r] = Lane::fma(qi, x, acc_q[r]);
+            }
+          } else {
+            for (std::size_t r = 0; r < NB; ++r) {
+              const vec x = Lane::fma(c1i, u[r], di * Lane::load(s + index_t(r) * W));
+              Lane::store(s + index_t(r) * W, x);
+              acc_a[r] = Lane::fma(ai, x, acc_a[r]);
+              acc_q[r] = Lane::fma(qi, x, acc_q[r]);
+            }
           }
-        } else {
-          for (std::size_t r = 0; r < NB; ++r) update(r);
+        }
+      }
+      std::swap(dcur, dnext);
+    } else {
+      for (index_t i0 = 0; i0 < K; i0 += key_block) {
+        const index_t kb = std::min(key_block, K - i0);
+        if (!OneBlock) decay_block(rw.g(t) + i0, kb, dcur);
+        for (index_t i = 0; i < kb; ++i) {
+          const index_t ik = i0 + i;
+          const vec di = Lane::bcast(dcur[i]), c1i = Lane::bcast(rk * c1[ik]);
+          T* s = S + ik * lds + c0;
+          for (std::size_t r = 0; r < NB; ++r) {
+            vec x = Lane::fma(c1i, u[r], di * Lane::load(s + index_t(r) * W));
+            if constexpr (R7) x = Lane::fma(Lane::bcast(kt[ik]), vv[r], x);
+            Lane::store(s + index_t(r) * W, x);
+          }
         }
       }
     }
@@ -293,10 +348,19 @@ void run_recurrent(const problem<T>& p) {
     index_t c = tile * TW;
     const index_t end = std::min(V, c + TW);
     auto run = [&]<class Lane, std::size_t NB>(index_t col) {
+      const bool one = K <= key_block;
       if (p.kd == kind::kda) {
-        recurrent_columns<T, Lane, NB, kind::kda>(rw, K, col, S, lds);
+        if (one) {
+          recurrent_columns<T, Lane, NB, kind::kda, true>(rw, K, col, S, lds);
+        } else {
+          recurrent_columns<T, Lane, NB, kind::kda, false>(rw, K, col, S, lds);
+        }
       } else {
-        recurrent_columns<T, Lane, NB, kind::rwkv7>(rw, K, col, S, lds);
+        if (one) {
+          recurrent_columns<T, Lane, NB, kind::rwkv7, true>(rw, K, col, S, lds);
+        } else {
+          recurrent_columns<T, Lane, NB, kind::rwkv7, false>(rw, K, col, S, lds);
+        }
       }
     };
     if (end - c == TW) {
