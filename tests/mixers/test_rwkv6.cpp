@@ -3,6 +3,8 @@
 // Golden against fla's naive_recurrent_rwkv6, then the equivalence list of the gated family
 // (tests/mixers/gated_common.hpp): reference (double) vs recurrent vs chunked, odd sizes, gate
 // strengths and kills, split points, step, varlen, threads, allocations, bad inputs.
+#include <atomic>
+
 #include <seqmix/mixers/rwkv6.hpp>
 #include <seqmix/reference/gated_accumulation.hpp>
 
@@ -247,4 +249,68 @@ TEST_CASE("rwkv6: bad inputs raise shape_error naming the argument", "[rwkv6]") 
   CHECK_THROWS_WITH(m.step(r1, r1, v1, v1, u, o1, s), Catch::Contains("w1"));
   CHECK_THROWS_AS(rwkv6<float>({.scale = {}, .chunk_size = 0}), shape_error);
   CHECK_THROWS_AS(rwkv6<float>::make_state(1, 0, 4, 5), shape_error);
+}
+
+// The shared chunk scheduler (kernels/common/chunk_schedule.hpp) that rwkv6's chunked form runs
+// on: chunk boundaries in both orders, and every chunk visited once per step, each item's scan in
+// its order, under 1 and 3 threads.
+TEST_CASE("chunk_schedule: boundaries, order and coverage, forward and reverse",
+          "[rwkv6][schedule]") {
+  namespace cs = seqmix::kernels::common;
+  const cs::token_range sg{10, 140};  // 130 tokens: chunks of 64, 64, 2
+  CHECK(cs::chunk_count(sg.size(), 64) == 3);
+  CHECK(cs::nth_chunk(sg, 64, cs::chunk_order::forward, 0).t0 == 10);
+  CHECK(cs::nth_chunk(sg, 64, cs::chunk_order::forward, 2).t0 == 138);
+  CHECK(cs::nth_chunk(sg, 64, cs::chunk_order::forward, 2).t1 == 140);
+  CHECK(cs::nth_chunk(sg, 64, cs::chunk_order::reverse, 0).t0 == 138);
+  CHECK(cs::nth_chunk(sg, 64, cs::chunk_order::reverse, 2).t0 == 10);
+  CHECK(cs::nth_chunk(sg, 64, cs::chunk_order::reverse, 2).t1 == 74);
+  CHECK(cs::nth_chunk(sg, 64, cs::chunk_order::forward, 3).size() == 0);
+  CHECK(cs::chunk_count(0, 64) == 0);
+  // items of 0, 5, 130 and 64 tokens
+  const std::vector<cs::token_range> segs{{0, 0}, {0, 5}, {7, 137}, {0, 64}};
+  auto seg = [&](index_t i) { return segs[static_cast<std::size_t>(i)]; };
+  const index_t items = 4, C = 16;
+  for (auto dir : {cs::chunk_order::forward, cs::chunk_order::reverse}) {
+    // interleaved: rank by rank
+    std::vector<std::pair<index_t, index_t>> seen;
+    cs::for_chunks_interleaved(0, items, C, dir, seg, [&](index_t i, const cs::token_range& c) {
+      seen.emplace_back(i, c.t0);
+    });
+    std::size_t expect = 0;
+    for (const auto& s : segs) expect += static_cast<std::size_t>(cs::chunk_count(s.size(), C));
+    CHECK(seen.size() == expect);
+    CHECK(seen[0].first == 1);  // item 0 is empty; rank 0 of item 1 comes first
+    for (int threads : {1, 3}) {
+      INFO(threads << " threads, " << (dir == cs::chunk_order::forward ? "forward" : "reverse"));
+      seqmix::scoped_num_threads nt(threads);
+      const index_t wc = cs::window_chunks(items, threads);
+      std::vector<int> local(1000, 0), inter(1000, 0);
+      std::atomic<bool> bad_job{false};
+      std::vector<std::vector<index_t>> scans(items);
+      cs::run_windows(
+          items, C, dir, wc, seg,
+          [&](index_t job, index_t i, const cs::token_range& c, int) {
+            if (job / wc != i) bad_job = true;  // no Catch macros on worker threads
+            local[static_cast<std::size_t>(c.t0 + 200 * i)] += 1;
+          },
+          [&](index_t, index_t i, const cs::token_range& c) {
+            scans[static_cast<std::size_t>(i)].push_back(c.t0);
+          },
+          [&](index_t, index_t i, const cs::token_range& c, int) {
+            inter[static_cast<std::size_t>(c.t0 + 200 * i)] += 1;
+          });
+      CHECK_FALSE(bad_job.load());
+      for (index_t i = 0; i < items; ++i) {
+        const auto& sc = scans[static_cast<std::size_t>(i)];
+        REQUIRE(static_cast<index_t>(sc.size()) == cs::chunk_count(seg(i).size(), C));
+        for (std::size_t n = 0; n < sc.size(); ++n) {
+          const auto c = cs::nth_chunk(seg(i), C, dir, static_cast<index_t>(n));
+          CHECK(sc[n] == c.t0);
+          CHECK(local[static_cast<std::size_t>(c.t0 + 200 * i)] == 1);
+          CHECK(inter[static_cast<std::size_t>(c.t0 + 200 * i)] == 1);
+        }
+      }
+    }
+  }
 }
