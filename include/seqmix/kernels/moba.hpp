@@ -129,6 +129,8 @@ struct topk_lanes {
 template <class T>
 struct scratch {
   avec<T> qt, st, gst, acc, m, l, alpha;  // tile buffers
+  avec<T> kt;     // [K, Bk]: one key tile of an earlier chunk, transposed (keys along lanes)
+  avec<T> srow;   // [RS, Bk]: scores / probabilities of a block of gathered rows
   avec<T> qc;     // [nq, K]: the item's query rows, contiguous (gathers stay within it)
   avec<T> state;  // [nq, ss]: per query row m, l (first SIMD vector), then the V accumulators
   index_t ss = 0;
@@ -146,7 +148,8 @@ struct scratch {
 /// to row i iff j <= pos_lo + i (the own-chunk tile); otherwise every key is visible.
 template <class T>
 void tile_pass(const problem<T>& pr, const params<T>& p, const index_t* rows, index_t nr,
-               index_t kb, index_t ke, bool causal, index_t pos_lo, scratch<T>& w) {
+               index_t kb, index_t ke, bool causal, index_t pos_lo, scratch<T>& w,
+               const index_t* next_rows = nullptr, index_t next_nr = 0) {
   constexpr index_t Qn = Q<T>;
   const index_t K = p.key_dim, V = p.value_dim, as = w.acc_stride;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -169,6 +172,18 @@ void tile_pass(const problem<T>& pr, const params<T>& p, const index_t* rows, in
       w.l[static_cast<std::size_t>(i)] = T(0);
     }
   }
+  // The next tile's rows are scattered over the item's query copy and state (megabytes at long
+  // T): ask for them now, so they arrive while this tile computes (a software prefetch into L2;
+  // the gathers were a fifth of the time at T = 32768 without it).
+#if defined(__GNUC__)
+  for (index_t i = 0; i < next_nr; ++i) {
+    const char* qr = reinterpret_cast<const char*>(w.qc.data() + next_rows[i] * K);
+    const char* sr = reinterpret_cast<const char*>(w.state.data() + next_rows[i] * w.ss);
+    for (index_t b = 0; b < K * index_t(sizeof(T)); b += 64) __builtin_prefetch(qr + b, 0, 2);
+    for (index_t b = 0; b < (L<T> + V) * index_t(sizeof(T)); b += 64)
+      __builtin_prefetch(sr + b, 1, 2);
+  }
+#endif
   const index_t Vfull = V / (at::cv * L<T>)*(at::cv * L<T>);
   const index_t Vvec = V / L<T> * L<T>;
   const index_t rows_used = (nr + at::rq - 1) / at::rq * at::rq;
@@ -259,6 +274,169 @@ void tile_pass(const problem<T>& pr, const params<T>& p, const index_t* rows, in
   }
 }
 
+// ---- earlier chunks: gathered query rows against one key tile, keys along the lanes --------
+// A chunk's key tile is transposed once (kt [K][Bk]) and serves every query row that selected
+// the chunk; the rows are read in place (query copy, softmax state) through row pointers, in
+// blocks of RS rows: no gathered copies, no padding rows, no transposition per row.
+inline constexpr index_t rs = 6;  // rows per block: RS x Bk/L score accumulators (24 for float)
+
+template <class T>
+inline constexpr index_t kvec = key_tile / L<T>;  // key vectors per tile (4 floats / 8 doubles)
+
+#if defined(__GNUC__)
+#define SEQMIX_MOBA_INLINE __attribute__((always_inline))
+#else
+#define SEQMIX_MOBA_INLINE
+#endif
+
+/// Largest lane (a tree: no serial chain of dependent max operations). A NaN lane may or may
+/// not win; either way the row's exp(s - max) then carries the NaN into its sum.
+template <class T>
+inline T hmax(const batch<T>& x) {
+  alignas(64) std::array<T, static_cast<std::size_t>(L<T>)> a;
+  x.store_aligned(a.data());
+  for (std::size_t n = a.size() / 2; n > 0; n /= 2)
+    for (std::size_t i = 0; i < n; ++i) a[i] = std::max(a[i], a[i + n]);
+  return a[0];
+}
+
+/// s[r][0:Bk] = scale · Σ_d q_r[d] · kt[d][0:Bk] for R rows.
+template <class T, index_t R>
+SEQMIX_MOBA_INLINE inline void row_scores(const T* const* qr, const T* kt, index_t K, T scale,
+                                          T* s) {
+  constexpr index_t NV = kvec<T>;
+  std::array<std::array<batch<T>, static_cast<std::size_t>(NV)>, static_cast<std::size_t>(R)> a;
+  for (auto& row : a)
+    for (auto& x : row) x = batch<T>(T(0));
+  for (index_t d = 0; d < K; ++d) {
+    std::array<batch<T>, static_cast<std::size_t>(NV)> kd;
+    for (index_t c = 0; c < NV; ++c)
+      kd[static_cast<std::size_t>(c)] = simd::load(kt + d * key_tile + c * L<T>);
+    for (index_t r = 0; r < R; ++r) {
+      const batch<T> qv(qr[r][d]);
+      for (index_t c = 0; c < NV; ++c)
+        a[static_cast<std::size_t>(r)][static_cast<std::size_t>(c)] =
+            simd::fma(qv, kd[static_cast<std::size_t>(c)],
+                      a[static_cast<std::size_t>(r)][static_cast<std::size_t>(c)]);
+    }
+  }
+  const batch<T> sc(scale);
+  for (index_t r = 0; r < R; ++r)
+    for (index_t c = 0; c < NV; ++c)
+      simd::store(s + r * key_tile + c * L<T>,
+                  a[static_cast<std::size_t>(r)][static_cast<std::size_t>(c)] * sc);
+}
+
+/// acc_r[c0 : c0 + CV·L] = alpha_r · acc_r + Σ_{j < kn} p[r][j] · v[j][c0 : ..] for R rows.
+template <class T, index_t R, index_t CV>
+SEQMIX_MOBA_INLINE inline void row_pv(const T* p, index_t kn, const T* v, index_t v_stride,
+                                      const T* alpha, T* const* acc, index_t c0) {
+  std::array<std::array<batch<T>, static_cast<std::size_t>(CV)>, static_cast<std::size_t>(R)> a;
+  for (index_t r = 0; r < R; ++r) {
+    const batch<T> al(alpha[r]);
+    for (index_t c = 0; c < CV; ++c)
+      a[static_cast<std::size_t>(r)][static_cast<std::size_t>(c)] =
+          al * simd::load(acc[r] + c0 + c * L<T>);
+  }
+  for (index_t j = 0; j < kn; ++j) {
+    std::array<batch<T>, static_cast<std::size_t>(CV)> vj;
+    for (index_t c = 0; c < CV; ++c)
+      vj[static_cast<std::size_t>(c)] = simd::load(v + j * v_stride + c0 + c * L<T>);
+    for (index_t r = 0; r < R; ++r) {
+      const batch<T> pr(p[r * key_tile + j]);
+      for (index_t c = 0; c < CV; ++c)
+        a[static_cast<std::size_t>(r)][static_cast<std::size_t>(c)] =
+            simd::fma(pr, vj[static_cast<std::size_t>(c)],
+                      a[static_cast<std::size_t>(r)][static_cast<std::size_t>(c)]);
+    }
+  }
+  for (index_t r = 0; r < R; ++r)
+    for (index_t c = 0; c < CV; ++c)
+      simd::store(acc[r] + c0 + c * L<T>,
+                  a[static_cast<std::size_t>(r)][static_cast<std::size_t>(c)]);
+}
+
+/// R gathered rows (state rows st[r]: m, l, then acc at +L) against the packed key tile of kn
+/// keys (values v, all keys visible: the chunk is strictly earlier than every row's own).
+template <class T, index_t R>
+inline void row_block(const T* const* qr, T* const* st, const T* kt, index_t kn, const T* v,
+                      const params<T>& p, T* s) {
+  const index_t K = p.key_dim, V = p.value_dim;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  row_scores<T, R>(qr, kt, K, p.scale, s);
+  alignas(64) std::array<T, static_cast<std::size_t>(R)> alpha;
+  std::array<T*, static_cast<std::size_t>(R)> acc;
+  for (index_t r = 0; r < R; ++r) {
+    T* sr = s + r * key_tile;
+    for (index_t j = kn; j < key_tile; ++j) sr[j] = ninf;  // lanes past the tile's keys
+    batch<T> mv = simd::load(sr);
+    for (index_t c = 1; c < kvec<T>; ++c) mv = xsimd::max(mv, simd::load(sr + c * L<T>));
+    const T mx = hmax(mv);
+    T* state = st[r];
+    const T m_old = state[0], m_new = std::max(m_old, mx);
+    const T m_use = m_new == ninf ? T(0) : m_new;
+    batch<T> sum(T(0));
+    for (index_t c = 0; c < kvec<T>; ++c) {
+      const batch<T> e = at::exp_nonpositive<T>(simd::load(sr + c * L<T>) - batch<T>(m_use));
+      simd::store(sr + c * L<T>, e);
+      sum += e;
+    }
+    const T al = m_old == ninf ? T(0) : std::exp(m_old - m_use);
+    alpha[static_cast<std::size_t>(r)] = al;
+    state[0] = m_new;
+    state[1] = state[1] * al + xsimd::hadd(sum);
+    acc[static_cast<std::size_t>(r)] = state + L<T>;
+  }
+  const index_t Vfull = V / (4 * L<T>)*(4 * L<T>), Vvec = V / L<T> * L<T>;
+  index_t c0 = 0;
+  for (; c0 < Vfull; c0 += 4 * L<T>) row_pv<T, R, 4>(s, kn, v, V, alpha.data(), acc.data(), c0);
+  for (; c0 < Vvec; c0 += L<T>) row_pv<T, R, 1>(s, kn, v, V, alpha.data(), acc.data(), c0);
+  for (; c0 < V; ++c0) {  // scalar tail of odd value dims
+    for (index_t r = 0; r < R; ++r) {
+      T a = alpha[static_cast<std::size_t>(r)] * acc[static_cast<std::size_t>(r)][c0];
+      for (index_t j = 0; j < kn; ++j) a += s[r * key_tile + j] * v[j * V + c0];
+      acc[static_cast<std::size_t>(r)][c0] = a;
+    }
+  }
+}
+
+/// Every row of `rows` (n of them) against keys [j0, j0 + kn) of the item (kn <= Bk).
+template <class T>
+void chunk_rows(const problem<T>& pr, const params<T>& p, const index_t* rows, index_t n,
+                index_t j0, index_t kn, scratch<T>& w) {
+  const index_t K = p.key_dim;
+  T* kt = w.kt.data();
+  for (index_t j = 0; j < key_tile; ++j) {  // transpose the key tile once (zero past kn)
+    const T* kj = pr.k + (j0 + j) * pr.k_stride;
+    for (index_t d = 0; d < K; ++d) kt[d * key_tile + j] = j < kn ? kj[d] : T(0);
+  }
+  const T* v = pr.v + j0 * pr.v_stride;
+  std::array<const T*, static_cast<std::size_t>(rs)> qr{};
+  std::array<T*, static_cast<std::size_t>(rs)> st{};
+  index_t e = 0;
+  for (; e + rs <= n; e += rs) {
+#if defined(__GNUC__)
+    // rows a few blocks ahead are scattered over megabytes: ask for them now
+    for (index_t i = e + 4 * rs; i < std::min(n, e + 5 * rs); ++i) {
+      const char* q = reinterpret_cast<const char*>(w.qc.data() + rows[i] * K);
+      const char* sp = reinterpret_cast<const char*>(w.state.data() + rows[i] * w.ss);
+      for (index_t b = 0; b < K * index_t(sizeof(T)); b += 64) __builtin_prefetch(q + b, 0, 3);
+      for (index_t b = 0; b < w.ss * index_t(sizeof(T)); b += 64) __builtin_prefetch(sp + b, 1, 3);
+    }
+#endif
+    for (index_t r = 0; r < rs; ++r) {
+      qr[static_cast<std::size_t>(r)] = w.qc.data() + rows[e + r] * K;
+      st[static_cast<std::size_t>(r)] = w.state.data() + rows[e + r] * w.ss;
+    }
+    row_block<T, rs>(qr.data(), st.data(), kt, kn, v, p, w.srow.data());
+  }
+  for (; e < n; ++e) {
+    qr[0] = w.qc.data() + rows[e] * K;
+    st[0] = w.state.data() + rows[e] * w.ss;
+    row_block<T, 1>(qr.data(), st.data(), kt, kn, v, p, w.srow.data());
+  }
+}
+
 /// Gates and top-(k-1) of the query rows r0 .. r0 + nr - 1 (consecutive positions).
 template <class T>
 void select_tile(const problem<T>& pr, const params<T>& p, index_t r0, index_t nr, scratch<T>& w) {
@@ -307,6 +485,12 @@ void select_tile(const problem<T>& pr, const params<T>& p, index_t r0, index_t n
       batch<T> x = simd::load(gb + off);
       x = xsimd::select(xsimd::isnan(x), neg_inf, x);  // NaN ranks as -inf
       batch<T> xi = xsimd::select(bb < simd::load(own.data() + off), bb, none);
+      {  // most chunks beat no lane's last entry: then none of the list changes
+        const batch<T> v = simd::load(tv + (k1 - 1) * Qn + off);
+        const batch<T> vi = simd::load(ti + (k1 - 1) * Qn + off);
+        if (!xsimd::any((xi >= zero) && ((vi < zero) || (x > v) || ((x == v) && (xi < vi)))))
+          continue;
+      }
       for (index_t j = 0; j < k1; ++j) {
         T* vp = tv + j * Qn + off;
         T* ip = ti + j * Qn + off;
@@ -341,6 +525,8 @@ void prepare(scratch<T>& w, const params<T>& p, index_t max_nq, index_t max_end)
   w.acc_stride = (V + L<T> - 1) / L<T> * L<T>;
   grow(w.qt, static_cast<std::size_t>(K * Qn));
   grow(w.st, static_cast<std::size_t>(key_tile * Qn));
+  grow(w.kt, static_cast<std::size_t>(K * key_tile));
+  grow(w.srow, static_cast<std::size_t>(rs * key_tile));
   grow(w.gst, static_cast<std::size_t>(std::max<index_t>(nb, 1) * Qn));
   grow(w.acc, static_cast<std::size_t>(Qn * w.acc_stride));
   grow(w.m, static_cast<std::size_t>(Qn));
@@ -404,14 +590,13 @@ void run_problem(const problem<T>& pr, const params<T>& p, scratch<T>& w) {
       w.list[static_cast<std::size_t>(w.start[static_cast<std::size_t>(s[e])]++)] = r;
   }
   // start[b] is now the end of b's list; b's list begins at start[b - 1] (0 for b = 0)
-  // 3a. earlier chunks, ascending
+  // 3a. earlier chunks, ascending: each key tile once against every row that selected it
   for (index_t b = 0; b < nb; ++b) {
     const index_t lb = b == 0 ? 0 : w.start[static_cast<std::size_t>(b - 1)];
     const index_t le = w.start[static_cast<std::size_t>(b)];
-    for (index_t e = lb; e < le; e += Qn) {
-      const index_t nr = std::min(Qn, le - e);
-      tile_pass(pr, p, w.list.data() + e, nr, b * c, (b + 1) * c, false, 0, w);
-    }
+    if (le == lb) continue;
+    for (index_t j0 = b * c; j0 < (b + 1) * c; j0 += key_tile)
+      chunk_rows(pr, p, w.list.data() + lb, le - lb, j0, std::min(key_tile, (b + 1) * c - j0), w);
   }
   // 3b. own chunks: tiles of consecutive rows that never cross a chunk boundary
   for (index_t r0 = 0; r0 < nq;) {
@@ -510,3 +695,5 @@ index_t decode_select(const T* g, index_t nb, index_t k1, std::int32_t* sel, T* 
 }
 
 }  // namespace seqmix::kernels::moba
+
+#undef SEQMIX_MOBA_INLINE
