@@ -57,3 +57,5 @@
 
 // layers with weights from checkpoints (layers/layers.hpp lists them)
 #include <seqmix/layers/layers.hpp>
+// hybrid Linear-MoE models from Hugging Face checkpoints (models/models.hpp)
+#include <seqmix/models/models.hpp>

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // The layer tier (issue 13): building blocks and mixer layers with weights from checkpoints.
 //
-//   blocks:  short_conv, rms_norm / gated_rms_norm, l2norm, rope, linear, swiglu_mlp
+//   blocks:  short_conv, rms_norm / gated_rms_norm, l2norm, rope, linear, swiglu_mlp, moe_ffn
 //   layers:  gated_deltanet (Qwen3-Next linear_attn), gated_attention (Qwen3-Next self_attn,
 //            plain GQA with gated = false), mamba2 (Mamba2 / GraniteMoeHybrid mamba)
 //   caches:  recurrent_cache (conv window + mixer state), attention_cache (kv_cache)
@@ -13,6 +13,7 @@
 #include <seqmix/layers/l2norm.hpp>
 #include <seqmix/layers/linear.hpp>
 #include <seqmix/layers/mamba2.hpp>
+#include <seqmix/layers/moe_ffn.hpp>
 #include <seqmix/layers/recurrent_cache.hpp>
 #include <seqmix/layers/rms_norm.hpp>
 #include <seqmix/layers/rope.hpp>
