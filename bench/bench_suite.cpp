@@ -21,6 +21,8 @@
 //   gated accumulation, chunked (C = 64): 2·C·(K + V) + 4·K·V (dense C×C blocks, docs/math.md §1)
 //   delta rule, recurrent/step: 6·K·V (Sᵀk, update, readout)
 //   delta rule, chunked: 2·C·(3K + 2V) + C²/3 + 6·K·V (WY/UT: A, T solve, W, U, QKᵀ, PV', QS, KᵀV')
+//   kda: as the delta rule (chunked without C²/3); rwkv7: 8·K·V recurrent/step,
+//   2·C·(4K + 4V) + 8·K·V chunked (docs/math.md §2.3)
 //   softmax causal prefill: 2·T·D per token on average (QKᵀ and PV, each 2·T²·D/2 per head)
 //   softmax decode at cache length L: 4·L·D per head; bytes = L·(K + V)·4 per kv head
 //   sliding window W: 4·D·(mean keys per token), mean = (T+1)/2 for T <= W, else
@@ -286,6 +288,71 @@ std::vector<entry> registry() {
          }
          report(st, B, 1, flops_delta_recurrent(), double(B));
        }});
+
+  // ---- KDA and RWKV-7 (kernels/delta/dplr.hpp; per-key gates gk) ------------------------------
+  // kda: 6·K·V recurrent, 2·C·(3K + 2V) + 6·K·V chunked (as the delta rule; decays not counted);
+  // rwkv7: 8·K·V recurrent (Sᵀa, two rank-one updates, readout), 2·C·(4K + 4V) + 8·K·V chunked;
+  // rwkv7's a = -k (unit rows), b = k / 2.
+  const double kda_c = flops_delta_chunked() - C * C / 3.0, kda_r = flops_delta_recurrent();
+  const double r7_c = 2.0 * C * (4 * K + 4 * V) + 8.0 * K * V, r7_r = 8.0 * K * V;
+  auto ab = [](const auto& k, float f) {
+    auto x = k;
+    for (index_t i = 0; i < x.size(); ++i) x[i] *= f;
+    return x;
+  };
+  r.push_back({"kda", "chunked", kda_c, [kda_c](auto& st, index_t B, index_t T) {
+                 inputs in(B, T);
+                 const seqmix::kda<float> m;
+                 timed(st, in, [&] {
+                   m.forward_chunked(in.q, in.k, in.v, in.gk, in.beta, in.o, in.state);
+                 });
+                 report(st, B, T, kda_c);
+               }});
+  r.push_back({"kda", "recurrent", kda_r, [kda_r](auto& st, index_t B, index_t T) {
+                 inputs in(B, T);
+                 const seqmix::kda<float> m;
+                 timed(st, in, [&] {
+                   m.forward_recurrent(in.q, in.k, in.v, in.gk, in.beta, in.o, in.state);
+                 });
+                 report(st, B, T, kda_r);
+               }});
+  r.push_back({"kda", "step", kda_r, [kda_r](auto& st, index_t B, index_t) {
+                 token tk(B);
+                 tensor<float, 4> S({B, H, K, V});
+                 const seqmix::kda<float> m;
+                 for (auto _ : st) {
+                   m.step(tk.q, tk.k, tk.v, tk.gk, tk.beta, tk.o, S);
+                   benchmark::DoNotOptimize(tk.o.data());
+                 }
+                 report(st, B, 1, kda_r, double(B));
+               }});
+  r.push_back({"rwkv7", "chunked", r7_c, [r7_c, ab](auto& st, index_t B, index_t T) {
+                 inputs in(B, T);
+                 const auto a = ab(in.k, -1.f), b = ab(in.k, 0.5f);
+                 const seqmix::rwkv7<float> m;
+                 timed(st, in,
+                       [&] { m.forward_chunked(in.q, in.k, in.v, in.gk, a, b, in.o, in.state); });
+                 report(st, B, T, r7_c);
+               }});
+  r.push_back({"rwkv7", "recurrent", r7_r, [r7_r, ab](auto& st, index_t B, index_t T) {
+                 inputs in(B, T);
+                 const auto a = ab(in.k, -1.f), b = ab(in.k, 0.5f);
+                 const seqmix::rwkv7<float> m;
+                 timed(st, in,
+                       [&] { m.forward_recurrent(in.q, in.k, in.v, in.gk, a, b, in.o, in.state); });
+                 report(st, B, T, r7_r);
+               }});
+  r.push_back({"rwkv7", "step", r7_r, [r7_r, ab](auto& st, index_t B, index_t) {
+                 token tk(B);
+                 const auto a = ab(tk.k, -1.f), b = ab(tk.k, 0.5f);
+                 tensor<float, 4> S({B, H, K, V});
+                 const seqmix::rwkv7<float> m;
+                 for (auto _ : st) {
+                   m.step(tk.q, tk.k, tk.v, tk.gk, a, b, tk.o, S);
+                   benchmark::DoNotOptimize(tk.o.data());
+                 }
+                 report(st, B, 1, r7_r, double(B));
+               }});
 
   // ---- softmax attention (the O(N²) baseline) and sliding window -----------------------------
   r.push_back({"softmax", "chunked", 0,
