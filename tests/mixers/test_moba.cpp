@@ -12,6 +12,7 @@
 #include <seqmix/reference/attention.hpp>
 #include <seqmix/reference/moba.hpp>
 
+#include "../support/alloc_counter.hpp"
 #include "../support/golden.hpp"
 #include "../support/testing.hpp"
 
@@ -309,4 +310,21 @@ TEST_CASE("moba: bad input gives clear errors", "[moba]") {
                     Catch::Contains("moba_cache") && Catch::Contains("chunk_size"));
   CHECK_THROWS_WITH(m.make_cache(1, 0, 4, 4, 8),
                     Catch::Contains("moba_attention::make_cache") && Catch::Contains("'Hkv'"));
+}
+
+TEST_CASE("moba: step allocates nothing after its first call", "[moba]") {
+  const geo g{2, 150, 8, 2, 16, 16, 16, 3};
+  const auto in = make_inputs<float>(g, 13);
+  const auto m = mixer<float>(g);
+  auto cache = m.make_cache(g.B, g.Hkv, g.K, g.V, g.T);
+  tensor<float, 4> o({g.B, g.T, g.H, g.V});
+  std::size_t count = 0;
+  for (index_t t = 0; t < g.T; ++t) {
+    seqmix::testing::allocation_scope scope;
+    m.step(in.q.view().template select<1>(t), in.k.view().template select<1>(t),
+           in.v.view().template select<1>(t), o.view().template select<1>(t), cache);
+    if (t > 0) count += scope.stats().count;
+  }
+  CHECK(count == 0);
+  CHECK(cache.storage_bytes() > cache.kv().storage_bytes());
 }
