@@ -332,7 +332,10 @@ class native_sparse_attention {
     }
     if (x.o_cmp.data()) check.shape("x.o_cmp", x.o_cmp, {B, H, V});
     if (x.o_slc.data()) check.shape("x.o_slc", x.o_slc, {B, H, V});
-    if (x.o_swa.data()) check.shape("x.o_swa", x.o_swa, {B, H, V});
+    if (x.o_swa.data()) {
+      check.require(opt_.window > 0, "x.o_swa", "given, but options.window is 0");
+      check.shape("x.o_swa", x.o_swa, {B, H, V});
+    }
     if (x.lse_cmp.data()) check.shape("x.lse_cmp", x.lse_cmp, {B, H});
     if (x.block_indices.data())
       check.shape("x.block_indices", x.block_indices, {B, Hkv, opt_.block_count});
@@ -388,7 +391,7 @@ class native_sparse_attention {
         for (index_t c = 0; c < V; ++c) out[c] = combine(gc, oc[c], gs, os[c], W > 0, gw, ow[c]);
         if (x.o_cmp.data()) std::copy_n(oc, V, x.o_cmp.ptr({b, hq, 0}));
         if (x.o_slc.data()) std::copy_n(os, V, x.o_slc.ptr({b, hq, 0}));
-        if (x.o_swa.data() && W > 0) std::copy_n(ow, V, x.o_swa.ptr({b, hq, 0}));
+        if (x.o_swa.data()) std::copy_n(ow, V, x.o_swa.ptr({b, hq, 0}));
         if (x.lse_cmp.data()) x.lse_cmp(b, hq) = w.lse[static_cast<std::size_t>(gi)];
       }
       if (x.block_indices.data())
