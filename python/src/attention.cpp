@@ -4,6 +4,7 @@
 // KVCache, an attention layer's decode state: prefill appends a prompt, step decodes one token
 // per sequence, both against the cache (a ring of the last W rows when a window is set).
 #include <mutex>
+#include <pybind11/stl.h>
 #include <variant>
 
 #include <seqmix/mixers/kv_cache.hpp>

@@ -328,9 +328,9 @@ struct qkv {
   index_t B = 0, T_ = 0, H = 0, K = 0, HV = 0, V = 0;
 };
 template <class T>
-qkv<T> parse_qkv(call<T>& c, py::handle q, py::handle k, py::handle v) {
+qkv<T> parse_qkv(call<T>& c, py::handle q, py::handle k, py::handle v, const char* qname = "q") {
   qkv<T> a;
-  a.q = c.template view<4>("q", q, "[B, T, H, K]");
+  a.q = c.template view<4>(qname, q, "[B, T, H, K]");
   a.k = c.template view<4>("k", k, "[B, T, H, K]");
   a.v = c.template view<4>("v", v, "[B, T, H, V]");
   a.B = a.q.extent(0), a.T_ = a.q.extent(1), a.H = a.q.extent(2), a.K = a.q.extent(3);
@@ -345,9 +345,9 @@ qkv<T> parse_qkv(call<T>& c, py::handle q, py::handle k, py::handle v) {
 template <class T, class Body>
 py::tuple sequence_op(const char* fn, py::handle q, py::handle k, py::handle v,
                       py::handle initial_state, bool output_final_state, py::handle cu_seqlens,
-                      Body&& body) {
+                      Body&& body, const char* qname = "q") {
   call<T> c(fn, is_torch_tensor(q));
-  const qkv<T> a = parse_qkv(c, q, k, v);
+  const qkv<T> a = parse_qkv(c, q, k, v, qname);
   const std::vector<index_t> cu = c.offsets("cu_seqlens", cu_seqlens);
   const index_t N = sequences(c, a.B, cu);
   auto [o, ov] = c.template output<4>({a.B, a.T_, a.HV, a.V});
@@ -406,5 +406,6 @@ void bind_gated(py::module_& m);
 void bind_delta(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_moe(py::module_& m);
+void bind_wave2(py::module_& m);
 
 }  // namespace seqmix::python

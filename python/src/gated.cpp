@@ -215,7 +215,7 @@ py::object mamba_scan(const char* fn, py::object x, py::object dt, py::object A,
   if (!return_final_states && !return_varlen_states) return out;
   py::list res;
   res.append(out);
-  if (return_final_states) res.append(to_pn(Ns - 1, cu.empty() ? Ns : 1));
+  if (return_final_states) res.append(cu.empty() ? to_pn(0, Ns) : to_pn(Ns - 1, 1));
   if (return_varlen_states) res.append(to_pn(0, Ns));
   return py::tuple(res);
 }

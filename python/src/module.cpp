@@ -28,8 +28,34 @@ PYBIND11_MODULE(_seqmix, m) {
       "simd_arch", [] { return std::string(seqmix::simd::arch_name()); },
       "The SIMD target the extension was compiled for (e.g. 'avx512bw').");
   m.attr("has_openmp") = py::bool_(SEQMIX_HAS_OPENMP != 0);
+  m.def(
+      "_view_address",
+      [](py::object x) {
+        // The data pointer and element strides of the view every binding builds from x (the
+        // zero-copy test compares them with x's own).
+        return seqmix::python::dispatch("seqmix._view_address", "x", x, [&]<class T>() {
+          seqmix::python::call<T> c("seqmix._view_address", false);
+          const auto info = [](const auto& v) {
+            py::list strides;
+            for (std::size_t d = 0; d < v.rank; ++d) strides.append(v.stride(d));
+            return py::make_tuple(reinterpret_cast<std::uintptr_t>(v.data()), py::tuple(strides));
+          };
+          switch (x.attr("ndim").cast<int>()) {
+            case 1:
+              return info(c.template view<1>("x", x, "[D]"));
+            case 2:
+              return info(c.template view<2>("x", x, "[T, D]"));
+            case 3:
+              return info(c.template view<3>("x", x, "[B, H, D]"));
+            default:
+              return info(c.template view<4>("x", x, "[B, T, H, D]"));
+          }
+        });
+      },
+      "x"_a, "Test helper: (data address, element strides) of the binding's view of x.");
   seqmix::python::bind_gated(m);
   seqmix::python::bind_delta(m);
   seqmix::python::bind_attention(m);
   seqmix::python::bind_moe(m);
+  seqmix::python::bind_wave2(m);
 }
