@@ -99,7 +99,7 @@ inline void exp_inplace(T* x, index_t n) {
 /// Per-thread buffers; grow-only.
 template <class T>
 struct gated_scratch {
-  std::vector<T> states, dS, Qs, Kc, Qb, Kh, A, dA, dQ, dK, tmp, Qf, Kf, w, pack;
+  std::vector<T> states, dS, Qs, Kc, Qb, Kh, A, dA, dQ, dK, tmp, Qf, Kf, w, VT, KT, pack;
   std::vector<double> cum, acc;
   void reserve(index_t C, index_t K, index_t V, index_t chunks, index_t W) {
     auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
@@ -107,6 +107,8 @@ struct gated_scratch {
     dS.resize(sz(K * V));
     for (auto* b : {&Qs, &Kc, &Qb, &Kh, &dQ, &dK, &Qf, &Kf}) b->resize(sz(C * K));
     tmp.resize(sz(C * std::max(K, V)));
+    VT.resize(sz(C * V));
+    KT.resize(sz(C * K));
     A.resize(sz(C * C));
     dA.resize(sz(C * C));
     w.resize(sz(std::max(C, K)));
@@ -167,12 +169,45 @@ void gated_head(const gated_problem<T>& p, index_t C, index_t b, index_t t0, ind
     return fexp(cum[(L - 1) * W + (per_key ? i : 0)]);
   };
 
+  // The rows of one token of all heads share a page of the [T, H, D] layouts, so one head's
+  // chunk is L rows a page apart, which hardware prefetchers do not follow: without this, the
+  // first touch of each row (q, k, v, do; dq, dk, dv written) stalled the backward for about a
+  // third of its time. Each chunk asks for the next chunk's rows (the previous one in reverse).
+  auto prefetch = [&](index_t c2, bool reverse) {
+    if (c2 < 0 || c2 >= chunks) return;
+    const index_t q0 = t0 + c2 * C, nrow = std::min(C, t1 - q0);
+    auto rows = [&](const auto* base, index_t ld, index_t width, bool write) {
+      const auto bytes = static_cast<index_t>(sizeof(T)) * width;
+      for (index_t r = 0; r < nrow; ++r) {
+        const char* row = reinterpret_cast<const char*>(base + r * ld);
+        for (index_t off = 0; off < bytes; off += 64) {
+          if (write) {
+            __builtin_prefetch(row + off, 1);
+          } else {
+            __builtin_prefetch(row + off, 0);
+          }
+        }
+      }
+    };
+    rows(p.k.ptr({b, q0, hk, 0}), p.k.stride(1), K, false);
+    rows(p.v.ptr({b, q0, h, 0}), p.v.stride(1), V, false);
+    if (reverse) {
+      rows(p.q.ptr({b, q0, hk, 0}), p.q.stride(1), K, false);
+      rows(p.do_.ptr({b, q0, h, 0}), p.do_.stride(1), V, false);
+      rows(p.dq.ptr({b, q0, hk, 0}), p.dq.stride(1), K, true);
+      rows(p.dk.ptr({b, q0, hk, 0}), p.dk.stride(1), K, true);
+      rows(p.dv.ptr({b, q0, h, 0}), p.dv.stride(1), V, true);
+    }
+  };
+
   // ---- recompute the chunk-boundary states ---------------------------------------------------
   T* S0 = s.states.data();
   for (index_t i = 0; i < K; ++i)
     for (index_t j = 0; j < V; ++j) S0[i * V + j] = p.h0.data() ? p.h0(n, h, i, j) : T(0);
+  prefetch(0, false);
   for (index_t c = 0; c < chunks; ++c) {
     const index_t r0 = t0 + c * C, L = std::min(C, t1 - r0);
+    prefetch(c + 1, false);
     cumulate(p, b, h, r0, L, W, s.cum.data());
     make_Kh(r0, L, s.cum.data());
     const T* Sn = s.states.data() + static_cast<std::size_t>(c) * KV;
@@ -203,8 +238,10 @@ void gated_head(const gated_problem<T>& p, index_t C, index_t b, index_t t0, ind
     s.acc[static_cast<std::size_t>(per_key ? i : 0)] += a;
   }
   const bool want_gate = (p.g.data() && p.dg.data()) || (per_key && p.dgk.data());
+  prefetch(chunks - 1, true);
   for (index_t c = chunks; c-- > 0;) {
     const index_t r0 = t0 + c * C, L = std::min(C, t1 - r0);
+    prefetch(c - 1, true);
     const T* Sn = s.states.data() + static_cast<std::size_t>(c) * KV;
     double* cum = s.cum.data();
     cumulate(p, b, h, r0, L, W, cum);
@@ -235,12 +272,29 @@ void gated_head(const gated_problem<T>& p, index_t C, index_t b, index_t t0, ind
     // dA = dO Vᵀ (masked below)
     T* A = s.A.data();
     T* dA = s.dA.data();
-    linalg::gemm<T, false, true>(L, L, V, dor, ldo, vr, ldv, dA, C, false, s.pack);
+    // Triangular products run on row blocks of 16 up to the diagonal (the entries above it are
+    // zero): 5/8 of the dense C×C work at C = 64. Vᵀ and (ck)ᵀ are transposed once per chunk.
+    constexpr index_t bs = 16;
+    T* VT = s.VT.data();
+    for (index_t j = 0; j < L; ++j)
+      for (index_t c2 = 0; c2 < V; ++c2) VT[c2 * C + j] = vr[j * ldv + c2];
+    for (index_t rho = 0; rho < L; rho += bs) {
+      const index_t nr = std::min(bs, L - rho);
+      linalg::gemm<T, false, false>(nr, rho + nr, V, dor + rho * ldo, ldo, VT, C, dA + rho * C, C,
+                                    false, s.pack);
+    }
     T* dQ = s.dQ.data();
     T* dK = s.dK.data();  // gradient of c_j k_j
     if (!per_key) {
       // A = (Qs Kcᵀ) ⊙ M, dA ⊙= M, M_rj = e^{b_r - b_j} (j <= r)
-      linalg::gemm<T, false, true>(L, L, K, s.Qs.data(), K, s.Kc.data(), K, A, C, false, s.pack);
+      T* KT = s.KT.data();
+      for (index_t j = 0; j < L; ++j)
+        for (index_t i = 0; i < K; ++i) KT[i * C + j] = s.Kc[static_cast<std::size_t>(j * K + i)];
+      for (index_t rho = 0; rho < L; rho += bs) {
+        const index_t nr = std::min(bs, L - rho);
+        linalg::gemm<T, false, false>(nr, rho + nr, K, s.Qs.data() + rho * K, K, KT, C, A + rho * C,
+                                      C, false, s.pack);
+      }
       const bool gated = p.g.data() != nullptr;
       for (index_t r = 0; r < L; ++r) {
         T* ar = A + r * C;
@@ -256,8 +310,14 @@ void gated_head(const gated_problem<T>& p, index_t C, index_t b, index_t t0, ind
         }
         for (index_t j = r + 1; j < L; ++j) ar[j] = dar[j] = T(0);
       }
-      linalg::gemm<T, false, false>(L, K, L, dA, C, s.Kc.data(), K, dQ, K, false, s.pack);
-      linalg::gemm<T, true, false>(L, K, L, dA, C, s.Qs.data(), K, dK, K, false, s.pack);
+      for (index_t rho = 0; rho < L; rho += bs) {
+        const index_t nr = std::min(bs, L - rho);
+        // dQ rows rho.. see columns <= their own; dK rows rho.. are seen by rows >= rho
+        linalg::gemm<T, false, false>(nr, K, rho + nr, dA + rho * C, C, s.Kc.data(), K,
+                                      dQ + rho * K, K, false, s.pack);
+        linalg::gemm<T, true, false>(nr, K, L - rho, dA + rho * C + rho, C, s.Qs.data() + rho * K,
+                                     K, dK + rho * K, K, false, s.pack);
+      }
       for (index_t r = 0; r < L; ++r)
         for (index_t i = 0; i < K; ++i) dQ[r * K + i] *= p.scale;
     } else {
@@ -328,7 +388,11 @@ void gated_head(const gated_problem<T>& p, index_t C, index_t b, index_t t0, ind
     }
     // dV = Aᵀ dO + K̂ dS
     T* dvr = p.dv.ptr({b, r0, h, 0});
-    linalg::gemm<T, true, false>(L, V, L, A, C, dor, ldo, dvr, lddv, false, s.pack);
+    for (index_t rho = 0; rho < L; rho += bs) {
+      const index_t nr = std::min(bs, L - rho);
+      linalg::gemm<T, true, false>(nr, V, L - rho, A + rho * C + rho, C, dor + rho * ldo, ldo,
+                                   dvr + rho * lddv, lddv, false, s.pack);
+    }
     linalg::gemm<T, false, false>(L, V, K, s.Kh.data(), K, dS, V, dvr, lddv, true, s.pack);
     // inter: dq_r += s e^{b_r} ⊙ (S_n do_r): Qb/Qs hold s e^{b_r}; form the product, then scale
     T* tq = s.tmp.data();
