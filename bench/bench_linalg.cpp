@@ -9,15 +9,18 @@
 //                                in all, so the weights come from DRAM); bytes = weight bytes
 //   dram_read/t                  a plain read of the same rotating buffers (the bandwidth bound)
 //
-// Counters: GFLOPs (2·M·N·K per iteration), pct_peak (of bench_peak's FMA peak: 117 GFLOP/s per
-// thread, README), GBs (weight bytes per second, decode), and GFLOPs_cpu / GBs_cpu: the same per
-// CPU-second of this process (times the threads), which discounts the time it spent descheduled
-// on a shared machine (the dev VM runs several jobs; wall-clock rates there measure its share).
-// bench_peak's FMA probe itself runs at ~240 GFLOP per CPU-second and thread on that VM. Eigen runs
-// single-threaded (EIGEN_DONT_PARALLELIZE); OpenBLAS with openblas_set_num_threads(threads). Run
-// with
+// Counters: GFLOPs (2·M·N·K per iteration), pct_peak (of bench_peak's FMA peak per thread: 222
+// GFLOP/s on the Xeon, or SEQMIX_BENCH_PEAK_GFLOPS), x_openblas on seqmix's rows (OpenBLAS's
+// time / seqmix's from interleaved calls in the same benchmark, when OpenBLAS is linked), GBs
+// (weight bytes per second, decode), and GFLOPs_cpu / GBs_cpu: the same per CPU-second of this
+// process (times the threads), which discounts the time it spent descheduled on a shared machine
+// (the dev VM runs several jobs; wall-clock rates there measure its share). bench_peak's FMA probe
+// itself runs at ~240 GFLOP per CPU-second and thread on that VM. Eigen runs single-threaded
+// (EIGEN_DONT_PARALLELIZE); OpenBLAS with openblas_set_num_threads(threads). Run with
 //   --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
 // so the three libraries alternate under the same load.
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <random>
@@ -38,7 +41,15 @@ namespace {
 using seqmix::bf16;
 using seqmix::index_t;
 
-constexpr double peak_per_thread = 117.0e9;  // bench_peak, README "Machine limits"
+// bench_peak's FMA peak per thread on the machine the table is made for: 222 GFLOP/s on the
+// 2-core Intel Xeon (AVX-512) of the 2026-12-01 sessions (117 on the earlier AMD VM). Set
+// SEQMIX_BENCH_PEAK_GFLOPS to another machine's figure.
+double peak_per_thread_of_env() {
+  const char* e = std::getenv("SEQMIX_BENCH_PEAK_GFLOPS");
+  const double v = e ? std::atof(e) : 0.0;
+  return v > 0 ? v * 1e9 : 222.0e9;
+}
+const double peak_per_thread = peak_per_thread_of_env();
 
 std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -46,6 +57,12 @@ std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
   std::vector<float> v(n);
   for (auto& x : v) x = u(rng);
   return v;
+}
+
+double wall_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
 }
 
 double process_cpu_seconds() {
@@ -116,6 +133,30 @@ void BM_matmul(benchmark::State& state) {
   }
   gemm_counters(state, 2.0 * double(M) * double(N) * double(K), threads,
                 process_cpu_seconds() - cpu0);
+#if defined(SEQMIX_BENCH_OPENBLAS)
+  if (which == seqmix_lib) {
+    // x_openblas: OpenBLAS's time / seqmix's, from 3 interleaved pairs of calls right after the
+    // timed loop (best of each: the two see the same machine load, which on a shared machine
+    // moves more between benchmark rows than between these calls)
+    // (x_openblas_cpu: the same from process CPU time, which discounts descheduling)
+    double best_s = 1e30, best_o = 1e30, cpu_s = 1e30, cpu_o = 1e30;
+    for (int r = 0; r < 3; ++r) {
+      const double t0 = wall_seconds(), c0 = process_cpu_seconds();
+      seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}});
+      const double t1 = wall_seconds(), c1 = process_cpu_seconds();
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(N),
+                  static_cast<int>(K), 1.0f, a.data(), static_cast<int>(K), b.data(),
+                  static_cast<int>(K), 0.0f, c.data(), static_cast<int>(N));
+      const double t2 = wall_seconds(), c2 = process_cpu_seconds();
+      best_s = std::min(best_s, t1 - t0);
+      best_o = std::min(best_o, t2 - t1);
+      cpu_s = std::min(cpu_s, c1 - c0);
+      cpu_o = std::min(cpu_o, c2 - c1);
+    }
+    state.counters["x_openblas"] = best_o / best_s;
+    state.counters["x_openblas_cpu"] = cpu_o / cpu_s;
+  }
+#endif
   static const char* names[] = {"seqmix", "eigen", "openblas"};
   state.SetLabel(names[which]);
 }

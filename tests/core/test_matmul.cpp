@@ -180,6 +180,48 @@ TEST_CASE("matmul: odd sizes against a double reference", "[core][matmul]") {
   }
 }
 
+TEST_CASE("matmul: edge sizes 1, 7, 15, 17, 33, 65 with epilogues, f32 and bf16 weights",
+          "[core][matmul]") {
+  // every M, N, K of {1, 7, 15, 17, 33, 65}: partial register tiles in both directions (MR = 12,
+  // NR = 32 on AVX-512), both paths (M <= 8 decode, M > 8 blocked), the prefetch running past
+  // the last panel; one epilogue combination per case, cycled, and bf16 weights on every
+  // other case
+  auto rng = testing::make_rng(11);
+  const std::array<index_t, 6> sizes{1, 7, 15, 17, 33, 65};
+  const std::array<activation, 4> acts{activation::none, activation::silu, activation::gelu,
+                                       activation::gelu_tanh};
+  int n = 0;
+  for (index_t M : sizes) {
+    for (index_t N : sizes) {
+      for (index_t K : sizes) {
+        problem p(M, N, K, n % 3, rng);
+        matmul_options o;
+        o.act = acts[static_cast<std::size_t>(n % 4)];
+        const int mask = (n * 7) % 16;
+        if (mask & 1) o.bias = p.biasv;
+        if (mask & 2) o.row_scale = p.scalev;
+        if (mask & 4) o.residual = p.resv;
+        o.accumulate = (mask & 8) != 0;
+        INFO("M " << M << " N " << N << " K " << K << " layout " << n % 3 << " mask " << mask
+                  << " act " << act_name(o.act));
+        run_and_check(p, o, n % 2 == 1);
+        ++n;
+      }
+    }
+  }
+  // K across several KC blocks (256) with the epilogue applied after the last one
+  for (auto [M, N, K] : {std::array<index_t, 3>{65, 33, 1025}, {17, 65, 513}}) {
+    problem p(M, N, K, 0, rng);
+    matmul_options o;
+    o.act = activation::gelu;
+    o.bias = p.biasv;
+    o.residual = p.resv;
+    o.accumulate = true;
+    run_and_check(p, o);
+    run_and_check(p, o, true);
+  }
+}
+
 TEST_CASE("matmul: every epilogue, accumulate and overwrite", "[core][matmul]") {
   auto rng = testing::make_rng(2);
   for (auto [M, N, K] : {std::array<index_t, 3>{3, 37, 70}, {37, 70, 300}}) {
