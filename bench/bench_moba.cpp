@@ -15,6 +15,17 @@
 //  - BM_moba_decode {L, threads}: one moba step against a cache of L tokens (truncated back to L
 //      after each step; L a multiple of c, so that is O(1)). counter cache_bytes_per_token.
 //  - BM_moba_full_decode {L, threads}: softmax_attention::step against a full kv_cache of L.
+//
+// Measured (2026-12-02, the 2-core Intel Xeon with AVX-512, load average 14-19 from other
+// builds: CPU-time ratios, same run; the wall times were 4-8x the CPU times):
+//   prefill T = 32768, 1 thread: full causal 15438 ms, MoBA 823 ms (18.8x faster), selected
+//     bound 563 ms (MoBA 1.46x of it; 1.6-1.9x in quieter A/B runs of the two alone);
+//     2 threads (main thread's CPU time): 9144 / 487 / 285 ms (18.8x, 1.71x).
+//     T = 8192, 1 thread: 811 / 143 / 131 ms (5.7x, 1.09x).
+//   decode, 1 thread: MoBA 68 / 114 / 170 us at L = 4096 / 16384 / 65536, full decode 788 /
+//     5437 / 11439 us (67x at 65536). MoBA's growth with L is its selected keys coming from
+//     DRAM instead of cache (8 heads x ~480 keys x 512 B = 1.9 MB a step), not its gates.
+//   cache: 1032 bytes per token (Hkv = 2, D = 64: 1024 of keys and values, 8 of chunk means).
 #include <random>
 #include <vector>
 
