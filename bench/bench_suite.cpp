@@ -27,6 +27,8 @@
 //   softmax decode at cache length L: 4·L·D per head; bytes = L·(K + V)·4 per kv head
 //   sliding window W: 4·D·(mean keys per token), mean = (T+1)/2 for T <= W, else
 //   (W(W+1)/2 + (T-W)·W)/T: exactly the keys the window visits
+//   moba (chunk 64, top-k 8): 4·D·(mean selected keys per token) + 2·D·(mean earlier chunks
+//   gated per token); decode at L: the same for the token at position L
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -135,6 +137,12 @@ double flops_delta_chunked() {
 }
 double flops_delta_recurrent() {
   return 6.0 * K * V;
+}
+// MoBA (chunk 64, top-k 8) FLOP of the token at position t, per head: attention over the
+// selected keys, plus the gates of the earlier chunks.
+double moba_flops(index_t t) {
+  const index_t own = t / 64;
+  return 4.0 * K * double(std::min<index_t>(own, 7) * 64 + t % 64 + 1) + 2.0 * K * double(own);
 }
 // Mean number of keys a token attends to under a causal window W over T tokens.
 double window_keys(index_t T) {
@@ -420,6 +428,28 @@ std::vector<entry> registry() {
                    benchmark::DoNotOptimize(tk.o.data());
                  }
                  report(st, B, 1, 4.0 * double(W) * K, double(B));
+               }});
+  // ---- MoBA: block-sparse attention, the middle ground O(T·k·c) (+ its O(T²/c) gate) --------
+  r.push_back({"moba", "chunked", 0, [](auto& st, index_t B, index_t T) {
+                 inputs in(B, T);
+                 const seqmix::moba_attention<float> m({.chunk_size = 64, .top_k = 8});
+                 timed(st, in, [&] { m.forward(in.q, in.k, in.v, in.o); });
+                 double f = 0;
+                 for (index_t t = 0; t < T; ++t) f += moba_flops(t);
+                 report(st, B, T, f / double(T));
+               }});
+  r.push_back({"moba", "decode", 0, [](auto& st, index_t B, index_t L) {
+                 inputs in(B, L);
+                 token tk(B);
+                 const seqmix::moba_attention<float> m({.chunk_size = 64, .top_k = 8});
+                 auto cache = m.make_cache(B, H, K, V, L + 1);
+                 m.forward(in.q, in.k, in.v, in.o, cache);
+                 for (auto _ : st) {
+                   m.step(tk.q, tk.k, tk.v, tk.o, cache);
+                   for (index_t b = 0; b < B; ++b) cache.truncate(b, L);
+                   benchmark::DoNotOptimize(tk.o.data());
+                 }
+                 report(st, B, 1, moba_flops(L), double(B));
                }});
   return r;
 }
