@@ -184,6 +184,8 @@ TEST_CASE("nsa: golden nsa.case0/1 (fla naive_nsa)", "[nsa][golden]") {
       const auto oc_ref = f.get<float, 4>(n + ".o_cmp"), os_ref = f.get<float, 4>(n + ".o_slc");
       SEQMIX_CHECK_CLOSE(oc_ref, r.o_cmp, golden_tol);
       SEQMIX_CHECK_CLOSE(os_ref, r.o_slc, golden_tol);
+      std::printf("golden %s: rel_rms o_cmp %.3g, o_slc %.3g\n", n.c_str(),
+                  compare(oc_ref, r.o_cmp).rel_rms, compare(os_ref, r.o_slc).rel_rms);
     }
     // the double reference, on the same inputs
     const auto qd = cast<double>(q), kd = cast<double>(k), vd = cast<double>(v);
@@ -200,9 +202,10 @@ TEST_CASE("nsa: golden nsa.case0/1 (fla naive_nsa)", "[nsa][golden]") {
       CHECK(count_slots(bi_ref, 0, t, 0) == count_slots(r.sel, 0, t, 0));
     }
     std::printf(
-        "golden %s: o rel_rms %.3g, selected sets differing from fla: fast %td, "
-        "reference %td of %td rows\n",
-        n.c_str(), compare(o_ref, r.o).rel_rms, diff_fast, diff_ref, cf.T);
+        "golden %s: rel_rms o %.3g, k_cmp %.3g, v_cmp %.3g; selected sets differing "
+        "from fla: fast %td, reference %td of %td rows\n",
+        n.c_str(), compare(o_ref, r.o).rel_rms, compare(kc_ref, r.k_cmp).rel_rms,
+        compare(vc_ref, r.v_cmp).rel_rms, diff_fast, diff_ref, cf.T);
     CHECK(diff_fast == 0);
     CHECK(diff_ref == 0);
   }
