@@ -3,6 +3,7 @@
 // moba_attn_varlen_naive, reference vs the tiled prefill and the decode cache over odd sizes,
 // prefill + steps == one call, snapshot / restore / truncate, 1 vs 2 threads bitwise, bad input.
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -327,4 +328,32 @@ TEST_CASE("moba: step allocates nothing after its first call", "[moba]") {
   }
   CHECK(count == 0);
   CHECK(cache.storage_bytes() > cache.kv().storage_bytes());
+}
+
+TEST_CASE("moba: a NaN key and an inf value at t0 never reach an output before t0", "[moba]") {
+  const geo g{2, 150, 8, 2, 16, 16, 16, 3};
+  const auto clean = make_inputs<float>(g, 17);
+  auto bad = make_inputs<float>(g, 17);
+  const index_t t0 = 70;  // inside chunk 4
+  for (index_t b = 0; b < g.B; ++b)
+    for (index_t h = 0; h < g.Hkv; ++h)
+      for (index_t d = 0; d < g.K; ++d) {
+        bad.k(b, t0, h, d) = std::numeric_limits<float>::quiet_NaN();
+        bad.v(b, t0, h, d) = std::numeric_limits<float>::infinity();
+      }
+  const auto m = mixer<float>(g);
+  const auto before = [&](const tensor<float, 4>& o) {
+    return tensor<float, 4>::copy_of(o.view().template slice<1>(0, t0));
+  };
+  tensor<float, 4> o1({g.B, g.T, g.H, g.V}), o2({g.B, g.T, g.H, g.V});
+  m.forward(clean.q.view(), clean.k.view(), clean.v.view(), o1.view());
+  m.forward(bad.q.view(), bad.k.view(), bad.v.view(), o2.view());
+  CHECK(st::all_finite(before(o2)));
+  CHECK(st::bitwise_equal(before(o1), before(o2)));
+  CHECK(!st::all_finite(o2));  // the token itself sees them
+  auto c1 = m.make_cache(g.B, g.Hkv, g.K, g.V, g.T), c2 = m.make_cache(g.B, g.Hkv, g.K, g.V, g.T);
+  m.forward_recurrent(clean.q.view(), clean.k.view(), clean.v.view(), o1.view(), c1);
+  m.forward_recurrent(bad.q.view(), bad.k.view(), bad.v.view(), o2.view(), c2);
+  CHECK(st::all_finite(before(o2)));
+  CHECK(st::bitwise_equal(before(o1), before(o2)));
 }
