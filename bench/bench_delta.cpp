@@ -14,7 +14,8 @@
 // KDA and RWKV-7 (kernels/delta/dplr.hpp), B = 1, H = 8, K = V = 64, T in {512, 2048, 8192}:
 //   recurrent / step: KDA 7·K·V, RWKV-7 9·K·V (ggml's count for rwkv_wkv7);
 //   chunked: KDA 2C(3K + 2V) + 6·K·V, RWKV-7 2C(4K + 4V) + 8·K·V (GEMM work; the exact diagonal
-//   blocks' exps are not counted). Peers (ggml, token by token): rwkv_wkv7 154k / 187k tokens/s
+//   blocks' exps are not counted). Peers (ggml d99724f, token by token, quoted in issue 18 and
+//   measured on another machine): rwkv_wkv7 154k / 187k tokens/s
 //   at T = 8192 on 1 / 2 threads, decode 8.2 / 5.5 µs; ggml runs KDA through gated_delta_net
 //   (61k / 104k, decode 14 µs).
 #include <cmath>
