@@ -14,9 +14,10 @@
 // tiles that see it: P = e^{Z - LSE} (each entry e^{<=0}), dV_j += Pᵀ dO_i, dZ as above,
 // dQ_i += s dZ K_j (into the output rows, owned by this item), dK_j += s dZᵀ Q_i.
 //
-// Cost per query head: causal about 3.5·T²·(K+V)/2... precisely pass 1 2·T²/2·(K+V) FLOP and
-// pass 2 4·T²/2·(K+V); a window W replaces T²/2 by T·W. Memory: O(T) row statistics plus
-// O(C·(C+K+V)) tiles per thread, independent of T otherwise. Items run in parallel, each on one
+// Cost per query head and visible (query, key) pair: pass 1 2·(K+V) FLOP, pass 2 2·(3K+2V)
+// (about 3.5x the forward's 2·(K+V)); causal has T(T+1)/2 pairs, a window W about T·W. Memory
+// per thread: the kv head's keys and values transposed ((K+V)·T values, so no tile packs Kᵀ or
+// Vᵀ), O(T) row statistics and O(C·(C+K+V)) tiles. Items run in parallel, each on one
 // thread with a fixed order: results are bitwise the same for any thread count.
 #pragma once
 
@@ -52,16 +53,17 @@ namespace detail {
 
 template <class T>
 struct attention_scratch {
-  std::vector<T> lse, delta, Z, dZ, O, tmp, pack;
+  std::vector<T> lse, delta, Z, dZ, O, tmp, KT, VT, pack;
   std::vector<T> m, l;
 };
 
 /// Z (ldz = C) = s Q_i K_jᵀ for query rows [i0, i0+ni) and keys [j0, j0+nj), masked to -inf.
+/// KT: the kv head's keys transposed, [K, T] (one transposition per item, not one pack per tile).
 template <class T>
-void scores(const attention_problem<T>& p, index_t b, index_t h, index_t hk, index_t i0, index_t ni,
-            index_t j0, index_t nj, index_t C, T* Z, std::vector<T>& pack) {
-  linalg::gemm<T, false, true>(ni, nj, p.q.extent(3), p.q.ptr({b, i0, h, 0}), p.q.stride(1),
-                               p.k.ptr({b, j0, hk, 0}), p.k.stride(1), Z, C, false, pack);
+void scores(const attention_problem<T>& p, index_t b, index_t h, const T* KT, index_t i0,
+            index_t ni, index_t j0, index_t nj, index_t C, T* Z, std::vector<T>& pack) {
+  linalg::gemm<T, false, false>(ni, nj, p.q.extent(3), p.q.ptr({b, i0, h, 0}), p.q.stride(1),
+                                KT + j0, p.q.extent(1), Z, C, false, pack);
   const T ninf = -std::numeric_limits<T>::infinity();
   for (index_t r = 0; r < ni; ++r) {
     const index_t t = i0 + r;
@@ -82,6 +84,8 @@ inline index_t first_key(index_t i0, index_t window) {
 template <class T>
 void attention_head(const attention_problem<T>& p, index_t C, index_t b, index_t h, index_t hk,
                     attention_scratch<T>& s) {
+  const T* KT = s.KT.data();
+  const T* VT = s.VT.data();
   const index_t TT = p.q.extent(1), K = p.q.extent(3), V = p.v.extent(3);
   const auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
   s.lse.resize(sz(TT));
@@ -103,7 +107,7 @@ void attention_head(const attention_problem<T>& p, index_t C, index_t b, index_t
     const index_t jfirst = first_key(i0, p.window) / C * C;
     for (index_t j0 = jfirst; j0 < i0 + ni; j0 += C) {
       const index_t nj = std::min(C, TT - j0);
-      scores(p, b, h, hk, i0, ni, j0, nj, C, Z, s.pack);
+      scores(p, b, h, KT, i0, ni, j0, nj, C, Z, s.pack);
       for (index_t r = 0; r < ni; ++r) {
         T* z = Z + r * C;
         T mx = s.m[sz(r)];
@@ -148,7 +152,7 @@ void attention_head(const attention_problem<T>& p, index_t C, index_t b, index_t
     const index_t ilast = p.window > 0 ? std::min(TT, j0 + nj - 1 + p.window) : TT;
     for (index_t i0 = j0 / C * C; i0 < ilast; i0 += C) {
       const index_t ni = std::min(C, TT - i0);
-      scores(p, b, h, hk, i0, ni, j0, nj, C, Z, s.pack);
+      scores(p, b, h, KT, i0, ni, j0, nj, C, Z, s.pack);
       for (index_t r = 0; r < ni; ++r) {
         T* z = Z + r * C;
         const T lse = s.lse[sz(i0 + r)];
@@ -161,8 +165,7 @@ void attention_head(const attention_problem<T>& p, index_t C, index_t b, index_t
       linalg::gemm<T, true, false>(nj, V, ni, Z, C, dor, ldo, p.dv.ptr({b, j0, hk, 0}),
                                    p.dv.stride(1), true, s.pack);
       // dP = dO_i V_jᵀ, dZ = P ⊙ (dP - δ) · s
-      linalg::gemm<T, false, true>(ni, nj, V, dor, ldo, p.v.ptr({b, j0, hk, 0}), p.v.stride(1), dZ,
-                                   C, false, s.pack);
+      linalg::gemm<T, false, false>(ni, nj, V, dor, ldo, VT + j0, TT, dZ, C, false, s.pack);
       for (index_t r = 0; r < ni; ++r) {
         const T d = s.delta[sz(i0 + r)];
         for (index_t c = 0; c < nj; ++c)
@@ -191,12 +194,19 @@ void attention_backward(const attention_problem<T>& p, index_t C) {
   auto* slots = scratch.data();
   parallel_for_with_slot(B * Hkv, [&](index_t item, int tid) {
     const index_t b = item / Hkv, hk = item % Hkv;
+    auto& s = slots[tid];
+    s.KT.resize(static_cast<std::size_t>(K * TT));
+    s.VT.resize(static_cast<std::size_t>(V * TT));
     for (index_t t = 0; t < TT; ++t) {
       std::fill_n(p.dk.ptr({b, t, hk, 0}), K, T(0));
       std::fill_n(p.dv.ptr({b, t, hk, 0}), V, T(0));
+      const T* kr = p.k.ptr({b, t, hk, 0});
+      const T* vr = p.v.ptr({b, t, hk, 0});
+      for (index_t d = 0; d < K; ++d) s.KT[static_cast<std::size_t>(d * TT + t)] = kr[d];
+      for (index_t d = 0; d < V; ++d) s.VT[static_cast<std::size_t>(d * TT + t)] = vr[d];
     }
     for (index_t h = hk * group; h < (hk + 1) * group; ++h)
-      detail::attention_head(p, C, b, h, hk, slots[tid]);
+      detail::attention_head(p, C, b, h, hk, s);
   });
 }
 
