@@ -7,6 +7,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <seqmix/mixers/gated_delta_net.hpp>
+
 #include "dplr_common.hpp"
 
 using namespace dplr_test;
@@ -82,6 +84,33 @@ TEST_CASE("kda: reference == recurrent == chunked over T, chunk, K, V", "[kda][f
   const index_t T = GENERATE(1, 2, 63, 64, 65, 257);
   const auto s = GENERATE(kv{1, 1}, kv{7, 7}, kv{64, 64}, kv{65, 33}, kv{16, 65});
   check_forms<K_>({1, T, 1, 1, s.first, s.second}, {16, 32, 64}, form_tol, 300 + std::uint64_t(T));
+}
+
+TEST_CASE("kda: the same gate on every key == gated_delta_net (the special case)", "[kda][forms]") {
+  // GDN is KDA with g_t broadcast over the keys: both forms agree with gated_delta_net's
+  const dims d{2, 150, 2, 4, 24, 20};
+  auto in = cast<float>(random_inputs<K_>(d, 380, 1.0, true));
+  tensor<float, 3> g3({d.B, d.T, d.HV});
+  for (index_t b = 0; b < d.B; ++b)
+    for (index_t t = 0; t < d.T; ++t)
+      for (index_t h = 0; h < d.HV; ++h) {
+        g3(b, t, h) = in.g(b, t, h, 0);
+        for (index_t i = 0; i < d.K; ++i) in.g(b, t, h, i) = g3(b, t, h);
+      }
+  const gated_delta_net<float> gdn({.use_qk_l2norm = true, .chunk_size = 32});
+  for (form f : {form::recurrent, form::chunked}) {
+    INFO("form " << int(f));
+    tensor<float, 4> s1 = in.h0, s2 = in.h0;
+    tensor<float, 4> o1({d.B, d.T, d.HV, d.V});
+    if (f == form::recurrent) {
+      gdn.forward_recurrent(in.q, in.k, in.v, g3, in.beta, o1, s1);
+    } else {
+      gdn.forward_chunked(in.q, in.k, in.v, g3, in.beta, o1, s1);
+    }
+    const auto o2 = run<K_, float>(f, make_mixer<K_, float>(true, 32), in, s2);
+    SEQMIX_CHECK_CLOSE(o1, o2, 1e-6);
+    SEQMIX_CHECK_CLOSE(s1, s2, 1e-6);
+  }
 }
 
 TEST_CASE("kda: longer sequences, K = V = 128, GVA, l2norm", "[kda][forms]") {
