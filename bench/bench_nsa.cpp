@@ -13,6 +13,17 @@
 //      each step): reads S·bs = 1024 keys and values plus L/64 block means, about flat in L.
 //  - BM_nsa_softmax_decode {L, threads}: softmax_attention::step over a kv_cache of L tokens.
 // Counters: tokens/s; `keys` = keys (plus block means) visited per query and head.
+//
+// Measured 2026-12-02 on the 2-core Xeon (AVX-512) while 8 other agents compiled (load average
+// 12-19 on 2 cores, so wall times are inflated and noisy; the 1-thread CPU-time ratios are the
+// fair ones), fp32:
+//   prefill T = 32768, 1 thread: NSA 2.4-2.8 s CPU; full causal softmax 26.9 s (9.7x slower);
+//     dense tiles over S·bs keys 1.6-1.9 s: NSA / bound = 1.31, 1.36, 1.54 in three runs
+//     (wall: 1.6-1.9). 2 threads, wall: NSA 8.8-9.6 s, softmax 120.9 s (12.6x), bound 5.6-7.4 s.
+//   decode, 1 thread, CPU: NSA 54 / 65 / 106 us at L = 4096 / 16384 / 65536 (the L/64 block
+//     means equal the 1024 selected keys at L = 65536); softmax step 0.73 / 3.3 / 14.3 ms:
+//     135x at L = 65536. Cache: 520 bytes per token and kv head (512 of keys and values + 8 of
+//     block means).
 #include <random>
 #include <vector>
 
