@@ -68,7 +68,8 @@ def main():
         o1, S_loop = torch_loop(*(x[:, t:t + 1].double() for x in (q, k, v, g)), scale, S_loop)
         worst = max(worst, ((o_step.double() - o1[:, 0]).abs().max() / o1.abs().max()).item())
     print(f"decode {a.decode} tokens with seqmix.gla_step: max relative error {worst:.2e}")
+    return 0 if max(err_o, err_S, worst) < 1e-4 else 1  # float32 vs float64: ~1e-6 expected
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -130,28 +130,45 @@ class call {
                             " (the float arguments of one call share one dtype)");
       }
     } else if (is_torch_tensor(h)) {
-      const py::object dev = h.attr("device");
-      if (dev.attr("type").cast<std::string>() != "cpu") {
-        type_fail(name, "tensor is on device " + py::str(dev).cast<std::string>() +
-                            "; seqmix runs on the CPU: pass " + name + ".cpu()");
+      // Fast path: one call (Tensor.numpy() shares the storage of a CPU tensor without grad);
+      // the checks below run only when it fails or the dtype differs, to name the cause.
+      PyObject* arr = PyObject_CallMethod(h.ptr(), "numpy", nullptr);
+      if (arr != nullptr) {
+        a = py::reinterpret_steal<py::array>(arr);
+      } else {
+        PyErr_Clear();
+        a = torch_fallback(name, h);
       }
-      const py::object dt = h.attr("dtype");
-      const py::object& want =
-          std::is_same_v<T, float> ? torch_state().float32 : torch_state().float64;
-      if (!dt.is(want)) {
-        type_fail(name, std::string("expected torch.") + dtype_name<T>() + ", got " +
-                            py::str(dt).cast<std::string>() +
-                            " (the float arguments of one call share one dtype)");
-      }
-      py::object t = py::reinterpret_borrow<py::object>(h);
-      if (t.attr("requires_grad").cast<bool>()) t = t.attr("detach")();
-      a = t.attr("numpy")();  // shares the tensor's storage
+      if (!a.dtype().is(py::dtype::of<T>())) torch_dtype_fail(name, h);
     } else {
       type_fail(name, "expected a numpy.ndarray or a torch.Tensor, got " +
                           py::str(py::type::handle_of(h).attr("__name__")).cast<std::string>());
     }
     keep_.push_back(a);
     return a;
+  }
+
+  /// Why Tensor.numpy() failed (device, dtype), or the detached tensor's array (grad).
+  py::array torch_fallback(const char* name, py::handle h) const {
+    const py::object dev = h.attr("device");
+    if (dev.attr("type").cast<std::string>() != "cpu") {
+      type_fail(name, "tensor is on device " + py::str(dev).cast<std::string>() +
+                          "; seqmix runs on the CPU: pass " + name + ".cpu()");
+    }
+    torch_dtype_fail(name, h);
+    if (h.attr("requires_grad").cast<bool>()) return h.attr("detach")().attr("numpy")();
+    return h.attr("resolve_conj")().attr("resolve_neg")().attr("numpy")();
+  }
+  /// Throws when the tensor's dtype is not T's.
+  void torch_dtype_fail(const char* name, py::handle h) const {
+    const py::object dt = h.attr("dtype");
+    const py::object& want =
+        std::is_same_v<T, float> ? torch_state().float32 : torch_state().float64;
+    if (!dt.is(want)) {
+      type_fail(name, std::string("expected torch.") + dtype_name<T>() + ", got " +
+                          py::str(dt).cast<std::string>() +
+                          " (the float arguments of one call share one dtype)");
+    }
   }
 
   /// A view of `h` with rank R; `dims` names the expected dimensions ("[B, T, H, K]").
