@@ -275,6 +275,23 @@ class moba_attention {
     run(d, q, k, v, o, seqs, &cache, {});
   }
 
+  /// Packed varlen prefill: sequence n (rows cu_seqlens[n] .. cu_seqlens[n+1]-1 of q [N,H,K],
+  /// k [N,Hkv,K], v [N,Hkv,V]) attends over row n of `cache` ([n] sequences) and itself, and is
+  /// appended there; o [N,H,V] out.
+  void forward(tensor_view<const T, 3> q, tensor_view<const T, 3> k, tensor_view<const T, 3> v,
+               tensor_view<T, 3> o, moba_cache<T>& cache,
+               std::span<const index_t> cu_seqlens) const {
+    const checker check{"moba_attention::forward"};
+    const dims d = validate3(check, q, k, v, o);
+    const auto seqs = packed(check, d, cu_seqlens);
+    const auto n = static_cast<index_t>(seqs.size());
+    const dims dn{n, 1, d.H, d.Hkv, d.K, d.V};
+    check_cache(check, dn, cache, 0);
+    for (const seq& sq : seqs) check_room(check, cache, sq.row, sq.len);
+    check_cache_overlap(check, q, k, v, o, cache);
+    run(d, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), o.unsqueeze(0), seqs, &cache, {});
+  }
+
   /// The chosen earlier chunks of every query: [B,T,H,k-1], ascending, -1 in unused slots
   /// (a query at chunk index n has min(n, k-1) of them).
   tensor<std::int32_t, 4> selected_chunks(tensor_view<const T, 4> q,
@@ -419,13 +436,14 @@ class moba_attention {
       check.fail("cache", "expected a cache of chunk size " + std::to_string(opt_.chunk_size) +
                               " (options.chunk_size), got " + std::to_string(cache.chunk_size()));
     }
-    for (index_t b = 0; b < d.B; ++b) {
-      const index_t len = cache.length(b);
-      if (len + n > cache.capacity()) {
-        check.fail("cache", "capacity " + std::to_string(cache.capacity()) +
-                                " exceeded: sequence " + std::to_string(b) + " holds " +
-                                std::to_string(len) + " tokens, appending " + std::to_string(n));
-      }
+    for (index_t b = 0; b < d.B; ++b) check_room(check, cache, b, n);
+  }
+  static void check_room(const checker& check, const moba_cache<T>& cache, index_t b, index_t n) {
+    const index_t len = cache.length(b);
+    if (len + n > cache.capacity()) {
+      check.fail("cache", "capacity " + std::to_string(cache.capacity()) + " exceeded: sequence " +
+                              std::to_string(b) + " holds " + std::to_string(len) +
+                              " tokens, appending " + std::to_string(n));
     }
   }
   template <std::size_t R>
