@@ -17,11 +17,12 @@
 //
 // Forms and cost per head:
 //  - forward (prefill / training): selection by tiles of queries against the chunk means, then
-//    flash tiles that visit only the selected chunks (kernels/moba.hpp). Time
+//    tiles that visit only the selected chunks (kernels/moba.hpp). Time
 //    O(T·(T/c)·K/2 + T·(k - 1/2)·c·(K+V)); memory O(T·(K+V)) for head-major copies of k and v,
-//    O(T·k) for the selection, O(64·(K+V+64) + 64·T/c) scratch per thread. Never a T×T matrix.
-//    With a moba_cache it is the prefill: the new tokens also see the cached ones, and are
-//    appended.
+//    O(T·(k + K + V)) per thread for the selection, query copy and softmax state, and
+//    O(64·(K+V+64) + 64·T/c) scratch per thread. Never a T×T matrix. With a moba_cache
+//    ([B,T,H,D] or packed) it is the prefill: the new tokens also see the cached ones, and are
+//    appended. Parallel over (sequence, query head): one long sequence of one head is serial.
 //  - step (decode, one token per sequence) against a moba_cache: the new key joins its chunk's
 //    running sum (a completed chunk stores its mean), gates over the L/c complete chunks, then
 //    the engine's decode over the selected chunks and the own one. Time O((L/c)·K +
