@@ -574,10 +574,33 @@ void partial_rows(const row_job<T>& job, const params<T>& p, index_t r0, index_t
         simd::exp(s.data(), s.data(), kn);
         l[r - r0] = l[r - r0] * alpha + simd::sum(s.data(), kn);
         mr = m_new;
+        // acc = alpha · acc + Σ_j p_j v_j, 4 vectors of acc held in registers over the block
         T* ar = acc + t * a_ts + g * a_hs;
-        simd::scale(ar, alpha, V);
-        for (index_t j = 0; j < kn; ++j)
-          simd::axpy(ar, s[static_cast<std::size_t>(j)], vj + j * run.v_stride, V);
+        constexpr index_t W4 = 4 * L<T>;
+        index_t c0 = 0;
+        for (; c0 + W4 <= V; c0 += W4) {
+          const batch<T> al(alpha);
+          batch<T> a0 = al * simd::load(ar + c0), a1 = al * simd::load(ar + c0 + L<T>);
+          batch<T> a2 = al * simd::load(ar + c0 + 2 * L<T>);
+          batch<T> a3 = al * simd::load(ar + c0 + 3 * L<T>);
+          for (index_t j = 0; j < kn; ++j) {
+            const T* vr = vj + j * run.v_stride + c0;
+            const batch<T> pj(s[static_cast<std::size_t>(j)]);
+            a0 = simd::fma(pj, simd::load(vr), a0);
+            a1 = simd::fma(pj, simd::load(vr + L<T>), a1);
+            a2 = simd::fma(pj, simd::load(vr + 2 * L<T>), a2);
+            a3 = simd::fma(pj, simd::load(vr + 3 * L<T>), a3);
+          }
+          simd::store(ar + c0, a0);
+          simd::store(ar + c0 + L<T>, a1);
+          simd::store(ar + c0 + 2 * L<T>, a2);
+          simd::store(ar + c0 + 3 * L<T>, a3);
+        }
+        if (c0 < V) {  // the rest of V (< 4 vectors, and a scalar tail)
+          simd::scale(ar + c0, alpha, V - c0);
+          for (index_t j = 0; j < kn; ++j)
+            simd::axpy(ar + c0, s[static_cast<std::size_t>(j)], vj + j * run.v_stride + c0, V - c0);
+        }
       }
     }
     run_start += run.n;
@@ -633,6 +656,7 @@ template <class T, class JobOf>
 void run_row_jobs(index_t njobs, JobOf&& job_of, const params<T>& p, T* scratch, index_t cap) {
   constexpr index_t max_batch = 256;
   const index_t vpad = detail::acc_pad<T>(p.value_dim), V = p.value_dim;
+  constexpr index_t lanes = simd::lanes<T>;
   // per job of the batch: keys per split (0: direct), first key, splits, scratch offset
   std::array<index_t, max_batch> per, first, nsp, off;
   std::array<index_t, max_batch + 1> item0;
@@ -643,9 +667,11 @@ void run_row_jobs(index_t njobs, JobOf&& job_of, const params<T>& p, T* scratch,
       const row_job<T> job = job_of(j0 + nb);
       const auto [kf, ke] = detail::job_keys(job, p.window);
       const index_t rows = job.ntok * job.nhead;
-      const index_t ps = detail::split_keys(ke - kf, rows, vpad, cap);
+      // partials of a job: acc [splits][rows][vpad], then m and l [splits][rows] each; every
+      // job starts on a 64-byte boundary, so every acc row does (vpad is a whole vector)
+      const index_t ps = detail::split_keys(ke - kf, rows, vpad, cap - lanes);
       const index_t ns = ps > 0 ? (ke - kf + ps - 1) / ps : 1;
-      const index_t need = ps > 0 ? ns * rows * (vpad + 2) : 0;
+      const index_t need = ps > 0 ? (ns * rows * (vpad + 2) + lanes - 1) / lanes * lanes : 0;
       if (nb > 0 && used + need > cap) break;
       const auto b = static_cast<std::size_t>(nb);
       per[b] = ps, first[b] = kf, nsp[b] = ns, off[b] = used;
@@ -677,21 +703,22 @@ void run_row_jobs(index_t njobs, JobOf&& job_of, const params<T>& p, T* scratch,
       }
       const index_t s = it - item0[b];
       const index_t ka = first[b] + s * per[b], kb = std::min(end, ka + per[b]);
-      T* base = scratch + off[b] + s * rows * (vpad + 2);
-      T* m = base + rows * vpad;
-      detail::partial_rows(job, p, 0, rows, ka, kb, base, G * vpad, vpad, m, m + rows);
+      T* base = scratch + off[b];
+      T* m = base + nsp[b] * rows * vpad + s * rows;
+      detail::partial_rows(job, p, 0, rows, ka, kb, base + s * rows * vpad, G * vpad, vpad, m,
+                           m + nsp[b] * rows);
     });
     parallel_for(nb, [&](index_t bi) {
       const auto b = static_cast<std::size_t>(bi);
       if (per[b] == 0) return;
       const row_job<T> job = job_of(j0 + bi);
-      const index_t rows = job.ntok * job.nhead, G = job.nhead, stride = rows * (vpad + 2);
+      const index_t rows = job.ntok * job.nhead, G = job.nhead, ns = nsp[b];
       const T* base = scratch + off[b];
       for (index_t r = 0; r < rows; ++r) {
         T* o = job.o + (r / G) * job.o_tstride + (r % G) * job.o_hstride;
         const T sink = job.sinks ? job.sinks[r % G] : -std::numeric_limits<T>::infinity();
-        const T* m = base + rows * vpad + r;
-        detail::merge_row(nsp[b], m, m + rows, stride, base + r * vpad, stride, sink, o, V);
+        const T* m = base + ns * rows * vpad + r;
+        detail::merge_row(ns, m, m + ns * rows, rows, base + r * vpad, rows * vpad, sink, o, V);
       }
     });
     j0 += nb;
