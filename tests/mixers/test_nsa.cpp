@@ -498,3 +498,85 @@ TEST_CASE("nsa: bad input gives clear errors", "[nsa]") {
                         Contains("expected block size 4"));
   }
 }
+
+TEST_CASE("nsa: packed prefill into a cache, then batched steps == each sequence alone", "[nsa]") {
+  for (index_t W : {index_t(0), index_t(4)}) {
+    INFO("window " << W);
+    const index_t H = 4, Hkv = 2, K = 16, V = 12, bs = 8, S = 2, steps = 6;
+    const std::vector<index_t> lens{5, 32, 23}, cu{0, 5, 37, 60};
+    const nsa_f m({.block_size = bs, .block_count = S, .window = W});
+    std::vector<problem<float>> seq;
+    std::vector<tensor<float, 4>> alone;
+    for (std::size_t n = 0; n < lens.size(); ++n) {
+      const config c{1, lens[n] + steps, H, Hkv, K, V, bs, S, W};
+      seq.push_back(make_problem<float>(c, 50 + n));
+      alone.push_back(run_fast(m, seq.back(), c).o);
+    }
+    // the packed prompt
+    problem<float> pk{tensor<float, 4>({1, 60, H, K}),   tensor<float, 4>({1, 60, Hkv, K}),
+                      tensor<float, 4>({1, 60, Hkv, V}), tensor<float, 3>({1, 60, H}),
+                      tensor<float, 3>({1, 60, H}),      tensor<float, 3>({1, 60, H})};
+    for (std::size_t n = 0; n < lens.size(); ++n) {
+      copy(seq[n].q.view().template slice<1>(0, lens[n]),
+           pk.q.view().template slice<1>(cu[n], cu[n + 1]));
+      copy(seq[n].k.view().template slice<1>(0, lens[n]),
+           pk.k.view().template slice<1>(cu[n], cu[n + 1]));
+      copy(seq[n].v.view().template slice<1>(0, lens[n]),
+           pk.v.view().template slice<1>(cu[n], cu[n + 1]));
+      copy(seq[n].gc.view().template slice<1>(0, lens[n]),
+           pk.gc.view().template slice<1>(cu[n], cu[n + 1]));
+      copy(seq[n].gs.view().template slice<1>(0, lens[n]),
+           pk.gs.view().template slice<1>(cu[n], cu[n + 1]));
+      copy(seq[n].gw.view().template slice<1>(0, lens[n]),
+           pk.gw.view().template slice<1>(cu[n], cu[n + 1]));
+    }
+    auto cache = m.make_cache(3, Hkv, K, V, 40);
+    tensor<float, 4> o({1, 60, H, V});
+    m.forward(pk.q, pk.k, pk.v,
+              {pk.gc, pk.gs, W > 0 ? pk.gw.view() : tensor_view<const float, 3>{}}, o, cache, cu);
+    for (std::size_t n = 0; n < lens.size(); ++n) {
+      const auto a = tensor<float, 4>::copy_of(alone[n].view().template slice<1>(0, lens[n]));
+      const auto b = tensor<float, 4>::copy_of(o.view().template slice<1>(cu[n], cu[n + 1]));
+      INFO("prompt of sequence " << n);
+      if (W == 0) {
+        CHECK(bitwise_equal(a, b));
+      } else {
+        SEQMIX_CHECK_CLOSE(a, b, window_tol);
+      }
+      CHECK(cache.length(static_cast<index_t>(n)) == lens[n]);
+    }
+    tensor<float, 3> q1({3, H, K}), k1({3, Hkv, K}), v1({3, Hkv, V}), o1({3, H, V});
+    tensor<float, 2> gc1({3, H}), gs1({3, H}), gw1({3, H});
+    for (index_t s = 0; s < steps; ++s) {
+      for (index_t n = 0; n < 3; ++n) {
+        const auto& sq = seq[static_cast<std::size_t>(n)];
+        const index_t t = lens[static_cast<std::size_t>(n)] + s;
+        copy(sq.q.view().template select<0>(0).template select<0>(t),
+             q1.view().template select<0>(n));
+        copy(sq.k.view().template select<0>(0).template select<0>(t),
+             k1.view().template select<0>(n));
+        copy(sq.v.view().template select<0>(0).template select<0>(t),
+             v1.view().template select<0>(n));
+        copy(sq.gc.view().template select<0>(0).template select<0>(t),
+             gc1.view().template select<0>(n));
+        copy(sq.gs.view().template select<0>(0).template select<0>(t),
+             gs1.view().template select<0>(n));
+        copy(sq.gw.view().template select<0>(0).template select<0>(t),
+             gw1.view().template select<0>(n));
+      }
+      m.step(q1, k1, v1, {gc1, gs1, W > 0 ? gw1.view() : tensor_view<const float, 2>{}}, o1, cache);
+      for (index_t n = 0; n < 3; ++n) {
+        const index_t t = lens[static_cast<std::size_t>(n)] + s;
+        const auto a = tensor<float, 2>::copy_of(
+            alone[static_cast<std::size_t>(n)].view().template select<0>(0).template select<0>(t));
+        const auto b = tensor<float, 2>::copy_of(o1.view().template select<0>(n));
+        INFO("step " << s << " of sequence " << n);
+        if (W == 0) {
+          CHECK(bitwise_equal(a, b));
+        } else {
+          SEQMIX_CHECK_CLOSE(a, b, window_tol);
+        }
+      }
+    }
+  }
+}

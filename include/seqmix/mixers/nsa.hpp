@@ -276,6 +276,20 @@ class native_sparse_attention {
                   "block means: nsa_cache::block_keys / block_values)");
     run(d, q, k, v, g, o, x, batch_seqs(d), &cache, nullptr, {});
   }
+  /// Packed prefill (B == 1): sequence n appends to row n of `cache` ([N] sequences).
+  void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+               const gates& g, tensor_view<T, 4> o, nsa_cache<T>& cache,
+               std::span<const index_t> cu_seqlens, const extras& x = {}) const {
+    const checker check{"native_sparse_attention::forward"};
+    const dims d = validate(check, q, k, v, g, o, x, nullptr);
+    const auto seqs = packed_seqs(check, d, cu_seqlens);
+    check_cache(check, d, cache, static_cast<index_t>(seqs.size()));
+    for (const seq& s : seqs) check_room(check, cache, s.row, s.len);
+    check.require(!x.k_cmp.data() && !x.v_cmp.data(), "x",
+                  "k_cmp / v_cmp are outputs of the calls without a cache (the cache holds the "
+                  "block means: nsa_cache::block_keys / block_values)");
+    run(d, q, k, v, g, o, x, seqs, &cache, nullptr, cu_seqlens);
+  }
   /// Given selection (reuse across layers): block_indices [B,T,Hkv,S'] (-1 empty) replace the
   /// selection; the compressed branch still runs (its output is gated in).
   void forward_selected(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
@@ -535,11 +549,16 @@ class native_sparse_attention {
     }
   }
   void check_cache(const checker& check, const dims& d, const nsa_cache<T>& cache) const {
-    if (cache.batch() != d.B || cache.kv_heads() != d.Hkv || cache.key_dim() != d.K ||
+    check_cache(check, d, cache, d.B);
+  }
+  void check_cache(const checker& check, const dims& d, const nsa_cache<T>& cache,
+                   index_t rows) const {
+    if (cache.batch() != rows || cache.kv_heads() != d.Hkv || cache.key_dim() != d.K ||
         cache.value_dim() != d.V) {
       check.fail("cache",
                  "expected [sequences, kv heads, K, V] = " +
-                     detail::format_shape(std::array<index_t, 4>{d.B, d.Hkv, d.K, d.V}) + ", got " +
+                     detail::format_shape(std::array<index_t, 4>{rows, d.Hkv, d.K, d.V}) +
+                     ", got " +
                      detail::format_shape(std::array<index_t, 4>{
                          cache.batch(), cache.kv_heads(), cache.key_dim(), cache.value_dim()}));
     }
@@ -597,7 +616,9 @@ class native_sparse_attention {
         swa_buf = tensor<T, 4>({d.B, d.Tn, d.H, d.V});
         o_swa = swa_buf.view();
       }
-      if (cache) {
+      if (cache && !cu.empty()) {
+        swa_->forward_chunked(q, k, v, o_swa, cache->kv(), cu);
+      } else if (cache) {
         swa_->forward_chunked(q, k, v, o_swa, cache->kv());
       } else if (!cu.empty()) {
         swa_->forward_chunked(q, k, v, o_swa, cu);
