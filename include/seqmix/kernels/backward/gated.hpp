@@ -44,6 +44,7 @@
 #include <algorithm>
 #include <cmath>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include <seqmix/core/error.hpp>
@@ -86,6 +87,12 @@ namespace detail {
 /// Log gates are clamped here: e^{-1e4} is exactly 0 in float and double.
 inline constexpr double gate_floor = -1e4;
 
+/// Largest |b_x - b_ρ| a per-key sub-chunk may span for its diagonal block to be factored
+/// through row ρ: the k side carries up to e^{diag_bound} (4.9e8 in float), the q side down to
+/// e^{-diag_bound}, far from overflow and from subnormals for any ordinary q and k.
+template <class T>
+inline constexpr double diag_bound = std::is_same_v<T, float> ? 20.0 : 200.0;
+
 /// out[i] = e^{out[i]} in place, arguments clamped at -1e4.
 template <class T>
 inline void exp_inplace(T* x, index_t n) {
@@ -99,13 +106,13 @@ inline void exp_inplace(T* x, index_t n) {
 /// Per-thread buffers; grow-only.
 template <class T>
 struct gated_scratch {
-  std::vector<T> states, dS, Qs, Kc, Qb, Kh, A, dA, dQ, dK, tmp, Qf, Kf, w, VT, KT, pack;
+  std::vector<T> states, dS, Qs, Kc, Qb, Kh, A, dA, dQ, dK, tmp, Qf, Kf, EQ, EK, w, VT, KT, pack;
   std::vector<double> cum, acc;
   void reserve(index_t C, index_t K, index_t V, index_t chunks, index_t W) {
     auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
     states.resize(sz((chunks + 1) * K * V));
     dS.resize(sz(K * V));
-    for (auto* b : {&Qs, &Kc, &Qb, &Kh, &dQ, &dK, &Qf, &Kf}) b->resize(sz(C * K));
+    for (auto* b : {&Qs, &Kc, &Qb, &Kh, &dQ, &dK, &Qf, &Kf, &EQ, &EK}) b->resize(sz(C * K));
     tmp.resize(sz(C * std::max(K, V)));
     VT.resize(sz(C * V));
     KT.resize(sz(C * K));
@@ -330,42 +337,59 @@ void gated_head(const gated_problem<T>& p, index_t C, index_t b, index_t t0, ind
       for (index_t rho = 0; rho < L; rho += sub) {
         const index_t nr = std::min(sub, L - rho);
         const double* Gr = cum + rho * W;
-        // off-diagonal: rows rho.., columns < rho, through row rho
-        if (rho > 0) {
+        // Rows rho.. against columns < ncol through row ρ: e^{b_r - b_j} = e^{b_r - b_ρ}·e^{b_ρ -
+        // b_j}. Columns before the sub-chunk have both factors <= 1 (gates <= 0). The diagonal
+        // block joins them when every row of the sub-chunk lies within e^{±diag_bound} of row ρ in
+        // every channel (its k side is then at most e^{diag_bound}); otherwise (strong gates,
+        // kills, NaN) it is formed pair by pair below.
+        bool factor_diag = true;
+        for (index_t x = rho; x < rho + nr && factor_diag; ++x) {
+          for (index_t i = 0; i < K; ++i) {
+            if (!(std::abs(cum[x * W + i] - Gr[i]) <= diag_bound<T>)) {
+              factor_diag = false;
+              break;
+            }
+          }
+        }
+        const index_t ncol = factor_diag ? rho + nr : rho;
+        if (ncol > 0) {
+          T* EQ = s.EQ.data();
+          T* EK = s.EK.data();
           T* Qf = s.Qf.data();
           T* Kf = s.Kf.data();
           for (index_t r = 0; r < nr; ++r) {
-            T* row = Qf + r * K;
-            for (index_t i = 0; i < K; ++i) row[i] = static_cast<T>(cum[(rho + r) * W + i] - Gr[i]);
-            exp_inplace(row, K);
-            for (index_t i = 0; i < K; ++i)
-              row[i] *= s.Qs[static_cast<std::size_t>((rho + r) * K + i)];
-          }
-          for (index_t j = 0; j < rho; ++j) {
-            T* row = Kf + j * K;
-            for (index_t i = 0; i < K; ++i) row[i] = static_cast<T>(Gr[i] - cum[j * W + i]);
-            exp_inplace(row, K);
-            for (index_t i = 0; i < K; ++i) row[i] *= s.Kc[static_cast<std::size_t>(j * K + i)];
-          }
-          linalg::gemm<T, false, true>(nr, rho, K, Qf, K, Kf, K, A + rho * C, C, false, s.pack);
-          // dq_r += e^{b_r - b_ρ} ⊙ s (dA Kf)_r ; d(ck)_j += e^{b_ρ - b_j} ⊙ (dAᵀ Qf)_j
-          T* tq = s.tmp.data();
-          linalg::gemm<T, false, false>(nr, K, rho, dA + rho * C, C, Kf, K, tq, K, false, s.pack);
-          // the factors e^{b_r - b_ρ} and e^{b_ρ - b_j} again (Qf/Kf hold them times q/k)
-          for (index_t r = 0; r < nr; ++r) {
-            T* e = s.w.data();
+            T* e = EQ + r * K;
             for (index_t i = 0; i < K; ++i) e[i] = static_cast<T>(cum[(rho + r) * W + i] - Gr[i]);
             exp_inplace(e, K);
-            for (index_t i = 0; i < K; ++i) dQ[(rho + r) * K + i] += p.scale * e[i] * tq[r * K + i];
+            const T* qs = s.Qs.data() + (rho + r) * K;
+            for (index_t i = 0; i < K; ++i) Qf[r * K + i] = e[i] * qs[i];
           }
-          linalg::gemm<T, true, false>(rho, K, nr, dA + rho * C, C, Qf, K, tq, K, false, s.pack);
-          for (index_t j = 0; j < rho; ++j) {
-            T* e = s.w.data();
+          for (index_t j = 0; j < ncol; ++j) {
+            T* e = EK + j * K;
             for (index_t i = 0; i < K; ++i) e[i] = static_cast<T>(Gr[i] - cum[j * W + i]);
             exp_inplace(e, K);
+            const T* kc = s.Kc.data() + j * K;
+            for (index_t i = 0; i < K; ++i) Kf[j * K + i] = e[i] * kc[i];
+          }
+          linalg::gemm<T, false, true>(nr, ncol, K, Qf, K, Kf, K, A + rho * C, C, false, s.pack);
+          if (factor_diag) {
+            for (index_t r = 0; r < nr; ++r)
+              for (index_t j = rho + r + 1; j < rho + nr; ++j) A[(rho + r) * C + j] = T(0);
+          }
+          // dq_r += s e^{b_r - b_ρ} ⊙ (dA Kf)_r ; d(ck)_j += e^{b_ρ - b_j} ⊙ (dAᵀ Qf)_j
+          T* tq = s.tmp.data();
+          linalg::gemm<T, false, false>(nr, K, ncol, dA + rho * C, C, Kf, K, tq, K, false, s.pack);
+          for (index_t r = 0; r < nr; ++r) {
+            const T* e = EQ + r * K;
+            for (index_t i = 0; i < K; ++i) dQ[(rho + r) * K + i] += p.scale * e[i] * tq[r * K + i];
+          }
+          linalg::gemm<T, true, false>(ncol, K, nr, dA + rho * C, C, Qf, K, tq, K, false, s.pack);
+          for (index_t j = 0; j < ncol; ++j) {
+            const T* e = EK + j * K;
             for (index_t i = 0; i < K; ++i) dK[j * K + i] += e[i] * tq[j * K + i];
           }
         }
+        if (factor_diag) continue;
         // diagonal block, pair by pair
         for (index_t r = rho; r < rho + nr; ++r) {
           for (index_t j = rho; j <= r; ++j) {
