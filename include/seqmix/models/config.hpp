@@ -220,7 +220,8 @@ inline const std::set<std::string>& ignored_fields() {
                                        "_attn_implementation",
                                        "_experts_implementation",
                                        "embedding_dropout",
-                                       "router_jitter_noise"};
+                                       "router_jitter_noise",
+                                       "init_method"};
   return s;
 }
 
@@ -301,10 +302,14 @@ inline model_config parse_qwen3_next(const config_reader& r) {
                 "num_experts_per_tok",
                 "shared_expert_intermediate_size",
                 "hidden_act",
-                "attention_bias"},
+                "attention_bias",
+                "use_sliding_window",
+                "sliding_window",
+                "max_window_layers"},
                "qwen3_next");
   r.require_value("hidden_act", std::string("silu"), "the layers implement SwiGLU");
   r.require_value("attention_bias", false, "the attention layer has no projection biases");
+  r.require_value("use_sliding_window", false, "Qwen3-Next's attention layers are global");
   model_config c;
   c.family = model_family::qwen3_next;
   c.model_type = "qwen3_next";
