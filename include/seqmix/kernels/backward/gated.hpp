@@ -24,8 +24,10 @@
 // so -inf and "kill" gates are exact and -inf - -inf never happens); exponents are differences
 // formed in double and rounded to T just before exp. Every factor is e^{<=0} for gates <= 0:
 // the intra-chunk terms of a per-key gate factor through the first row ρ of the query's
-// sub-chunk of 16 rows, e^{b_r - b_j} = e^{b_r - b_ρ} e^{b_ρ - b_j} (both <= 1), and the 16×16
-// diagonal blocks are formed pair by pair. Scalar gates use the C×C decay matrix directly.
+// sub-chunk of 16 rows, e^{b_r - b_j} = e^{b_r - b_ρ} e^{b_ρ - b_j} (both <= 1 for earlier
+// sub-chunks); the 16×16 diagonal block joins that GEMM when the sub-chunk spans at most
+// e^{±diag_bound} in every channel, else it is formed pair by pair (strong gates, kills).
+// Scalar gates use the C×C decay matrix directly.
 //
 // Saved state (measured choice, docs/math.md §8): the backward recomputes the chunk-boundary
 // states S_0..S_{T/C} of the head it works on (one GEMM per chunk, 2·K·V FLOP per token, about
@@ -35,7 +37,8 @@
 //
 // Dimensions: B batch, T tokens, H heads of v/o/state, Hk heads of q/k (H % Hk == 0), K key
 // size, V value size, C chunk, N sequences (cu_seqlens with B == 1). Cost per (sequence, head)
-// and token: about 2C(2K+3V) + 8KV FLOP (scalar gate), plus about 14·K exps (per-key gate).
+// and token: about 2C(3K+2V)·5/8 + 10KV FLOP (triangular products on 16-row blocks), plus about
+// 6·K exps for a per-key gate (14·K where its diagonal blocks go pair by pair).
 // Parallel over (sequence, q/k head) items, each one thread's: results are bitwise the same for
 // any thread count (the chunk scheduler's reverse direction in kernels/common was not available
 // when this was written: this is its own static loop over items).
