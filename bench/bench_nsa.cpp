@@ -20,6 +20,8 @@
 //   prefill T = 32768, 1 thread: NSA 2.4-2.8 s CPU; full causal softmax 26.9 s (9.7x slower);
 //     dense tiles over S·bs keys 1.6-1.9 s: NSA / bound = 1.31, 1.36, 1.54 in three runs
 //     (wall: 1.6-1.9). 2 threads, wall: NSA 8.8-9.6 s, softmax 120.9 s (12.6x), bound 5.6-7.4 s.
+//   A later run at load 7.5: NSA / bound 1.35 (1 thread, CPU; wall 1.37), 1.46 (2 threads, wall);
+//     decode at L = 65536: 111 us vs the softmax step's 11.97 ms CPU (108x).
 //   decode, 1 thread, CPU: NSA 54 / 65 / 106 us at L = 4096 / 16384 / 65536 (the L/64 block
 //     means equal the 1024 selected keys at L = 65536); softmax step 0.73 / 3.3 / 14.3 ms:
 //     135x at L = 65536. Cache: 520 bytes per token and kv head (512 of keys and values + 8 of
