@@ -601,3 +601,18 @@ TEST_CASE("models: a warm decode step allocates nothing", "[models]") {
     CHECK(count == 0);
   }
 }
+
+TEST_CASE("models: a prefill in two parts == one prefill (the cache continues)", "[models]") {
+  for (const std::string name : {"qwen3_next", "mamba2_hybrid"}) {
+    auto m = models::hybrid_model::load(model_dir(name));
+    const auto a = ids_of(name, "prompt_ids");
+    auto c1 = m.make_cache(1, 64), c2 = m.make_cache(1, 64);
+    const auto whole = m.prefill(a, {}, c1);
+    const std::vector<std::int64_t> p1(a.begin(), a.begin() + 20), p2(a.begin() + 20, a.end());
+    const auto l1 = m.prefill(p1, {}, c2);
+    const auto l2 = m.prefill(p2, {}, c2);
+    CHECK(c2.length(0) == 37);
+    check_rel(name + " first part", compare(rows(whole, 0, 20), l1), 1e-5);
+    check_rel(name + " second part", compare(rows(whole, 20, 37), l2), 1e-5);
+  }
+}
