@@ -16,6 +16,12 @@
 //    O(Bq·(K + V + Bk)) scratch per thread: no T×T matrix ever exists.
 //  - decode (one query row per head against L cached keys): memory-bound sweep over the cache,
 //    online softmax in blocks of 64 keys; time O(min(L, W)·(K+V)), no allocation.
+//    decode_group runs one GQA group in one piece; run_row_jobs (split-KV, flash-decoding) cuts
+//    each (sequence, kv head)'s keys into up to 16 splits of >= 512 keys (a function of the key
+//    count, rows and V only), computes the partial (m, l, acc) of every split as its own work
+//    item and merges them in split order: thread-parallel at B·Hkv = 1, bitwise identical for
+//    any thread count. The same path takes a short prefill (a few tokens × G heads of rows with
+//    their own causal limits) without padding it to a 64-row query tile.
 //
 // Layout trick of the tile kernel: scores are computed transposed, S^T [Bk, Bq], with queries
 // along the SIMD lanes. Then the row max, exp and row sum of the online softmax are plain
