@@ -614,6 +614,51 @@ TEST_CASE("backward: split sequence with the state passed == whole sequence", "[
   }
 }
 
+TEST_CASE("backward: constant gate (retention, Lightning) vs reference, finite differences",
+          "[backward]") {
+  auto rng = seqmix::testing::make_rng(157);
+  const index_t B = 2, T = 23, H = 3, K = 5, V = 4;
+  auto in = make(op::linear_attn, rng, B, T, H, H, K, V);
+  tensor<double, 1> gamma({H});
+  for (index_t h = 0; h < H; ++h) gamma(h) = std::log(1.0 - std::pow(2.0, -1.0 - double(h)));
+  tensor<double, 4> dq(in.q.shape()), dk(in.k.shape()), dv(in.v.shape()), dh0(in.h0.shape());
+  tensor<double, 1> dgam({H});
+  seqmix::backward_options<double> opt;
+  opt.chunk_size = 8;
+  seqmix::simple_gla_constant_backward<double>(in.q, in.k, in.v, gamma, in.h0, in.do_, in.dht, dq,
+                                               dk, dv, dgam, dh0, opt);
+  grads ref;
+  ref.q = tensor<double, 4>(in.q.shape()), ref.k = tensor<double, 4>(in.k.shape());
+  ref.v = tensor<double, 4>(in.v.shape()), ref.h0 = tensor<double, 4>(in.h0.shape());
+  tensor<double, 1> rgam({H});
+  seqmix::reference::gated_gates<double> gates;
+  gates.g_gamma = gamma;
+  seqmix::reference::gated_grads<double> gr;
+  gr.dq = ref.q, gr.dk = ref.k, gr.dv = ref.v, gr.dh0 = ref.h0, gr.dg_gamma = rgam;
+  seqmix::reference::gated_accumulation_backward<double>(
+      in.q, in.k, in.v, gates, 1.0 / std::sqrt(double(K)), in.h0, in.do_, in.dht, gr);
+  SEQMIX_CHECK_CLOSE(ref.q, dq, 1e-11);
+  SEQMIX_CHECK_CLOSE(ref.k, dk, 1e-11);
+  SEQMIX_CHECK_CLOSE(ref.v, dv, 1e-11);
+  SEQMIX_CHECK_CLOSE(ref.h0, dh0, 1e-11);
+  SEQMIX_CHECK_CLOSE(rgam, dgam, 1e-11);
+  // d/dg_gamma by central differences: the same loss with g = g_gamma broadcast
+  for (index_t h = 0; h < H; ++h) {
+    auto loss_at = [&](double x) {
+      inputs p = in;
+      p.kind = op::simple_gla;
+      p.g = tensor<double, 3>({B, T, H});
+      for (index_t b = 0; b < B; ++b)
+        for (index_t t = 0; t < T; ++t)
+          for (index_t u = 0; u < H; ++u) p.g(b, t, u) = u == h ? x : gamma(u);
+      return loss(p);
+    };
+    const double e = 1e-6, fd = (loss_at(gamma(h) + e) - loss_at(gamma(h) - e)) / (2 * e);
+    INFO("h " << h << " fd " << fd << " grad " << dgam(h));
+    CHECK(std::abs(fd - dgam(h)) <= 1e-6 * std::max(1.0, std::abs(fd)));
+  }
+}
+
 TEST_CASE("backward: 1 vs 2 threads, bitwise", "[backward][threads]") {
   auto rng = seqmix::testing::make_rng(156);
   for (op kind : all_ops) {

@@ -5,6 +5,7 @@
 //
 //   linear_attention_backward(q, k, v, h0, do_, dht, dq, dk, dv, dh0, opt, cu_seqlens)
 //   simple_gla_backward      (q, k, v, g,  h0, do_, dht, dq, dk, dv, dg,  dh0, opt, cu_seqlens)
+//   simple_gla_constant_backward(q, k, v, g_gamma, h0, do_, dht, dq, dk, dv, dg_gamma, dh0, ...)
 //   gla_backward             (q, k, v, gk, h0, do_, dht, dq, dk, dv, dgk, dh0, opt, cu_seqlens)
 //   mamba2_ssd_backward      (x, dt, A, Bm, Cm, D, h0, dy, dht, grads, opt, cu_seqlens)
 //   softmax_attention_backward(q, k, v, do_, dq, dk, dv, opt)            (causal; opt.window)
@@ -146,6 +147,37 @@ void simple_gla_backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
   detail::run_gated_backward("simple_gla_backward", p, opt);
 }
 
+/// Backward of simple GLA with a constant per-head log gate g_gamma [H] (retention, Lightning);
+/// dg_gamma: [H], the sum over every token of the scalar gate's gradient. Allocates 2·B·T·H values.
+template <class T>
+void simple_gla_constant_backward(
+    tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+    tensor_view<const T, 1> g_gamma, tensor_view<const T, 4> h0, tensor_view<const T, 4> do_,
+    tensor_view<const T, 4> dht, tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+    tensor_view<T, 1> dg_gamma, tensor_view<T, 4> dh0, const backward_options<T>& opt = {},
+    std::span<const index_t> cu_seqlens = {}, tensor_view<T, 4> ht = {}) {
+  const checker check{"simple_gla_constant_backward"};
+  check.nonempty("q", q);
+  check.nonempty("v", v);
+  const index_t B = q.extent(0), TT = q.extent(1), H = v.extent(2);
+  check.shape("g_gamma", g_gamma, {H});
+  check.shape("dg_gamma", dg_gamma, {H});
+  tensor<T, 3> g({B, TT, H}), dg({B, TT, H});
+  for (index_t b = 0; b < B; ++b)
+    for (index_t t = 0; t < TT; ++t)
+      for (index_t h = 0; h < H; ++h) g(b, t, h) = g_gamma(h);
+  kernels::backward::gated_problem<T> p;
+  p.q = q, p.k = k, p.v = v, p.g = g, p.h0 = h0, p.do_ = do_, p.dht = dht;
+  p.dq = dq, p.dk = dk, p.dv = dv, p.dg = dg, p.dh0 = dh0, p.ht = ht, p.cu_seqlens = cu_seqlens;
+  detail::run_gated_backward("simple_gla_constant_backward", p, opt);
+  for (index_t h = 0; h < H; ++h) {
+    double sum = 0;  // fixed order, in double
+    for (index_t b = 0; b < B; ++b)
+      for (index_t t = 0; t < TT; ++t) sum += static_cast<double>(dg(b, t, h));
+    dg_gamma(h) = static_cast<T>(sum);
+  }
+}
+
 /// Backward of GLA (per-key log gate gk: [B,T,H,K]; dgk: [B,T,H,K]). No per-value gate.
 template <class T>
 void gla_backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
@@ -179,6 +211,7 @@ void mamba2_ssd_backward(tensor_view<const T, 4> x, tensor_view<const T, 3> dt,
   check.nonempty("x", x);
   const index_t Bn = x.extent(0), TT = x.extent(1), H = x.extent(2), P = x.extent(3);
   check.shape("dt", dt, {Bn, TT, H});
+  check.shape("dy", dy, {Bn, TT, H, P});
   check.shape("A", A, {H});
   if (D.data()) check.shape("D", D, {H});
   check.shape("dx", grads.dx, {Bn, TT, H, P});
