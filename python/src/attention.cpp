@@ -117,7 +117,7 @@ class kv_cache_object {
       const auto kv = c.template view<3>("k", k, "[B, Hkv, K]");
       const auto vv = c.template view<3>("v", v, "[B, Hkv, V]");
       const std::array<index_t, 3> oshape{qv.extent(0), qv.extent(1), vv.extent(2)};
-      py::array o;
+      py::array o = null_array();
       tensor_view<T, 3> ov;
       if (out.is_none()) {
         std::tie(o, ov) = c.template output<3>(oshape);

@@ -73,6 +73,12 @@ inline bool is_torch_tensor(py::handle h) {
   return torch_loaded() && py::isinstance(h, torch_state().tensor_type);
 }
 
+/// An empty py::array handle (py::array's default constructor allocates a 0-size array: a
+/// microsecond per call on the step path).
+inline py::array null_array() {
+  return py::reinterpret_steal<py::array>(py::handle());
+}
+
 enum class dtype { f32, f64 };
 
 /// The floating dtype of `h` (q: the argument every other one must match).
@@ -108,7 +114,7 @@ constexpr const char* dtype_name() {
 template <class T>
 class call {
  public:
-  call(const char* fn, bool torch_out) : fn_(fn), torch_(torch_out) {}
+  call(const char* fn, bool torch_out) : fn_(fn), torch_(torch_out) { keep_.reserve(8); }
   const char* fn() const { return fn_; }
   bool torch() const { return torch_; }
 
@@ -121,7 +127,7 @@ class call {
 
   /// The NumPy array behind `h` (a torch tensor's shared-storage view), dtype T, checked.
   py::array array(const char* name, py::handle h) {
-    py::array a;
+    py::array a = null_array();
     if (py::isinstance<py::array>(h)) {
       a = py::reinterpret_borrow<py::array>(h);
       if (!a.dtype().is(py::dtype::of<T>())) {
@@ -378,7 +384,7 @@ template <class T>
 struct step_args {
   tensor_view<const T, 3> q, k, v;
   tensor_view<T, 4> state;
-  py::array o;
+  py::array o = null_array();
   tensor_view<T, 3> ov;
 };
 template <class T>

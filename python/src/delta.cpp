@@ -45,7 +45,7 @@ py::tuple delta_seq(const char* fn, bool chunked, bool gated, py::object q, py::
   return sequence_op<T>(fn, q, k, v, h0, out_final, cu,
                         [&](call<T>& c, const qkv<T>& a, tensor_view<T, 4> o, tensor_view<T, 4> s,
                             std::span<const index_t> cu_) {
-                          py::array keep_b, keep_g;
+                          py::array keep_b = null_array(), keep_g = null_array();
                           const std::array<index_t, 3> hv{a.B, a.T_, a.HV};
                           const auto bv =
                               beta_or<T, 3>(c, "beta", beta, hv, T(1), keep_b, "[B, T, HV]");
@@ -77,7 +77,7 @@ py::object delta_step(const char* fn, bool gated, py::object q, py::object k, py
                       bool l2norm, py::object out) {
   call<T> c(fn, is_torch_tensor(q));
   const auto a = parse_step(c, q, k, v, state, out);
-  py::array keep_b, keep_g;
+  py::array keep_b = null_array(), keep_g = null_array();
   const std::array<index_t, 2> hv{a.v.extent(0), a.v.extent(1)};
   const auto bv = beta_or<T, 2>(c, "beta", beta, hv, T(1), keep_b, "[B, HV]");
   const auto opt = delta_options<T>(scale, l2norm);

@@ -107,7 +107,7 @@ py::tuple gla_seq(const char* fn, bool chunked, py::object q, py::object k, py::
           std::span<const index_t> cu_) {
         const char* gk_name = chunked ? "g" : "gk";
         tensor_view<const T, 4> gkv;
-        py::array zeros;
+        py::array zeros = null_array();
         if (gk.is_none()) {  // fused_recurrent_gla(gk=None): no key gate = log gate 0
           auto [z, zv] = c.template output<4>({a.B, a.T_, a.H, a.K});
           zeros = z;

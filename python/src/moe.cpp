@@ -87,7 +87,7 @@ class moe_object {
     c.expect_shape("x", xv, {T, D}, "[T, D]");
     auto [y, yv] = c.output<2>({T, D});
     km::router_outputs out;
-    py::array logits, ids, weights;
+    py::array logits = null_array(), ids = null_array(), weights = null_array();
     if (return_router) {
       auto l = c.output<2>({T, E});
       logits = l.first, out.logits = l.second;
