@@ -244,6 +244,21 @@ using linalg::gemm;
 
 // ---- recurrent ------------------------------------------------------------------------------
 
+/// Σ_c a_c b_c d_c (the exclusive readout's bonus weight), one vector accumulator: a scalar
+/// loop would be a chain of K dependent FMAs per token.
+template <class T>
+inline T dot3(const T* a, const T* b, const T* d, index_t n) {
+  constexpr index_t VL = simd::lanes<T>;
+  batch<T> acc(T(0));
+  index_t c = 0;
+  for (; c + VL <= n; c += VL) {
+    acc = simd::fma(simd::load(a + c) * simd::load(b + c), simd::load(d + c), acc);
+  }
+  T s = simd::reduce_sum(acc);
+  for (; c < n; ++c) s = std::fma(a[c] * b[c], d[c], s);
+  return s;
+}
+
 /// Prefetches n elements from p into cache (rows of the next tokens: the head-major sweep walks
 /// the [T, H, D] layout with a stride of H·D, a new page per token, which hardware prefetchers
 /// do not follow).
@@ -289,7 +304,7 @@ void recurrent_tile(const problem<T>& p, const Gate& gate, const segment& sg, in
     T beta = T(0);
     if constexpr (excl) {
       const T* u = gate.readout.row(h);
-      for (index_t i = 0; i < K; ++i) beta = std::fma(q[i] * u[i], k[i], beta);
+      beta = dot3<T>(q, u, k, K);
     }
     // c_t v_t is folded into the v tile and s into the output, so each state row needs only
     // two broadcasts straight from memory (k_i, q_i) besides its decay
@@ -798,9 +813,7 @@ void chunk_local(const problem<T>& p, const Gate& gate, const segment& sg, index
       bonus = w.bonus.data();
       const T* u = gate.readout.row(h);
       for (index_t i = 0; i < L; ++i) {
-        T b = T(0);
-        for (index_t c = 0; c < K; ++c) b = std::fma(qs[i * K + c] * u[c], kc[i * K + c], b);
-        bonus[i] = b;
+        bonus[i] = dot3<T>(qs + i * K, u, kc + i * K, K);
       }
     }
     if (factorable<T>(L, K, sub, gv, ge, qs, kc, excl ? qg : nullptr)) {
