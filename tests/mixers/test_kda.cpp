@@ -113,9 +113,10 @@ TEST_CASE("kda: the same gate on every key == gated_delta_net (the special case)
   }
 }
 
-TEST_CASE("kda: longer sequences, K = V = 128, GVA, l2norm", "[kda][forms]") {
+TEST_CASE("kda: longer sequences, K = V = 128, K = 300, GVA, l2norm", "[kda][forms]") {
   check_forms<K_>({1, 1000, 1, 1, 32, 32}, {64}, form_tol, 310);
   check_forms<K_>({1, 130, 1, 1, 128, 128}, {32}, form_tol, 311);
+  check_forms<K_>({1, 40, 1, 1, 300, 9}, {16}, form_tol, 313);  // K > key_block (256)
   check_forms<K_>({2, 77, 2, 6, 32, 16}, {16, 64}, form_tol, 312, 1.0, true);
 }
 

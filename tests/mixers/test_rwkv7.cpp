@@ -78,9 +78,10 @@ TEST_CASE("rwkv7: reference == recurrent == chunked over T, chunk, K, V", "[rwkv
   check_forms<R7>({1, T, 1, 1, s.first, s.second}, {16, 32, 64}, form_tol, 400 + std::uint64_t(T));
 }
 
-TEST_CASE("rwkv7: longer sequences, K = V = 128, B > 1", "[rwkv7][forms]") {
+TEST_CASE("rwkv7: longer sequences, K = V = 128, K = 300, B > 1", "[rwkv7][forms]") {
   check_forms<R7>({1, 1000, 1, 1, 32, 32}, {64}, form_tol, 410);
   check_forms<R7>({1, 130, 1, 1, 128, 128}, {32}, form_tol, 411);
+  check_forms<R7>({1, 40, 1, 1, 300, 9}, {16}, form_tol, 413);  // K > key_block (256)
   check_forms<R7>({2, 77, 3, 3, 32, 16}, {16, 64}, form_tol, 412);
 }
 
