@@ -79,6 +79,38 @@ tensor<float, 4> kv_of(const layers::attention_cache& c, bool keys, index_t b = 
   return out;
 }
 
+/// An MLA layer's decompressed cache (keys [1, H, L, dn+dr], values [1, H, L, dv]) against
+/// transformers' compressed one (`keys` = the normed latent [1, 1, L, r], `values` = k_rot
+/// [1, 1, L, dr]): k_rot is every head's key tail; kv_b_proj(latent) gives [k_nope | v].
+void check_mla_cache(const std::string& model, index_t layer, const layers::mla_attention_config& c,
+                     const layers::attention_cache& a, const std::string& p) {
+  const auto lat = vec<4>(model, p + "keys");
+  const auto rot = vec<4>(model, p + "values");
+  const auto keys = kv_of(a, true), vals = kv_of(a, false);
+  const index_t H = c.heads, L = lat.extent(2), r = c.kv_lora_rank, dn = c.qk_nope_dim,
+                dr = c.qk_rope_dim, dv = c.v_dim;
+  REQUIRE(keys.extent(2) == L);
+  const auto wb = gl::file("v2/models/" + model + "/model")
+                      .get<float, 2>("model.layers." + std::to_string(layer) +
+                                     ".self_attn.kv_b_proj.weight");  // [H·(dn+dv), r]
+  tensor<float, 4> ref_k({1, H, L, dn + dr}), ref_v({1, H, L, dv});
+  for (index_t h = 0; h < H; ++h)
+    for (index_t t = 0; t < L; ++t) {
+      for (index_t e = 0; e < dn + dv; ++e) {
+        double acc = 0;
+        for (index_t j = 0; j < r; ++j) acc += double(wb(h * (dn + dv) + e, j)) * lat(0, 0, t, j);
+        if (e < dn) {
+          ref_k(0, h, t, e) = static_cast<float>(acc);
+        } else {
+          ref_v(0, h, t, e - dn) = static_cast<float>(acc);
+        }
+      }
+      for (index_t e = 0; e < dr; ++e) ref_k(0, h, t, dn + e) = rot(0, 0, t, e);
+    }
+  check_rel(model + " " + p + "keys (k_nope = kv_b(latent) | k_rot)", compare(ref_k, keys));
+  check_rel(model + " " + p + "values (kv_b(latent))", compare(ref_v, vals));
+}
+
 /// Every layer's cache against transformers' `{prefix}.layer{i}.*`.
 void check_cache(const std::string& model, const models::hybrid_model& m,
                  const models::model_cache& cache, const std::string& prefix) {
@@ -93,6 +125,8 @@ void check_cache(const std::string& model, const models::hybrid_model& m,
       const tensor<float, 4> s = mamba ? mamba2_state_to_pn<float>(r->state().view()) : r->state();
       check_rel(model + " " + p + "recurrent_state0",
                 compare(vec<4>(model, p + "recurrent_state0"), s));
+    } else if (m.config().layers[static_cast<std::size_t>(i)].mixer == models::mixer_kind::mla) {
+      check_mla_cache(model, i, m.config().mla, std::get<layers::attention_cache>(e), p);
     } else {
       const auto& a = std::get<layers::attention_cache>(e);
       check_rel(model + " " + p + "keys", compare(vec<4>(model, p + "keys"), kv_of(a, true)));
@@ -101,8 +135,9 @@ void check_cache(const std::string& model, const models::hybrid_model& m,
   }
 }
 
-/// The whole golden protocol on one model.
-void golden_model(const std::string& name) {
+/// The whole golden protocol on one model (unordered_ids: the router's top-k ids as a set,
+/// compared with their weights as pairs sorted by id: Kimi's topk(sorted=False)).
+void golden_model(const std::string& name, bool unordered_ids = false) {
   auto m = models::hybrid_model::load(model_dir(name));
   const auto prompt = ids_of(name, "prompt_ids");
   const index_t T = static_cast<index_t>(prompt.size());
@@ -125,11 +160,32 @@ void golden_model(const std::string& name) {
     INFO(name << " " << p << "topk_ids");
     REQUIRE(ids.extent(0) == T);
     index_t diff = 0;
-    for (index_t t = 0; t < T; ++t)
-      for (index_t j = 0; j < ids.extent(1); ++j)
-        diff += ids(t, j) != static_cast<std::int64_t>(r.ids(t, j));
-    CHECK(diff == 0);
-    check_rel(name + " " + p + "topk_weights", compare(w, r.weights));
+    if (unordered_ids) {
+      const index_t k = ids.extent(1);
+      tensor<float, 2> w_ref({T, k}), w_ours({T, k});
+      for (index_t t = 0; t < T; ++t) {
+        std::vector<std::pair<std::int64_t, float>> a, b;
+        for (index_t j = 0; j < k; ++j) {
+          a.emplace_back(ids(t, j), w(t, j));
+          b.emplace_back(static_cast<std::int64_t>(r.ids(t, j)), r.weights(t, j));
+        }
+        std::sort(a.begin(), a.end());
+        std::sort(b.begin(), b.end());
+        for (index_t j = 0; j < k; ++j) {
+          diff += a[static_cast<std::size_t>(j)].first != b[static_cast<std::size_t>(j)].first;
+          w_ref(t, j) = a[static_cast<std::size_t>(j)].second;
+          w_ours(t, j) = b[static_cast<std::size_t>(j)].second;
+        }
+      }
+      CHECK(diff == 0);
+      check_rel(name + " " + p + "topk_weights (sorted by id)", compare(w_ref, w_ours));
+    } else {
+      for (index_t t = 0; t < T; ++t)
+        for (index_t j = 0; j < ids.extent(1); ++j)
+          diff += ids(t, j) != static_cast<std::int64_t>(r.ids(t, j));
+      CHECK(diff == 0);
+      check_rel(name + " " + p + "topk_weights", compare(w, r.weights));
+    }
   }
   CHECK(trace.routers.size() == static_cast<std::size_t>(std::count_if(
                                     m.config().layers.begin(), m.config().layers.end(),
@@ -170,6 +226,11 @@ TEST_CASE("qwen3_next model matches transformers' Qwen3NextForCausalLM", "[golde
 TEST_CASE("mamba2_hybrid model matches transformers' GraniteMoeHybridForCausalLM",
           "[golden][models]") {
   golden_model("mamba2_hybrid");
+}
+
+TEST_CASE("kimi_linear model matches transformers' KimiLinearForCausalLM",
+          "[golden][models][kimi]") {
+  golden_model("kimi_linear", true);
 }
 
 // --- the MoE FFN layer alone: transformers' MoE blocks ------------------------------------------
@@ -471,11 +532,20 @@ TEST_CASE("models: unknown model_type, unknown fields, unsupported values are cl
     CHECK(msg.find("\"layer_types\" must be an array of num_hidden_layers = 4") !=
           std::string::npos);
   }
-  SECTION("kimi_linear is recognised, not yet implemented") {
+  SECTION("kimi_linear: another family's fields are listed, unsupported values named") {
     write_config("qwen3_next", dir, [](nlohmann::json& j) { j["model_type"] = "kimi_linear"; });
-    const auto msg = error_of<io_error>(parse);
+    auto msg = error_of<io_error>(parse);
     INFO(msg);
-    CHECK(msg.find("not implemented yet") != std::string::npos);
+    CHECK(msg.find("kimi_linear loader does not understand") != std::string::npos);
+    CHECK(msg.find("\"linear_num_key_heads\"") != std::string::npos);
+    write_config("kimi_linear", dir, [](nlohmann::json& j) { j["mlp_layer_types"][1] = "moe"; });
+    msg = error_of<io_error>(parse);
+    INFO(msg);
+    CHECK(msg.find("\"mlp_layer_types\"[1] is \"moe\"") != std::string::npos);
+    write_config("kimi_linear", dir, [](nlohmann::json& j) { j["qk_head_dim"] = 48; });
+    msg = error_of<io_error>(parse);
+    INFO(msg);
+    CHECK(msg.find("\"qk_head_dim\" is 48") != std::string::npos);
   }
   std::filesystem::remove_all(dir);
 }

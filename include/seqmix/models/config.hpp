@@ -12,13 +12,20 @@
 //                      / "attention" = GQA with scale attention_multiplier   + shared MLP
 //                      (layer_types, or layers_block_type)
 //
-// kimi_linear (KDA + MLA + DeepSeek-V3 MoE) is recognised and rejected with a message until its
-// layers exist (mixer_kind::kda / mla and moe_ffn_names::deepseek are its slots).
+//   kimi_linear        linear_attention = KDA (kda_layer), full_attention =   DeepSeek-V3 MoE
+//                      MLA without RoPE (mla_attention); layer_types          (sigmoid + bias,
+//                                                                            groups, shared
+//                                                                            experts); dense
+//                                                                            SwiGLU where
+//                                                                            mlp_layer_types
+//                                                                            says "dense" (or
+//                                                                            first_k_dense_replace
+//                                                                            / moe_layer_freq)
 //
 // Multipliers (Granite; 1 elsewhere): embedding × embedding_multiplier, each residual branch ×
 // residual_multiplier, attention scale = attention_multiplier, logits ÷ logits_scaling. Norm
-// epsilons as the modules read them: every RMSNorm of both families uses rms_norm_eps
-// (Qwen3-Next's norms multiply by 1 + w).
+// epsilons as the modules read them: every RMSNorm uses rms_norm_eps (Qwen3-Next's norms
+// multiply by 1 + w), except Kimi's MLA kv_a_layernorm (its module default, 1e-6).
 //
 // Strictness: an unknown model_type, or a field the loader does not know for that model_type,
 // is a seqmix::io_error listing every such field. Fields that only matter to training or to
@@ -45,13 +52,15 @@
 #include <seqmix/core/error.hpp>
 #include <seqmix/layers/gated_attention.hpp>
 #include <seqmix/layers/gated_deltanet.hpp>
+#include <seqmix/layers/kda.hpp>
 #include <seqmix/layers/mamba2.hpp>
+#include <seqmix/layers/mla_attention.hpp>
 #include <seqmix/layers/moe_ffn.hpp>
 #include <seqmix/layers/rms_norm.hpp>
 
 namespace seqmix::models {
 
-enum class model_family { qwen3_next, granitemoehybrid };
+enum class model_family { qwen3_next, granitemoehybrid, kimi_linear };
 enum class mixer_kind { gated_deltanet, attention, mamba2, kda, mla };
 enum class ffn_kind { dense, moe };
 
@@ -88,8 +97,13 @@ struct model_config {
   layers::gated_deltanet_config gdn{};
   layers::gated_attention_config attention{};
   layers::mamba2_config mamba{};
+  layers::kda_layer_config kda{};
+  layers::mla_attention_config mla{};
   layers::moe_ffn_config moe{};
-  index_t dense_dim = 0;  ///< intermediate of the dense SwiGLU layers (Qwen3-Next)
+  index_t dense_dim = 0;  ///< intermediate of the dense SwiGLU layers (Qwen3-Next, Kimi)
+  /// Where each layer's feed-forward block lives: "mlp." (Qwen3-Next), "" (Granite: the MoE at
+  /// the layer's root), "block_sparse_moe." (Kimi, dense and MoE alike).
+  std::string ffn_prefix = "mlp.";
 
   index_t num_layers() const noexcept { return static_cast<index_t>(layers.size()); }
   index_t count(mixer_kind k) const {
@@ -494,6 +508,130 @@ inline model_config parse_granite(const config_reader& r) {
   f.routing =
       moe_options::granite(r.has("num_experts_per_tok") ? r.positive("num_experts_per_tok") : 2);
   f.names = layers::moe_ffn_names::granite(S > 0);
+  c.ffn_prefix = "";
+  return c;
+}
+
+inline model_config parse_kimi_linear(const config_reader& r) {
+  r.only_known({"hidden_size",
+                "vocab_size",
+                "num_hidden_layers",
+                "intermediate_size",
+                "rms_norm_eps",
+                "tie_word_embeddings",
+                "hidden_act",
+                "attention_bias",
+                "pretraining_tp",
+                "model_max_length",
+                "layer_types",
+                "linear_conv_kernel_dim",
+                "linear_head_dim",
+                "linear_num_heads",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "q_lora_rank",
+                "kv_lora_rank",
+                "qk_head_dim",
+                "qk_nope_head_dim",
+                "qk_rope_head_dim",
+                "v_head_dim",
+                "mlp_layer_types",
+                "first_k_dense_replace",
+                "moe_layer_freq",
+                "moe_intermediate_size",
+                "moe_renormalize",
+                "num_expert_group",
+                "num_experts",
+                "num_experts_per_token",
+                "num_shared_experts",
+                "routed_scaling_factor",
+                "topk_group"},
+               "kimi_linear");
+  r.require_value("hidden_act", std::string("silu"), "the layers implement SwiGLU");
+  r.require_value("attention_bias", false, "the attention layers have no projection biases");
+  r.require_value("pretraining_tp", 1, "tensor-parallel slicing of the projections");
+  model_config c;
+  c.family = model_family::kimi_linear;
+  c.model_type = "kimi_linear";
+  c.hidden = r.positive("hidden_size");
+  c.vocab = r.positive("vocab_size");
+  const index_t L = r.positive("num_hidden_layers");
+  c.norm_eps = static_cast<float>(r.number("rms_norm_eps", 1e-6));
+  c.norm_mode = layers::norm_weight::plain;
+  c.tie_embeddings = r.boolean("tie_word_embeddings", false);
+  c.ffn_prefix = "block_sparse_moe.";
+  c.layers =
+      read_layer_types(r, "layer_types", L, mixer_kind::kda, "linear_attention", "full_attention");
+  for (auto& l : c.layers)
+    if (l.mixer == mixer_kind::attention) l.mixer = mixer_kind::mla;
+  auto& k = c.kda;
+  k.hidden = c.hidden;
+  k.heads = r.positive("linear_num_heads");
+  k.head_dim = r.positive("linear_head_dim");
+  k.conv_kernel = r.has("linear_conv_kernel_dim") ? r.positive("linear_conv_kernel_dim") : 4;
+  k.norm_eps = c.norm_eps;
+  auto& a = c.mla;
+  a.hidden = c.hidden;
+  a.heads = r.positive("num_attention_heads");
+  a.q_lora_rank = static_cast<index_t>(r.integer("q_lora_rank", 0));
+  a.kv_lora_rank = r.positive("kv_lora_rank");
+  a.qk_nope_dim = r.positive("qk_nope_head_dim");
+  a.qk_rope_dim = static_cast<index_t>(r.integer("qk_rope_head_dim", 0));
+  a.v_dim = r.positive("v_head_dim");
+  a.kv_norm_eps = 1e-6f;  // KimiMLAAttention builds kv_a_layernorm with its default eps
+  if (r.has("qk_head_dim") && r.integer("qk_head_dim") != a.qk_nope_dim + a.qk_rope_dim)
+    config_fail(r.source(), "field \"qk_head_dim\" is " + std::to_string(r.integer("qk_head_dim")) +
+                                ": expected qk_nope_head_dim + qk_rope_head_dim = " +
+                                std::to_string(a.qk_nope_dim + a.qk_rope_dim));
+  if (a.q_lora_rank < 0) config_fail(r.source(), "field \"q_lora_rank\" must be >= 0 or null");
+  // feed-forward: mlp_layer_types ("dense" / "sparse"), else first_k_dense_replace and
+  // moe_layer_freq as DeepSeek-V3 reads them
+  const index_t E = static_cast<index_t>(r.integer("num_experts", 0));
+  c.dense_dim = r.has("intermediate_size") ? r.positive("intermediate_size") : 0;
+  if (r.has("mlp_layer_types")) {
+    const auto& m = r.at("mlp_layer_types");
+    if (!m.is_array() || static_cast<index_t>(m.size()) != L)
+      config_fail(r.source(), "field \"mlp_layer_types\" must be an array of num_hidden_layers = " +
+                                  std::to_string(L) + " strings, got " + m.dump());
+    for (index_t i = 0; i < L; ++i) {
+      const auto& v = m[static_cast<std::size_t>(i)];
+      const std::string s = v.is_string() ? v.get<std::string>() : v.dump();
+      if (s != "dense" && s != "sparse")
+        config_fail(r.source(), "field \"mlp_layer_types\"[" + std::to_string(i) + "] is \"" + s +
+                                    "\": expected \"dense\" or \"sparse\"");
+      c.layers[static_cast<std::size_t>(i)].ffn = s == "sparse" ? ffn_kind::moe : ffn_kind::dense;
+    }
+  } else {
+    const index_t first = static_cast<index_t>(r.integer("first_k_dense_replace", 0));
+    const index_t freq = static_cast<index_t>(r.integer("moe_layer_freq", 1));
+    if (freq <= 0) config_fail(r.source(), "field \"moe_layer_freq\" must be > 0");
+    for (index_t i = 0; i < L; ++i)
+      c.layers[static_cast<std::size_t>(i)].ffn =
+          E > 0 && i >= first && i % freq == 0 ? ffn_kind::moe : ffn_kind::dense;
+  }
+  for (const auto& l : c.layers) {
+    if (l.ffn == ffn_kind::dense && c.dense_dim <= 0)
+      config_fail(r.source(), "a dense layer needs \"intermediate_size\" > 0");
+    if (l.ffn == ffn_kind::moe && E <= 0)
+      config_fail(r.source(), "a sparse layer needs \"num_experts\" > 0");
+  }
+  if (E > 0) {
+    auto& m = c.moe;
+    m.hidden = c.hidden;
+    m.experts = E;
+    m.expert_dim = r.positive("moe_intermediate_size");
+    const index_t shared = static_cast<index_t>(r.integer("num_shared_experts", 0));
+    if (shared < 0) config_fail(r.source(), "field \"num_shared_experts\" must be >= 0");
+    m.shared_dim = shared * m.expert_dim;
+    m.routing = moe_options::deepseek_v3(
+        r.has("num_expert_group") ? r.positive("num_expert_group") : 1,
+        r.has("topk_group") ? r.positive("topk_group") : 1,
+        static_cast<float>(r.number("routed_scaling_factor", 1.0)),
+        r.has("num_experts_per_token") ? r.positive("num_experts_per_token") : 2,
+        r.boolean("moe_renormalize", true));
+    m.names = layers::moe_ffn_names::deepseek(true, shared > 0);
+  }
   return c;
 }
 
@@ -511,13 +649,9 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
   const detail::config_reader rr(rest, source);
   if (type == "qwen3_next") return detail::parse_qwen3_next(rr);
   if (type == "granitemoehybrid") return detail::parse_granite(rr);
-  if (type == "kimi_linear")
-    detail::config_fail(source,
-                        "model_type \"kimi_linear\" is recognised but not implemented yet "
-                        "(its KDA and MLA layers are missing); supported: qwen3_next, "
-                        "granitemoehybrid");
-  detail::config_fail(
-      source, "unknown model_type \"" + type + "\"; supported: qwen3_next, granitemoehybrid");
+  if (type == "kimi_linear") return detail::parse_kimi_linear(rr);
+  detail::config_fail(source, "unknown model_type \"" + type +
+                                  "\"; supported: qwen3_next, granitemoehybrid, kimi_linear");
 }
 
 /// Reads `path` (a config.json, or a folder holding one).

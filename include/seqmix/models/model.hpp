@@ -5,7 +5,8 @@
 //
 //   h_0 = embed(ids) · embedding_multiplier
 //   for each layer i:  h += residual_multiplier · mixer_i(norm(h))          (GDN / attention /
-//                      h += residual_multiplier · ffn_i(post_norm(h))       Mamba2; MoE or dense)
+//                      h += residual_multiplier · ffn_i(post_norm(h))       Mamba2 / KDA / MLA;
+//                                                                          MoE or dense)
 //   logits = lm_head(norm(h)) / logits_scaling
 //
 //   auto m = models::hybrid_model::load("path/to/model_dir");
@@ -17,7 +18,8 @@
 // continuing row n of `cache` (a cache of exactly N rows); logits of every token [T, V] or of
 // each sequence's last token [N, V]. decode(ids [B], cache): one token per sequence of a cache
 // of B rows -> [B, V]. The cache (model_cache) holds one entry per layer: conv window +
-// recurrent state (GDN, Mamba2) or a full KV cache of `capacity` tokens (attention); snapshot()
+// recurrent state (GDN, Mamba2, KDA) or a full KV cache of `capacity` tokens (attention; MLA
+// keeps its decompressed per-head keys and values, see layers/mla_attention.hpp); snapshot()
 // / restore() copy all of it (speculative decoding, prefix reuse).
 //
 // Loading checks the checkpoint against the model: every tensor the layers read must be present
@@ -46,7 +48,9 @@
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/layers/gated_attention.hpp>
 #include <seqmix/layers/gated_deltanet.hpp>
+#include <seqmix/layers/kda.hpp>
 #include <seqmix/layers/mamba2.hpp>
+#include <seqmix/layers/mla_attention.hpp>
 #include <seqmix/layers/moe_ffn.hpp>
 #include <seqmix/layers/recurrent_cache.hpp>
 #include <seqmix/layers/rms_norm.hpp>
@@ -212,15 +216,17 @@ class hybrid_model {
         case mixer_kind::mamba2:
           l.mamba.emplace(layers::mamba2::load(sc.scope("mamba."), cfg.mamba));
           break;
-        default:
-          throw io_error("seqmix::hybrid_model::load: layer " + std::to_string(i) + " is a " +
-                         mixer_name(spec.mixer) + " layer, which is not implemented yet");
+        case mixer_kind::kda:
+          l.kda.emplace(layers::kda_layer::load(sc.scope("self_attn."), cfg.kda));
+          break;
+        case mixer_kind::mla:
+          l.mla.emplace(layers::mla_attention::load(sc.scope("self_attn."), cfg.mla));
+          break;
       }
       if (spec.ffn == ffn_kind::moe) {
-        const bool granite = cfg.family == model_family::granitemoehybrid;
-        l.moe.emplace(layers::moe_ffn::load(granite ? sc : sc.scope("mlp."), cfg.moe));
+        l.moe.emplace(layers::moe_ffn::load(sc.scope(cfg.ffn_prefix), cfg.moe));
       } else {
-        l.mlp.emplace(layers::swiglu_mlp::load(who, sc.scope("mlp."), D, cfg.dense_dim));
+        l.mlp.emplace(layers::swiglu_mlp::load(who, sc.scope(cfg.ffn_prefix), D, cfg.dense_dim));
       }
       m.layers_.push_back(std::move(l));
     }
@@ -244,6 +250,10 @@ class hybrid_model {
         e.emplace_back(l.gdn->make_cache(batch));
       } else if (l.mamba) {
         e.emplace_back(l.mamba->make_cache(batch));
+      } else if (l.kda) {
+        e.emplace_back(l.kda->make_cache(batch));
+      } else if (l.mla) {
+        e.emplace_back(l.mla->make_cache(batch, capacity));
       } else {
         e.emplace_back(l.attn->make_cache(batch, capacity));
       }
@@ -274,7 +284,7 @@ class hybrid_model {
                               std::to_string(cache.num_layers()) + " layers");
     for (index_t n = 0; n < N; ++n) {
       const index_t len = cu[static_cast<std::size_t>(n) + 1] - cu[static_cast<std::size_t>(n)];
-      if (cache.length(n) + len > cache.capacity() && cfg_.count(mixer_kind::attention) > 0)
+      if (cache.length(n) + len > cache.capacity() && has_kv())
         check.fail("cache", "sequence " + std::to_string(n) + " holds " +
                                 std::to_string(cache.length(n)) + " tokens and cannot take " +
                                 std::to_string(len) + " more: the capacity is " +
@@ -303,6 +313,12 @@ class hybrid_model {
       } else if (l.mamba) {
         auto& c = std::get<layers::recurrent_cache>(ce);
         packed ? l.mamba->forward(x3, y3, c, cu) : l.mamba->forward(x3, y3, c);
+      } else if (l.kda) {
+        auto& c = std::get<layers::recurrent_cache>(ce);
+        packed ? l.kda->forward(x3, y3, c, cu) : l.kda->forward(x3, y3, c);
+      } else if (l.mla) {
+        auto& c = std::get<layers::attention_cache>(ce);
+        packed ? l.mla->forward(x3, y3, c, cu) : l.mla->forward(x3, y3, c);
       } else {
         auto& c = std::get<layers::attention_cache>(ce);
         packed ? l.attn->forward(x3, y3, c, cu) : l.attn->forward(x3, y3, c);
@@ -371,7 +387,7 @@ class hybrid_model {
                               " rows (one per token of ids), got " + std::to_string(cache.batch()) +
                               " rows and " + std::to_string(cache.num_layers()) + " layers");
     check.shape("logits", logits, {B, cfg_.vocab});
-    if (cfg_.count(mixer_kind::attention) > 0)
+    if (has_kv())
       for (index_t b = 0; b < B; ++b)
         if (cache.length(b) + 1 > cache.capacity())
           check.fail("cache", "sequence " + std::to_string(b) + " is full (" +
@@ -389,6 +405,10 @@ class hybrid_model {
         l.gdn->step(xn, y, std::get<layers::recurrent_cache>(ce));
       } else if (l.mamba) {
         l.mamba->step(xn, y, std::get<layers::recurrent_cache>(ce));
+      } else if (l.kda) {
+        l.kda->step(xn, y, std::get<layers::recurrent_cache>(ce));
+      } else if (l.mla) {
+        l.mla->step(xn, y, std::get<layers::attention_cache>(ce));
       } else {
         l.attn->step(xn, y, std::get<layers::attention_cache>(ce));
       }
@@ -413,9 +433,16 @@ class hybrid_model {
     std::optional<layers::gated_deltanet> gdn;
     std::optional<layers::gated_attention> attn;
     std::optional<layers::mamba2> mamba;
+    std::optional<layers::kda_layer> kda;
+    std::optional<layers::mla_attention> mla;
     std::optional<layers::moe_ffn> moe;
     std::optional<layers::swiglu_mlp> mlp;
   };
+
+  // a layer with a KV cache (attention, MLA) bounds the tokens by the cache capacity
+  bool has_kv() const {
+    return cfg_.count(mixer_kind::attention) + cfg_.count(mixer_kind::mla) > 0;
+  }
 
   void check_ids(const checker& check, const char* arg, std::span<const std::int64_t> ids) const {
     for (std::size_t t = 0; t < ids.size(); ++t)
@@ -486,13 +513,18 @@ class hybrid_model {
           out.push_back(p + "mamba.in_proj.bias");
           out.push_back(p + "mamba.out_proj.bias");
         }
+      } else if (s.mixer == mixer_kind::kda) {
+        for (const auto& n : layers::kda_layer::tensor_names()) out.push_back(p + "self_attn." + n);
+      } else if (s.mixer == mixer_kind::mla) {
+        for (const auto& n : layers::mla_attention::tensor_names(cfg_.mla))
+          out.push_back(p + "self_attn." + n);
       }
+      const std::string mp = p + cfg_.ffn_prefix;
       if (s.ffn == ffn_kind::moe) {
-        const std::string mp = cfg_.family == model_family::granitemoehybrid ? p : p + "mlp.";
         for (const auto& n : layers::moe_ffn::tensor_names(cfg_.moe)) out.push_back(mp + n);
       } else {
         for (const char* n : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
-          out.push_back(p + "mlp." + n);
+          out.push_back(mp + n);
       }
     }
     return out;
