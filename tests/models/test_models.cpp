@@ -373,11 +373,13 @@ void snapshot_round_trip(const std::string& name) {
 TEST_CASE("models: a packed batch of two prompts == two separate runs", "[models]") {
   packed_equals_separate("qwen3_next");
   packed_equals_separate("mamba2_hybrid");
+  packed_equals_separate("kimi_linear");
 }
 
 TEST_CASE("models: cache snapshot / restore round trip", "[models]") {
   snapshot_round_trip("qwen3_next");
   snapshot_round_trip("mamba2_hybrid");
+  snapshot_round_trip("kimi_linear");
 }
 
 // --- checkpoints and configs that do not match ---------------------------------------------------
@@ -459,6 +461,22 @@ TEST_CASE("models: missing, extra, mis-shaped tensors and truncated files are cl
     const auto msg = error_of<io_error>(load);
     INFO(msg);
     CHECK(msg.find("1 tensor(s) missing: model.layers.1.linear_attn.A_log") != std::string::npos);
+  }
+  SECTION("missing kimi_linear tensors (KDA conv, MLA kv_b) and a mis-shaped one") {
+    write_model("kimi_linear", dir, "model.layers.3.self_attn.v_conv1d.weight");
+    auto msg = error_of<io_error>(load);
+    INFO(msg);
+    CHECK(msg.find("1 tensor(s) missing: model.layers.3.self_attn.v_conv1d.weight") !=
+          std::string::npos);
+    write_model("kimi_linear", dir, "model.layers.2.self_attn.kv_b_proj.weight");
+    msg = error_of<io_error>(load);
+    INFO(msg);
+    CHECK(msg.find("missing: model.layers.2.self_attn.kv_b_proj.weight") != std::string::npos);
+    write_model("kimi_linear", dir, {}, {}, "model.layers.1.self_attn.dt_bias");
+    msg = error_of<io_error>(load);
+    INFO(msg);
+    CHECK(msg.find("model.layers.1.self_attn.dt_bias") != std::string::npos);
+    CHECK(msg.find("expected shape [128]") != std::string::npos);
   }
   SECTION("extra tensor") {
     write_model("mamba2_hybrid", dir, {}, "model.layers.0.mamba.extra_bias");
@@ -567,6 +585,31 @@ TEST_CASE("models: config patterns and multipliers as each family reads them", "
   CHECK(g.logits_scaling == 4.0f);
   CHECK(g.attention.scale.value() == 0.125f);
   CHECK(std::isinf(g.mamba.dt_max));
+  const auto k = models::load_config(model_dir("kimi_linear"));
+  REQUIRE(k.num_layers() == 4);
+  CHECK(k.family == models::model_family::kimi_linear);
+  CHECK(k.layers[2].mixer == models::mixer_kind::mla);
+  CHECK(k.layers[0].mixer == models::mixer_kind::kda);
+  CHECK(k.layers[0].ffn == models::ffn_kind::dense);
+  CHECK(k.layers[1].ffn == models::ffn_kind::moe);
+  CHECK(k.mla.kv_norm_eps == 1e-6f);
+  CHECK(k.kda.norm_eps == 1e-5f);
+  CHECK(k.mla.q_lora_rank == 0);
+  CHECK(k.moe.shared_dim == 32);
+  CHECK(k.moe.routing.n_group == 2);
+  CHECK(k.moe.routing.routed_scaling_factor == 2.446f);
+  CHECK(k.ffn_prefix == "block_sparse_moe.");
+  {  // without mlp_layer_types: first_k_dense_replace and moe_layer_freq
+    nlohmann::json kj;
+    std::ifstream in(std::filesystem::path(model_dir("kimi_linear")) / "config.json");
+    kj = nlohmann::json::parse(in);
+    kj.erase("mlp_layer_types");
+    kj["first_k_dense_replace"] = 2;
+    const auto kd = models::parse_config(kj, "test");
+    CHECK(kd.layers[1].ffn == models::ffn_kind::dense);
+    CHECK(kd.layers[2].ffn == models::ffn_kind::moe);
+    CHECK(kd.layers[3].ffn == models::ffn_kind::moe);
+  }
   // the default pattern without layer_types: every full_attention_interval-th layer
   nlohmann::json j;
   {
@@ -649,7 +692,7 @@ TEST_CASE("models: bad prefill / decode arguments name the argument", "[models]"
 }
 
 TEST_CASE("models: a warm decode step allocates nothing", "[models]") {
-  for (const std::string name : {"qwen3_next", "mamba2_hybrid"}) {
+  for (const std::string name : {"qwen3_next", "mamba2_hybrid", "kimi_linear"}) {
     auto m = models::hybrid_model::load(model_dir(name));
     auto c = m.make_cache(2, 64);
     const auto a = ids_of(name, "prompt_ids");
@@ -673,7 +716,7 @@ TEST_CASE("models: a warm decode step allocates nothing", "[models]") {
 }
 
 TEST_CASE("models: a prefill in two parts == one prefill (the cache continues)", "[models]") {
-  for (const std::string name : {"qwen3_next", "mamba2_hybrid"}) {
+  for (const std::string name : {"qwen3_next", "mamba2_hybrid", "kimi_linear"}) {
     auto m = models::hybrid_model::load(model_dir(name));
     const auto a = ids_of(name, "prompt_ids");
     auto c1 = m.make_cache(1, 64), c2 = m.make_cache(1, 64);
