@@ -20,6 +20,9 @@ Families (``chunk_*`` = chunked-parallel form, ``fused_recurrent_*`` = token loo
   ``gated_delta_rule_step``
 - softmax attention: ``parallel_attn`` (causal, GQA, window, sinks) and ``KVCache`` (decode)
 - MoE block: ``MoE``
+- sparse attention: ``parallel_nsa`` (NSA, fla's names), ``moba_attn`` (MoBA)
+- models: ``load_model(dir)`` -> ``Model`` (``prefill``, ``decode``, ``generate``, ``reset``,
+  ``snapshot``, ``restore``)
 
 ``set_num_threads`` / ``get_num_threads`` control the kernels' OpenMP threads (results are
 bitwise independent of the count). ``load_safetensors`` reads a safetensors file into NumPy.

@@ -430,5 +430,6 @@ void bind_delta(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_moe(py::module_& m);
 void bind_wave2(py::module_& m);
+void bind_wave3(py::module_& m);
 
 }  // namespace seqmix::python

@@ -58,4 +58,5 @@ PYBIND11_MODULE(_seqmix, m) {
   seqmix::python::bind_attention(m);
   seqmix::python::bind_moe(m);
   seqmix::python::bind_wave2(m);
+  seqmix::python::bind_wave3(m);
 }
