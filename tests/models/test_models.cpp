@@ -729,3 +729,50 @@ TEST_CASE("models: a prefill in two parts == one prefill (the cache continues)",
     check_rel(name + " second part", compare(rows(whole, 20, 37), l2), 1e-5);
   }
 }
+
+TEST_CASE("kda_layer, mla_attention: prefill then steps == one prefill; cache rows == own caches",
+          "[models][kimi]") {
+  const std::string name = "kimi_linear";
+  const auto cfg = models::load_config(model_dir(name));
+  const auto ck = checkpoint::open(model_dir(name));
+  const auto x = vec<2>(name, "prefill.hidden_states.1");  // any realistic input [37, D]
+  const index_t T = x.extent(0), D = x.extent(1), T1 = 30;
+  const auto x3 = tensor_view<const float, 3>(x.data(), {1, T, D}, {T * D, D, 1});
+  const auto x3a = tensor_view<const float, 3>(x.data(), {1, T1, D}, {T1 * D, D, 1});
+  auto token = [&](index_t t) { return tensor_view<const float, 2>(x.data() + t * D, {1, D}); };
+  auto whole_vs_parts = [&](auto& layer, auto c1, auto c2, const std::string& what) {
+    tensor<float, 3> y({1, T, D}), ya({1, T1, D});
+    layer.forward(x3, y.view(), c1);
+    layer.forward(x3a, ya.view(), c2);
+    tensor<float, 2> parts({T, D}), ref({T, D}), y1({1, D});
+    for (index_t t = 0; t < T; ++t) std::copy_n(y.data() + t * D, D, ref.data() + t * D);
+    for (index_t t = 0; t < T1; ++t) std::copy_n(ya.data() + t * D, D, parts.data() + t * D);
+    for (index_t t = T1; t < T; ++t) {
+      layer.step(token(t), y1.view(), c2);
+      std::copy_n(y1.data(), D, parts.data() + t * D);
+    }
+    check_rel(what + " prefill 30 + 7 steps vs prefill 37", compare(ref, parts), 1e-5);
+  };
+  auto kda = layers::kda_layer::load(ck, "model.layers.1.self_attn.", cfg.kda);
+  whole_vs_parts(kda, kda.make_cache(1), kda.make_cache(1), "kda_layer");
+  auto mla = layers::mla_attention::load(ck, "model.layers.2.self_attn.", cfg.mla);
+  whole_vs_parts(mla, mla.make_cache(1, 64), mla.make_cache(1, 64), "mla_attention");
+  // continuous batching: two streams on rows 2 and 0 of a 3-row cache == each on its own cache
+  auto shared = kda.make_cache(3);
+  auto own_a = kda.make_cache(1), own_b = kda.make_cache(1);
+  tensor<float, 2> x2({2, D}), y2({2, D}), ya({1, D}), yb({1, D});
+  const std::vector<index_t> rows_ab{2, 0};
+  for (index_t t = 0; t < 8; ++t) {
+    std::copy_n(x.data() + t * D, D, x2.data());
+    std::copy_n(x.data() + (T - 1 - t) * D, D, x2.data() + D);
+    kda.step(x2.view(), y2.view(), shared, rows_ab);
+    kda.step(token(t), ya.view(), own_a);
+    kda.step(token(T - 1 - t), yb.view(), own_b);
+    check_rel("kda_layer row 2", compare(ya, rows(y2, 0, 1)), 1e-6);
+    check_rel("kda_layer row 0", compare(yb, rows(y2, 1, 2)), 1e-6);
+  }
+  CHECK(shared.length(1) == 0);
+  CHECK(shared.length(2) == 8);
+  const auto err = error_of<shape_error>([&] { kda.step(x2.view(), y2.view(), own_a); });
+  CHECK(err.find("kda_layer::step") != std::string::npos);
+}
