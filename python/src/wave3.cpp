@@ -98,7 +98,9 @@ py::object nsa_call(py::object q, py::object k, py::object v, py::object g_cmp, 
   opt.scale = opt_scale<T>(scale);
   const native_sparse_attention<T> mixer(opt);
 
-  auto [o, ov] = c.template output<4>({B, T_, HQ, V});
+  const auto out = c.template output<4>({B, T_, HQ, V});
+  const py::array& o = out.first;
+  const auto ov = out.second;
   typename native_sparse_attention<T>::extras x;
   py::dict extras;
   py::array bi = null_array();
@@ -202,7 +204,9 @@ py::object moba_call(py::object q, py::object k, py::object v, py::object cu_seq
     const auto qv = c.template view<3>("q", q, "[N, HQ, K]");
     const auto kv = c.template view<3>("k", k, "[N, H, K]");
     const auto vv = c.template view<3>("v", v, "[N, H, V]");
-    auto [o, ov] = c.template output<3>({qv.extent(0), qv.extent(1), vv.extent(2)});
+    const auto out = c.template output<3>({qv.extent(0), qv.extent(1), vv.extent(2)});
+    const py::array& o = out.first;
+    const auto ov = out.second;
     const std::span<const index_t> cus(cu);
     nogil([&] { mixer.forward(qv, kv, vv, ov, cus); });
     return c.wrap(o);
@@ -211,7 +215,9 @@ py::object moba_call(py::object q, py::object k, py::object v, py::object cu_seq
   const auto kv = c.template view<4>("k", k, "[B, T, H, K]");
   const auto vv = c.template view<4>("v", v, "[B, T, H, V]");
   const index_t B = qv.extent(0);
-  auto [o, ov] = c.template output<4>({B, qv.extent(1), qv.extent(2), vv.extent(3)});
+  const auto out = c.template output<4>({B, qv.extent(1), qv.extent(2), vv.extent(3)});
+  const py::array& o = out.first;
+  const auto ov = out.second;
   if (cu.empty()) {
     nogil([&] { mixer.forward(qv, kv, vv, ov); });
   } else {
