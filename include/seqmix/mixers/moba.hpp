@@ -54,6 +54,7 @@
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/kernels/attention.hpp>
 #include <seqmix/kernels/moba.hpp>
+#include <seqmix/mixers/detail/front_checks.hpp>
 #include <seqmix/mixers/kv_cache.hpp>
 
 namespace seqmix {
@@ -355,9 +356,7 @@ class moba_attention {
   }
 
  private:
-  struct dims {
-    index_t B, Tn, H, Hkv, K, V;
-  };
+  using dims = front::attention_dims;
   struct seq {
     index_t qb, t0, len, row;  // batch row of the inputs, first token, tokens, cache row
   };
@@ -383,19 +382,10 @@ class moba_attention {
   dims validate(const checker& check, const tensor_view<const T, 4>& q,
                 const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
                 const tensor_view<T, 4>& o) const {
-    check.nonempty("q", q);
-    dims d{q.extent(0), q.extent(1), q.extent(2), k.extent(2), q.extent(3), v.extent(3)};
-    check.nonempty("k", k);
-    check.shape("k", k, {d.B, d.Tn, any_extent, d.K});
-    check_heads(check, "k", d.H, d.Hkv);
-    check.nonempty("v", v);
-    check.shape("v", v, {d.B, d.Tn, d.Hkv, any_extent});
-    check.shape("o", o, {d.B, d.Tn, d.H, d.V});
-    check.inner_contiguous("q", q);
-    check.inner_contiguous("k", k);
-    check.inner_contiguous("v", v);
-    check.inner_contiguous("o", o);
-    check.distinct_elements("o", o);
+    dims d = front::check_attention_qkvo<T>(
+        check, q, k, v, o, [this](const checker& c, std::string_view name, index_t H, index_t Hkv) {
+          check_heads(c, name, H, Hkv);
+        });
     return d;
   }
   dims validate3(const checker& check, const tensor_view<const T, 3>& q,

@@ -55,6 +55,7 @@
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/kernels/attention.hpp>
 #include <seqmix/kernels/nsa.hpp>
+#include <seqmix/mixers/detail/front_checks.hpp>
 #include <seqmix/mixers/kv_cache.hpp>
 #include <seqmix/mixers/sliding_window_attention.hpp>
 
@@ -416,9 +417,7 @@ class native_sparse_attention {
   }
 
  private:
-  struct dims {
-    index_t B, Tn, H, Hkv, K, V;
-  };
+  using dims = front::attention_dims;
   // one sequence: tokens t0 .. t0+len-1 of batch row qb; cache row `row`; c0: its first block
   // in the k_cmp / v_cmp rows of a call without a cache
   struct seq {
@@ -467,19 +466,10 @@ class native_sparse_attention {
                 const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v, const gates& g,
                 const tensor_view<T, 4>& o, const extras& x,
                 const tensor_view<const index_t, 4>* given) const {
-    check.nonempty("q", q);
-    dims d{q.extent(0), q.extent(1), q.extent(2), k.extent(2), q.extent(3), v.extent(3)};
-    check.nonempty("k", k);
-    check.shape("k", k, {d.B, d.Tn, any_extent, d.K});
-    check_heads(check, "k", d.H, d.Hkv);
-    check.nonempty("v", v);
-    check.shape("v", v, {d.B, d.Tn, d.Hkv, any_extent});
-    check.shape("o", o, {d.B, d.Tn, d.H, d.V});
-    check.inner_contiguous("q", q);
-    check.inner_contiguous("k", k);
-    check.inner_contiguous("v", v);
-    check.inner_contiguous("o", o);
-    check.distinct_elements("o", o);
+    dims d = front::check_attention_qkvo<T>(
+        check, q, k, v, o, [this](const checker& c, std::string_view name, index_t H, index_t Hkv) {
+          check_heads(c, name, H, Hkv);
+        });
     check.shape("g.cmp", g.cmp, {d.B, d.Tn, d.H});
     check.shape("g.slc", g.slc, {d.B, d.Tn, d.H});
     if (opt_.window > 0) {

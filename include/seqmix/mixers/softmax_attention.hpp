@@ -230,9 +230,7 @@ class softmax_attention {
   }
 
  private:
-  struct dims {
-    index_t B, Tn, H, Hkv, K, V;
-  };
+  using dims = front::attention_dims;
   // A sequence of at most this many new tokens is a short prefill (split-KV row path): below a
   // quarter of the query tile, the tile's padding rows cost more than the row path's slower
   // per-row arithmetic.
@@ -314,19 +312,10 @@ class softmax_attention {
   dims validate(const checker& check, const tensor_view<const T, 4>& q,
                 const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
                 const tensor_view<T, 4>& o) const {
-    check.nonempty("q", q);
-    dims d{q.extent(0), q.extent(1), q.extent(2), k.extent(2), q.extent(3), v.extent(3)};
-    check.nonempty("k", k);
-    check.shape("k", k, {d.B, d.Tn, any_extent, d.K});
-    check_heads(check, "k", d.H, d.Hkv);
-    check.nonempty("v", v);
-    check.shape("v", v, {d.B, d.Tn, d.Hkv, any_extent});
-    check.shape("o", o, {d.B, d.Tn, d.H, d.V});
-    check.inner_contiguous("q", q);
-    check.inner_contiguous("k", k);
-    check.inner_contiguous("v", v);
-    check.inner_contiguous("o", o);
-    check.distinct_elements("o", o);
+    dims d = front::check_attention_qkvo<T>(
+        check, q, k, v, o, [this](const checker& c, std::string_view name, index_t H, index_t Hkv) {
+          check_heads(c, name, H, Hkv);
+        });
     return d;
   }
 

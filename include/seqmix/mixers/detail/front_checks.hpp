@@ -150,4 +150,34 @@ void check_delta_call(const checker& check, const Options& opt, bool gated, bool
   check.finite("beta", beta);
 }
 
+/// Sizes of a checked attention call: q [B, T, H, K], k [B, T, Hkv, K], v [B, T, Hkv, V],
+/// o [B, T, H, V] (Tn: the T of this call).
+struct attention_dims {
+  index_t B, Tn, H, Hkv, K, V;
+};
+
+/// The q/k/v/o checks every attention front (softmax, MoBA, NSA) runs, in the order a user
+/// reads the signature; `heads(check, "k", H, Hkv)` is the front's own head-group check (GQA
+/// divisibility, sinks).
+template <class T, class HeadCheck>
+attention_dims check_attention_qkvo(const checker& check, const tensor_view<const T, 4>& q,
+                                    const tensor_view<const T, 4>& k,
+                                    const tensor_view<const T, 4>& v, const tensor_view<T, 4>& o,
+                                    HeadCheck&& heads) {
+  check.nonempty("q", q);
+  attention_dims d{q.extent(0), q.extent(1), q.extent(2), k.extent(2), q.extent(3), v.extent(3)};
+  check.nonempty("k", k);
+  check.shape("k", k, {d.B, d.Tn, any_extent, d.K});
+  heads(check, "k", d.H, d.Hkv);
+  check.nonempty("v", v);
+  check.shape("v", v, {d.B, d.Tn, d.Hkv, any_extent});
+  check.shape("o", o, {d.B, d.Tn, d.H, d.V});
+  check.inner_contiguous("q", q);
+  check.inner_contiguous("k", k);
+  check.inner_contiguous("v", v);
+  check.inner_contiguous("o", o);
+  check.distinct_elements("o", o);
+  return d;
+}
+
 }  // namespace seqmix::front
