@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// seqmix-generate: run a Hugging Face hybrid checkpoint (qwen3_next, granitemoehybrid) from its
-// folder on the CPU: prefill a prompt of token ids, then generate tokens one at a time.
+// seqmix-generate: run a Hugging Face hybrid checkpoint (qwen3_next, granitemoehybrid, kimi_linear)
+// from its folder on the CPU: prefill a prompt of token ids, then generate tokens one at a time.
 //
 //   seqmix-generate --model DIR --prompt-ids 1,2,3 --max-new-tokens N [--threads N]
 //                   [--dump-logits FILE.safetensors] [--temperature T --top-p P --seed S]
