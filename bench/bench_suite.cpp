@@ -27,6 +27,8 @@
 //   softmax decode at cache length L: 4·L·D per head; bytes = L·(K + V)·4 per kv head
 //   sliding window W: 4·D·(mean keys per token), mean = (T+1)/2 for T <= W, else
 //   (W(W+1)/2 + (T-W)·W)/T: exactly the keys the window visits
+//   nsa (bs 64, S 16, the H query heads over one key/value head): 4·D·(complete blocks)
+//   + 4·D·min(t + 1, S·bs) per token and query head (no window branch)
 //   moba (chunk 64, top-k 8): 4·D·(mean selected keys per token) + 2·D·(mean earlier chunks
 //   gated per token); decode at L: the same for the token at position L
 #include <cmath>
@@ -143,6 +145,16 @@ double flops_delta_recurrent() {
 double moba_flops(index_t t) {
   const index_t own = t / 64;
   return 4.0 * K * double(std::min<index_t>(own, 7) * 64 + t % 64 + 1) + 2.0 * K * double(own);
+}
+// NSA (bs 64, S = min(16, blocks of T)) FLOP of the token at position t, per head: the
+// compressed branch over its complete blocks (scores and P·V), plus the selected tokens (at
+// most S·bs, all of them before S blocks exist).
+seqmix::native_sparse_attention<float>::options nsa_options(index_t T) {
+  return {.block_size = 64, .block_count = std::min<index_t>(16, (T + 63) / 64)};
+}
+double nsa_flops(index_t t, index_t T) {
+  const index_t S = std::min<index_t>(16, (T + 63) / 64);
+  return 4.0 * K * double((t + 1) / 64) + 4.0 * K * double(std::min<index_t>(t + 1, S * 64));
 }
 // Mean number of keys a token attends to under a causal window W over T tokens.
 double window_keys(index_t T) {
@@ -428,6 +440,38 @@ std::vector<entry> registry() {
                    benchmark::DoNotOptimize(tk.o.data());
                  }
                  report(st, B, 1, 4.0 * double(W) * K, double(B));
+               }});
+  // ---- NSA: compressed + selected branches (bs 64, S 16), the other middle ground ------------
+  r.push_back({"nsa", "chunked", 0, [](auto& st, index_t B, index_t T) {
+                 // NSA's own layout: the H query heads share one key/value head (GQA)
+                 inputs in(B, T);
+                 const tensor<float, 4> k1 = randn<4>({B, T, 1, K}, 2, 0.125f);
+                 const tensor<float, 4> v1 = randn<4>({B, T, 1, V}, 3);
+                 const seqmix::native_sparse_attention<float> m(nsa_options(T));
+                 const seqmix::native_sparse_attention<float>::gates g{in.beta, in.beta, {}};
+                 timed(st, in, [&] { m.forward(in.q, k1, v1, g, in.o); });
+                 double f = 0;
+                 for (index_t t = 0; t < T; ++t) f += nsa_flops(t, T);
+                 report(st, B, T, f / double(T));
+               }});
+  r.push_back({"nsa", "decode", 0, [](auto& st, index_t B, index_t L) {
+                 inputs in(B, L);
+                 token tk(B);
+                 const tensor<float, 4> k1 = randn<4>({B, L, 1, K}, 2, 0.125f);
+                 const tensor<float, 4> v1 = randn<4>({B, L, 1, V}, 3);
+                 const tensor<float, 3> kt = randn<3>({B, 1, K}, 12, 0.125f);
+                 const tensor<float, 3> vt = randn<3>({B, 1, V}, 13);
+                 const seqmix::native_sparse_attention<float> m(nsa_options(L + 1));
+                 const seqmix::native_sparse_attention<float>::gates g{in.beta, in.beta, {}};
+                 const seqmix::native_sparse_attention<float>::step_gates g1{tk.beta, tk.beta, {}};
+                 auto cache = m.make_cache(B, 1, K, V, L + 1);
+                 m.forward(in.q, k1, v1, g, in.o, cache);
+                 for (auto _ : st) {
+                   m.step(tk.q, kt, vt, g1, tk.o, cache);
+                   for (index_t b = 0; b < B; ++b) cache.truncate(b, L);
+                   benchmark::DoNotOptimize(tk.o.data());
+                 }
+                 report(st, B, 1, nsa_flops(L, L + 1), double(B));
                }});
   // ---- MoBA: block-sparse attention, the middle ground O(T·k·c) (+ its O(T²/c) gate) --------
   r.push_back({"moba", "chunked", 0, [](auto& st, index_t B, index_t T) {

@@ -165,9 +165,9 @@ def machine_state(before, after, rows):
 
 # Families of the per-family plot panels: each O(N) mixer beside causal softmax attention.
 FAMILIES = (
-    ("gated accumulation", ("linear_attention", "simple_gla", "gla", "mamba2_ssd")),
-    ("delta rule", ("delta_net", "gated_delta_net")),
-    ("sliding window", ("sliding_window",)),
+    ("gated accumulation", ("linear_attention", "simple_gla", "gla", "mamba2_ssd", "rwkv6")),
+    ("delta rule", ("delta_net", "gated_delta_net", "kda", "rwkv7")),
+    ("sliding window and block-sparse", ("sliding_window", "nsa", "moba")),
 )
 
 
