@@ -75,6 +75,25 @@ void BM_nsa_prefill(benchmark::State& state) {
   state.counters["keys"] = double(S * BS) + double(T) / double(2 * BS);
 }
 
+// The same 16 query heads, each over its own kv head (G = 1, MHA): the same FLOPs per query
+// head as BM_nsa_prefill, run by the keys-along-the-lanes form (heads along the lanes would fill
+// 1 of the 16 lanes).
+void BM_nsa_prefill_mha(benchmark::State& state) {
+  const index_t T = state.range(0);
+  seqmix_bench::use_threads(static_cast<int>(state.range(1)));
+  const auto q = random_tensor({1, T, H, D}, 1), k = random_tensor({1, T, H, D}, 2),
+             v = random_tensor({1, T, H, D}, 3);
+  const auto gc = gate_tensor({1, T, H}, 4), gs = gate_tensor({1, T, H}, 5);
+  tensor<float, 4> o({1, T, H, D});
+  const auto m = make_nsa();
+  for (auto _ : state) {
+    m.forward(q, k, v, {gc, gs, {}}, o);
+    benchmark::DoNotOptimize(o.data());
+  }
+  seqmix_bench::report_rates(state, double(T), 0);
+  state.counters["keys"] = double(S * BS) + double(T) / double(2 * BS);
+}
+
 void BM_nsa_softmax_prefill(benchmark::State& state) {
   const index_t T = state.range(0);
   seqmix_bench::use_threads(static_cast<int>(state.range(1)));
@@ -173,6 +192,7 @@ void decode_args(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_nsa_prefill)->Apply(prefill_args);
+BENCHMARK(BM_nsa_prefill_mha)->Apply(prefill_args);
 BENCHMARK(BM_nsa_selected_bound)->Apply(prefill_args);
 BENCHMARK(BM_nsa_softmax_prefill)->Apply(prefill_args);
 BENCHMARK(BM_nsa_decode)->Apply(decode_args);

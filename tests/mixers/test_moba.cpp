@@ -330,6 +330,36 @@ TEST_CASE("moba: step allocates nothing after its first call", "[moba]") {
   CHECK(cache.storage_bytes() > cache.kv().storage_bytes());
 }
 
+TEST_CASE("moba: repeated prefills allocate nothing after the first", "[moba]") {
+  const geo g{2, 150, 8, 2, 16, 16, 16, 3};
+  const auto in = make_inputs<float>(g, 17);
+  const auto m = mixer<float>(g);
+  tensor<float, 4> o({g.B, g.T, g.H, g.V}), o2({g.B, g.T, g.H, g.V});
+  tensor<float, 3> op({g.T, g.H, g.V});
+  const std::vector<index_t> cu{0, 40, 41, g.T};
+  for (int threads : {1, 2}) {
+    INFO("threads " << threads);
+    const seqmix::scoped_num_threads nt(threads);
+    const auto packed = [&] {
+      m.forward(in.q.view().template select<0>(0), in.k.view().template select<0>(0),
+                in.v.view().template select<0>(0), op.view(), cu);
+    };
+    m.forward(in.q.view(), in.k.view(), in.v.view(), o.view());  // sizes the arenas
+    packed();
+    auto cache = m.make_cache(g.B, g.Hkv, g.K, g.V, g.T);
+    m.forward(in.q.view(), in.k.view(), in.v.view(), o2.view(), cache);
+    cache.reset();
+    {
+      seqmix::testing::allocation_scope scope;
+      m.forward(in.q.view(), in.k.view(), in.v.view(), o2.view());
+      packed();
+      m.forward(in.q.view(), in.k.view(), in.v.view(), o2.view(), cache);
+      CHECK(scope.stats().count == 0);
+    }
+    CHECK(st::bitwise_equal(o, o2));
+  }
+}
+
 TEST_CASE("moba: a NaN key and an inf value at t0 never reach an output before t0", "[moba]") {
   const geo g{2, 150, 8, 2, 16, 16, 16, 3};
   const auto clean = make_inputs<float>(g, 17);

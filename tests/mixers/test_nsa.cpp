@@ -333,8 +333,11 @@ split_out run_split(const nsa_f& m, const problem<float>& p, const config& c,
 
 TEST_CASE("nsa: prefill + steps == one call; snapshot, restore, truncate", "[nsa]") {
   for (const config& c :
-       {config{2, 75, 16, 1, 32, 24, 8, 4, 0}, config{1, 61, 4, 2, 16, 16, 8, 3, 6}}) {
-    INFO("window " << c.W);
+       {config{2, 75, 16, 1, 32, 24, 8, 4, 0}, config{1, 61, 4, 2, 16, 16, 8, 3, 6},
+        // keys along the lanes (G < the SIMD width): MHA and GQA 4, decode transposing tiles
+        // on the fly, the prefill a transposed copy
+        config{2, 75, 2, 2, 32, 24, 8, 4, 0}, config{1, 70, 8, 2, 64, 40, 16, 3, 0}}) {
+    INFO("window " << c.W << ", group " << c.H / c.Hkv);
     const auto p = make_problem<float>(c, 11 + std::uint64_t(c.W));
     const auto m = make_mixer(c);
     const auto one = run_fast(m, p, c);
@@ -433,8 +436,68 @@ TEST_CASE("nsa: 1 vs 2 threads bitwise; a step allocates nothing", "[nsa]") {
            o1, cache);
   }
   CHECK(scope.stats().count == 0);
-  // memory per token: keys + values + one block mean per bs tokens
-  CHECK(cache.bytes_per_token() == Approx(double(c.K + c.V) * 4 * (1 + 1.0 / double(c.bs))));
+  // memory per token: keys + values + one block mean per bs tokens (and the key mean again,
+  // transposed)
+  CHECK(cache.bytes_per_token() ==
+        Approx((double(c.K + c.V) * (1 + 1.0 / double(c.bs)) + double(c.K) / double(c.bs)) * 4));
+}
+
+TEST_CASE("nsa: keys along the lanes (MHA, GQA 4): 1 vs 2 threads bitwise", "[nsa]") {
+  for (const config& c :
+       {config{2, 130, 3, 3, 64, 64, 16, 4, 0}, config{1, 150, 8, 2, 48, 33, 8, 5, 0}}) {
+    const auto p = make_problem<float>(c, 37);
+    const auto m = make_mixer(c);
+    fast_out<float> r1, r2;
+    {
+      scoped_num_threads t(1);
+      r1 = run_fast(m, p, c);
+    }
+    {
+      scoped_num_threads t(2);
+      require_team(2);
+      r2 = run_fast(m, p, c);
+    }
+    CHECK(bitwise_equal(r1.o, r2.o));
+    CHECK(bitwise_equal(r1.sel, r2.sel));
+    CHECK(bitwise_equal(r1.lse, r2.lse));
+  }
+}
+
+TEST_CASE("nsa: repeated prefills and steps allocate nothing after the first", "[nsa]") {
+  // W = 0: the window branch is sliding_window_attention's (its own scratch)
+  for (const config& c :
+       {config{1, 200, 16, 1, 32, 32, 16, 4, 0}, config{2, 150, 2, 2, 32, 24, 8, 4, 0}}) {
+    INFO("group " << c.H / c.Hkv);
+    const auto p = make_problem<float>(c, 43);
+    const auto m = make_mixer(c);
+    tensor<float, 4> o({c.B, c.T, c.H, c.V}), o2({c.B, c.T, c.H, c.V});
+    tensor<index_t, 4> sel({c.B, c.T, c.Hkv, c.S});
+    nsa_f::extras x;
+    x.block_indices = sel;
+    for (int threads : {1, 2}) {
+      scoped_num_threads t(threads);
+      m.forward(p.q, p.k, p.v, {p.gc, p.gs, {}}, o, x);  // sizes the arenas
+      INFO("threads " << threads);
+      {
+        allocation_scope scope;
+        m.forward(p.q, p.k, p.v, {p.gc, p.gs, {}}, o2, x);
+        CHECK(scope.stats().count == 0);
+      }
+      CHECK(bitwise_equal(o, o2));
+      {
+        allocation_scope scope;
+        m.forward_selected(p.q, p.k, p.v, {p.gc, p.gs, {}}, sel, o2);
+        CHECK(scope.stats().count == 0);
+      }
+      // a prefill into a cache, reset, again: the second allocates nothing
+      auto cache = m.make_cache(c.B, c.Hkv, c.K, c.V, c.T);
+      m.forward(p.q, p.k, p.v, {p.gc, p.gs, {}}, o2, cache);
+      cache.reset();
+      allocation_scope scope;
+      m.forward(p.q, p.k, p.v, {p.gc, p.gs, {}}, o2, cache);
+      CHECK(scope.stats().count == 0);
+    }
+  }
 }
 
 TEST_CASE("nsa: bad input gives clear errors", "[nsa]") {

@@ -50,11 +50,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <vector>
+#include <span>
 
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
 #include <seqmix/kernels/attention.hpp>
 
 namespace seqmix::kernels::moba {
@@ -98,14 +99,6 @@ template <class T>
 inline constexpr index_t Q = at::bq<T>;
 inline constexpr index_t key_tile = 64;
 
-template <class T>
-using avec = std::vector<T, xsimd::aligned_allocator<T, 64>>;
-
-template <class V>
-void grow(V& v, std::size_t n) {
-  if (v.size() < n) v.resize(n);
-}
-
 /// Mean of keys [first, first + n) (rows of stride k_stride): summed in double in token order,
 /// divided, rounded to T once. The moba cache adds the same terms in the same order, so
 /// prefill and decode see bitwise the same means.
@@ -127,26 +120,22 @@ inline T rank_value(T g) {
 /// Per-lane top-(k-1) lists of a query tile, [k-1][Q]: gates and chunk indices (select_tile).
 template <class T>
 struct topk_lanes {
-  avec<T> val, fidx;  // chunk indices as T: exact below 2^24 chunks
-  void reset(index_t k1) {
-    grow(val, static_cast<std::size_t>(Q<T> * k1));
-    grow(fidx, static_cast<std::size_t>(Q<T> * k1));
-  }
+  std::span<T> val, fidx;  // chunk indices as T: exact below 2^24 chunks
 };
 
-/// Per-thread scratch.
+/// Per-thread scratch: views of workspace memory (prepare), trivially copyable.
 template <class T>
 struct scratch {
-  avec<T> qt, st, gst, acc, m, l, alpha;  // tile buffers
-  avec<T> kt;     // [K, Bk]: one key tile of an earlier chunk, transposed (keys along lanes)
-  avec<T> srow;   // [RS, Bk]: scores / probabilities of a block of gathered rows
-  avec<T> qc;     // [nq, K]: the item's query rows, contiguous (gathers stay within it)
-  avec<T> state;  // [nq, ss]: per query row m, l (first SIMD vector), then the V accumulators
+  std::span<T> qt, st, gst, acc, m, l, alpha;  // tile buffers
+  std::span<T> kt;     // [K, Bk]: one key tile of an earlier chunk, transposed (keys along lanes)
+  std::span<T> srow;   // [RS, Bk]: scores / probabilities of a block of gathered rows
+  std::span<T> qc;     // [nq, K]: the item's query rows, contiguous (gathers stay within it)
+  std::span<T> state;  // [nq, ss]: per query row m, l (first SIMD vector), then the V accumulators
   index_t ss = 0;
-  std::vector<std::int32_t> sel;     // [nq, k-1]
-  std::vector<index_t> nsel;         // [nq]
-  std::vector<index_t> list, start;  // per chunk: the rows that selected it
-  std::vector<index_t> rows;         // tile's item rows
+  std::span<std::int32_t> sel;     // [nq, k-1]
+  std::span<index_t> nsel;         // [nq]
+  std::span<index_t> list, start;  // per chunk: the rows that selected it
+  std::span<index_t> rows;         // tile's item rows
   topk_lanes<T> top;
   index_t acc_stride = 0;
 };
@@ -474,8 +463,7 @@ void select_tile(const problem<T>& pr, const params<T>& p, index_t r0, index_t n
   // kept by an insertion network over whole SIMD vectors: chunk b enters at the top of the list
   // and sinks past every entry it beats, exchanging places, so the list stays sorted by (gate
   // descending, chunk ascending) with empty slots last, and no branch depends on the data.
-  auto& top = w.top;
-  top.reset(k1);  // sized by prepare: no allocation
+  auto& top = w.top;  // sized by prepare
   T* tv = top.val.data();
   T* ti = top.fidx.data();
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -524,32 +512,35 @@ void select_tile(const problem<T>& pr, const params<T>& p, index_t r0, index_t n
   }
 }
 
-/// Sizes a scratch for problems of at most max_nq rows ending at or before position max_end
-/// (called before the parallel region, so nothing inside it allocates or throws).
+/// Takes a scratch from `f` for problems of at most max_nq rows ending at or before position
+/// max_end (before the parallel region, so nothing inside it allocates or throws). Buffers
+/// that are always written before they are read are left uninitialised.
 template <class T>
-void prepare(scratch<T>& w, const params<T>& p, index_t max_nq, index_t max_end) {
+void prepare(workspace::frame& f, scratch<T>& w, const params<T>& p, index_t max_nq,
+             index_t max_end) {
   constexpr index_t Qn = Q<T>;
   const index_t K = p.key_dim, V = p.value_dim, k1 = std::max<index_t>(p.top_k - 1, 1);
   const index_t nb = std::max<index_t>((max_end - 1) / p.chunk, 0);
   w.acc_stride = (V + L<T> - 1) / L<T> * L<T>;
-  grow(w.qt, static_cast<std::size_t>(K * Qn));
-  grow(w.st, static_cast<std::size_t>(key_tile * Qn));
-  grow(w.kt, static_cast<std::size_t>(K * key_tile));
-  grow(w.srow, static_cast<std::size_t>(rs * key_tile));
-  grow(w.gst, static_cast<std::size_t>(std::max<index_t>(nb, 1) * Qn));
-  grow(w.acc, static_cast<std::size_t>(Qn * w.acc_stride));
-  grow(w.m, static_cast<std::size_t>(Qn));
-  grow(w.l, static_cast<std::size_t>(Qn));
-  grow(w.alpha, static_cast<std::size_t>(Qn));
+  w.qt = f.take<T>(K * Qn, T(0));
+  w.st = f.take<T>(key_tile * Qn, T(0));
+  w.kt = f.take<T>(K * key_tile, T(0));
+  w.srow = f.take<T>(rs * key_tile, T(0));
+  w.gst = f.take<T>(std::max<index_t>(nb, 1) * Qn);
+  w.acc = f.take<T>(Qn * w.acc_stride, T(0));
+  w.m = f.take<T>(Qn, T(0));
+  w.l = f.take<T>(Qn, T(0));
+  w.alpha = f.take<T>(Qn, T(0));
   w.ss = w.acc_stride + L<T>;
-  grow(w.qc, static_cast<std::size_t>(max_nq * K));
-  grow(w.state, static_cast<std::size_t>(max_nq * w.ss));
-  grow(w.sel, static_cast<std::size_t>(max_nq * k1));
-  grow(w.nsel, static_cast<std::size_t>(max_nq));
-  grow(w.list, static_cast<std::size_t>(std::max<index_t>(max_nq * k1, 1)));
-  grow(w.start, static_cast<std::size_t>(nb + 2));
-  grow(w.rows, static_cast<std::size_t>(Qn));
-  w.top.reset(k1);
+  w.qc = f.take<T>(max_nq * K);
+  w.state = f.take<T>(max_nq * w.ss);
+  w.sel = f.take<std::int32_t>(max_nq * k1);
+  w.nsel = f.take<index_t>(max_nq);
+  w.list = f.take<index_t>(std::max<index_t>(max_nq * k1, 1));
+  w.start = f.take<index_t>(nb + 2);
+  w.rows = f.take<index_t>(Qn);
+  w.top.val = f.take<T>(Qn * k1);
+  w.top.fidx = f.take<T>(Qn * k1);
 }
 
 /// One work item: a whole problem (scratch prepared for it). With pr.o == nullptr only the
@@ -627,28 +618,37 @@ void run_problem(const problem<T>& pr, const params<T>& p, scratch<T>& w) {
 
 }  // namespace detail
 
-/// Per-thread scratch of run_problems, reusable across calls (grow-only).
-template <class T>
-using workspace = std::vector<detail::scratch<T>>;
-
 /// Runs every problem in one parallel region, longest first (a static split then balances
 /// the sequences of a varlen batch reasonably); each problem is one thread's, start to end.
+/// Scratch: this thread's workspace (nothing allocated once it has grown).
 template <class T>
-void run_problems(const std::vector<problem<T>>& probs, const params<T>& p, workspace<T>& ws) {
+void run_problems(std::span<const problem<T>> probs, const params<T>& p) {
   if (probs.empty()) return;
-  std::vector<index_t> order(probs.size());
+  auto frame = thread_workspace().scope();
+  std::span<index_t> order = frame.take<index_t>(static_cast<index_t>(probs.size()));
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<index_t>(i);
-  std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) {
-    return probs[static_cast<std::size_t>(a)].nq > probs[static_cast<std::size_t>(b)].nq;
-  });
+  // (a stable insertion sort: std::stable_sort may allocate a buffer)
+  for (std::size_t i = 1; i < order.size(); ++i) {
+    const index_t x = order[i];
+    std::size_t j = i;
+    while (j > 0 && probs[static_cast<std::size_t>(order[j - 1])].nq <
+                        probs[static_cast<std::size_t>(x)].nq) {
+      order[j] = order[j - 1];
+      --j;
+    }
+    order[j] = x;
+  }
   const int slots = max_slots();
-  if (ws.size() < static_cast<std::size_t>(slots)) ws.resize(static_cast<std::size_t>(slots));
+  std::span<detail::scratch<T>> ws = frame.take<detail::scratch<T>>(slots);
   index_t max_nq = 1, max_end = 1;
   for (const auto& pr : probs) {
     max_nq = std::max(max_nq, pr.nq);
     max_end = std::max(max_end, pr.q_pos0 + pr.nq);
   }
-  for (auto& w : ws) detail::prepare(w, p, max_nq, max_end);
+  for (auto& w : ws) {
+    w = detail::scratch<T>{};
+    detail::prepare(frame, w, p, max_nq, max_end);
+  }
   parallel_for_with_slot(static_cast<index_t>(order.size()), [&](index_t n, int tid) {
     detail::run_problem(probs[static_cast<std::size_t>(order[static_cast<std::size_t>(n)])], p,
                         ws[static_cast<std::size_t>(tid)]);

@@ -17,29 +17,40 @@
 //                one running max / sum per query head); no key: o_slc = 0.
 //
 // Legend: G query heads per kv head, K key dim, V value dim, nv visible blocks, S block count,
-// bs block size, L the SIMD width. Query heads sit along the SIMD lanes (up to 4·L = the
-// attention engine's query tile per pass; larger groups run in passes of that many heads).
+// bs block size, L the SIMD width.
+//
+// Two layouts, by group size (keys_along_lanes):
+//  - G >= L (NSA's own shapes, G = 16; fla requires >= 16): the query heads sit along the SIMD
+//    lanes (up to 4·L = the attention engine's query tile per pass; larger groups run in passes).
+//  - G < L (MHA, GQA 2 / 4 / 8): heads along the lanes would fill G of L lanes (G = 1: 1/16 of
+//    the work useful, 20-100x slower per FLOP). Each head is a row and the keys (block means)
+//    of a 64-wide tile are the lanes: scores of up to 4 rows against a transposed key tile, the
+//    softmax along the lanes, P·V with the probabilities broadcast over value rows; the G heads
+//    share the token's selection, so each key / value tile serves all G rows. The block means
+//    are read transposed (the cache keeps them so), the keys from a transposed copy made once
+//    per prefill call (or each tile transposed on the fly in decode: the same values).
+//    Per FLOP still slower than G = 16 at long T: each key and value row read serves G heads
+//    instead of 16, so the per-token gathers of S·bs keys are memory-bound (MHA, T = 8192, 16
+//    heads: 5.2x the time of G = 16 over the same FLOPs, loaded 2-core EPYC, 1 thread, CPU time).
 //
 // Cost per (token, kv head): compressed O(G·nv·(K + V)), selection O(nv + S²) (a running
 // insertion into the S best), selected O(G·S·bs·(K + V)); memory O(nv·4L + 4L·(K + V)) scratch
-// per thread, no T×T matrix, never all keys of a query. Keys and values are read in place from
-// strided rows, so the same function serves prefill (rows of the [B,T,H,D] inputs) and decode
-// (rows of an nsa_cache): the two give bitwise the same numbers, and so do all thread counts
-// (each (token, kv head) is computed by one thread in a fixed order).
-//
-// Lanes and small groups: a group of G < L heads fills G of the L lanes of a vector (GQA 1 or 2
-// computes L/G times the needed score lanes); NSA's own shapes (G = 16, fla requires >= 16) fill
-// one float vector exactly.
+// per thread (workspace memory), no T×T matrix, never all keys of a query. Keys and values are
+// read in place from strided rows, so the same function serves prefill (rows of the [B,T,H,D]
+// inputs) and decode (rows of an nsa_cache): the two give bitwise the same numbers, and so do all
+// thread counts (each (token, kv head) is computed by one thread in a fixed order).
 #pragma once
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
-#include <vector>
+#include <span>
+#include <type_traits>
 
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
 #include <seqmix/kernels/attention.hpp>
 
 namespace seqmix::kernels::nsa {
@@ -70,6 +81,14 @@ struct token_problem {
   const T* v = nullptr;
   index_t v_stride = 0;
   index_t pos = 0;  // t, the token's position in its sequence
+  // Keys along the lanes (groups G < L, see kl_token): the block means transposed, kct[d][c]
+  // at kct + d·kct_stride + c (columns past nv readable: kl_tile-rounded), required; the keys
+  // transposed, kt[d][j] at kt + d·kt_stride + j (columns up to pos + kl_tile readable), or
+  // nullptr: each key tile is transposed on the fly (decode). Either gives the same numbers.
+  const T* kct = nullptr;
+  index_t kct_stride = 0;
+  const T* kt = nullptr;
+  index_t kt_stride = 0;
   // A given selection (reuse across layers): n slots, -1 empty, no duplicates; nullptr: select.
   const index_t* given = nullptr;
   index_t given_n = 0;
@@ -195,38 +214,48 @@ inline void block_mean(const T* rows, index_t stride, index_t n, index_t D, T* o
 }
 
 /// Per-thread scratch and results of token(): after a call, o_cmp / o_slc hold G rows of V
-/// (row stride V), lse G values, sel the S selected blocks (ascending, -1 padded).
+/// (row stride V), lse G values, sel the S selected blocks (ascending, -1 padded). Views of
+/// workspace memory (take()): trivially copyable, nothing allocated once the arena has grown.
 template <class T>
 struct scratch {
-  template <class U>
-  using avec = std::vector<U, xsimd::aligned_allocator<U, 64>>;
-  avec<T> qt, st, acc, m, l, alpha, score;
-  std::vector<T> o_cmp, o_slc, o_swa, lse;  // o_swa: the mixer's window branch in decode
-  std::vector<index_t> sel, best;
-  std::vector<T> best_score;
-  index_t acc_stride = 0;
+  std::span<T> qt, st, acc, m, l, alpha, score;
+  std::span<T> o_cmp, o_slc, o_swa, lse;  // o_swa: the mixer's window branch in decode
+  std::span<index_t> sel, best;
+  std::span<T> best_score;
+  // keys along the lanes (groups smaller than a SIMD vector): scaled query rows [G, K], the
+  // compressed scores [kl_rows, blocks rounded up to kl_tile], a key tile [K, kl_tile]
+  // transposed on the fly (decode), the score tile [kl_rows, kl_tile]
+  std::span<T> qs, cmp, kt, srow;
+  index_t acc_stride = 0, cmp_stride = 0;
   static constexpr index_t key_tile = 64;  // keys per online-softmax step of the selected branch
 
-  /// Sizes for groups of G heads, blocks up to max_blocks, S selected blocks.
-  void resize(const params<T>& p, index_t max_blocks) {
+  /// Takes the buffers from `f` for groups of G heads, blocks up to max_blocks, S selected
+  /// blocks (score and tile buffers uninitialised: always written before they are read).
+  void take(workspace::frame& f, const params<T>& p, index_t max_blocks) {
     using detail::bq;
     using detail::L;
     const index_t K = p.key_dim, V = p.value_dim, G = p.group;
     acc_stride = (V + L<T> - 1) / L<T> * L<T>;
-    qt.assign(static_cast<std::size_t>(K * bq<T>), T(0));
-    st.assign(static_cast<std::size_t>(std::max(max_blocks, key_tile) * bq<T>), T(0));
-    acc.assign(static_cast<std::size_t>(bq<T> * acc_stride), T(0));
-    m.assign(static_cast<std::size_t>(bq<T>), T(0));
-    l.assign(static_cast<std::size_t>(bq<T>), T(0));
-    alpha.assign(static_cast<std::size_t>(bq<T>), T(0));
-    score.assign(static_cast<std::size_t>(std::max<index_t>(max_blocks, 1)), T(0));
-    o_cmp.assign(static_cast<std::size_t>(G * V), T(0));
-    o_slc.assign(static_cast<std::size_t>(G * V), T(0));
-    o_swa.assign(static_cast<std::size_t>(G * V), T(0));
-    lse.assign(static_cast<std::size_t>(G), T(0));
-    sel.assign(static_cast<std::size_t>(p.block_count), -1);
-    best.assign(static_cast<std::size_t>(p.block_count), -1);
-    best_score.assign(static_cast<std::size_t>(p.block_count), T(0));
+    const index_t rows = std::max(bq<T>, G);
+    qt = f.take<T>(K * bq<T>, T(0));
+    st = f.take<T>(std::max(max_blocks, key_tile) * bq<T>);
+    acc = f.take<T>(rows * acc_stride, T(0));
+    m = f.take<T>(rows, T(0));
+    l = f.take<T>(rows, T(0));
+    alpha = f.take<T>(bq<T>, T(0));
+    score = f.take<T>(std::max<index_t>(max_blocks, 1) + key_tile, T(0));
+    o_cmp = f.take<T>(G * V, T(0));
+    o_slc = f.take<T>(G * V, T(0));
+    o_swa = f.take<T>(G * V, T(0));
+    lse = f.take<T>(G, T(0));
+    sel = f.take<index_t>(p.block_count, index_t(-1));
+    best = f.take<index_t>(p.block_count, index_t(-1));
+    best_score = f.take<T>(p.block_count, T(0));
+    qs = f.take<T>(G * K, T(0));
+    cmp_stride = (std::max<index_t>(max_blocks, 1) + key_tile - 1) / key_tile * key_tile;
+    cmp = f.take<T>(4 * cmp_stride);
+    kt = f.take<T>(K * key_tile, T(0));
+    srow = f.take<T>(4 * key_tile);
   }
 };
 
@@ -422,19 +451,312 @@ inline void selected(const token_problem<T>& tp, const params<T>& p, const index
   }
 }
 
+// ---- keys along the lanes: groups of G < L heads (MHA, GQA 2 / 4 / 8) ---------------------
+// Heads along the lanes would fill G of the L lanes (G = 1: 1/16 of the work useful). Here each
+// query head is a row and the keys (or block means) of a tile are the lanes: scores of R <= 4
+// rows against a transposed key tile [K, kl_tile] (R x kl_tile/L accumulators), the softmax
+// along the lanes, then P·V with the probabilities broadcast over value rows. The G heads of a
+// token share its selection, so one key / value tile serves all G rows.
+inline constexpr index_t kl_tile = 64;  // keys (block means) per tile
+inline constexpr index_t kl_rows = 4;   // query rows per register block
+
+template <class T>
+inline constexpr index_t kl_vec = kl_tile / L<T>;
+
+#if defined(__GNUC__)
+#define SEQMIX_NSA_INLINE __attribute__((always_inline))
+#else
+#define SEQMIX_NSA_INLINE
+#endif
+
+/// s[r][0:kl_tile] = Σ_d q[r][d] · kt[d·ld + 0:kl_tile] for R rows (q rows of stride K, already
+/// scaled; s rows of stride ss). The fma chain runs over d from 0, as scores_rows'.
+template <class T, index_t R>
+SEQMIX_NSA_INLINE inline void kl_scores(const T* q, index_t K, const T* kt, index_t ld, T* s,
+                                        index_t ss) {
+  constexpr auto NV = static_cast<std::size_t>(kl_vec<T>), NR = static_cast<std::size_t>(R);
+  std::array<std::array<batch<T>, NV>, NR> a;
+  for (auto& row : a)
+    for (auto& x : row) x = batch<T>(T(0));
+  for (index_t d = 0; d < K; ++d) {
+    std::array<batch<T>, NV> kd;
+    for (std::size_t c = 0; c < NV; ++c) kd[c] = simd::load(kt + d * ld + index_t(c) * L<T>);
+    for (std::size_t r = 0; r < NR; ++r) {
+      const batch<T> qv(q[index_t(r) * K + d]);
+      for (std::size_t c = 0; c < NV; ++c) a[r][c] = simd::fma(qv, kd[c], a[r][c]);
+    }
+  }
+  for (std::size_t r = 0; r < NR; ++r)
+    for (std::size_t c = 0; c < NV; ++c)
+      simd::store(s + index_t(r) * ss + index_t(c) * L<T>, a[r][c]);
+}
+
+/// acc_r[c0 : c0 + CV·L] = alpha_r · acc_r + Σ_{j < kn} p[r][j] · v[j][c0 : ..] for R rows
+/// (p rows of stride ps, acc rows of stride as).
+template <class T, index_t R, index_t CV>
+SEQMIX_NSA_INLINE inline void kl_pv(const T* p, index_t ps, index_t kn, const T* v, index_t vs,
+                                    const T* alpha, T* acc, index_t as, index_t c0) {
+  constexpr auto NC = static_cast<std::size_t>(CV), NR = static_cast<std::size_t>(R);
+  std::array<std::array<batch<T>, NC>, NR> a;
+  for (std::size_t r = 0; r < NR; ++r) {
+    const batch<T> al(alpha[r]);
+    for (std::size_t c = 0; c < NC; ++c)
+      a[r][c] = al * simd::load(acc + index_t(r) * as + c0 + index_t(c) * L<T>);
+  }
+  for (index_t j = 0; j < kn; ++j) {
+    std::array<batch<T>, NC> vj;
+    for (std::size_t c = 0; c < NC; ++c) vj[c] = simd::load(v + j * vs + c0 + index_t(c) * L<T>);
+    for (std::size_t r = 0; r < NR; ++r) {
+      const batch<T> pr(p[index_t(r) * ps + j]);
+      for (std::size_t c = 0; c < NC; ++c) a[r][c] = simd::fma(pr, vj[c], a[r][c]);
+    }
+  }
+  for (std::size_t r = 0; r < NR; ++r)
+    for (std::size_t c = 0; c < NC; ++c)
+      simd::store(acc + index_t(r) * as + c0 + index_t(c) * L<T>, a[r][c]);
+}
+
+/// The whole value width of kl_pv (vector blocks of 4, then 1, then a scalar tail).
+template <class T, index_t R>
+inline void kl_pv_all(const T* p, index_t ps, index_t kn, const T* v, index_t vs, index_t V,
+                      const T* alpha, T* acc, index_t as) {
+  const index_t Vfull = V / (4 * L<T>)*(4 * L<T>), Vvec = V / L<T> * L<T>;
+  index_t c0 = 0;
+  for (; c0 < Vfull; c0 += 4 * L<T>) kl_pv<T, R, 4>(p, ps, kn, v, vs, alpha, acc, as, c0);
+  for (; c0 < Vvec; c0 += L<T>) kl_pv<T, R, 1>(p, ps, kn, v, vs, alpha, acc, as, c0);
+  for (; c0 < V; ++c0) {  // scalar tail of odd value dims
+    for (index_t r = 0; r < R; ++r) {
+      T a = alpha[r] * acc[r * as + c0];
+      for (index_t j = 0; j < kn; ++j) a += p[r * ps + j] * v[j * vs + c0];
+      acc[r * as + c0] = a;
+    }
+  }
+}
+
+/// Lanes >= n of the vector at x (one kl_tile row) set to -inf.
+template <class T>
+inline void kl_mask(T* x, index_t n) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (index_t j = std::max<index_t>(n, 0); j < kl_tile; ++j) x[j] = ninf;
+}
+
+/// Largest lane (a fixed tree).
+template <class T>
+inline T kl_hmax(const batch<T>& x) {
+  alignas(64) std::array<T, static_cast<std::size_t>(L<T>)> a;
+  x.store_aligned(a.data());
+  for (std::size_t n = a.size() / 2; n > 0; n /= 2)
+    for (std::size_t i = 0; i < n; ++i) a[i] = std::max(a[i], a[i + n]);
+  return a[0];
+}
+
+/// Compressed branch of R rows (heads r0 .. r0+R-1) over nv > 0 block means; adds the rows'
+/// probabilities to w.score[0:nv] unless the selection is given.
+template <class T, index_t R>
+inline void kl_compressed_rows(const token_problem<T>& tp, const params<T>& p, index_t nv,
+                               index_t r0, scratch<T>& w) {
+  const index_t K = p.key_dim, V = p.value_dim, cs = w.cmp_stride, as = w.acc_stride;
+  const index_t nvp = (nv + kl_tile - 1) / kl_tile * kl_tile;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T* sc = w.cmp.data();
+  const T* q = w.qs.data() + r0 * K;
+  for (index_t c0 = 0; c0 < nv; c0 += kl_tile)
+    kl_scores<T, R>(q, K, tp.kct + c0, tp.kct_stride, sc + c0, cs);
+  std::array<T, static_cast<std::size_t>(R)> l{}, zero{};
+  for (index_t r = 0; r < R; ++r) {
+    T* sr = sc + r * cs;
+    kl_mask(sr + nvp - kl_tile, nv - (nvp - kl_tile));
+    batch<T> mv(ninf);
+    for (index_t c = 0; c < nvp; c += L<T>) mv = xsimd::max(mv, simd::load(sr + c));
+    const T mx = kl_hmax(mv);
+    const batch<T> m_use(mx == ninf ? T(0) : mx);
+    batch<T> sum(T(0));
+    for (index_t c = 0; c < nvp; c += L<T>) {
+      const batch<T> e = exp_nonpositive<T>(simd::load(sr + c) - m_use);
+      simd::store(sr + c, e);
+      sum += e;
+    }
+    l[static_cast<std::size_t>(r)] = simd::reduce_sum(sum);
+    w.lse[static_cast<std::size_t>(r0 + r)] = mx + std::log(l[static_cast<std::size_t>(r)]);
+    std::fill_n(w.acc.data() + (r0 + r) * as, V, T(0));
+  }
+  kl_pv_all<T, R>(sc, cs, nv, tp.vc, tp.vc_stride, V, zero.data(), w.acc.data() + r0 * as, as);
+  for (index_t r = 0; r < R; ++r) {
+    const T li = l[static_cast<std::size_t>(r)];
+    const T* a = w.acc.data() + (r0 + r) * as;
+    T* oc = w.o_cmp.data() + (r0 + r) * V;
+    for (index_t c = 0; c < V; ++c) oc[c] = a[c] / li;
+  }
+  if (tp.given) return;
+  for (index_t r = 0; r < R; ++r) {  // selection scores: the probabilities, rows in order
+    const batch<T> li(l[static_cast<std::size_t>(r)]);
+    const T* sr = sc + r * cs;
+    for (index_t c = 0; c < nvp; c += L<T>)
+      simd::store(w.score.data() + c, simd::load(w.score.data() + c) + simd::load(sr + c) / li);
+  }
+}
+
+/// R rows against one key tile (kt [K, kl_tile] of stride ld, kn <= kl_tile keys visible to
+/// every row; values v of stride vs): the online softmax step of the selected branch.
+template <class T, index_t R>
+inline void kl_selected_rows(const params<T>& p, const T* q, const T* kt, index_t ld, index_t kn,
+                             const T* v, index_t vs, T* m, T* l, T* acc, index_t as, T* s) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  kl_scores<T, R>(q, p.key_dim, kt, ld, s, kl_tile);
+  alignas(64) std::array<T, static_cast<std::size_t>(R)> alpha;
+  for (index_t r = 0; r < R; ++r) {
+    T* sr = s + r * kl_tile;
+    if (kn < kl_tile) kl_mask(sr, kn);
+    batch<T> mv = simd::load(sr);
+    for (index_t c = 1; c < kl_vec<T>; ++c) mv = xsimd::max(mv, simd::load(sr + c * L<T>));
+    const T m_old = m[r], m_new = std::max(m_old, kl_hmax(mv));
+    const T m_use = m_new == ninf ? T(0) : m_new;
+    batch<T> sum(T(0));
+    for (index_t c = 0; c < kl_vec<T>; ++c) {
+      const batch<T> e = exp_nonpositive<T>(simd::load(sr + c * L<T>) - batch<T>(m_use));
+      simd::store(sr + c * L<T>, e);
+      sum += e;
+    }
+    const T al = m_old == ninf ? T(0) : std::exp(m_old - m_use);
+    alpha[static_cast<std::size_t>(r)] = al;
+    m[r] = m_new;
+    l[r] = l[r] * al + simd::reduce_sum(sum);
+  }
+  kl_pv_all<T, R>(s, kl_tile, kn, v, vs, p.value_dim, alpha.data(), acc, as);
+}
+
+template <class T, class F>
+inline void kl_row_groups(index_t G, F&& f) {
+  index_t r0 = 0;
+  for (; r0 + 4 <= G; r0 += 4) f(std::integral_constant<index_t, 4>{}, r0);
+  switch (G - r0) {
+    case 3:
+      f(std::integral_constant<index_t, 3>{}, r0);
+      break;
+    case 2:
+      f(std::integral_constant<index_t, 2>{}, r0);
+      break;
+    case 1:
+      f(std::integral_constant<index_t, 1>{}, r0);
+      break;
+    default:
+      break;
+  }
+}
+
+/// Selected branch, keys along the lanes, for all G heads.
+template <class T>
+inline void kl_selected(const token_problem<T>& tp, const params<T>& p, const index_t* blocks,
+                        index_t nblocks, scratch<T>& w) {
+  const index_t K = p.key_dim, V = p.value_dim, bs = p.block_size, t = tp.pos, G = p.group;
+  const index_t as = w.acc_stride;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  std::fill_n(w.m.data(), G, ninf);
+  std::fill_n(w.l.data(), G, T(0));
+  for (index_t i = 0; i < G; ++i) std::fill_n(w.acc.data() + i * as, V, T(0));
+  bool any = false;
+  for (index_t b = 0; b < nblocks;) {
+    const index_t c = blocks[b];
+    if (c < 0 || c * bs > t) {
+      ++b;
+      continue;
+    }
+    index_t e = b + 1;
+    while (e < nblocks && blocks[e] == blocks[e - 1] + 1) ++e;
+    const index_t j_begin = c * bs, j_end = std::min((blocks[e - 1] + 1) * bs, t + 1);
+    b = e;
+    for (index_t j0 = j_begin; j0 < j_end; j0 += kl_tile) {
+      const index_t kn = std::min(kl_tile, j_end - j0);
+      any = true;
+      index_t nj = j0 + kl_tile, nn = std::min(kl_tile, j_end - nj);
+      if (nn <= 0 && b < nblocks && blocks[b] >= 0 && blocks[b] * bs <= t) {
+        nj = blocks[b] * bs;
+        nn = std::min({kl_tile, bs, t + 1 - nj});
+      }
+      if (nn > 0) {  // the next tile (usually far away): requested now, used next
+        for (index_t j = 0; j < nn; ++j) {
+          const char* vr = reinterpret_cast<const char*>(tp.v + (nj + j) * tp.v_stride);
+          for (index_t byte = 0; byte < V * index_t(sizeof(T)); byte += 64)
+            __builtin_prefetch(vr + byte);
+        }
+        if (tp.kt) {
+          for (index_t d = 0; d < K; ++d) {
+            const char* kr = reinterpret_cast<const char*>(tp.kt + d * tp.kt_stride + nj);
+            __builtin_prefetch(kr);
+            __builtin_prefetch(kr + kl_tile * index_t(sizeof(T)) - 1);
+          }
+        }
+      }
+      const T* kt = nullptr;
+      index_t ld = 0;
+      if (tp.kt) {
+        kt = tp.kt + j0;
+        ld = tp.kt_stride;
+      } else {  // transpose the tile (zero past kn): the same values as a transposed copy
+        T* x = w.kt.data();
+        for (index_t j = 0; j < kl_tile; ++j) {
+          const T* kj = tp.k + (j0 + j) * tp.k_stride;
+          for (index_t d = 0; d < K; ++d) x[d * kl_tile + j] = j < kn ? kj[d] : T(0);
+        }
+        kt = x;
+        ld = kl_tile;
+      }
+      const T* v = tp.v + j0 * tp.v_stride;
+      kl_row_groups<T>(G, [&](auto rr, index_t r0) {
+        constexpr index_t R = decltype(rr)::value;
+        kl_selected_rows<T, R>(p, w.qs.data() + r0 * K, kt, ld, kn, v, tp.v_stride, w.m.data() + r0,
+                               w.l.data() + r0, w.acc.data() + r0 * as, as, w.srow.data());
+      });
+    }
+  }
+  for (index_t i = 0; i < G; ++i) {
+    T* os = w.o_slc.data() + i * V;
+    if (!any) {
+      std::fill_n(os, V, T(0));
+      continue;
+    }
+    const T inv = T(1) / w.l[static_cast<std::size_t>(i)];
+    const T* a = w.acc.data() + i * as;
+    for (index_t c = 0; c < V; ++c) os[c] = a[c] * inv;
+  }
+}
+
 }  // namespace detail
 
+/// Whether token() runs the keys-along-lanes form (groups smaller than one SIMD vector), which
+/// needs token_problem::kct (and reads kt when given).
+template <class T>
+inline bool keys_along_lanes(const params<T>& p) {
+  return p.group < detail::L<T>;
+}
+
 /// Computes one (token, kv head): w.o_cmp, w.lse, w.sel (selected or the given blocks, sorted)
-/// and w.o_slc. Allocates nothing (w sized by scratch::resize for these params and at least
+/// and w.o_slc. Allocates nothing (w taken by scratch::take for these params and at least
 /// (pos + 1) / bs blocks).
 template <class T>
 void token(const token_problem<T>& tp, const params<T>& p, scratch<T>& w) {
   using detail::bq;
   using detail::L;
   const index_t G = p.group, nv = (tp.pos + 1) / p.block_size;
-  if (!tp.given) std::fill_n(w.score.data(), nv, T(0));
+  const bool kl = keys_along_lanes(p);
+  if (!tp.given) std::fill_n(w.score.data(), kl ? nv + detail::kl_tile : nv, T(0));
+  if (kl) {
+    for (index_t i = 0; i < G; ++i) {
+      const T* qi = tp.q + i * tp.q_stride;
+      for (index_t d = 0; d < p.key_dim; ++d)
+        w.qs[static_cast<std::size_t>(i * p.key_dim + d)] = p.scale * qi[d];
+    }
+    if (nv == 0) {
+      std::fill_n(w.o_cmp.data(), G * p.value_dim, T(0));
+      std::fill_n(w.lse.data(), G, -std::numeric_limits<T>::infinity());
+    } else {
+      detail::kl_row_groups<T>(G, [&](auto rr, index_t r0) {
+        detail::kl_compressed_rows<T, decltype(rr)::value>(tp, p, nv, r0, w);
+      });
+    }
+  }
   // compressed branch (and the selection scores), in passes of up to bq heads
-  for (index_t g0 = 0; g0 < G; g0 += bq<T>) {
+  for (index_t g0 = 0; g0 < G && !kl; g0 += bq<T>) {
     const index_t gn = std::min(bq<T>, G - g0), nvec = (gn + L<T> - 1) / L<T>;
     detail::pack_queries(tp, p, g0, gn, nvec, w.qt.data());
     detail::compressed(tp, p, nv, g0, gn, nvec, w);
@@ -454,6 +776,10 @@ void token(const token_problem<T>& tp, const params<T>& p, scratch<T>& w) {
     detail::select(p, tp.pos, nv, w);
     blocks = w.sel.data();
   }
+  if (kl) {
+    detail::kl_selected(tp, p, blocks, nsel, w);
+    return;
+  }
   for (index_t g0 = 0; g0 < G; g0 += bq<T>) {
     const index_t gn = std::min(bq<T>, G - g0), nvec = (gn + L<T> - 1) / L<T>;
     // one pass (G <= bq) leaves qt packed from the compressed branch
@@ -463,3 +789,5 @@ void token(const token_problem<T>& tp, const params<T>& p, scratch<T>& w) {
 }
 
 }  // namespace seqmix::kernels::nsa
+
+#undef SEQMIX_NSA_INLINE

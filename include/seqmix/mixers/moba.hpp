@@ -52,6 +52,7 @@
 #include <seqmix/core/error.hpp>
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
 #include <seqmix/kernels/attention.hpp>
 #include <seqmix/kernels/moba.hpp>
 #include <seqmix/mixers/detail/front_checks.hpp>
@@ -247,9 +248,8 @@ class moba_attention {
     const checker check{"moba_attention::forward"};
     const dims d = validate(check, q, k, v, o);
     check.no_overlap({range_of("o", o)}, {range_of("q", q), range_of("k", k), range_of("v", v)});
-    std::vector<seq> seqs;
-    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
-    run(d, q, k, v, o, seqs, nullptr, {});
+    auto frame = thread_workspace().scope();
+    run(d, q, k, v, o, batch_seqs(frame, d.B, d.Tn), nullptr, {});
   }
 
   /// Packed varlen (MoBA's layout): q [N,H,K], k [N,Hkv,K], v [N,Hkv,V] in; o [N,H,V] out;
@@ -261,7 +261,8 @@ class moba_attention {
     const auto o4 = o.unsqueeze(0);
     const dims d = validate3(check, q, k, v, o);
     check.no_overlap({range_of("o", o)}, {range_of("q", q), range_of("k", k), range_of("v", v)});
-    run(d, q4, k4, v4, o4, packed(check, d, cu_seqlens), nullptr, {});
+    auto frame = thread_workspace().scope();
+    run(d, q4, k4, v4, o4, packed(frame, check, d, cu_seqlens), nullptr, {});
   }
 
   /// Prefill: the T new tokens of each sequence attend over the cache's tokens and themselves,
@@ -272,9 +273,8 @@ class moba_attention {
     const dims d = validate(check, q, k, v, o);
     check_cache(check, d, cache, d.Tn);
     check_cache_overlap(check, q, k, v, o, cache);
-    std::vector<seq> seqs;
-    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
-    run(d, q, k, v, o, seqs, &cache, {});
+    auto frame = thread_workspace().scope();
+    run(d, q, k, v, o, batch_seqs(frame, d.B, d.Tn), &cache, {});
   }
 
   /// Packed varlen prefill: sequence n (rows cu_seqlens[n] .. cu_seqlens[n+1]-1 of q [N,H,K],
@@ -285,7 +285,8 @@ class moba_attention {
                std::span<const index_t> cu_seqlens) const {
     const checker check{"moba_attention::forward"};
     const dims d = validate3(check, q, k, v, o);
-    const auto seqs = packed(check, d, cu_seqlens);
+    auto frame = thread_workspace().scope();
+    const auto seqs = packed(frame, check, d, cu_seqlens);
     const auto n = static_cast<index_t>(seqs.size());
     const dims dn{n, 1, d.H, d.Hkv, d.K, d.V};
     check_cache(check, dn, cache, 0);
@@ -308,9 +309,9 @@ class moba_attention {
     check.inner_contiguous("k", k);
     const dims d{B, Tn, H, k.extent(2), K, 1};
     tensor<std::int32_t, 4> sel({B, Tn, H, std::max<index_t>(opt_.top_k - 1, 0)});
-    std::vector<seq> seqs;
-    for (index_t b = 0; b < B; ++b) seqs.push_back({b, 0, Tn, b});
-    run(d, q, k, tensor_view<const T, 4>{}, tensor_view<T, 4>{}, seqs, nullptr, sel.view());
+    auto frame = thread_workspace().scope();
+    run(d, q, k, tensor_view<const T, 4>{}, tensor_view<T, 4>{}, batch_seqs(frame, B, Tn), nullptr,
+        sel.view());
     return sel;
   }
 
@@ -406,11 +407,17 @@ class moba_attention {
     check.distinct_elements("o", o);
     return d;
   }
-  std::vector<seq> packed(const checker& check, const dims& d, std::span<const index_t> cu) const {
+  static std::span<const seq> batch_seqs(workspace::frame& f, index_t B, index_t Tn) {
+    std::span<seq> seqs = f.take<seq>(B);
+    for (index_t b = 0; b < B; ++b) seqs[static_cast<std::size_t>(b)] = {b, 0, Tn, b};
+    return seqs;
+  }
+  std::span<const seq> packed(workspace::frame& f, const checker& check, const dims& d,
+                              std::span<const index_t> cu) const {
     check.cu_seqlens(cu, 1, d.Tn);
-    std::vector<seq> seqs;
+    std::span<seq> seqs = f.take<seq>(static_cast<index_t>(cu.size()) - 1);
     for (std::size_t n = 0; n + 1 < cu.size(); ++n)
-      seqs.push_back({0, cu[n], cu[n + 1] - cu[n], static_cast<index_t>(n)});
+      seqs[n] = {0, cu[n], cu[n + 1] - cu[n], static_cast<index_t>(n)};
     return seqs;
   }
   void check_cache(const checker& check, const dims& d, const moba_cache<T>& cache,
@@ -462,15 +469,16 @@ class moba_attention {
   // Builds the problems: head-major keys/values (the inputs copied, or the cache rows after
   // appending), chunk means, then one kernel run.
   void run(const dims& d, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
-           const tensor_view<const T, 4>& v, const tensor_view<T, 4>& o,
-           const std::vector<seq>& seqs, moba_cache<T>* cache,
-           tensor_view<std::int32_t, 4> selected) const {
+           const tensor_view<const T, 4>& v, const tensor_view<T, 4>& o, std::span<const seq> seqs,
+           moba_cache<T>* cache, tensor_view<std::int32_t, 4> selected) const {
     namespace km = kernels::moba;
     const index_t G = d.H / d.Hkv, c = opt_.chunk_size, K = d.K, V = d.V;
     const bool values = o.data() != nullptr;
     const auto S = static_cast<index_t>(seqs.size());
     index_t max_end = 1, max_len = 1;
-    std::vector<index_t> pos0(seqs.size(), 0);
+    // all scratch from this thread's arena: nothing allocated once it has grown
+    auto frame = thread_workspace().scope();
+    std::span<index_t> pos0 = frame.take<index_t>(S, index_t(0));
     for (std::size_t n = 0; n < seqs.size(); ++n) {
       if (cache) pos0[n] = cache->length(seqs[n].row);
       max_end = std::max(max_end, pos0[n] + seqs[n].len);
@@ -478,35 +486,35 @@ class moba_attention {
     }
     const index_t nbmax = max_end / c;  // complete chunks (the kernel gates (end - 1) / c)
     // keys / values per (sequence, kv head): rows 0 .. pos0 + len - 1, contiguous
-    tensor<T, 4> pk, pv;
-    std::vector<const T*> kp(seqs.size() * static_cast<std::size_t>(d.Hkv));
-    std::vector<const T*> vp(kp.size());
+    tensor_view<T, 4> pk, pv;
+    std::span<const T*> kp = frame.take<const T*>(S * d.Hkv);
+    std::span<const T*> vp = frame.take<const T*>(S * d.Hkv);
     if (!cache) {
-      pk = tensor<T, 4>({S, d.Hkv, max_len, K});
-      if (values) pv = tensor<T, 4>({S, d.Hkv, max_len, V});
+      pk = frame.take_view<T, 4>({S, d.Hkv, max_len, K});
+      if (values) pv = frame.take_view<T, 4>({S, d.Hkv, max_len, V});
     }
     parallel_for(S * d.Hkv, [&](index_t i) {
       const index_t n = i / d.Hkv, h = i % d.Hkv;
       const seq& s = seqs[static_cast<std::size_t>(n)];
       T* kd = cache ? cache->kv_.key_row(s.row, h, pos0[static_cast<std::size_t>(n)])
-                    : pk.view().ptr({n, h, 0, 0});
+                    : pk.ptr({n, h, 0, 0});
       for (index_t t = 0; t < s.len; ++t) std::copy_n(k.ptr({s.qb, s.t0 + t, h, 0}), K, kd + t * K);
       if (values) {
         T* vd = cache ? cache->kv_.value_row(s.row, h, pos0[static_cast<std::size_t>(n)])
-                      : pv.view().ptr({n, h, 0, 0});
+                      : pv.ptr({n, h, 0, 0});
         for (index_t t = 0; t < s.len; ++t)
           std::copy_n(v.ptr({s.qb, s.t0 + t, h, 0}), V, vd + t * V);
       }
       kp[static_cast<std::size_t>(i)] =
-          cache ? cache->kv_.key_row(s.row, h, 0) : pk.view().ptr({n, h, 0, 0});
+          cache ? cache->kv_.key_row(s.row, h, 0) : pk.ptr({n, h, 0, 0});
       vp[static_cast<std::size_t>(i)] = !values ? nullptr
                                         : cache ? cache->kv_.value_row(s.row, h, 0)
-                                                : pv.view().ptr({n, h, 0, 0});
+                                                : pv.ptr({n, h, 0, 0});
     });
     // complete-chunk means per (sequence, kv head): [S, Hkv, nbmax, K]; the cache's earlier
     // chunks are copied from it (bitwise what recomputing would give)
-    tensor<T, 4> means({S, d.Hkv, std::max<index_t>(nbmax, 1), K});
-    std::vector<double> sums(static_cast<std::size_t>(S * d.Hkv * K));
+    tensor_view<T, 4> means = frame.take_view<T, 4>({S, d.Hkv, std::max<index_t>(nbmax, 1), K});
+    std::span<double> sums = frame.take<double>(S * d.Hkv * K);
     parallel_for(S * d.Hkv, [&](index_t i) {
       const index_t n = i / d.Hkv, h = i % d.Hkv;
       const auto ns = static_cast<std::size_t>(n);
@@ -514,13 +522,15 @@ class moba_attention {
       const index_t from = cache ? std::min(nb, pos0[ns] / c) : 0;
       for (index_t b = 0; b < from; ++b)
         for (index_t dd = 0; dd < K; ++dd)
-          *means.view().ptr({n, h, b, dd}) = *cache->means_t_.view().ptr({seqs[ns].row, h, dd, b});
+          *means.ptr({n, h, b, dd}) = *cache->means_t_.view().ptr({seqs[ns].row, h, dd, b});
       if (nb > from)
         km::chunk_means(kp[static_cast<std::size_t>(i)] + from * c * K, K, nb - from, c, K,
-                        means.view().ptr({n, h, from, 0}),
-                        sums.data() + static_cast<std::size_t>(i * K));
+                        means.ptr({n, h, from, 0}), sums.data() + static_cast<std::size_t>(i * K));
     });
-    std::vector<km::problem<T>> probs;
+    index_t np = 0;
+    for (const seq& sq : seqs) np += sq.len > 0 ? d.H : 0;
+    std::span<km::problem<T>> probs = frame.take<km::problem<T>>(np);
+    std::size_t at = 0;
     for (std::size_t n = 0; n < seqs.size(); ++n) {
       const seq& s = seqs[n];
       if (s.len == 0) continue;
@@ -534,25 +544,23 @@ class moba_attention {
         pr.k_stride = K;
         pr.v = vp[kv];
         pr.v_stride = V;
-        pr.means = means.view().ptr({static_cast<index_t>(n), h / G, 0, 0});
+        pr.means = means.ptr({static_cast<index_t>(n), h / G, 0, 0});
         pr.o = values ? o.ptr({s.qb, s.t0, h, 0}) : nullptr;
         pr.o_stride = values ? o.stride(1) : 0;
         pr.nq = s.len;
         pr.q_pos0 = pos0[n];
         if (selected.data()) pr.selected = selected.ptr({s.qb, s.t0, h, 0});
-        probs.push_back(pr);
+        probs[at++] = pr;
       }
     }
-    km::workspace<T> ws;
     // selected rows are [T, H, k-1]: the kernel writes row r at selected + r·(k-1), so give
     // each head its own contiguous block and scatter after
     if (selected.data() && opt_.top_k > 1) {
       const index_t k1 = opt_.top_k - 1;
-      std::vector<std::int32_t> tmp(static_cast<std::size_t>(probs.size()) *
-                                    static_cast<std::size_t>(max_len * k1));
+      std::span<std::int32_t> tmp = frame.take<std::int32_t>(np * max_len * k1);
       for (std::size_t i = 0; i < probs.size(); ++i)
         probs[i].selected = tmp.data() + static_cast<index_t>(i) * max_len * k1;
-      km::run_problems(probs, kernel_params(d), ws);
+      km::run_problems<T>(probs, kernel_params(d));
       std::size_t i = 0;
       for (const seq& s : seqs) {
         if (s.len == 0) continue;
@@ -562,7 +570,7 @@ class moba_attention {
       }
     } else {
       for (auto& pr : probs) pr.selected = nullptr;
-      if (values) km::run_problems(probs, kernel_params(d), ws);
+      if (values) km::run_problems<T>(probs, kernel_params(d));
     }
     if (!cache) return;
     // the cache: new complete chunks' means, the partial chunk's running sum, the lengths
@@ -573,7 +581,7 @@ class moba_attention {
         for (index_t b = pos0[n] / c; b < end / c; ++b)
           for (index_t dd = 0; dd < K; ++dd)
             *cache->means_t_.view().ptr({s.row, h, dd, b}) =
-                *means.view().ptr({static_cast<index_t>(n), h, b, dd});
+                *means.ptr({static_cast<index_t>(n), h, b, dd});
       cache->kv_.set_length(s.row, end);
       cache->rebuild_partial(s.row);
     }

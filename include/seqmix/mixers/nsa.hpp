@@ -19,17 +19,24 @@
 // Decode: q1 [B,H,K], k1/v1 [B,Hkv,*], o1 [B,H,V], gates [B,H], block_indices [B,Hkv,S].
 //
 // Forms and cost (per kv head and token; G = H/Hkv, nv = visible blocks <= t/bs):
-//  - forward (prefill / training): one work item per (token, kv head), the G query heads along
-//    the SIMD lanes, visiting the nv block means and the S selected blocks only. Time
-//    O(G·(nv + S·bs)·(K+V)) per item, so O(T·(T/bs + S·bs)) per head instead of O(T²); memory:
-//    the block means (T/bs rows) + O(64·(nv + K + V)) scratch per thread. Never a T×T matrix.
+//  - forward (prefill / training): one work item per (token, kv head), visiting the nv block
+//    means and the S selected blocks only: the G query heads along the SIMD lanes when G >= L
+//    (the SIMD width), else each head a row with the keys along the lanes (kernels/nsa.hpp;
+//    the keys of each (sequence, kv head) transposed once per call for it). Items run kv head
+//    after kv head, 16 tokens at a time. Time O(G·(nv + S·bs)·(K+V)) per item, so
+//    O(T·(T/bs + S·bs)) per head instead of O(T²); memory: the block means (T/bs rows), for
+//    G < L a transposed copy of the keys, + O(64·(nv + K + V)) scratch per thread. Never a T×T
+//    matrix. All scratch comes from the calling thread's workspace arena: a repeated call of
+//    the same shapes allocates nothing (without the window branch, whose scratch is
+//    sliding_window_attention's).
 //  - step (decode): appends one token to an nsa_cache (its block mean computed when the block
 //    completes), then the same item: O(nv·(K+V)) for the means plus O(S·bs·(K+V)) for the
-//    selected keys, independent of the cached length otherwise. Allocates nothing once the
-//    cache's scratch has been sized (first step).
+//    selected keys, independent of the cached length otherwise. Allocates nothing after the
+//    first step (workspace arena).
 //  - prefill then steps gives bitwise the outputs of one call (the same kernel reads the same
 //    rows; the window branch, when present, to float rounding: tiles vs decode).
-// nsa_cache memory: B·Hkv·capacity·(K+V)·(1 + 1/bs)·sizeof(T) (keys, values, block means).
+// nsa_cache memory: B·Hkv·capacity·((K+V)·(1 + 1/bs) + K/bs)·sizeof(T) (keys, values, block
+// means as rows, and the key means once more transposed for the keys-along-lanes form).
 //
 // Checks (before anything is written; messages name the entry called and the argument):
 // options (block_size >= 1, block_count >= 1, window >= 0, scale finite); block_count <= the
@@ -53,6 +60,7 @@
 #include <seqmix/core/error.hpp>
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
 #include <seqmix/kernels/attention.hpp>
 #include <seqmix/kernels/nsa.hpp>
 #include <seqmix/mixers/detail/front_checks.hpp>
@@ -81,7 +89,10 @@ class nsa_cache {
       : bs_(checked_block_size(block_size)),
         kv_(kv_cache<T>::full(batch, kv_heads, key_dim, value_dim, capacity)),
         kc_({batch, kv_heads, std::max<index_t>(capacity / bs_, 1), key_dim}),
-        vc_({batch, kv_heads, std::max<index_t>(capacity / bs_, 1), value_dim}) {}
+        vc_({batch, kv_heads, std::max<index_t>(capacity / bs_, 1), value_dim}),
+        ldt_((std::max<index_t>(capacity / bs_, 1) + kernels::nsa::detail::kl_tile - 1) /
+             kernels::nsa::detail::kl_tile * kernels::nsa::detail::kl_tile),
+        kct_({batch, kv_heads, key_dim, ldt_}, T(0)) {}
 
   index_t batch() const noexcept { return kv_.batch(); }
   index_t kv_heads() const noexcept { return kv_.kv_heads(); }
@@ -92,13 +103,18 @@ class nsa_cache {
   index_t length(index_t b) const { return kv_.length(b); }
   /// Complete blocks of sequence b (those with a mean).
   index_t blocks(index_t b) const { return kv_.length(b) / bs_; }
-  /// Bytes of keys, values and block means.
+  /// Bytes of keys, values and block means (rows and the transposed key means).
   std::size_t storage_bytes() const noexcept {
-    return kv_.storage_bytes() + static_cast<std::size_t>(kc_.size() + vc_.size()) * sizeof(T);
+    return kv_.storage_bytes() +
+           static_cast<std::size_t>(kc_.size() + vc_.size() + kct_.size()) * sizeof(T);
   }
-  /// Bytes per cached token and kv head: (K + V)·sizeof(T)·(1 + 1/bs).
+  /// Bytes per cached token and kv head: (K + V)·sizeof(T)·(1 + 1/bs) + K·sizeof(T)/bs (the
+  /// block means as rows, and the key means once more transposed for groups smaller than a
+  /// SIMD vector).
   double bytes_per_token() const noexcept {
-    return double(key_dim() + value_dim()) * double(sizeof(T)) * (1.0 + 1.0 / double(bs_));
+    return (double(key_dim() + value_dim()) * (1.0 + 1.0 / double(bs_)) +
+            double(key_dim()) / double(bs_)) *
+           double(sizeof(T));
   }
 
   void reset() { kv_.reset(); }
@@ -138,6 +154,12 @@ class nsa_cache {
   const T* block_value_row(index_t b, index_t h, index_t c) const noexcept {
     return vc_.view().ptr({b, h, c, 0});
   }
+  /// The key means of (b, h) transposed, [K, block_means_stride()] (columns past blocks(b)
+  /// readable, their values stale).
+  const T* block_keys_t(index_t b, index_t h) const noexcept {
+    return kct_.view().ptr({b, h, 0, 0});
+  }
+  index_t block_keys_t_stride() const noexcept { return ldt_; }
   /// Writes the means of the blocks of sequence b that complete between lengths `from` and `to`
   /// (rows already in the kv cache), for every kv head.
   void complete_blocks(index_t b, index_t from, index_t to) noexcept {
@@ -149,17 +171,9 @@ class nsa_cache {
                              kc_.view().ptr({b, h, c, 0}));
     kernels::nsa::block_mean(kv_.value_row(b, h, c * bs_), value_dim(), bs_, value_dim(),
                              vc_.view().ptr({b, h, c, 0}));
-  }
-  /// Per-thread scratch of decode, grown (never shrunk) to `slots` for params p: a step
-  /// allocates only the first time.
-  std::vector<kernels::nsa::scratch<T>>& scratch_for(const kernels::nsa::params<T>& p, int slots) {
-    const bool same = work_.size() >= static_cast<std::size_t>(slots) && key_ == key(p);
-    if (!same) {
-      work_.resize(std::max(work_.size(), static_cast<std::size_t>(slots)));
-      for (auto& w : work_) w.resize(p, capacity() / bs_ + 1);
-      key_ = key(p);
-    }
-    return work_;
+    const T* row = kc_.view().ptr({b, h, c, 0});
+    T* col = kct_.view().ptr({b, h, 0, c});
+    for (index_t d = 0; d < key_dim(); ++d) col[d * ldt_] = row[d];
   }
 
  private:
@@ -169,14 +183,11 @@ class nsa_cache {
     }
     return bs;
   }
-  static std::array<index_t, 4> key(const kernels::nsa::params<T>& p) {
-    return {p.key_dim, p.value_dim, p.group, p.block_count};
-  }
   index_t bs_ = 1;
   kv_cache<T> kv_;
   tensor<T, 4> kc_, vc_;
-  std::vector<kernels::nsa::scratch<T>> work_;
-  std::array<index_t, 4> key_{};
+  index_t ldt_ = 0;
+  tensor<T, 4> kct_;  // [B, Hkv, K, ldt]: the key means transposed
 };
 
 template <class T>
@@ -246,19 +257,21 @@ class native_sparse_attention {
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                const gates& g, tensor_view<T, 4> o, const extras& x = {}) const {
     const checker check{"native_sparse_attention::forward"};
+    auto frame = thread_workspace().scope();
     const dims d = validate(check, q, k, v, g, o, x, nullptr);
     check_block_count(check, d.Tn, "T");
     check_compressed(check, d, x, d.B, d.Tn / opt_.block_size);
-    run(d, q, k, v, g, o, x, batch_seqs(d), nullptr, nullptr, {});
+    run(d, q, k, v, g, o, x, batch_seqs(frame, d), nullptr, nullptr, {});
   }
   /// Packed sequences (B == 1): sequence n is tokens cu_seqlens[n] .. cu_seqlens[n+1]-1.
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                const gates& g, tensor_view<T, 4> o, std::span<const index_t> cu_seqlens,
                const extras& x = {}) const {
     const checker check{"native_sparse_attention::forward"};
+    auto frame = thread_workspace().scope();
     const dims d = validate(check, q, k, v, g, o, x, nullptr);
     check_block_count(check, d.Tn, "T");
-    const auto seqs = packed_seqs(check, d, cu_seqlens);
+    const auto seqs = packed_seqs(frame, check, d, cu_seqlens);
     check_compressed(check, d, x, 1,
                      seqs.empty() ? 0 : seqs.back().c0 + seqs.back().len / opt_.block_size);
     run(d, q, k, v, g, o, x, seqs, nullptr, nullptr, cu_seqlens);
@@ -269,21 +282,23 @@ class native_sparse_attention {
                const gates& g, tensor_view<T, 4> o, nsa_cache<T>& cache,
                const extras& x = {}) const {
     const checker check{"native_sparse_attention::forward"};
+    auto frame = thread_workspace().scope();
     const dims d = validate(check, q, k, v, g, o, x, nullptr);
     check_cache(check, d, cache);
     for (index_t b = 0; b < d.B; ++b) check_room(check, cache, b, d.Tn);
     check.require(!x.k_cmp.data() && !x.v_cmp.data(), "x",
                   "k_cmp / v_cmp are outputs of the calls without a cache (the cache holds the "
                   "block means: nsa_cache::block_keys / block_values)");
-    run(d, q, k, v, g, o, x, batch_seqs(d), &cache, nullptr, {});
+    run(d, q, k, v, g, o, x, batch_seqs(frame, d), &cache, nullptr, {});
   }
   /// Packed prefill (B == 1): sequence n appends to row n of `cache` ([N] sequences).
   void forward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
                const gates& g, tensor_view<T, 4> o, nsa_cache<T>& cache,
                std::span<const index_t> cu_seqlens, const extras& x = {}) const {
     const checker check{"native_sparse_attention::forward"};
+    auto frame = thread_workspace().scope();
     const dims d = validate(check, q, k, v, g, o, x, nullptr);
-    const auto seqs = packed_seqs(check, d, cu_seqlens);
+    const auto seqs = packed_seqs(frame, check, d, cu_seqlens);
     check_cache(check, d, cache, static_cast<index_t>(seqs.size()));
     for (const seq& s : seqs) check_room(check, cache, s.row, s.len);
     check.require(!x.k_cmp.data() && !x.v_cmp.data(), "x",
@@ -298,9 +313,10 @@ class native_sparse_attention {
                         tensor_view<const index_t, 4> block_indices, tensor_view<T, 4> o,
                         const extras& x = {}) const {
     const checker check{"native_sparse_attention::forward_selected"};
+    auto frame = thread_workspace().scope();
     const dims d = validate(check, q, k, v, g, o, x, &block_indices);
     check_compressed(check, d, x, d.B, d.Tn / opt_.block_size);
-    const auto seqs = batch_seqs(d);
+    const auto seqs = batch_seqs(frame, d);
     check_given(check, block_indices, seqs);
     run(d, q, k, v, g, o, x, seqs, nullptr, &block_indices, {});
   }
@@ -310,8 +326,9 @@ class native_sparse_attention {
                         tensor_view<const index_t, 4> block_indices, tensor_view<T, 4> o,
                         std::span<const index_t> cu_seqlens, const extras& x = {}) const {
     const checker check{"native_sparse_attention::forward_selected"};
+    auto frame = thread_workspace().scope();
     const dims d = validate(check, q, k, v, g, o, x, &block_indices);
-    const auto seqs = packed_seqs(check, d, cu_seqlens);
+    const auto seqs = packed_seqs(frame, check, d, cu_seqlens);
     check_compressed(check, d, x, 1,
                      seqs.empty() ? 0 : seqs.back().c0 + seqs.back().len / opt_.block_size);
     check_given(check, block_indices, seqs);
@@ -362,9 +379,14 @@ class native_sparse_attention {
 
     const index_t G = H / Hkv;
     const auto p = kernel_params(d);
-    auto& work = cache.scratch_for(p, max_slots());
     kv_cache<T>& kv = cache.kv();
     const index_t bs = opt_.block_size, W = opt_.window;
+    index_t max_blocks = 1;
+    for (index_t b = 0; b < B; ++b) max_blocks = std::max(max_blocks, (kv.length(b) + 1) / bs + 1);
+    auto frame = thread_workspace().scope();  // the step's scratch: allocated once, then reused
+    std::span<kernels::nsa::scratch<T>> work =
+        frame.take<kernels::nsa::scratch<T>>(static_cast<index_t>(max_slots()));
+    for (auto& w : work) w.take(frame, p, max_blocks);
     parallel_for_with_slot(B * Hkv, [&](index_t n, int tid) {
       const index_t b = n / Hkv, h = n % Hkv;
       auto& w = work[static_cast<std::size_t>(tid)];
@@ -383,6 +405,8 @@ class native_sparse_attention {
       tp.k_stride = K;
       tp.v = kv.value_row(b, h, 0);
       tp.v_stride = V;
+      tp.kct = cache.block_keys_t(b, h);
+      tp.kct_stride = cache.block_keys_t_stride();
       tp.pos = pos;
       kernels::nsa::token(tp, p, w);
       if (W > 0) {  // window branch: decode over the last W rows, into w.acc's spare rows
@@ -509,7 +533,7 @@ class native_sparse_attention {
     }
   }
   void check_given(const checker& check, const tensor_view<const index_t, 4>& bi,
-                   const std::vector<seq>& seqs) const {
+                   std::span<const seq> seqs) const {
     const index_t Sg = bi.extent(3), bs = opt_.block_size;
     for (const seq& s : seqs) {
       const index_t nb = (s.len + bs - 1) / bs;
@@ -568,19 +592,19 @@ class native_sparse_attention {
     }
   }
 
-  std::vector<seq> batch_seqs(const dims& d) const {
-    std::vector<seq> seqs;
-    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b, 0});
+  std::span<const seq> batch_seqs(workspace::frame& f, const dims& d) const {
+    std::span<seq> seqs = f.take<seq>(d.B);
+    for (index_t b = 0; b < d.B; ++b) seqs[static_cast<std::size_t>(b)] = {b, 0, d.Tn, b, 0};
     return seqs;
   }
-  std::vector<seq> packed_seqs(const checker& check, const dims& d,
-                               std::span<const index_t> cu) const {
+  std::span<const seq> packed_seqs(workspace::frame& f, const checker& check, const dims& d,
+                                   std::span<const index_t> cu) const {
     check.cu_seqlens(cu, d.B, d.Tn);
-    std::vector<seq> seqs;
+    std::span<seq> seqs = f.take<seq>(static_cast<index_t>(cu.size()) - 1);
     index_t c0 = 0;
     for (std::size_t n = 0; n + 1 < cu.size(); ++n) {
       const index_t len = cu[n + 1] - cu[n];
-      seqs.push_back({0, cu[n], len, static_cast<index_t>(n), c0});
+      seqs[n] = {0, cu[n], len, static_cast<index_t>(n), c0};
       c0 += len / opt_.block_size;
     }
     return seqs;
@@ -588,24 +612,27 @@ class native_sparse_attention {
 
   void run(const dims& d, const tensor_view<const T, 4>& q, const tensor_view<const T, 4>& k,
            const tensor_view<const T, 4>& v, const gates& g, const tensor_view<T, 4>& o,
-           const extras& x, const std::vector<seq>& seqs, nsa_cache<T>* cache,
+           const extras& x, std::span<const seq> seqs, nsa_cache<T>* cache,
            const tensor_view<const index_t, 4>* given, std::span<const index_t> cu) const {
+    namespace kn = kernels::nsa;
+    constexpr index_t kl_tile = kn::detail::kl_tile;
     const index_t G = d.H / d.Hkv, bs = opt_.block_size, W = opt_.window;
     const auto ns = seqs.size();
+    const auto nsi = static_cast<index_t>(ns);
     auto p = kernel_params(d);
     if (given) p.block_count = given->extent(3);
-    std::vector<index_t> len0(ns, 0);
+    const bool kl = kn::keys_along_lanes(p);
+    // every piece of scratch below comes from this thread's arena (nothing allocated once it
+    // has grown to the call's high-water mark)
+    auto frame = thread_workspace().scope();
+    std::span<index_t> len0 = frame.take<index_t>(nsi, index_t(0));
     if (cache)
       for (std::size_t n = 0; n < ns; ++n) len0[n] = cache->length(seqs[n].row);
 
     // window branch first (sliding_window_attention's tiles; with a cache it also appends)
-    tensor<T, 4> swa_buf;
     tensor_view<T, 4> o_swa = x.o_swa;
     if (W > 0) {
-      if (!o_swa.data()) {
-        swa_buf = tensor<T, 4>({d.B, d.Tn, d.H, d.V});
-        o_swa = swa_buf.view();
-      }
+      if (!o_swa.data()) o_swa = frame.take_view<T, 4>({d.B, d.Tn, d.H, d.V});
       if (cache && !cu.empty()) {
         swa_->forward_chunked(q, k, v, o_swa, cache->kv(), cu);
       } else if (cache) {
@@ -616,13 +643,13 @@ class native_sparse_attention {
         swa_->forward_chunked(q, k, v, o_swa);
       }
     }
-    // keys, values and block means of each (sequence, kv head)
+    // keys, values and block means of each (sequence, kv head); for groups smaller than a SIMD
+    // vector also the key means transposed and (long enough calls) the keys transposed
     struct rows {
-      const T *k, *v, *kc, *vc;
-      index_t ks, vs, kcs, vcs;
+      const T *k, *v, *kc, *vc, *kct, *kt;
+      index_t ks, vs, kcs, vcs, kcts, kts;
     };
-    std::vector<rows> src(ns * static_cast<std::size_t>(d.Hkv));
-    tensor<T, 4> kc_buf, vc_buf;
+    std::span<rows> src = frame.take<rows>(nsi * d.Hkv);
     if (cache) {
       kv_cache<T>& kv = cache->kv();
       for (std::size_t n = 0; n < ns; ++n) {
@@ -643,62 +670,110 @@ class native_sparse_attention {
               kv.value_row(s.row, h, 0),
               cache->block_key_row(s.row, h, 0),
               cache->block_value_row(s.row, h, 0),
+              cache->block_keys_t(s.row, h),
+              nullptr,
               d.K,
               d.V,
               d.K,
-              d.V};
+              d.V,
+              cache->block_keys_t_stride(),
+              0};
         }
       }
     } else {
       const index_t rows_b = seqs.empty() ? 0 : (cu.empty() ? d.B : 1);
       const index_t nb = cu.empty() ? d.Tn / bs : (seqs.back().c0 + seqs.back().len / bs);
       tensor_view<T, 4> kc = x.k_cmp, vc = x.v_cmp;
-      if (!kc.data()) {
-        kc_buf = tensor<T, 4>({std::max<index_t>(rows_b, 1), std::max<index_t>(nb, 1), d.Hkv, d.K});
-        kc = kc_buf.view();
-      }
-      if (!vc.data()) {
-        vc_buf = tensor<T, 4>({std::max<index_t>(rows_b, 1), std::max<index_t>(nb, 1), d.Hkv, d.V});
-        vc = vc_buf.view();
-      }
-      // block means, one (sequence, block, kv head) per index
-      struct blk {
-        std::size_t n;
-        index_t c, h;
-      };
-      std::vector<blk> blocks;
-      for (std::size_t n = 0; n < ns; ++n)
-        for (index_t c = 0; c < seqs[n].len / bs; ++c)
-          for (index_t h = 0; h < d.Hkv; ++h) blocks.push_back({n, c, h});
-      parallel_for(static_cast<index_t>(blocks.size()), [&](index_t i) {
-        const blk& bl = blocks[static_cast<std::size_t>(i)];
-        const seq& s = seqs[bl.n];
-        kernels::nsa::block_mean(k.ptr({s.qb, s.t0 + bl.c * bs, bl.h, 0}), k.stride(1), bs, d.K,
-                                 kc.ptr({s.qb, s.c0 + bl.c, bl.h, 0}));
-        kernels::nsa::block_mean(v.ptr({s.qb, s.t0 + bl.c * bs, bl.h, 0}), v.stride(1), bs, d.V,
-                                 vc.ptr({s.qb, s.c0 + bl.c, bl.h, 0}));
+      if (!kc.data())
+        kc = frame.take_view<T, 4>(
+            {std::max<index_t>(rows_b, 1), std::max<index_t>(nb, 1), d.Hkv, d.K});
+      if (!vc.data())
+        vc = frame.take_view<T, 4>(
+            {std::max<index_t>(rows_b, 1), std::max<index_t>(nb, 1), d.Hkv, d.V});
+      // block means, one (sequence, block) per index, every kv head
+      std::span<index_t> first = frame.take<index_t>(nsi + 1);
+      first[0] = 0;
+      for (std::size_t n = 0; n < ns; ++n) first[n + 1] = first[n] + seqs[n].len / bs;
+      parallel_for(first[ns] * d.Hkv, [&](index_t i) {
+        const index_t h = i % d.Hkv, gb = i / d.Hkv;
+        const std::size_t n = static_cast<std::size_t>(
+            std::upper_bound(first.begin(), first.end(), gb) - first.begin() - 1);
+        const seq& s = seqs[n];
+        const index_t c = gb - first[n];
+        kn::block_mean(k.ptr({s.qb, s.t0 + c * bs, h, 0}), k.stride(1), bs, d.K,
+                       kc.ptr({s.qb, s.c0 + c, h, 0}));
+        kn::block_mean(v.ptr({s.qb, s.t0 + c * bs, h, 0}), v.stride(1), bs, d.V,
+                       vc.ptr({s.qb, s.c0 + c, h, 0}));
       });
+      // transposed key means [K, ldc] per (sequence, kv head) (keys along the lanes only)
+      index_t ldc = 0;
+      T* kct = nullptr;
+      if (kl) {
+        index_t nbmax = 1;
+        for (const seq& s : seqs) nbmax = std::max(nbmax, s.len / bs);
+        ldc = (nbmax + kl_tile - 1) / kl_tile * kl_tile;
+        kct = frame.take<T>(nsi * d.Hkv * d.K * ldc, T(0)).data();
+      }
       for (std::size_t n = 0; n < ns; ++n) {
         const seq& s = seqs[n];
         for (index_t h = 0; h < d.Hkv; ++h) {
+          T* ct = kl ? kct + (static_cast<index_t>(n) * d.Hkv + h) * d.K * ldc : nullptr;
+          if (kl)
+            for (index_t c = 0; c < s.len / bs; ++c)
+              for (index_t dd = 0; dd < d.K; ++dd) ct[dd * ldc + c] = kc(s.qb, s.c0 + c, h, dd);
           src[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] = {
               k.ptr({s.qb, s.t0, h, 0}),
               v.ptr({s.qb, s.t0, h, 0}),
               kc.ptr({s.qb, s.c0, h, 0}),
               vc.ptr({s.qb, s.c0, h, 0}),
+              ct,
+              nullptr,
               k.stride(1),
               v.stride(1),
               kc.stride(1),
-              vc.stride(1)};
+              vc.stride(1),
+              ldc,
+              0};
+        }
+      }
+    }
+    // Keys along the lanes: the keys of each (sequence, kv head) transposed once, [K, ldk], when
+    // the call reads them often enough (else each selected tile is transposed on the fly, as in
+    // decode: the same values, so the same results)
+    if (kl) {
+      index_t ldk = 0;
+      bool pre = false;
+      for (std::size_t n = 0; n < ns; ++n) {
+        const index_t total = len0[n] + seqs[n].len;
+        ldk = std::max(ldk, (total + 2 * kl_tile - 1) / kl_tile * kl_tile);
+        pre = pre || 4 * total <= seqs[n].len * p.block_count * bs;
+      }
+      if (pre) {
+        T* kt = frame.take<T>(nsi * d.Hkv * d.K * ldk).data();
+        const index_t tiles = ldk / kl_tile;
+        parallel_for(nsi * d.Hkv * tiles, [&](index_t i) {
+          const index_t nh = i / tiles, j0 = i % tiles * kl_tile;
+          const rows& r = src[static_cast<std::size_t>(nh)];
+          const std::size_t n = static_cast<std::size_t>(nh / d.Hkv);
+          const index_t total = len0[n] + seqs[n].len;
+          T* dst = kt + nh * d.K * ldk;
+          for (index_t j = j0; j < j0 + kl_tile; ++j) {
+            const T* kj = r.k + j * r.ks;
+            for (index_t dd = 0; dd < d.K; ++dd) dst[dd * ldk + j] = j < total ? kj[dd] : T(0);
+          }
+        });
+        for (index_t nh = 0; nh < nsi * d.Hkv; ++nh) {
+          src[static_cast<std::size_t>(nh)].kt = kt + nh * d.K * ldk;
+          src[static_cast<std::size_t>(nh)].kts = ldk;
         }
       }
     }
     // one (token, kv head): the kernel, then the gated sum and the optional outputs
-    const auto one_token = [&](std::size_t n, index_t i, index_t h, kernels::nsa::scratch<T>& w) {
+    const auto one_token = [&](std::size_t n, index_t i, index_t h, kn::scratch<T>& w) {
       const seq& s = seqs[n];
       const rows& r = src[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)];
       const index_t t = s.t0 + i;  // token in the input
-      kernels::nsa::token_problem<T> tp;
+      kn::token_problem<T> tp;
       tp.q = q.ptr({s.qb, t, h * G, 0});
       tp.q_stride = q.stride(2);
       tp.kc = r.kc;
@@ -709,6 +784,10 @@ class native_sparse_attention {
       tp.k_stride = r.ks;
       tp.v = r.v;
       tp.v_stride = r.vs;
+      tp.kct = r.kct;
+      tp.kct_stride = r.kcts;
+      tp.kt = r.kt;
+      tp.kt_stride = r.kts;
       tp.pos = len0[n] + i;
       if (given) {
         tp.given = given->ptr({s.qb, t, h, 0});
@@ -720,7 +799,7 @@ class native_sparse_attention {
           tp.given = w.sel.data();
         }
       }
-      kernels::nsa::token(tp, p, w);
+      kn::token(tp, p, w);
       for (index_t gi = 0; gi < G; ++gi) {
         const index_t hq = h * G + gi;
         const T* oc = w.o_cmp.data() + gi * d.V;
@@ -749,22 +828,30 @@ class native_sparse_attention {
       std::size_t n;
       index_t i0, i1;
     };
-    std::vector<item> items;
-    index_t max_blocks = 1;
+    index_t n_items = 0, max_blocks = 1;
+    for (std::size_t n = 0; n < ns; ++n) {
+      n_items += (seqs[n].len + chunk - 1) / chunk;
+      max_blocks = std::max(max_blocks, (len0[n] + seqs[n].len) / bs + 1);
+    }
+    std::span<item> items = frame.take<item>(n_items);
+    std::size_t at = 0;
     for (std::size_t n = 0; n < ns; ++n) {
       const index_t len = seqs[n].len, nc = (len + chunk - 1) / chunk;
-      max_blocks = std::max(max_blocks, (len0[n] + len) / bs + 1);
       for (index_t a = 0, b = nc - 1; a <= b; ++a, --b) {
-        items.push_back({n, a * chunk, std::min(len, (a + 1) * chunk)});
-        if (a != b) items.push_back({n, b * chunk, std::min(len, (b + 1) * chunk)});
+        items[at++] = {n, a * chunk, std::min(len, (a + 1) * chunk)};
+        if (a != b) items[at++] = {n, b * chunk, std::min(len, (b + 1) * chunk)};
       }
     }
-    std::vector<kernels::nsa::scratch<T>> work(static_cast<std::size_t>(max_slots()));
-    for (auto& w : work) w.resize(p, max_blocks);
-    parallel_for_with_slot(static_cast<index_t>(items.size()) * d.Hkv, [&](index_t idx, int tid) {
-      const item& it = items[static_cast<std::size_t>(idx / d.Hkv)];
+    const auto slots = static_cast<std::size_t>(max_slots());
+    std::span<kn::scratch<T>> work = frame.take<kn::scratch<T>>(static_cast<index_t>(slots));
+    for (auto& w : work) w.take(frame, p, max_blocks);
+    // kv head major: the items of one kv head run back to back, so its keys and values (and
+    // their transposed copy) stay in the caches while its tokens gather their blocks (with 16
+    // kv heads interleaved, T = 8192 streamed 16x the data from DRAM: 8x slower)
+    parallel_for_with_slot(n_items * d.Hkv, [&](index_t idx, int tid) {
+      const item& it = items[static_cast<std::size_t>(idx % n_items)];
       for (index_t i = it.i0; i < it.i1; ++i)
-        one_token(it.n, i, idx % d.Hkv, work[static_cast<std::size_t>(tid)]);
+        one_token(it.n, i, idx / n_items, work[static_cast<std::size_t>(tid)]);
     });
   }
 
