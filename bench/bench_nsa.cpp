@@ -9,6 +9,8 @@
 //      query as NSA selects, S·bs = 1024 (a sliding window of 1024 keys): "the time full
 //      attention would take on just the selected tokens". The bound we state: NSA prefill within
 //      1.5x of it (NSA also runs the compressed branch over t/64 block means and its top-k).
+//  - BM_nsa_prefill_mha {T, threads}: the same 16 query heads over 16 kv heads (G = 1, MHA):
+//      the same FLOPs per query head, run by the keys-along-the-lanes form (kernels/nsa.hpp).
 //  - BM_nsa_decode {L, threads}: one step against an nsa_cache of L tokens (truncated back after
 //      each step): reads S·bs = 1024 keys and values plus L/64 block means, about flat in L.
 //  - BM_nsa_softmax_decode {L, threads}: softmax_attention::step over a kv_cache of L tokens.
@@ -25,7 +27,13 @@
 //   decode, 1 thread, CPU: NSA 54 / 65 / 106 us at L = 4096 / 16384 / 65536 (the L/64 block
 //     means equal the 1024 selected keys at L = 65536); softmax step 0.73 / 3.3 / 14.3 ms:
 //     135x at L = 65536. Cache: 520 bytes per token and kv head (512 of keys and values + 8 of
-//     block means).
+//     block means); 524 since the key means are also kept transposed (keys-along-lanes form).
+//   After the workspace / keys-along-lanes change, load average 13 (CPU-time medians of 3
+//   interleaved repetitions, 1 thread): T = 32768 NSA 3.11 s, bound 1.94 s (1.60x), full
+//   softmax 31.0 s (10.0x); decode L = 65536 118 us vs 10.0 ms (85x). MHA (G = 1, 16 kv heads)
+//   over the same FLOPs: 5.2x the G = 16 time at T = 8192, 9.9x at T = 32768 (memory-bound:
+//   each gathered key / value row serves one head instead of 16; was 20-100x with the heads
+//   along the lanes).
 #include <random>
 #include <vector>
 
