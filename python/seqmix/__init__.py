@@ -62,6 +62,8 @@ from ._seqmix import (  # noqa: F401
 from ._seqmix import (  # noqa: F401  (benchmark and test helpers)
     _cpp_chunk_simple_gla_loop,
     _cpp_simple_gla_step_loop,
+    _set_output_poison,
+    _set_torch_fast_path,
     _view_address,
 )
 from ._safetensors import load_safetensors  # noqa: F401

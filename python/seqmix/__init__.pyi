@@ -112,6 +112,20 @@ def delta_rule_step(q: Array, k: Array, v: Array, beta: Array, state: Array,
 def gated_delta_rule_step(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
                           scale: Optional[float] = None, use_qk_l2norm_in_kernel: bool = False,
                           out: Optional[Array] = None) -> Array: ...
+def mamba2_step(x: Array, dt: Array, A: Array, B: Array, C: Array, state: Array,
+                D: Optional[Array] = None, z: Optional[Array] = None,
+                dt_bias: Optional[Array] = None, dt_softplus: bool = False,
+                dt_limit: Tuple[float, float] = (0.0, float("inf")),
+                out: Optional[Array] = None) -> Array:
+    """x [B, H, P]; dt [B, H]; A [H]; B, C [B, G, N]; state [B, H, P, N] in place."""
+    ...
+def rwkv6_step(r: Array, k: Array, v: Array, w: Array, u: Array, state: Array,
+               scale: Optional[float] = None, out: Optional[Array] = None) -> Array: ...
+def rwkv7_step(r: Array, w: Array, k: Array, v: Array, a: Array, b: Array, state: Array,
+               scale: float = 1.0, out: Optional[Array] = None) -> Array: ...
+def kda_step(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
+             scale: Optional[float] = None, use_qk_l2norm_in_kernel: bool = False,
+             out: Optional[Array] = None) -> Array: ...
 # softmax attention: q [B, T, H, K]; k [B, T, Hkv, K]; v [B, T, Hkv, V]
 def parallel_attn(q: Array, k: Array, v: Array, scale: Optional[float] = None,
                   window_size: Optional[int] = None, cu_seqlens: Offsets = None,

@@ -69,6 +69,17 @@ struct cache_impl {
 };
 
 class kv_cache_object {
+  // The cache is written: one call at a time per object (the lock is taken without the GIL).
+  // Defined before its uses: clang 14 reports a member template of a class in an anonymous
+  // namespace that is used (from a generic lambda) above its definition as undefined
+  // (-Wundefined-internal).
+  template <class F>
+  void locked_nogil(F&& f) {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(mu_);
+    f();
+  }
+
   // f.template operator()<T>(the float or double state)
   template <class F>
   decltype(auto) visit(F&& f) {
@@ -175,13 +186,6 @@ class kv_cache_object {
     softmax_attention<T> mixer(attention_options<T>(scale, window, sink));
     auto cache = mixer.make_cache(B, Hkv, K, V, capacity);
     return {std::move(mixer), std::move(cache)};
-  }
-  // The cache is written: one call at a time per object (the lock is taken without the GIL).
-  template <class F>
-  void locked_nogil(F&& f) {
-    py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(mu_);
-    f();
   }
 
   std::variant<cache_impl<float>, cache_impl<double>> impl_;

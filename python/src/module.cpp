@@ -53,6 +53,27 @@ PYBIND11_MODULE(_seqmix, m) {
         });
       },
       "x"_a, "Test helper: (data address, element strides) of the binding's view of x.");
+  m.def(
+      "_set_torch_fast_path",
+      [](bool on) {
+        const bool was = seqmix::python::torch_fast_path_flag();
+        seqmix::python::torch_fast_path_flag() = on;
+        return was;
+      },
+      "on"_a,
+      "Benchmark helper: read torch tensors through their attributes (True, the default) or\n"
+      "through Tensor.numpy() (False, the slower path before). Returns the previous setting.");
+  m.def(
+      "_set_output_poison",
+      [](bool on) {
+        const bool was = seqmix::python::output_poison_flag();
+        seqmix::python::output_poison_flag() = on;
+        return was;
+      },
+      "on"_a,
+      "Test helper: fill the uninitialised outputs (o of the sequence calls, o of the steps)\n"
+      "with NaN, so a kernel that reads one before writing it shows. Returns the previous\n"
+      "setting.");
   seqmix::python::bind_gated(m);
   seqmix::python::bind_delta(m);
   seqmix::python::bind_attention(m);
