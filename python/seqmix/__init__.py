@@ -14,10 +14,13 @@ Families (``chunk_*`` = chunked-parallel form, ``fused_recurrent_*`` = token loo
   ``chunk_retention``, ``fused_recurrent_retention``, ``chunk_lightning_attn``,
   ``fused_recurrent_lightning_attn``, ``simple_gla_step``
 - GLA: ``chunk_gla``, ``fused_recurrent_gla``, ``gla_step``
-- Mamba2 SSD: ``mamba_chunk_scan_combined``, ``mamba_recurrent_scan``
+- Mamba2 SSD: ``mamba_chunk_scan_combined``, ``mamba_recurrent_scan``, ``mamba2_step``
 - DeltaNet / Gated DeltaNet: ``chunk_delta_rule``, ``fused_recurrent_delta_rule``,
   ``chunk_gated_delta_rule``, ``fused_recurrent_gated_delta_rule``, ``delta_rule_step``,
   ``gated_delta_rule_step``
+- RWKV-6 / RWKV-7 / KDA: ``chunk_rwkv6``, ``fused_recurrent_rwkv6``, ``rwkv6_step``,
+  ``chunk_rwkv7``, ``fused_recurrent_rwkv7``, ``rwkv7_step``, ``chunk_kda``,
+  ``fused_recurrent_kda``, ``kda_step``
 - softmax attention: ``parallel_attn`` (causal, GQA, window, sinks) and ``KVCache`` (decode)
 - MoE block: ``MoE``
 - sparse attention: ``parallel_nsa`` (NSA, fla's names), ``moba_attn`` (MoBA)
