@@ -520,7 +520,9 @@ void check_allocations() {
     call(form::chunked, in, o);
     peak_long = scope.stats().peak_bytes;
   }
-  CHECK(peak_long == peak_short);
+  // the chunked scratch comes from the workspace arena (core/workspace.hpp): the short call sized
+  // it, so the long one (same chunk, 7.5x the tokens) needs no more (in fact nothing)
+  CHECK(peak_long <= peak_short);
 }
 
 }  // namespace delta_test

@@ -44,12 +44,15 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <new>
+#include <span>
 #include <utility>
 #include <vector>
 
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
 
 namespace seqmix::kernels::attention {
 
@@ -198,19 +201,20 @@ inline batch<T> exp_nonpositive(const batch<T>& x) {
   return xsimd::select(nan, x, simd::exp(xsimd::select(nan, lo, xsimd::max(x, lo))));
 }
 
-/// Per-thread scratch of the tile kernel.
+/// Per-thread scratch of the tile kernel: views of workspace memory (64-byte aligned, zeroed by
+/// take()); trivially copyable.
 template <class T>
 struct tile_scratch {
-  std::vector<T, xsimd::aligned_allocator<T, 64>> qt, st, acc, m, l, alpha;
+  std::span<T> qt, st, acc, m, l, alpha;
   index_t acc_stride = 0;
-  void resize(index_t key_dim, index_t value_dim, index_t key_tile) {
+  void take(workspace::frame& f, index_t key_dim, index_t value_dim, index_t key_tile) {
     acc_stride = (value_dim + L<T> - 1) / L<T> * L<T>;
-    qt.assign(static_cast<std::size_t>(key_dim * bq<T>), T(0));
-    st.assign(static_cast<std::size_t>(key_tile * bq<T>), T(0));
-    acc.assign(static_cast<std::size_t>(bq<T> * acc_stride), T(0));
-    m.assign(static_cast<std::size_t>(bq<T>), T(0));
-    l.assign(static_cast<std::size_t>(bq<T>), T(0));
-    alpha.assign(static_cast<std::size_t>(bq<T>), T(0));
+    qt = f.take<T>(key_dim * bq<T>, T(0));
+    st = f.take<T>(key_tile * bq<T>, T(0));
+    acc = f.take<T>(bq<T> * acc_stride, T(0));
+    m = f.take<T>(bq<T>, T(0));
+    l = f.take<T>(bq<T>, T(0));
+    alpha = f.take<T>(bq<T>, T(0));
   }
 };
 
@@ -364,21 +368,28 @@ constexpr index_t query_tile() {
 /// Runs every segment (all query tiles) in one parallel region. Work items are
 /// (segment, query tile), ordered per segment 0, n-1, 1, n-2, ... so that a static split of the
 /// list balances the causal triangle.
+/// Scratch (the item list and one tile_scratch per thread) comes from the calling thread's
+/// workspace arena, taken before the parallel region (workers only use their slot's): a repeated
+/// call of one shape allocates nothing.
 template <class T>
-void run_tiles(const std::vector<segment<T>>& segs, const params<T>& p) {
+void run_tiles(std::span<const segment<T>> segs, const params<T>& p) {
   constexpr index_t Q = detail::bq<T>;
   struct item {
     index_t seg, i0;
   };
-  std::vector<item> items;
+  index_t total = 0;
+  for (const auto& sg : segs) total += (sg.nq + Q - 1) / Q;
+  if (total == 0) return;
+  auto frame = thread_workspace().scope();
+  const std::span<item> items = frame.take<item>(total);
+  std::size_t nitems = 0;
   for (index_t s = 0; s < static_cast<index_t>(segs.size()); ++s) {
     const index_t nt = (segs[static_cast<std::size_t>(s)].nq + Q - 1) / Q;
     for (index_t a = 0, b = nt - 1; a <= b; ++a, --b) {
-      items.push_back({s, a * Q});
-      if (a != b) items.push_back({s, b * Q});
+      items[nitems++] = {s, a * Q};
+      if (a != b) items[nitems++] = {s, b * Q};
     }
   }
-  if (items.empty()) return;
   // A key tile longer than any tile's key range changes nothing (every tile then sees its keys
   // in one piece) but sizes the scratch: clamp it to the most keys a query tile can see.
   params<T> pc = p;
@@ -386,13 +397,22 @@ void run_tiles(const std::vector<segment<T>>& segs, const params<T>& p) {
   for (const auto& sg : segs) most_keys = std::max(most_keys, sg.q_pos0 + sg.nq);
   pc.key_tile = std::min(p.key_tile, most_keys);
   const int slots = max_slots();
-  std::vector<detail::tile_scratch<T>> scratch(static_cast<std::size_t>(slots));
-  for (auto& w : scratch) w.resize(pc.key_dim, pc.value_dim, pc.key_tile);
-  parallel_for_with_slot(static_cast<index_t>(items.size()), [&](index_t n, int tid) {
+  const std::span<detail::tile_scratch<T>> scratch = frame.take<detail::tile_scratch<T>>(slots);
+  for (auto& w : scratch) {
+    ::new (static_cast<void*>(&w)) detail::tile_scratch<T>{};
+    w.take(frame, pc.key_dim, pc.value_dim, pc.key_tile);
+  }
+  parallel_for_with_slot(static_cast<index_t>(nitems), [&](index_t n, int tid) {
     const item& it = items[static_cast<std::size_t>(n)];
     detail::run_tile(segs[static_cast<std::size_t>(it.seg)], pc, it.i0,
                      scratch[static_cast<std::size_t>(tid)]);
   });
+}
+
+/// The same from a vector of segments (the signature before the workspace).
+template <class T>
+void run_tiles(const std::vector<segment<T>>& segs, const params<T>& p) {
+  run_tiles<T>(std::span<const segment<T>>(segs), p);
 }
 
 /// A run of n contiguous cached key/value rows (row strides k_stride / v_stride).

@@ -26,7 +26,8 @@
 //        O    = (s Q ⊙ exp(G)) S_n + ((s Q Kᵀ) ⊙ D) V',     D_ij = exp(G_i - G_j), j <= i
 //        S_{n+1} = exp(G_C) S_n + (K ⊙ exp(G_C - G))ᵀ V'
 //    ≈ 2C(3K + 2V) + C²/3 + 6·K·V FLOPs per token (GEMMs: core/gemm.hpp), O(C·(K+V) + K·V)
-//    working memory per thread, independent of T.
+//    working memory per thread, independent of T, from the workspace arena (core/workspace.hpp):
+//    a repeated shape allocates nothing.
 //
 // Measured (bench/bench_delta.cpp, B = 1, H = 8, 1 thread, FMA peak 116.6 GFLOP/s): recurrent
 // 81 GFLOP/s (69 %) at K = V = 64 and 73 (63 %) at 128 while the inputs are cache-resident
@@ -60,6 +61,7 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <new>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -72,6 +74,8 @@
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
+#include <seqmix/kernels/common/scratch.hpp>
 
 namespace seqmix::kernels::delta_rule {
 
@@ -382,41 +386,42 @@ inline row_map<T> mat(T* p, index_t rows, index_t cols, index_t ld) {
   return row_map<T>(p, rows, cols, Eigen::OuterStride<>(ld));
 }
 
-/// Per-thread scratch of the chunked form: O(C·(K+V) + C² + K·V) elements.
+/// Per-thread scratch of the chunked form: O(C·(K+V) + C² + K·V) elements, views of workspace
+/// memory (take() carves them from a frame, zeroed, 64-byte aligned); trivially copyable.
 template <class T>
 struct chunk_workspace {
   index_t C = 0, K = 0, V = 0;
-  std::vector<T, Eigen::aligned_allocator<T>> kq;  // [2C, K]: rows [0,c) keys, [c,2c) queries
-  std::vector<T, Eigen::aligned_allocator<T>> kk;  // [2C, C]: K Kᵀ on top, Q Kᵀ (-> P) below
-  std::vector<T, Eigen::aligned_allocator<T>> a;   // [C, C] A (strictly lower)
-  std::vector<T, Eigen::aligned_allocator<T>> tm;  // [C, C] T = (I + A)^-1
-  std::vector<T, Eigen::aligned_allocator<T>> x;   // [C, K+V] diag(beta·exp(G)) K | diag(beta) V
-  std::vector<T, Eigen::aligned_allocator<T>> y;   // [2C, K] W over Q ⊙ exp(G)
-  std::vector<T, Eigen::aligned_allocator<T>> w;   // [C, K+V] W | U
-  std::vector<T, Eigen::aligned_allocator<T>> uu;  // [2C, V] W S_n -> V' over (Q ⊙ e^G) S_n
-  std::vector<T, Eigen::aligned_allocator<T>> s;   // [K, V] the running state S_n
-  std::vector<T> pack;                             // linalg::gemm's packing of a transposed B
-  std::vector<T> e;                                // [C] a row of exponents
-  std::vector<double> G;                           // [C] chunk-local cumulative gate
-  std::vector<T> eg, egc, bt;                      // [C] exp(G), exp(G_c - G), beta
+  std::span<T> kq;           // [2C, K]: rows [0,c) keys, [c,2c) queries
+  std::span<T> kk;           // [2C, C]: K Kᵀ on top, Q Kᵀ (-> P) below
+  std::span<T> a;            // [C, C] A (strictly lower)
+  std::span<T> tm;           // [C, C] T = (I + A)^-1
+  std::span<T> x;            // [C, K+V] diag(beta·exp(G)) K | diag(beta) V
+  std::span<T> y;            // [2C, K] W over Q ⊙ exp(G)
+  std::span<T> w;            // [C, K+V] W | U
+  std::span<T> uu;           // [2C, V] W S_n -> V' over (Q ⊙ e^G) S_n
+  std::span<T> s;            // [K, V] the running state S_n
+  std::span<T> e;            // [C] a row of exponents
+  std::span<double> G;       // [C] chunk-local cumulative gate
+  std::span<T> eg, egc, bt;  // [C] exp(G), exp(G_c - G), beta
+  // linalg::gemm's packing of a transposed B: common::gemm_pack<T>(), this thread's buffer
 
-  void resize(index_t c, index_t k, index_t v) {
+  template <class Frame>  // workspace::frame, or common::scratch_size to count the bytes
+  void take(Frame& f, index_t c, index_t k, index_t v) {
     C = c, K = k, V = v;
-    auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
-    kq.resize(sz(2 * c * k));
-    kk.resize(sz(2 * c * c));
-    a.resize(sz(c * c));
-    tm.resize(sz(c * c));
-    x.resize(sz(c * (k + v)));
-    y.resize(sz(2 * c * k));
-    w.resize(sz(c * (k + v)));
-    uu.resize(sz(2 * c * v));
-    s.resize(sz(k * v));
-    e.resize(sz(c));
-    G.resize(sz(c));
-    eg.resize(sz(c));
-    egc.resize(sz(c));
-    bt.resize(sz(c));
+    kq = common::take_zeroed<T>(f, 2 * c * k);
+    kk = common::take_zeroed<T>(f, 2 * c * c);
+    a = common::take_zeroed<T>(f, c * c);
+    tm = common::take_zeroed<T>(f, c * c);
+    x = common::take_zeroed<T>(f, c * (k + v));
+    y = common::take_zeroed<T>(f, 2 * c * k);
+    w = common::take_zeroed<T>(f, c * (k + v));
+    uu = common::take_zeroed<T>(f, 2 * c * v);
+    s = common::take_zeroed<T>(f, k * v);
+    e = common::take_zeroed<T>(f, c);
+    G = common::take_zeroed<double>(f, c);
+    eg = common::take_zeroed<T>(f, c);
+    egc = common::take_zeroed<T>(f, c);
+    bt = common::take_zeroed<T>(f, c);
   }
 };
 
@@ -464,7 +469,7 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
 
     // [K; Q] Kᵀ: [2c, c] (top: K Kᵀ, bottom: s Q Kᵀ)
     linalg::gemm<T, false, true>(2 * c, c, K, ws.kq.data(), K, kc, K, ws.kk.data(), c, false,
-                                 ws.pack);
+                                 common::gemm_pack<T>());
     // A (strictly lower) and P = (s Q Kᵀ) ⊙ D (lower with diagonal), D_ij = exp(G_i - G_j)
     T* A = ws.a.data();
     T* P = ws.kk.data() + c * c;
@@ -500,7 +505,7 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
     T* wu = ws.w.data();  // [c, K+V]: W | U
     // (T is lower triangular: lower_a never reads its upper zeros, so a NaN/inf in a later
     // token's k or v cannot reach an earlier row as 0·NaN; SPEC: outputs never see the future)
-    linalg::gemm<T, false, false>(c, KV, c, Tm, c, xy, KV, wu, KV, false, ws.pack,
+    linalg::gemm<T, false, false>(c, KV, c, Tm, c, xy, KV, wu, KV, false, common::gemm_pack<T>(),
                                   /*lower_a=*/true);
     // WQ = [W; Q ⊙ exp(G)]: [2c, K], so that W S_n and (Q ⊙ e^G) S_n are one GEMM.
     // K ⊙ exp(G_c - G) in place (kc is not needed as plain keys any more).
@@ -515,7 +520,8 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
     }
     // phase 2 (sequential over chunks): R = WQ S_n; V' = U - R_top; O = R_bottom + P V'
     T* r = ws.uu.data();  // [2c, V]
-    linalg::gemm<T, false, false>(2 * c, V, K, wq, K, ws.s.data(), V, r, V, false, ws.pack);
+    linalg::gemm<T, false, false>(2 * c, V, K, wq, K, ws.s.data(), V, r, V, false,
+                                  common::gemm_pack<T>());
     for (index_t i = 0; i < c; ++i) {
       T* ri = r + i * V;
       const T* ui = wu + i * KV + K;
@@ -523,10 +529,12 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
     }
     T* o = rows.o(t0);
     for (index_t i = 0; i < c; ++i) std::copy_n(r + (c + i) * V, V, o + i * ldo);
-    linalg::gemm<T, false, false>(c, V, c, P, c, r, V, o, ldo, true, ws.pack, /*lower_a=*/true);
+    linalg::gemm<T, false, false>(c, V, c, P, c, r, V, o, ldo, true, common::gemm_pack<T>(),
+                                  /*lower_a=*/true);
     // S_{n+1} = exp(G_c) S_n + (K ⊙ exp(G_c - G))ᵀ V'
     simd::scale(ws.s.data(), gamma, K * V);
-    linalg::gemm<T, true, false>(K, V, c, kc, K, r, V, ws.s.data(), V, true, ws.pack);
+    linalg::gemm<T, true, false>(K, V, c, kc, K, r, V, ws.s.data(), V, true,
+                                 common::gemm_pack<T>());
   }
   mat(Sp, K, V, lds) = S;
 }
@@ -544,8 +552,22 @@ void run_chunked(const problem<T>& p, index_t chunk_size) {
   for (index_t n = 0; n < N; ++n) longest = std::max(longest, segment_of(p, n).len);
   if (longest == 0) return;
   chunk_size = std::min(chunk_size, longest);
-  std::vector<chunk_workspace<T>> ws(static_cast<std::size_t>(std::max(1, max_slots())));
-  for (auto& w : ws) w.resize(chunk_size, K, V);
+  // one scratch per slot from the calling thread's arena, taken before the parallel region: a
+  // worker only uses (never takes) its slot's, and the frame outlives the region
+  const index_t slots = std::max(1, max_slots());
+  workspace& arena = thread_workspace();
+  {
+    common::scratch_size need, one;
+    chunk_workspace<T>{}.take(one, chunk_size, K, V);
+    need.add<chunk_workspace<T>>(slots);
+    common::presize(arena, need.bytes + static_cast<std::size_t>(slots) * one.bytes);
+  }
+  auto frame = arena.scope();
+  std::span<chunk_workspace<T>> ws = frame.take<chunk_workspace<T>>(slots);
+  for (auto& w : ws) {
+    ::new (static_cast<void*>(&w)) chunk_workspace<T>{};
+    w.take(frame, chunk_size, K, V);
+  }
   parallel_for_with_slot(N * HV, [&](index_t job, int slot) {
     const index_t hv = job % HV, seq = job / HV;
     const segment sg = segment_of(p, seq);

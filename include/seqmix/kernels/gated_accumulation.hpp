@@ -37,7 +37,8 @@
 //   sequential scan (chunk_windows), so B = 1 with few heads still uses every thread. Both
 //   schedules run the same per-chunk code: results are bitwise equal for any thread count.
 //   The two schedules are kernels/common/chunk_schedule.hpp's (shared with the delta engine).
-//   Extra memory O(C·(C+K+V) + K·V) per thread plus K·V per item, independent of T.
+//   Extra memory O(C·(C+K+V) + K·V) per thread plus K·V per item, independent of T, taken
+//   from the workspace arena (core/workspace.hpp): a repeated shape allocates nothing.
 // Which is faster depends on the machine and the head size, hardly on T (both are O(T)): on the
 // 2-core AVX-512 dev machine the recurrent form wins at every T and shape measured, on a 16-core
 // Xeon the chunked form wins at K = V = 128. The fronts' forward() follows options::switch_over_t
@@ -66,6 +67,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -79,6 +81,7 @@
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/kernels/common/chunk_schedule.hpp>
 #include <seqmix/kernels/common/log_gate.hpp>
+#include <seqmix/kernels/common/scratch.hpp>
 
 namespace seqmix::kernels::gated {
 
@@ -515,52 +518,53 @@ void recurrent_items(const problem<T>& p, const Gate& gate, index_t i0, index_t 
 
 // ---- chunked --------------------------------------------------------------------------------
 
-/// Per-thread buffers of the chunked form: O(C·(C + K + V) + K·V), independent of T.
+/// Per-thread buffers of the chunked form: O(C·(C + K + V) + K·V), independent of T. Views
+/// of workspace memory (take() carves them from a frame, zeroed); trivially copyable.
 template <class T>
 struct chunk_scratch {
-  std::vector<T> aq;          // [C, C]: A, row stride L
-  std::vector<T> qs, kc, kt;  // [C, K]: s·q, c·k, c·k ⊙ e^{G_L - G}
-  std::vector<T> e;           // [C, max(C, K)] exponent buffer
-  std::vector<T> qi, kj;      // [16, K], [C, K]: sub-chunk factors (per-key gates)
-  std::vector<T> loc, lep;    // [C, K]: sub-chunk-local cumulative gate and epoch (as T)
-  std::vector<T> vc;          // [C, V]: the chunk's v
-  std::vector<T> vt, ev;      // [C, V]: per-value gate buffers
-  std::vector<T> fac;         // [2·ceil(C/16) + 1, K]: per-sub-chunk factors (factored path)
-  std::vector<T> kdt, khat;   // [K, C]: k side of the factored path, transposed
-  std::vector<T> bonus;       // [C]: s q_i · (u ⊙ c k_i), the exclusive readout's diagonal
-  std::vector<double> gval;   // [C + 1, Kg] cumulative gate (Kg = K per-key, 1 scalar)
-  std::vector<epoch_t> gep;
-  std::vector<T> pack;       // GEMM packing of a transposed B
-  std::vector<double> vval;  // [C, V] cumulative per-value gate
-  std::vector<epoch_t> vep;
+  std::span<T> aq;          // [C, C]: A, row stride L
+  std::span<T> qs, kc, kt;  // [C, K]: s·q, c·k, c·k ⊙ e^{G_L - G}
+  std::span<T> e;           // [C, max(C, K)] exponent buffer
+  std::span<T> qi, kj;      // [16, K], [C, K]: sub-chunk factors (per-key gates)
+  std::span<T> loc, lep;    // [C, K]: sub-chunk-local cumulative gate and epoch (as T)
+  std::span<T> vc;          // [C, V]: the chunk's v
+  std::span<T> vt, ev;      // [C, V]: per-value gate buffers
+  std::span<T> fac;         // [2·ceil(C/16) + 1, K]: per-sub-chunk factors (factored path)
+  std::span<T> kdt, khat;   // [K, C]: k side of the factored path, transposed
+  std::span<T> bonus;       // [C]: s q_i · (u ⊙ c k_i), the exclusive readout's diagonal
+  std::span<double> gval;   // [C + 1, Kg] cumulative gate (Kg = K per-key, 1 scalar)
+  std::span<epoch_t> gep;
+  std::span<double> vval;  // [C, V] cumulative per-value gate
+  std::span<epoch_t> vep;
+  // GEMM packing of a transposed B: common::gemm_pack<T>(), this thread's buffer
 
-  void resize(index_t C, index_t K, index_t V, bool per_key, bool value_gate) {
-    auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
-    aq.resize(sz(C * C));
-    vc.resize(sz(C * V));
-    qs.resize(sz(C * K));
-    kc.resize(sz(C * K));
-    kt.resize(sz(C * K));
-    e.resize(sz(C * std::max(C, K)));
+  template <class Frame>  // workspace::frame, or common::scratch_size to count the bytes
+  void take(Frame& f, index_t C, index_t K, index_t V, bool per_key, bool value_gate) {
+    aq = common::take_zeroed<T>(f, C * C);
+    vc = common::take_zeroed<T>(f, C * V);
+    qs = common::take_zeroed<T>(f, C * K);
+    kc = common::take_zeroed<T>(f, C * K);
+    kt = common::take_zeroed<T>(f, C * K);
+    e = common::take_zeroed<T>(f, C * std::max(C, K));
     // one row more: the exclusive readout's query gates G_{i-1} start from a zero row
     const index_t Kg = per_key ? K : 1;
-    gval.resize(sz((C + 1) * Kg));
-    gep.resize(sz((C + 1) * Kg));
+    gval = common::take_zeroed<double>(f, (C + 1) * Kg);
+    gep = common::take_zeroed<epoch_t>(f, (C + 1) * Kg);
     if (per_key) {
-      qi.resize(sz(16 * K));
-      kj.resize(sz(C * K));
-      loc.resize(sz(C * K));
-      lep.resize(sz(C * K));
-      fac.resize(sz((2 * ((C + 15) / 16) + 1) * K));
-      kdt.resize(sz(K * C));
-      khat.resize(sz(K * C));
-      bonus.resize(sz(C));
+      qi = common::take_zeroed<T>(f, 16 * K);
+      kj = common::take_zeroed<T>(f, C * K);
+      loc = common::take_zeroed<T>(f, C * K);
+      lep = common::take_zeroed<T>(f, C * K);
+      fac = common::take_zeroed<T>(f, (2 * ((C + 15) / 16) + 1) * K);
+      kdt = common::take_zeroed<T>(f, K * C);
+      khat = common::take_zeroed<T>(f, K * C);
+      bonus = common::take_zeroed<T>(f, C);
     }
     if (value_gate) {
-      vt.resize(sz(C * V));
-      ev.resize(sz(C * V));
-      vval.resize(sz(C * V));
-      vep.resize(sz(C * V));
+      vt = common::take_zeroed<T>(f, C * V);
+      ev = common::take_zeroed<T>(f, C * V);
+      vval = common::take_zeroed<double>(f, C * V);
+      vep = common::take_zeroed<epoch_t>(f, C * V);
     }
   }
 };
@@ -568,23 +572,24 @@ struct chunk_scratch {
 /// What a chunk's local phase hands to the state scan and to the inter-chunk output: nothing
 /// in it depends on the state entering the chunk, so the local phases of all chunks may run in
 /// parallel. In the sequential schedule one carry per thread is reused chunk after chunk.
+/// Views of workspace memory, like chunk_scratch.
 template <class T>
 struct chunk_carry {
-  std::vector<T> qt;  // [C, K]: Q̃ = sQ ⊙ e^{G}
-  std::vector<T> u;   // [K, V]: K̃ᵀṼ; the parallel schedule's scan swaps in S_n
-  std::vector<T> dk;  // [K]: decay of the state rows over the chunk
-  std::vector<T> dv;  // [V]: decay of the state columns (per-value gates)
-  std::vector<T> ev;  // [C, V]: e^{Gv_i}, the inter term's column factors (per-value gates)
-  index_t rows = 0;   // tokens in the chunk
+  std::span<T> qt;   // [C, K]: Q̃ = sQ ⊙ e^{G}
+  std::span<T> u;    // [K, V]: K̃ᵀṼ; the parallel schedule's scan swaps in S_n
+  std::span<T> dk;   // [K]: decay of the state rows over the chunk
+  std::span<T> dv;   // [V]: decay of the state columns (per-value gates)
+  std::span<T> ev;   // [C, V]: e^{Gv_i}, the inter term's column factors (per-value gates)
+  index_t rows = 0;  // tokens in the chunk
 
-  void resize(index_t C, index_t K, index_t V, bool value_gate) {
-    auto sz = [](index_t n) { return static_cast<std::size_t>(n); };
-    qt.resize(sz(C * K));
-    u.resize(sz(K * V));
-    dk.resize(sz(K));
+  template <class Frame>  // workspace::frame, or common::scratch_size to count the bytes
+  void take(Frame& f, index_t C, index_t K, index_t V, bool value_gate) {
+    qt = common::take_zeroed<T>(f, C * K);
+    u = common::take_zeroed<T>(f, K * V);
+    dk = common::take_zeroed<T>(f, K);
     if (value_gate) {
-      dv.resize(sz(V));
-      ev.resize(sz(C * V));
+      dv = common::take_zeroed<T>(f, V);
+      ev = common::take_zeroed<T>(f, C * V);
     }
   }
 };
@@ -647,7 +652,8 @@ void factored_key_blocks(index_t L, index_t K, index_t sub, chunk_scratch<T>& w,
       }
     }
     for (index_t c = 0; c < K; ++c) std::copy(kdt + c * L + r0, kdt + c * L + r1, kh + c * r1 + r0);
-    gemm<T, false, false>(r1 - r0, r1, K, qh + r0 * K, K, kh, r1, A + r0 * lda, lda, false, w.pack);
+    gemm<T, false, false>(r1 - r0, r1, K, qh + r0 * K, K, kh, r1, A + r0 * lda, lda, false,
+                          common::gemm_pack<T>());
     if (bonus == nullptr) {
       for (index_t i = r0; i < r1; ++i) std::fill(A + i * lda + i + 1, A + i * lda + L, T(0));
     } else {
@@ -684,7 +690,8 @@ void value_gated_intra(index_t L, index_t V, chunk_scratch<T>& w, const T* A, in
       }
       gexp<T>(vj, vj, r0 * V);
       for (index_t n = 0; n < r0 * V; ++n) vj[n] *= Vc[n];
-      gemm<T, false, false>(r1 - r0, V, r0, A + r0 * lda, lda, vj, V, tmp, V, false, w.pack);
+      gemm<T, false, false>(r1 - r0, V, r0, A + r0 * lda, lda, vj, V, tmp, V, false,
+                            common::gemm_pack<T>());
       for (index_t i = r0; i < r1; ++i) {
         T* e = w.ev.data();
         for (index_t c = 0; c < V; ++c) {
@@ -769,7 +776,7 @@ void chunk_local(const problem<T>& p, const Gate& gate, const segment& sg, index
       std::fill_n(ge, L, 0);
     }
     // A = (sQ) Kᵀ ⊙ D, D_ij = e^{G_i - G_j} for j <= i, else 0
-    gemm<T, false, true>(L, L, K, qs, K, kc, K, A, lda, false, w.pack);
+    gemm<T, false, true>(L, L, K, qs, K, kc, K, A, lda, false, common::gemm_pack<T>());
     for (index_t i = 0; i < L; ++i) {
       T* a = A + i * lda;  // row i of A: columns j <= i decay, j > i are masked
       if constexpr (Gate::has_gate) {
@@ -853,7 +860,8 @@ void chunk_local(const problem<T>& p, const Gate& gate, const segment& sg, index
           gexp<T>(kj, kj, r0 * K);
           for (index_t n = 0; n < (r1 - r0) * K; ++n) qi[n] *= qs[r0 * K + n];
           for (index_t n = 0; n < r0 * K; ++n) kj[n] *= kc[n];
-          gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false, w.pack);
+          gemm<T, false, true>(r1 - r0, r0, K, qi, K, kj, K, A + r0 * lda, lda, false,
+                               common::gemm_pack<T>());
         }
         constexpr index_t VL = simd::lanes<T>;
         using B = batch<T>;
@@ -937,13 +945,14 @@ void chunk_local(const problem<T>& p, const Gate& gate, const segment& sg, index
       for (index_t c = 0; c < V; ++c)
         dv[c] = rel_arg<T>(vv[(L - 1) * V + c], ve[(L - 1) * V + c], 0, 0);
       gexp<T>(dv, dv, V);
-      gemm<T, true, false>(K, V, L, kt, K, vt, V, out.u.data(), V, false, w.pack);
+      gemm<T, true, false>(K, V, L, kt, K, vt, V, out.u.data(), V, false, common::gemm_pack<T>());
       return;
     }
   }
   // intra term A·V, and the state update K̃ᵀV
-  gemm<T, false, false>(L, V, L, A, lda, Vc, V, o, ldo, false, w.pack, /*lower_a=*/true);
-  gemm<T, true, false>(K, V, L, kt, K, Vc, V, out.u.data(), V, false, w.pack);
+  gemm<T, false, false>(L, V, L, A, lda, Vc, V, o, ldo, false, common::gemm_pack<T>(),
+                        /*lower_a=*/true);
+  gemm<T, true, false>(K, V, L, kt, K, Vc, V, out.u.data(), V, false, common::gemm_pack<T>());
 }
 
 /// The inter-chunk output of a chunk, o += Q̃·S_n (⊙ e^{Gv} with per-value gates), S_n: [K, V]
@@ -953,11 +962,11 @@ void chunk_inter(const chunk_carry<T>& in, index_t K, index_t V, bool has_gv, co
                  index_t ldo, chunk_scratch<T>& w) {
   const index_t L = in.rows;
   if (!has_gv) {
-    gemm<T, false, false>(L, V, K, in.qt.data(), K, S, V, o, ldo, true, w.pack);
+    gemm<T, false, false>(L, V, K, in.qt.data(), K, S, V, o, ldo, true, common::gemm_pack<T>());
     return;
   }
   T* tmp = w.vt.data();  // [L, V]
-  gemm<T, false, false>(L, V, K, in.qt.data(), K, S, V, tmp, V, false, w.pack);
+  gemm<T, false, false>(L, V, K, in.qt.data(), K, S, V, tmp, V, false, common::gemm_pack<T>());
   for (index_t i = 0; i < L; ++i) {
     const T* e = in.ev.data() + i * V;
     for (index_t c = 0; c < V; ++c) o[i * ldo + c] = std::fma(tmp[i * V + c], e[c], o[i * ldo + c]);
@@ -1052,11 +1061,32 @@ void chunk_windows(const problem<T>& p, const Gate& gate, index_t C, int threads
   const bool has_gv = gate.has_value_gate();
   const index_t wc = common::window_chunks(items, threads);
   const index_t jobs = items * wc;
-  std::vector<chunk_carry<T>> carries(static_cast<std::size_t>(jobs));
-  for (auto& c : carries) c.resize(C, K, V, has_gv);
-  std::vector<chunk_scratch<T>> scratch(static_cast<std::size_t>(std::max(1, max_slots())));
-  for (auto& w : scratch) w.resize(C, K, V, Gate::per_key, has_gv);
-  std::vector<T> states(static_cast<std::size_t>(items * K * V));
+  // All of it from the calling thread's arena, taken before the parallel regions: the workers
+  // only use (never take) it, each slot by one thread at a time, and the frame outlives them.
+  const index_t slots = std::max(1, max_slots());
+  workspace& ws = thread_workspace();
+  {
+    common::scratch_size need, carry_need, scratch_need;
+    chunk_carry<T>{}.take(carry_need, C, K, V, has_gv);
+    chunk_scratch<T>{}.take(scratch_need, C, K, V, Gate::per_key, has_gv);
+    need.add<chunk_carry<T>>(jobs);
+    need.add<chunk_scratch<T>>(slots);
+    need.add<T>(items * K * V);
+    common::presize(ws, need.bytes + static_cast<std::size_t>(jobs) * carry_need.bytes +
+                            static_cast<std::size_t>(slots) * scratch_need.bytes);
+  }
+  auto frame = ws.scope();
+  std::span<chunk_carry<T>> carries = frame.take<chunk_carry<T>>(jobs);
+  for (auto& c : carries) {
+    ::new (static_cast<void*>(&c)) chunk_carry<T>{};
+    c.take(frame, C, K, V, has_gv);
+  }
+  std::span<chunk_scratch<T>> scratch = frame.take<chunk_scratch<T>>(slots);
+  for (auto& w : scratch) {
+    ::new (static_cast<void*>(&w)) chunk_scratch<T>{};
+    w.take(frame, C, K, V, Gate::per_key, has_gv);
+  }
+  std::span<T> states = common::take_zeroed<T>(frame, items * K * V);
   copy_states<T>(p, 0, items, states.data(), true);
   auto carry = [&](index_t job) -> chunk_carry<T>& {
     return carries[static_cast<std::size_t>(job)];
@@ -1106,7 +1136,9 @@ void forward_recurrent(const problem<T>& p, const Gate& gate) {
 /// Chunked form with chunk length `chunk`. With at least as many (sequence, head) items as
 /// threads: one contiguous range of items per thread, chunks in order inside each. With fewer:
 /// chunk_windows, parallel over chunks as well. Both schedules give bitwise the same results.
-/// Extra memory O(C·(C + K + V) + K·V) per thread plus K·V per item, independent of T.
+/// Extra memory O(C·(C + K + V) + K·V) per thread plus K·V per item, independent of T, all from
+/// the workspace arena (core/workspace.hpp): a repeated shape allocates nothing after its first
+/// call.
 template <class T, class Gate>
 void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
   const index_t items = p.heads() * p.sequences();
@@ -1120,11 +1152,21 @@ void forward_chunked(const problem<T>& p, const Gate& gate, index_t chunk) {
   } else {
     // one contiguous range of items per thread (static, like parallel_for's own partition)
     common::for_item_ranges(items, threads, [&](index_t i0, index_t i1) {
+      // this thread's arena (the calling thread's, or a worker's inside the region)
+      workspace& ws = thread_workspace();
       detail::chunk_scratch<T> w;
-      w.resize(C, K, V, Gate::per_key, has_gv);
       detail::chunk_carry<T> carry;
-      carry.resize(C, K, V, has_gv);
-      std::vector<T> states(static_cast<std::size_t>((i1 - i0) * K * V));
+      {
+        common::scratch_size need;
+        w.take(need, C, K, V, Gate::per_key, has_gv);
+        carry.take(need, C, K, V, has_gv);
+        need.add<T>((i1 - i0) * K * V);
+        common::presize(ws, need.bytes);
+      }
+      auto frame = ws.scope();
+      w.take(frame, C, K, V, Gate::per_key, has_gv);
+      carry.take(frame, C, K, V, has_gv);
+      std::span<T> states = common::take_zeroed<T>(frame, (i1 - i0) * K * V);
       detail::copy_states<T>(p, i0, i1, states.data(), true);
       detail::chunk_items<T, Gate>(p, gate, i0, i1, C, w, carry, states.data());
       detail::copy_states<T>(p, i0, i1, states.data(), false);

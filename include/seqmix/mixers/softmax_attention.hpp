@@ -14,6 +14,8 @@
 //  - forward_chunked: flash-style tiles with a running max and sum. Time O(T·min(T, W)·(K+V))
 //    per head; memory O(T·Hkv·(K+V)) for a head-major copy of k and v (when their rows are
 //    strided, i.e. Hkv > 1) + O(64·(K+V+chunk_size)) scratch per thread; never a T×T matrix.
+//    All of it, with the call's segment and job lists, comes from the calling thread's workspace
+//    arena (core/workspace.hpp): a repeated prefill of one shape allocates nothing.
 //    Measured (B=1, H=8, D=128, T=2048..8192, fp32): 77-87 GFLOP/s on 1 thread, 152-165 on 2
 //    (66-71 % of the 2-core FMA peak), causal FLOP = 2·H·T²·D.
 //    With a kv_cache it is the prefill: the T new tokens attend over the L cached ones and
@@ -52,6 +54,7 @@
 #include <seqmix/core/error.hpp>
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
 #include <seqmix/kernels/attention.hpp>
 #include <seqmix/mixers/detail/front_checks.hpp>
 #include <seqmix/mixers/kv_cache.hpp>
@@ -128,7 +131,8 @@ class softmax_attention {
                        std::span<const index_t> cu_seqlens) const {
     const checker check{name(entry::forward_chunked)};
     const dims d = validate(check, q, k, v, o);
-    run_chunked(d, q, k, v, o, varlen_seqs(check, d, cu_seqlens), nullptr);
+    auto frame = thread_workspace().scope();
+    run_chunked(d, q, k, v, o, varlen_seqs(check, d, cu_seqlens, frame), nullptr);
   }
 
   /// Prefill: the T new tokens of each sequence attend over the cache's tokens and themselves,
@@ -145,7 +149,8 @@ class softmax_attention {
                        std::span<const index_t> cu_seqlens) const {
     const checker check{name(entry::forward_chunked)};
     const dims d = validate(check, q, k, v, o);
-    auto seqs = varlen_seqs(check, d, cu_seqlens);
+    auto frame = thread_workspace().scope();
+    const std::span<const seq> seqs = varlen_seqs(check, d, cu_seqlens, frame);
     validate_cache(check, d, cache, static_cast<index_t>(cu_seqlens.size()) - 1, seqs);
     check_cache_overlap(check, {"q", "k", "v", "o"}, q, k, v, o, cache);
     run_chunked(d, q, k, v, o, seqs, &cache);
@@ -260,15 +265,14 @@ class softmax_attention {
                const tensor_view<T, 4>& o) const {
     const dims d = validate(check, q, k, v, o);
     check.no_overlap({range_of("o", o)}, {range_of("q", q), range_of("k", k), range_of("v", v)});
-    std::vector<seq> seqs;
-    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
-    run_chunked(d, q, k, v, o, seqs, nullptr);
+    auto frame = thread_workspace().scope();
+    run_chunked(d, q, k, v, o, batch_seqs(d, frame), nullptr);
   }
   void prefill(const checker& check, const dims& d, const tensor_view<const T, 4>& q,
                const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
                const tensor_view<T, 4>& o, kv_cache<T>& cache) const {
-    std::vector<seq> seqs;
-    for (index_t b = 0; b < d.B; ++b) seqs.push_back({b, 0, d.Tn, b});
+    auto frame = thread_workspace().scope();
+    const std::span<const seq> seqs = batch_seqs(d, frame);
     validate_cache(check, d, cache, d.B, seqs);
     check_cache_overlap(check, {"q", "k", "v", "o"}, q, k, v, o, cache);
     run_chunked(d, q, k, v, o, seqs, &cache);
@@ -319,12 +323,19 @@ class softmax_attention {
     return d;
   }
 
-  std::vector<seq> varlen_seqs(const checker& check, const dims& d,
-                               std::span<const index_t> cu) const {
+  // The sequences of a call, in workspace memory of `frame` (the caller's, open while they are
+  // used): whole batch rows, or the packed sequences of cu_seqlens.
+  static std::span<const seq> batch_seqs(const dims& d, workspace::frame& frame) {
+    const std::span<seq> seqs = frame.take<seq>(d.B);
+    for (index_t b = 0; b < d.B; ++b) seqs[static_cast<std::size_t>(b)] = {b, 0, d.Tn, b};
+    return seqs;
+  }
+  std::span<const seq> varlen_seqs(const checker& check, const dims& d, std::span<const index_t> cu,
+                                   workspace::frame& frame) const {
     check.cu_seqlens(cu, d.B, d.Tn);
-    std::vector<seq> seqs;
+    const std::span<seq> seqs = frame.take<seq>(static_cast<index_t>(cu.size()) - 1);
     for (std::size_t n = 0; n + 1 < cu.size(); ++n) {
-      seqs.push_back({0, cu[n], cu[n + 1] - cu[n], static_cast<index_t>(n)});
+      seqs[n] = {0, cu[n], cu[n + 1] - cu[n], static_cast<index_t>(n)};
     }
     return seqs;
   }
@@ -358,7 +369,7 @@ class softmax_attention {
     }
   }
   void validate_cache(const checker& check, const dims& d, const kv_cache<T>& cache, index_t rows,
-                      const std::vector<seq>& seqs) const {
+                      std::span<const seq> seqs) const {
     check_cache_geometry(check, d, cache, rows);
     for (const seq& s : seqs) check_room(check, cache, s.row, s.len);
   }
@@ -379,20 +390,25 @@ class softmax_attention {
 
   void run_chunked(const dims& d, const tensor_view<const T, 4>& q,
                    const tensor_view<const T, 4>& k, const tensor_view<const T, 4>& v,
-                   const tensor_view<T, 4>& o, const std::vector<seq>& seqs,
+                   const tensor_view<T, 4>& o, std::span<const seq> seqs,
                    kv_cache<T>* cache) const {
     using kernels::attention::segment;
     const index_t G = d.H / d.Hkv;
-    std::vector<segment<T>> segs;
-    segs.reserve(seqs.size() * static_cast<std::size_t>(d.H));
+    // Every per-call buffer from this thread's arena (returned at the end of the call): a
+    // repeated prefill of one shape allocates nothing. The parallel loops below only write the
+    // head-major copies taken here; no worker takes from this arena.
+    auto frame = thread_workspace().scope();
+    const auto nseq = static_cast<index_t>(seqs.size());
+    const std::span<segment<T>> seg_store = frame.take<segment<T>>(nseq * d.H);
+    std::size_t nsegs = 0;
     // Keys/values of each (sequence, kv head): the inputs themselves (no cache), the cache rows
     // (full cache: append, then read L + len rows), or a gathered copy of the ring's last W-1
     // rows followed by the new ones (ring: the window may wrap).
-    std::vector<const T*> kp(seqs.size() * static_cast<std::size_t>(d.Hkv));
-    std::vector<const T*> vp(kp.size());
-    std::vector<index_t> pos0(seqs.size(), 0);
+    const std::span<const T*> kp = frame.take<const T*>(nseq * d.Hkv);
+    const std::span<const T*> vp = frame.take<const T*>(nseq * d.Hkv);
+    const std::span<index_t> pos0 = frame.take<index_t>(nseq, index_t(0));
     index_t ks = k.stride(1), vs = v.stride(1);
-    tensor<T, 4> gk, gv;  // ring only: [sequences, Hkv, keep + len, K / V]
+    tensor_view<T, 4> gk, gv;  // ring only: [sequences, Hkv, keep + len, K / V]
     for (std::size_t n = 0; n < seqs.size(); ++n) {
       const seq& s = seqs[n];
       for (index_t h = 0; h < d.Hkv; ++h) {
@@ -402,18 +418,18 @@ class softmax_attention {
             v.ptr({s.qb, s.t0, h, 0});
       }
     }
-    tensor<T, 4> pk, pv;  // no cache, strided rows: [B, Hkv, T, K / V] head-major copies
+    tensor_view<T, 4> pk, pv;  // no cache, strided rows: [B, Hkv, T, K / V] head-major copies
     if (!cache && (ks != d.K || vs != d.V)) {
       // The rows of one head sit H·D apart in [B, T, H, D]; at D = 128, H = 8 that is 4 KiB, so
       // a tile's 64 key rows share a few L1 sets and evict each other. One head-major copy
       // (O(T·D), memory-bound) made T = 8192 prefill 27 % faster on this machine.
-      pk = tensor<T, 4>({d.B, d.Hkv, d.Tn, d.K});
-      pv = tensor<T, 4>({d.B, d.Hkv, d.Tn, d.V});
+      pk = frame.take_view<T, 4>({d.B, d.Hkv, d.Tn, d.K});
+      pv = frame.take_view<T, 4>({d.B, d.Hkv, d.Tn, d.V});
       parallel_for(d.B * d.Hkv, [&](index_t n) {
         const index_t b = n / d.Hkv, h = n % d.Hkv;
         for (index_t t = 0; t < d.Tn; ++t) {
-          std::copy_n(k.ptr({b, t, h, 0}), d.K, pk.view().ptr({b, h, t, 0}));
-          std::copy_n(v.ptr({b, t, h, 0}), d.V, pv.view().ptr({b, h, t, 0}));
+          std::copy_n(k.ptr({b, t, h, 0}), d.K, pk.ptr({b, h, t, 0}));
+          std::copy_n(v.ptr({b, t, h, 0}), d.V, pv.ptr({b, h, t, 0}));
         }
       });
       ks = d.K;
@@ -421,9 +437,9 @@ class softmax_attention {
       for (std::size_t n = 0; n < seqs.size(); ++n) {
         for (index_t h = 0; h < d.Hkv; ++h) {
           kp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
-              pk.view().ptr({seqs[n].qb, h, seqs[n].t0, 0});
+              pk.ptr({seqs[n].qb, h, seqs[n].t0, 0});
           vp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
-              pv.view().ptr({seqs[n].qb, h, seqs[n].t0, 0});
+              pv.ptr({seqs[n].qb, h, seqs[n].t0, 0});
         }
       }
     } else if (cache && !cache->is_ring()) {
@@ -451,8 +467,8 @@ class softmax_attention {
         pos0[n] = std::min(cache->length(seqs[n].row), W - 1);
         rows = std::max(rows, pos0[n] + seqs[n].len);
       }
-      gk = tensor<T, 4>({static_cast<index_t>(seqs.size()), d.Hkv, rows, d.K});
-      gv = tensor<T, 4>({static_cast<index_t>(seqs.size()), d.Hkv, rows, d.V});
+      gk = frame.take_view<T, 4>({nseq, d.Hkv, rows, d.K});
+      gv = frame.take_view<T, 4>({nseq, d.Hkv, rows, d.V});
       ks = d.K;
       vs = d.V;
       for (std::size_t n = 0; n < seqs.size(); ++n) {
@@ -462,24 +478,26 @@ class softmax_attention {
         for (index_t h = 0; h < d.Hkv; ++h) {
           for (index_t r = 0; r < keep; ++r) {  // positions len0-keep .. len0-1, in order
             const index_t slot = (len0 - keep + r) % R;
-            std::copy_n(cache->key_row(s.row, h, slot), d.K, gk.view().ptr({ni, h, r, 0}));
-            std::copy_n(cache->value_row(s.row, h, slot), d.V, gv.view().ptr({ni, h, r, 0}));
+            std::copy_n(cache->key_row(s.row, h, slot), d.K, gk.ptr({ni, h, r, 0}));
+            std::copy_n(cache->value_row(s.row, h, slot), d.V, gv.ptr({ni, h, r, 0}));
           }
           for (index_t t = 0; t < s.len; ++t) {
-            std::copy_n(k.ptr({s.qb, s.t0 + t, h, 0}), d.K, gk.view().ptr({ni, h, keep + t, 0}));
-            std::copy_n(v.ptr({s.qb, s.t0 + t, h, 0}), d.V, gv.view().ptr({ni, h, keep + t, 0}));
+            std::copy_n(k.ptr({s.qb, s.t0 + t, h, 0}), d.K, gk.ptr({ni, h, keep + t, 0}));
+            std::copy_n(v.ptr({s.qb, s.t0 + t, h, 0}), d.V, gv.ptr({ni, h, keep + t, 0}));
           }
           kp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
-              gk.view().ptr({ni, h, 0, 0});
+              gk.ptr({ni, h, 0, 0});
           vp[n * static_cast<std::size_t>(d.Hkv) + static_cast<std::size_t>(h)] =
-              gv.view().ptr({ni, h, 0, 0});
+              gv.ptr({ni, h, 0, 0});
         }
       }
     }
     // Short sequences (a few tokens, e.g. into a long cache) go through the split-KV row path:
     // their ntok·G rows read the keys once, instead of one 64-row query tile per head that
     // would be mostly padding.
-    std::vector<kernels::attention::row_job<T>> jobs;
+    const std::span<kernels::attention::row_job<T>> job_store =
+        frame.take<kernels::attention::row_job<T>>(nseq * d.Hkv);
+    std::size_t njobs = 0;
     for (std::size_t n = 0; n < seqs.size(); ++n) {
       const seq& s = seqs[n];
       if (s.len == 0 || s.len > short_prefill_tokens) continue;
@@ -497,15 +515,17 @@ class softmax_attention {
         job.pos0 = pos0[n];
         job.runs[0] = {kp[kv], vp[kv], pos0[n] + s.len, ks, vs};
         job.sinks = opt_.sink.empty() ? nullptr : opt_.sink.data() + h * G;
-        jobs.push_back(job);
+        job_store[njobs++] = job;
       }
     }
-    if (!jobs.empty()) {
+    if (njobs > 0) {
+      // the partials' scratch: run_row_jobs writes before it reads (step passes it uninitialised
+      // stack memory), so it is taken uninitialised
       constexpr index_t cap = index_t(1) << 18;
-      std::vector<T, xsimd::aligned_allocator<T, 64>> scratch(static_cast<std::size_t>(cap));
+      const std::span<T> scratch = frame.take<T>(cap);
       kernels::attention::run_row_jobs<T>(
-          static_cast<index_t>(jobs.size()),
-          [&](index_t i) { return jobs[static_cast<std::size_t>(i)]; }, kernel_params(d),
+          static_cast<index_t>(njobs),
+          [&](index_t i) { return job_store[static_cast<std::size_t>(i)]; }, kernel_params(d),
           scratch.data(), cap);
     }
     for (std::size_t n = 0; n < seqs.size(); ++n) {
@@ -526,10 +546,10 @@ class softmax_attention {
         sg.nq = s.len;
         sg.q_pos0 = pos0[n];
         sg.sink = sink_of(h);
-        segs.push_back(sg);
+        seg_store[nsegs++] = sg;
       }
     }
-    kernels::attention::run_tiles(segs, kernel_params(d));
+    kernels::attention::run_tiles<T>(seg_store.first(nsegs), kernel_params(d));
     if (!cache) return;
     for (const seq& s : seqs) {
       const index_t len0 = cache->length(s.row);

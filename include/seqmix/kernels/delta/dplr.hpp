@@ -44,7 +44,8 @@
 //    smaller still. Gates are clamped at -1000 (exp = 0 in float and double) so -inf becomes
 //    finite and G_i - G_j is never -inf - (-inf).
 //    Cost per token: kda ≈ 2C(3K + 2V) + 6·K·V + (L/2 + C/2)·K exps, rwkv7 ≈ 2C(4K + 4V) +
-//    8·K·V; O(C·(K+V) + C² + K·V) working memory per thread, independent of T.
+//    8·K·V; O(C·(K+V) + C² + K·V) working memory per thread, independent of T, from the
+//    workspace arena (core/workspace.hpp): a repeated shape allocates nothing.
 // forward() runs the recurrent form (the chunked one executes more FLOPs per token, see
 // kernels/delta_rule.hpp's measurements for the scalar gate; bench/bench_delta.cpp).
 #pragma once
@@ -53,6 +54,7 @@
 #include <array>
 #include <cmath>
 #include <cstddef>
+#include <new>
 #include <span>
 #include <string>
 #include <vector>
@@ -62,6 +64,8 @@
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
+#include <seqmix/kernels/common/scratch.hpp>
 #include <seqmix/kernels/delta_rule.hpp>
 
 namespace seqmix::kernels::delta_rule::dplr {
@@ -386,40 +390,40 @@ void run_recurrent(const problem<T>& p) {
 /// Sub-chunk length of the exact diagonal blocks.
 inline constexpr index_t sub_chunk = 16;
 
-template <class T>
-using avec = std::vector<T, Eigen::aligned_allocator<T>>;
-
-/// Per-thread scratch of the chunked form: O(C·(K+V) + C² + K·V).
+/// Per-thread scratch of the chunked form: O(C·(K+V) + C² + K·V), views of workspace memory
+/// (take() carves them from a frame, zeroed, 64-byte aligned); trivially copyable.
 template <class T>
 struct chunk_workspace {
   index_t C = 0, K = 0, V = 0;
-  avec<T> kc, qc, ac, bc;  // [C, K] keys, s·queries, a, b
-  avec<T> eG, eGm, eGc;    // [C, K] e^G, e^{G⁻}, e^{G_C - G}
-  avec<T> xs, ys;          // [C, K] factored rows of the strip products
-  avec<T> m1, m2, m3, m4;  // [C, C] interaction matrices
-  avec<T> tm;              // [C, C] T
-  avec<T> x, wu;           // [C, K+V]
-  avec<T> r;               // [2C, V]
-  avec<T> wq;              // [2C, K]
-  avec<T> s;               // [K, V]
-  avec<T> e, tmp;          // [K]
-  std::vector<double> G;   // [C + 1, K] row 0 = 0, row i+1 = G_i
-  std::vector<T> pack;
-  std::vector<T> bt;  // [C] beta
+  std::span<T> kc, qc, ac, bc;  // [C, K] keys, s·queries, a, b
+  std::span<T> eG, eGm, eGc;    // [C, K] e^G, e^{G⁻}, e^{G_C - G}
+  std::span<T> xs, ys;          // [C, K] factored rows of the strip products
+  std::span<T> m1, m2, m3, m4;  // [C, C] interaction matrices
+  std::span<T> tm;              // [C, C] T
+  std::span<T> x, wu;           // [C, K+V]
+  std::span<T> r;               // [2C, V]
+  std::span<T> wq;              // [2C, K]
+  std::span<T> s;               // [K, V]
+  std::span<T> e, tmp;          // [K]
+  std::span<double> G;          // [C + 1, K] row 0 = 0, row i+1 = G_i
+  std::span<T> bt;              // [C] beta
+  // linalg::gemm's packing of a transposed B: common::gemm_pack<T>(), this thread's buffer
 
-  void resize(index_t c, index_t k, index_t v) {
+  template <class Frame>  // workspace::frame, or common::scratch_size to count the bytes
+  void take(Frame& f, index_t c, index_t k, index_t v) {
     C = c, K = k, V = v;
-    for (auto* m : {&kc, &qc, &ac, &bc, &eG, &eGm, &eGc, &xs, &ys}) m->resize(sz(c * k));
-    for (auto* m : {&m1, &m2, &m3, &m4, &tm}) m->resize(sz(c * c));
-    x.resize(sz(c * (k + v)));
-    wu.resize(sz(c * (k + v)));
-    r.resize(sz(2 * c * v));
-    wq.resize(sz(2 * c * k));
-    s.resize(sz(k * v));
-    e.resize(sz(k));
-    tmp.resize(sz(k));
-    G.resize(sz((c + 1) * k));
-    bt.resize(sz(c));
+    for (auto* m : {&kc, &qc, &ac, &bc, &eG, &eGm, &eGc, &xs, &ys})
+      *m = common::take_zeroed<T>(f, c * k);
+    for (auto* m : {&m1, &m2, &m3, &m4, &tm}) *m = common::take_zeroed<T>(f, c * c);
+    x = common::take_zeroed<T>(f, c * (k + v));
+    wu = common::take_zeroed<T>(f, c * (k + v));
+    r = common::take_zeroed<T>(f, 2 * c * v);
+    wq = common::take_zeroed<T>(f, 2 * c * k);
+    s = common::take_zeroed<T>(f, k * v);
+    e = common::take_zeroed<T>(f, k);
+    tmp = common::take_zeroed<T>(f, k);
+    G = common::take_zeroed<double>(f, (c + 1) * k);
+    bt = common::take_zeroed<T>(f, c);
   }
 };
 
@@ -467,7 +471,7 @@ void interactions(chunk_workspace<T>& ws, index_t c, const std::array<interactio
           for (index_t cc = 0; cc < K; ++cc) d[cc] = yj[cc] * src[cc];
         }
         linalg::gemm<T, false, true>(L, p0, K, ws.xs.data(), K, yt, K, it.M + p0 * c, c, false,
-                                     ws.pack);
+                                     common::gemm_pack<T>());
       }
     }
     // diagonal block, exact: e_c = exp(E_ic - G_jc)
@@ -591,21 +595,24 @@ void chunked_sequence(const problem<T>& p, const rows<T>& rw, index_t C, chunk_w
         for (index_t j = 0; j < V; ++j) row[K + j] = bi * vr[j];
       }
       T* wu = ws.wu.data();
-      linalg::gemm<T, false, false>(c, KV, c, Tm, c, xy, KV, wu, KV, false, ws.pack, true);
+      linalg::gemm<T, false, false>(c, KV, c, Tm, c, xy, KV, wu, KV, false, common::gemm_pack<T>(),
+                                    true);
       T* wq = ws.wq.data();  // [W; s Q ⊙ e^G]
       for (index_t i = 0; i < c; ++i) {
         std::copy_n(wu + i * KV, K, wq + i * K);
         const T* eg = ws.eG.data() + i * K;
         for (index_t j = 0; j < K; ++j) wq[(c + i) * K + j] = qc[i * K + j] * eg[j];
       }
-      linalg::gemm<T, false, false>(2 * c, V, K, wq, K, ws.s.data(), V, r, V, false, ws.pack);
+      linalg::gemm<T, false, false>(2 * c, V, K, wq, K, ws.s.data(), V, r, V, false,
+                                    common::gemm_pack<T>());
       for (index_t i = 0; i < c; ++i) {  // U' = U - W S_n
         T* ri = r + i * V;
         const T* ui = wu + i * KV + K;
         for (index_t j = 0; j < V; ++j) ri[j] = ui[j] - ri[j];
       }
       for (index_t i = 0; i < c; ++i) std::copy_n(r + (c + i) * V, V, o + i * ldo);
-      linalg::gemm<T, false, false>(c, V, c, P, c, r, V, o, ldo, true, ws.pack, true);
+      linalg::gemm<T, false, false>(c, V, c, P, c, r, V, o, ldo, true, common::gemm_pack<T>(),
+                                    true);
       // S_{n+1} = e^{G_C} ⊙ S_n + (K ⊙ e^{G_C - G})ᵀ U'
       for (index_t j = 0; j < K; ++j) gamma[j] = static_cast<T>(Gc[j]);
       simd::exp(gamma, gamma, K);
@@ -615,7 +622,8 @@ void chunked_sequence(const problem<T>& p, const rows<T>& rw, index_t C, chunk_w
         const T* egc = ws.eGc.data() + i * K;
         for (index_t j = 0; j < K; ++j) ki[j] *= egc[j];
       }
-      linalg::gemm<T, true, false>(K, V, c, kc, K, r, V, ws.s.data(), V, true, ws.pack);
+      linalg::gemm<T, true, false>(K, V, c, kc, K, r, V, ws.s.data(), V, true,
+                                   common::gemm_pack<T>());
     } else {
       T* ac = ws.ac.data();
       T* bc = ws.bc.data();
@@ -636,15 +644,18 @@ void chunked_sequence(const problem<T>& p, const rows<T>& rw, index_t C, chunk_w
       // A_ak V: rows of v are strided in the caller's layout; gather into wu's right part first
       T* wu = ws.wu.data();
       for (index_t i = 0; i < c; ++i) std::copy_n(rw.v(t0 + i), V, wu + i * KV + K);
-      linalg::gemm<T, false, false>(c, V, c, Aak, c, wu + K, KV, xz + K, KV, false, ws.pack, true);
-      linalg::gemm<T, false, false>(c, KV, c, Tm, c, xz, KV, wu, KV, false, ws.pack, true);
+      linalg::gemm<T, false, false>(c, V, c, Aak, c, wu + K, KV, xz + K, KV, false,
+                                    common::gemm_pack<T>(), true);
+      linalg::gemm<T, false, false>(c, KV, c, Tm, c, xz, KV, wu, KV, false, common::gemm_pack<T>(),
+                                    true);
       T* wq = ws.wq.data();  // [W; s Q ⊙ e^G]
       for (index_t i = 0; i < c; ++i) {
         std::copy_n(wu + i * KV, K, wq + i * K);
         const T* eg = ws.eG.data() + i * K;
         for (index_t j = 0; j < K; ++j) wq[(c + i) * K + j] = qc[i * K + j] * eg[j];
       }
-      linalg::gemm<T, false, false>(2 * c, V, K, wq, K, ws.s.data(), V, r, V, false, ws.pack);
+      linalg::gemm<T, false, false>(2 * c, V, K, wq, K, ws.s.data(), V, r, V, false,
+                                    common::gemm_pack<T>());
       for (index_t i = 0; i < c; ++i) {  // Ŝ = W S_n + U
         T* ri = r + i * V;
         const T* ui = wu + i * KV + K;
@@ -654,8 +665,10 @@ void chunked_sequence(const problem<T>& p, const rows<T>& rw, index_t C, chunk_w
       T* vc = xz + K;
       for (index_t i = 0; i < c; ++i) std::copy_n(rw.v(t0 + i), V, vc + i * KV);
       for (index_t i = 0; i < c; ++i) std::copy_n(r + (c + i) * V, V, o + i * ldo);
-      linalg::gemm<T, false, false>(c, V, c, Pb, c, r, V, o, ldo, true, ws.pack, true);
-      linalg::gemm<T, false, false>(c, V, c, Pk, c, vc, KV, o, ldo, true, ws.pack, true);
+      linalg::gemm<T, false, false>(c, V, c, Pb, c, r, V, o, ldo, true, common::gemm_pack<T>(),
+                                    true);
+      linalg::gemm<T, false, false>(c, V, c, Pk, c, vc, KV, o, ldo, true, common::gemm_pack<T>(),
+                                    true);
       for (index_t j = 0; j < K; ++j) gamma[j] = static_cast<T>(Gc[j]);
       simd::exp(gamma, gamma, K);
       for (index_t j = 0; j < K; ++j) simd::scale(ws.s.data() + j * V, gamma[j], V);
@@ -666,8 +679,10 @@ void chunked_sequence(const problem<T>& p, const rows<T>& rw, index_t C, chunk_w
           kc[i * K + j] *= egc[j];
         }
       }
-      linalg::gemm<T, true, false>(K, V, c, bc, K, r, V, ws.s.data(), V, true, ws.pack);
-      linalg::gemm<T, true, false>(K, V, c, kc, K, vc, KV, ws.s.data(), V, true, ws.pack);
+      linalg::gemm<T, true, false>(K, V, c, bc, K, r, V, ws.s.data(), V, true,
+                                   common::gemm_pack<T>());
+      linalg::gemm<T, true, false>(K, V, c, kc, K, vc, KV, ws.s.data(), V, true,
+                                   common::gemm_pack<T>());
     }
   }
   mat(Sp, K, V, lds) = S;
@@ -683,8 +698,22 @@ void run_chunked(const problem<T>& p, index_t chunk_size) {
   for (index_t n = 0; n < N; ++n) longest = std::max(longest, segment_of(p, n).len);
   if (longest == 0) return;
   chunk_size = std::min(chunk_size, longest);
-  std::vector<chunk_workspace<T>> ws(static_cast<std::size_t>(std::max(1, max_slots())));
-  for (auto& w : ws) w.resize(chunk_size, K, V);
+  // one scratch per slot from the calling thread's arena, taken before the parallel region: a
+  // worker only uses (never takes) its slot's, and the frame outlives the region
+  const index_t slots = std::max(1, max_slots());
+  workspace& arena = thread_workspace();
+  {
+    common::scratch_size need, one;
+    chunk_workspace<T>{}.take(one, chunk_size, K, V);
+    need.add<chunk_workspace<T>>(slots);
+    common::presize(arena, need.bytes + static_cast<std::size_t>(slots) * one.bytes);
+  }
+  auto frame = arena.scope();
+  std::span<chunk_workspace<T>> ws = frame.take<chunk_workspace<T>>(slots);
+  for (auto& w : ws) {
+    ::new (static_cast<void*>(&w)) chunk_workspace<T>{};
+    w.take(frame, chunk_size, K, V);
+  }
   parallel_for_with_slot(N * HV, [&](index_t job, int slot) {
     const index_t hv = job % HV, seq = job / HV;
     const segment sg = segment_of(p, seq);
