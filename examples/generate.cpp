@@ -11,7 +11,9 @@
 // step's) as float32 safetensors. Greedy unless --temperature > 0. Long prompts are prefilled
 // in chunks of 512 tokens (continuing the cache) with a progress line on stderr. Exit status 0
 // on success, 2 on bad arguments, 1 on any error (its message on stderr). These flags are
-// stable: scripts call this program.
+// stable: scripts call this program. DIR may also hold just a seqmix config.json (model_type
+// "seqmix": a Linear-MoE stack by a pattern string, random weights from its seed; see
+// include/seqmix/models/config.hpp), for experiments without a checkpoint.
 #include <chrono>
 #include <cstdint>
 #include <cstdio>

@@ -575,6 +575,66 @@ TEST_CASE("recurrent layers: stepping a subset of cache rows == separate caches"
   state_index_stepping<layers::mamba2>("mamba2");
 }
 
+TEST_CASE("gated_attention: stepping a subset of KV cache rows == separate caches", "[layers]") {
+  auto layer = load_layer<layers::gated_attention>(gold_ck(), "gated_attn.w.");
+  auto rng = testing::make_rng(22);
+  const index_t D = 64, cap = 16;
+  const auto hist = testing::random_normal<float, 3>({3, 6, D}, rng);
+  auto c = layer.make_cache(3, cap);
+  prefill(layer, hist, c);
+  std::vector<layers::attention_cache> alone;
+  for (index_t n = 0; n < 3; ++n) {
+    alone.push_back(layer.make_cache(1, cap));
+    tensor<float, 3> hn({1, 6, D});
+    std::copy_n(hist.data() + n * 6 * D, 6 * D, hn.data());
+    prefill(layer, hn, alone.back());
+  }
+  const auto before = c.snapshot();
+  const std::vector<index_t> rows{2, 0};
+  for (int s = 0; s < 3; ++s) {
+    const auto x = testing::random_normal<float, 2>({2, D}, rng);
+    tensor<float, 2> y({2, D});
+    layer.step(x.view(), y.view(), c, rows);
+    if (s == 0) {
+      const auto warm = c.snapshot();
+      c.restore(before);
+      testing::allocation_scope scope;
+      layer.step(x.view(), y.view(), c, rows);  // warm: no allocation
+      CHECK(scope.stats().count == 0);
+      c.restore(warm);
+    }
+    for (std::size_t i = 0; i < 2; ++i) {
+      tensor<float, 2> x1({1, D}), y1({1, D});
+      std::copy_n(x.data() + index_t(i) * D, D, x1.data());
+      layer.step(x1.view(), y1.view(), alone[std::size_t(rows[i])]);
+      tensor<float, 2> yi({1, D});
+      std::copy_n(y.data() + index_t(i) * D, D, yi.data());
+      CHECK(compare(y1, yi).rel_rms <= 1e-5);  // batched vs single-row GEMMs round apart
+    }
+  }
+  CHECK(c.length(0) == 9);
+  CHECK(c.length(1) == 6);
+  CHECK(c.length(2) == 9);
+  for (index_t h = 0; h < c.kv().kv_heads(); ++h) {
+    CHECK(compare(before.kv().keys(1, h), c.kv().keys(1, h)).max_abs == 0);  // row 1 untouched
+    CHECK(compare(alone[2].kv().keys(0, h), c.kv().keys(2, h)).rel_rms <= 1e-5);
+    CHECK(compare(alone[0].kv().values(0, h), c.kv().values(0, h)).rel_rms <= 1e-5);
+  }
+  tensor<float, 2> x({2, D}), y({2, D});
+  CHECK_THAT(error_of([&] {
+               layer.step(x.view(), y.view(), c, std::vector<index_t>{1, 1});
+             }),
+             Catch::Contains("gated_attention::step") && Catch::Contains("both row 1"));
+  CHECK_THAT(error_of([&] {
+               layer.step(x.view(), y.view(), c, std::vector<index_t>{0, 3});
+             }),
+             Catch::Contains("'rows'") && Catch::Contains("[0, 3)"));
+  auto full = layer.make_cache(3, 6);
+  prefill(layer, hist, full);
+  CHECK_THAT(error_of([&] { layer.step(x.view(), y.view(), full, rows); }),
+             Catch::Contains("sequence 2 holds 6 tokens"));
+}
+
 TEST_CASE("gated_deltanet loads Qwen3.5's split projections (same layer, same bits)", "[layers]") {
   // Qwen3.5's in_proj_qkv / z / b / a, re-derived from the golden Qwen3-Next weights: key head
   // j's block of in_proj_qkvz is [q dk | k dk | v r·dv | z r·dv], of in_proj_ba [b r | a r]

@@ -12,6 +12,7 @@
 #include <functional>
 #include <set>
 #include <string>
+#include <tuple>
 #include <unistd.h>
 #include <vector>
 
@@ -343,6 +344,62 @@ void packed_equals_separate(const std::string& name) {
   CHECK(cp.length(1) == 23);
 }
 
+// continuous batching: rows {2, 0} of a 3-row cache stepped by state indices == each stream
+// decoded on its own cache; row 1 untouched (and decoding it afterwards still matches)
+void state_index_decode(const std::string& name) {
+  auto m = models::hybrid_model::load(model_dir(name));
+  const auto a = ids_of(name, "prompt_ids");                 // 37 tokens
+  std::vector<std::int64_t> b(a.rbegin(), a.rbegin() + 21);  // 21 others
+  std::vector<std::int64_t> c(a.begin() + 5, a.begin() + 18);
+  std::vector<std::int64_t> acb(a);
+  acb.insert(acb.end(), c.begin(), c.end());
+  acb.insert(acb.end(), b.begin(), b.end());
+  const index_t na = 37, nc = 13, nb = 21;
+  const std::vector<index_t> cu{0, na, na + nc, na + nc + nb};
+  auto shared = m.make_cache(3, 64);
+  m.prefill(acb, cu, shared, models::logits_mode::last);
+  auto ca = m.make_cache(1, 64), cb = m.make_cache(1, 64), cc = m.make_cache(1, 64);
+  m.prefill(a, {}, ca, models::logits_mode::last);
+  m.prefill(b, {}, cb, models::logits_mode::last);
+  m.prefill(c, {}, cc, models::logits_mode::last);
+  const std::vector<index_t> sidx{2, 0};
+  std::vector<std::int64_t> next{17, 5};  // b's token, a's token
+  for (int s = 0; s < 3; ++s) {
+    const auto d2 = m.decode(next, sidx, shared);
+    const auto db = m.decode(std::vector<std::int64_t>{next[0]}, cb);
+    const auto da = m.decode(std::vector<std::int64_t>{next[1]}, ca);
+    check_rel(name + " state-index decode row 2", compare(db, rows(d2, 0, 1)), 1e-5);
+    check_rel(name + " state-index decode row 0", compare(da, rows(d2, 1, 2)), 1e-5);
+    next = {models::greedy_token({d2.data(), static_cast<std::size_t>(m.vocab())}),
+            models::greedy_token({d2.data() + m.vocab(), static_cast<std::size_t>(m.vocab())})};
+  }
+  CHECK(shared.length(0) == na + 3);
+  CHECK(shared.length(1) == nc);
+  CHECK(shared.length(2) == nb + 3);
+  const std::vector<index_t> row1{1};
+  const auto d1 = m.decode(std::vector<std::int64_t>{9}, row1, shared);
+  const auto dc = m.decode(std::vector<std::int64_t>{9}, cc);
+  check_rel(name + " state-index decode row 1 after the others", compare(dc, d1), 1e-5);
+  // a warm indexed step allocates nothing (decode_into)
+  tensor<float, 2> out({2, m.vocab()});
+  const std::vector<std::int64_t> ids2{1, 2};
+  m.decode_into(ids2, sidx, shared, out.view());
+  {
+    testing::allocation_scope scope;
+    m.decode_into(ids2, sidx, shared, out.view());
+    CHECK(scope.stats().count == 0);
+  }
+  std::string err;
+  try {
+    m.decode(next, std::vector<index_t>{0, 0}, shared);
+  } catch (const shape_error& e) {
+    err = e.what();
+  }
+  CHECK(err.find("hybrid_model::decode") != std::string::npos);
+  CHECK(err.find("both row 0") != std::string::npos);
+  CHECK_THROWS_AS(m.decode(next, std::vector<index_t>{0, 3}, shared), shape_error);
+}
+
 void snapshot_round_trip(const std::string& name) {
   auto m = models::hybrid_model::load(model_dir(name));
   const auto a = ids_of(name, "prompt_ids");
@@ -378,6 +435,11 @@ TEST_CASE("models: a packed batch of two prompts == two separate runs", "[models
 
 TEST_CASE("models: cache snapshot / restore round trip", "[models]") {
   snapshot_round_trip("qwen3_next");
+}
+
+TEST_CASE("models: decode by state indices (rows {2, 0} of 3) == each sequence on its own cache",
+          "[models]") {
+  state_index_decode("qwen3_next");
   snapshot_round_trip("mamba2_hybrid");
   snapshot_round_trip("kimi_linear");
 }
@@ -773,6 +835,164 @@ TEST_CASE("kda_layer, mla_attention: prefill then steps == one prefill; cache ro
   }
   CHECK(shared.length(1) == 0);
   CHECK(shared.length(2) == 8);
+  // the same for mla_attention over its KV cache
+  auto mshared = mla.make_cache(3, 16);
+  auto mown_a = mla.make_cache(1, 16), mown_b = mla.make_cache(1, 16);
+  for (index_t t = 0; t < 8; ++t) {
+    std::copy_n(x.data() + t * D, D, x2.data());
+    std::copy_n(x.data() + (T - 1 - t) * D, D, x2.data() + D);
+    mla.step(x2.view(), y2.view(), mshared, rows_ab);
+    mla.step(token(t), ya.view(), mown_a);
+    mla.step(token(T - 1 - t), yb.view(), mown_b);
+    check_rel("mla_attention row 2", compare(ya, rows(y2, 0, 1)), 1e-5);
+    check_rel("mla_attention row 0", compare(yb, rows(y2, 1, 2)), 1e-5);
+  }
+  CHECK(mshared.length(1) == 0);
+  CHECK(mshared.length(2) == 8);
   const auto err = error_of<shape_error>([&] { kda.step(x2.view(), y2.view(), own_a); });
   CHECK(err.find("kda_layer::step") != std::string::npos);
+}
+
+// --- seqmix-native configs (random weights from a seed) ----------------------------------------
+
+namespace {
+
+nlohmann::json seqmix_json(const std::string& linear, const std::string& attention,
+                           const std::string& ffn, std::int64_t seed) {
+  return {{"model_type", "seqmix"},
+          {"pattern", "LLLA"},
+          {"linear", linear},
+          {"attention", attention},
+          {"ffn", ffn},
+          {"hidden_size", 64},
+          {"vocab_size", 128},
+          {"num_attention_heads", 4},
+          {"num_key_value_heads", 2},
+          {"linear_num_heads", 4},
+          {"linear_num_key_heads", 2},
+          {"linear_head_dim", 16},
+          {"num_experts", 4},
+          {"num_experts_per_tok", 2},
+          {"moe_intermediate_size", 32},
+          {"intermediate_size", 96},
+          {"seed", seed}};
+}
+
+models::hybrid_model seqmix_model(const nlohmann::json& j) {
+  return models::hybrid_model::random(models::parse_config(j, "<seqmix test>"));
+}
+
+std::vector<std::int64_t> seqmix_ids(index_t n) {
+  std::vector<std::int64_t> ids;
+  for (index_t t = 0; t < n; ++t) ids.push_back((t * 37 + 11) % 128);
+  return ids;
+}
+
+std::string seqmix_error(const nlohmann::json& j) {
+  try {
+    models::parse_config(j, "<seqmix test>");
+  } catch (const io_error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("models: a seqmix config builds a Linear-MoE stack: prefill + decode == longer prefill",
+          "[models][seqmix]") {
+  const index_t T = 32, n = 8;
+  const auto ids = seqmix_ids(T + n);
+  using variant = std::tuple<std::string, std::string, std::string>;
+  const std::vector<variant> variants{
+      {"gdn", "softmax", "moe"}, {"mamba2", "gated", "dense"}, {"gdn", "gated", "MDMD"}};
+  for (const auto& [linear, attention, ffn] : variants) {
+    const std::string what = "seqmix " + linear + "/" + attention + "/" + ffn;
+    auto j = seqmix_json(linear, attention, ffn, 3);
+    if (ffn == "MDMD") j["shared_expert_intermediate_size"] = 48;
+    auto m = seqmix_model(j);
+    CHECK(m.config().num_layers() == 4);
+    CHECK(m.config().count(models::mixer_kind::attention) == 1);
+    auto cw = m.make_cache(1, 64), cp = m.make_cache(1, 64);
+    const auto whole = m.prefill(ids, {}, cw);
+    const std::vector<std::int64_t> head_ids(ids.begin(), ids.begin() + T);
+    const auto part = m.prefill(head_ids, {}, cp);
+    check_rel(what + " prefill of T vs the first T of T + n", compare(rows(whole, 0, T), part),
+              1e-5);
+    for (index_t s = 0; s < n; ++s) {
+      const auto d = m.decode(std::vector<std::int64_t>{ids[static_cast<std::size_t>(T + s)]}, cp);
+      check_rel(what + " decode step vs prefill of T + n",
+                compare(rows(whole, T + s, T + s + 1), d), 1e-5);
+    }
+    // the logits are not degenerate
+    const float* last = whole.data() + (T + n - 1) * m.vocab();
+    float lo = last[0], hi = last[0];
+    for (index_t v = 0; v < m.vocab(); ++v) {
+      lo = std::min(lo, last[v]);
+      hi = std::max(hi, last[v]);
+    }
+    CHECK(hi - lo > 0.1f);
+    CHECK(std::isfinite(hi));
+  }
+}
+
+TEST_CASE("models: a seqmix config's weights are a function of its seed", "[models][seqmix]") {
+  const auto ids = seqmix_ids(20);
+  auto logits = [&](std::int64_t seed) {
+    auto m = seqmix_model(seqmix_json("gdn", "softmax", "moe", seed));
+    auto c = m.make_cache(1, 32);
+    return m.prefill(ids, {}, c);
+  };
+  const auto a = logits(7), b = logits(7), c = logits(8);
+  CHECK(testing::bitwise_equal(a, b));
+  CHECK(compare(a, c).rel_rms > 0.1);
+  // a folder holding only config.json loads as the same model (seqmix-generate --model DIR)
+  const auto dir = std::filesystem::temp_directory_path() / "seqmix_cfg_only_test";
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream out(dir / "config.json");
+    out << seqmix_json("gdn", "softmax", "moe", 7).dump(2);
+  }
+  auto md = models::hybrid_model::load(dir.string());
+  auto cd = md.make_cache(1, 32);
+  CHECK(testing::bitwise_equal(a, md.prefill(ids, {}, cd)));
+  // and saved weights beside it load as a checkpoint, bitwise the same
+  models::hybrid_model::save_random_weights(md.config(), (dir / "model.safetensors").string());
+  auto ms = models::hybrid_model::load(dir.string());
+  auto cs = ms.make_cache(1, 32);
+  CHECK(testing::bitwise_equal(a, ms.prefill(ids, {}, cs)));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("models: a seqmix config's unknown letters, mixers and fields are clear errors",
+          "[models][seqmix]") {
+  auto j = seqmix_json("gdn", "softmax", "moe", 0);
+  j["pattern"] = "LLXA";
+  CHECK_THAT(seqmix_error(j), Catch::Contains("letter 2 is 'X'") && Catch::Contains("'L'"));
+  j = seqmix_json("rwkv9", "softmax", "moe", 0);
+  CHECK_THAT(seqmix_error(j),
+             Catch::Contains("\"linear\" is \"rwkv9\"") && Catch::Contains("\"mamba2\""));
+  j = seqmix_json("gdn", "sparse", "moe", 0);
+  CHECK_THAT(seqmix_error(j), Catch::Contains("\"attention\" is \"sparse\""));
+  j = seqmix_json("gdn", "softmax", "MMM", 0);
+  CHECK_THAT(seqmix_error(j),
+             Catch::Contains("\"ffn\" is \"MMM\"") && Catch::Contains("4 letters"));
+  j = seqmix_json("gdn", "softmax", "moe", 0);
+  j["hidden"] = 32;
+  j["num_layers"] = 4;
+  CHECK_THAT(seqmix_error(j), Catch::Contains("2 field(s) the seqmix loader does not understand") &&
+                                  Catch::Contains("\"hidden\"") &&
+                                  Catch::Contains("\"num_layers\""));
+  j = seqmix_json("gdn", "softmax", "moe", 0);
+  j.erase("pattern");
+  CHECK_THAT(seqmix_error(j), Catch::Contains("\"pattern\""));
+  j = seqmix_json("gdn", "softmax", "moe", 0);
+  j["num_experts_per_tok"] = 9;
+  CHECK_THAT(seqmix_error(j), Catch::Contains("num_experts_per_tok"));
+  // a HF family's config with random weights: the layers random() can draw
+  auto q = models::load_config(model_dir("qwen3_next"));
+  auto mq = models::hybrid_model::random(q);
+  CHECK(mq.vocab() == q.vocab);
+  const auto k = models::load_config(model_dir("kimi_linear"));
+  CHECK_THROWS_WITH(models::hybrid_model::random(k), Catch::Contains("not implemented"));
 }

@@ -186,6 +186,31 @@ class mla_attention {
                w.o.split(1, {H, cfg_.v_dim}), cache.kv());
     out_.apply(w.o, y);
   }
+  /// Continuous batching: token i of x [B, D] continues cache row rows[i] (B distinct rows of
+  /// a cache of any size); the other rows are untouched. Allocates nothing once warm.
+  void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& cache,
+            std::span<const index_t> rows) {
+    const checker check{"mla_attention::step"};
+    check.nonempty("x", x);
+    const index_t B = x.extent(0), H = cfg_.heads;
+    check.shape("x", x, {B, cfg_.hidden});
+    check.shape("y", y, {B, cfg_.hidden});
+    check.inner_contiguous("x", x);
+    check.inner_contiguous("y", y);
+    check.no_overlap({range_of("y", y)}, {range_of("x", x)});
+    check_cache(check, cache, cache.batch());
+    detail::check_rows(check, rows, B, cache.batch());
+    if (cache.kv().is_ring()) check.fail("cache", "a state-index step needs a full cache");
+    for (index_t b : rows) check_room(check, cache, b, 1);
+    const views w = make_views(B);
+    in_.apply(x, w.proj);
+    expand(w);
+    detail::attention_step_rows(
+        w.q.split(1, {H, dk_}), w.k.split(1, {H, dk_}), w.v.split(1, {H, cfg_.v_dim}),
+        w.o.split(1, {H, cfg_.v_dim}), cache.kv(), rows,
+        cfg_.scale ? *cfg_.scale : 1.0f / std::sqrt(float(dk_)), cfg_.chunk_size);
+    out_.apply(w.o, y);
+  }
 
  private:
   struct views {

@@ -22,6 +22,11 @@
 //                                                                            first_k_dense_replace
 //                                                                            / moe_layer_freq)
 //
+//   seqmix             "pattern" of L = linear ("linear": "gdn" or "mamba2")  "ffn": "moe",
+//                      and A = attention ("attention": "softmax", GQA +       "dense", or one
+//                      RoPE, or "gated", Qwen3-Next's); random weights from   letter M / D per
+//                      "seed" (hybrid_model::random; no checkpoint needed)    layer
+//
 // Multipliers (Granite; 1 elsewhere): embedding × embedding_multiplier, each residual branch ×
 // residual_multiplier, attention scale = attention_multiplier, logits ÷ logits_scaling. Norm
 // epsilons as the modules read them: every RMSNorm uses rms_norm_eps (Qwen3-Next's norms
@@ -60,7 +65,7 @@
 
 namespace seqmix::models {
 
-enum class model_family { qwen3_next, granitemoehybrid, kimi_linear };
+enum class model_family { qwen3_next, granitemoehybrid, kimi_linear, seqmix };
 enum class mixer_kind { gated_deltanet, attention, mamba2, kda, mla };
 enum class ffn_kind { dense, moe };
 
@@ -104,6 +109,10 @@ struct model_config {
   /// Where each layer's feed-forward block lives: "mlp." (Qwen3-Next), "" (Granite: the MoE at
   /// the layer's root), "block_sparse_moe." (Kimi, dense and MoE alike).
   std::string ffn_prefix = "mlp.";
+  /// model_type "seqmix" (random weights from a seed): the seed, and whether config.json
+  /// alone describes the model (no checkpoint is read; hybrid_model::load builds the weights).
+  std::uint64_t seed = 0;
+  bool random_weights = false;
 
   index_t num_layers() const noexcept { return static_cast<index_t>(layers.size()); }
   index_t count(mixer_kind k) const {
@@ -635,6 +644,164 @@ inline model_config parse_kimi_linear(const config_reader& r) {
   return c;
 }
 
+/// model_type "seqmix": a Linear-MoE stack built from the library's layers by a pattern string,
+/// with random weights from a seed (no checkpoint).
+inline model_config parse_seqmix(const config_reader& r) {
+  r.only_known({"pattern",
+                "linear",
+                "attention",
+                "ffn",
+                "hidden_size",
+                "vocab_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "rope_theta",
+                "partial_rotary_factor",
+                "linear_num_heads",
+                "linear_num_key_heads",
+                "linear_head_dim",
+                "linear_key_head_dim",
+                "state_size",
+                "n_groups",
+                "conv_kernel",
+                "intermediate_size",
+                "num_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "shared_expert_intermediate_size",
+                "norm_topk_prob",
+                "rms_norm_eps",
+                "tie_word_embeddings",
+                "seed",
+                "num_hidden_layers"},
+               "seqmix");
+  model_config c;
+  c.family = model_family::seqmix;
+  c.model_type = "seqmix";
+  c.random_weights = true;
+  const std::string pattern = r.string("pattern", "");
+  if (pattern.empty())
+    config_fail(r.source(),
+                "field \"pattern\" (a string of L = linear and A = attention "
+                "layers, e.g. \"LLLA\") is required");
+  const auto L = static_cast<index_t>(pattern.size());
+  if (r.has("num_hidden_layers") && r.integer("num_hidden_layers") != L)
+    config_fail(r.source(), "field \"num_hidden_layers\" is " +
+                                std::to_string(r.integer("num_hidden_layers")) +
+                                " but \"pattern\" has " + std::to_string(L) + " layers");
+  c.hidden = r.positive("hidden_size");
+  c.vocab = r.positive("vocab_size");
+  const std::int64_t seed = r.integer("seed", 0);
+  if (seed < 0) config_fail(r.source(), "field \"seed\" must be >= 0");
+  c.seed = static_cast<std::uint64_t>(seed);
+  c.norm_eps = static_cast<float>(r.number("rms_norm_eps", 1e-6));
+  c.norm_mode = layers::norm_weight::plain;
+  c.tie_embeddings = r.boolean("tie_word_embeddings", false);
+  const std::string linear = r.string("linear", "gdn");
+  mixer_kind lin = mixer_kind::gated_deltanet;
+  if (linear == "gdn" || linear == "gated_deltanet") {
+    lin = mixer_kind::gated_deltanet;
+  } else if (linear == "mamba2") {
+    lin = mixer_kind::mamba2;
+  } else {
+    config_fail(r.source(), "field \"linear\" is \"" + linear +
+                                "\": expected \"gdn\" (gated_deltanet) or \"mamba2\"");
+  }
+  c.layers.resize(static_cast<std::size_t>(L));
+  for (index_t i = 0; i < L; ++i) {
+    const char ch = pattern[static_cast<std::size_t>(i)];
+    if (ch != 'L' && ch != 'A')
+      config_fail(r.source(), "field \"pattern\" is \"" + pattern + "\": letter " +
+                                  std::to_string(i) + " is '" + std::string(1, ch) +
+                                  "', expected 'L' (a " + linear + " layer) or 'A' (attention)");
+    c.layers[static_cast<std::size_t>(i)].mixer = ch == 'L' ? lin : mixer_kind::attention;
+  }
+  // attention: "softmax" (GQA + RoPE, no gate) or "gated" (Qwen3-Next's gated attention)
+  const std::string attn = r.string("attention", "softmax");
+  if (attn != "softmax" && attn != "gated")
+    config_fail(r.source(),
+                "field \"attention\" is \"" + attn + "\": expected \"softmax\" or \"gated\"");
+  const index_t H = r.has("num_attention_heads") ? r.positive("num_attention_heads") : 4;
+  auto& a = c.attention;
+  a.hidden = c.hidden;
+  a.heads = H;
+  a.kv_heads = r.has("num_key_value_heads") ? r.positive("num_key_value_heads") : H;
+  a.head_dim = r.has("head_dim") ? r.positive("head_dim") : c.hidden / H;
+  if (a.head_dim <= 0) config_fail(r.source(), "hidden_size / num_attention_heads must be > 0");
+  if (H % a.kv_heads != 0)
+    config_fail(r.source(),
+                "field \"num_attention_heads\" must be a multiple of "
+                "\"num_key_value_heads\"");
+  a.rope_theta = r.number("rope_theta", 10000.0);
+  a.partial_rotary = r.number("partial_rotary_factor", 1.0);
+  a.norm_eps = c.norm_eps;
+  a.gated = attn == "gated";
+  a.qk_norm = attn == "gated";
+  // the linear mixers
+  const index_t LH = r.has("linear_num_heads") ? r.positive("linear_num_heads") : H;
+  const index_t ldim = r.has("linear_head_dim") ? r.positive("linear_head_dim") : c.hidden / LH;
+  if (ldim <= 0) config_fail(r.source(), "hidden_size / linear_num_heads must be > 0");
+  const index_t conv = r.has("conv_kernel") ? r.positive("conv_kernel") : 4;
+  auto& g = c.gdn;
+  g.hidden = c.hidden;
+  g.value_heads = LH;
+  g.key_heads = r.has("linear_num_key_heads") ? r.positive("linear_num_key_heads") : LH;
+  g.value_dim = ldim;
+  g.key_dim = r.has("linear_key_head_dim") ? r.positive("linear_key_head_dim") : ldim;
+  g.conv_kernel = conv;
+  g.norm_eps = c.norm_eps;
+  g.layout = layers::gated_deltanet_config::projection_layout::qwen3_next_fused;
+  if (lin == mixer_kind::gated_deltanet && LH % g.key_heads != 0)
+    config_fail(r.source(),
+                "field \"linear_num_heads\" must be a multiple of "
+                "\"linear_num_key_heads\"");
+  auto& mb = c.mamba;
+  mb.hidden = c.hidden;
+  mb.heads = LH;
+  mb.head_dim = ldim;
+  mb.state_size = r.has("state_size") ? r.positive("state_size") : 16;
+  mb.groups = r.has("n_groups") ? r.positive("n_groups") : 1;
+  mb.conv_kernel = conv;
+  mb.norm_eps = c.norm_eps;
+  mb.use_conv_bias = true;
+  mb.use_bias = false;
+  if (lin == mixer_kind::mamba2 && LH % mb.groups != 0)
+    config_fail(r.source(), "field \"linear_num_heads\" must be a multiple of \"n_groups\"");
+  // feed-forward: "moe", "dense", or one letter per layer (M = MoE, D = dense)
+  const std::string ffn = r.string("ffn", "moe");
+  for (index_t i = 0; i < L; ++i) {
+    char f = 0;
+    if (ffn == "moe" || ffn == "dense") {
+      f = ffn == "moe" ? 'M' : 'D';
+    } else if (static_cast<index_t>(ffn.size()) == L) {
+      f = ffn[static_cast<std::size_t>(i)];
+    }
+    if (f != 'M' && f != 'D')
+      config_fail(r.source(), "field \"ffn\" is \"" + ffn +
+                                  "\": expected \"moe\", \"dense\" or one letter per layer of "
+                                  "the pattern (M = MoE, D = dense), " +
+                                  std::to_string(L) + " letters");
+    c.layers[static_cast<std::size_t>(i)].ffn = f == 'M' ? ffn_kind::moe : ffn_kind::dense;
+  }
+  c.dense_dim = r.has("intermediate_size") ? r.positive("intermediate_size") : 4 * c.hidden;
+  const index_t E = r.has("num_experts") ? r.positive("num_experts") : 8;
+  auto& m = c.moe;
+  m.hidden = c.hidden;
+  m.experts = E;
+  m.expert_dim = r.has("moe_intermediate_size") ? r.positive("moe_intermediate_size") : c.hidden;
+  m.shared_dim = static_cast<index_t>(r.integer("shared_expert_intermediate_size", 0));
+  if (m.shared_dim < 0)
+    config_fail(r.source(), "field \"shared_expert_intermediate_size\" must be >= 0");
+  const index_t k = r.has("num_experts_per_tok") ? r.positive("num_experts_per_tok") : 2;
+  if (k > E)
+    config_fail(r.source(), "field \"num_experts_per_tok\" (" + std::to_string(k) +
+                                ") must be <= num_experts (" + std::to_string(E) + ")");
+  m.routing = moe_options::qwen_moe(r.boolean("norm_topk_prob", true), k);
+  m.names = layers::moe_ffn_names::qwen3_next(m.shared_dim > 0);
+  return c;
+}
+
 }  // namespace detail
 
 /// Reads a parsed config.json (`source` names it in errors).
@@ -650,8 +817,10 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
   if (type == "qwen3_next") return detail::parse_qwen3_next(rr);
   if (type == "granitemoehybrid") return detail::parse_granite(rr);
   if (type == "kimi_linear") return detail::parse_kimi_linear(rr);
+  if (type == "seqmix") return detail::parse_seqmix(rr);
   detail::config_fail(source, "unknown model_type \"" + type +
-                                  "\"; supported: qwen3_next, granitemoehybrid, kimi_linear");
+                                  "\"; supported: qwen3_next, granitemoehybrid, kimi_linear, "
+                                  "seqmix");
 }
 
 /// Reads `path` (a config.json, or a folder holding one).

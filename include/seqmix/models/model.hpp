@@ -17,10 +17,12 @@
 // prefill(ids [T], cu_seqlens [N+1], cache): N packed sequences (cu_seqlens empty: one), each
 // continuing row n of `cache` (a cache of exactly N rows); logits of every token [T, V] or of
 // each sequence's last token [N, V]. decode(ids [B], cache): one token per sequence of a cache
-// of B rows -> [B, V]. The cache (model_cache) holds one entry per layer: conv window +
-// recurrent state (GDN, Mamba2, KDA) or a full KV cache of `capacity` tokens (attention; MLA
-// keeps its decompressed per-head keys and values, see layers/mla_attention.hpp); snapshot()
-// / restore() copy all of it (speculative decoding, prefix reuse).
+// of B rows -> [B, V]; decode(ids [B], state_indices [B], cache): token i continues row
+// state_indices[i] of a cache of any size (continuous batching). The cache (model_cache) holds one
+// entry per layer: conv window + recurrent state (GDN, Mamba2, KDA) or a full KV cache of
+// `capacity` tokens (attention; MLA keeps its decompressed per-head keys and values, see
+// layers/mla_attention.hpp); snapshot() / restore() copy all of it (speculative decoding, prefix
+// reuse).
 //
 // Loading checks the checkpoint against the model: every tensor the layers read must be present
 // with its shape and a dtype of F32 or BF16 (bf16 matrices stay bf16, f32 compute), and every
@@ -35,7 +37,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <optional>
 #include <set>
 #include <span>
@@ -45,6 +51,7 @@
 
 #include <seqmix/core/error.hpp>
 #include <seqmix/core/io/checkpoint.hpp>
+#include <seqmix/core/safetensors.hpp>
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/layers/gated_attention.hpp>
 #include <seqmix/layers/gated_deltanet.hpp>
@@ -163,15 +170,149 @@ struct load_options {
   bool allow_unused = false;
 };
 
+namespace detail {
+
+/// Normal numbers from (seed, tensor name): splitmix64 + Box-Muller in double, the same on any
+/// platform with a correctly rounded log / sqrt / cos (a tensor's values do not depend on the
+/// order tensors are drawn in).
+class seeded_normal {
+ public:
+  seeded_normal(std::uint64_t seed, const std::string& name) {
+    std::uint64_t h = 1469598103934665603ull;  // FNV-1a of the name
+    for (const char ch : name) {
+      h ^= static_cast<unsigned char>(ch);
+      h *= 1099511628211ull;
+    }
+    state_ = seed * 0x9E3779B97F4A7C15ull ^ h;
+  }
+  double uniform() {  // (0, 1)
+    return (static_cast<double>(next() >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+  }
+  double normal() {
+    const double u = uniform(), v = uniform();
+    return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
+  }
+
+ private:
+  std::uint64_t next() {
+    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  std::uint64_t state_ = 0;
+};
+
+/// How a random tensor is drawn.
+enum class init_kind {
+  matrix,  ///< N(0, 1/fan_in), fan_in = the last extent
+  embed,   ///< N(0, 1)
+  ones,    ///< norm weights (plain mode) and Mamba2's D
+  zeros,   ///< norm weights of 1 + w mode, conv biases
+  a_log,   ///< log A, A uniform in [1, 16]
+  dt_bias  ///< softplus⁻¹(dt), dt log-uniform in [1e-3, 1e-1]
+};
+
+struct random_tensor {
+  std::string name;
+  std::vector<index_t> shape;
+  init_kind init = init_kind::matrix;
+};
+
+}  // namespace detail
+
 class hybrid_model {
  public:
   hybrid_model() = default;
   hybrid_model(hybrid_model&&) noexcept = default;
   hybrid_model& operator=(hybrid_model&&) noexcept = default;
 
-  /// config.json and the checkpoint of a folder.
+  /// config.json and the checkpoint of a folder. A seqmix config (model_type "seqmix") needs
+  /// no checkpoint: without model.safetensors(.index.json) its weights are drawn from its seed.
   static hybrid_model load(const std::string& dir, const load_options& opt = {}) {
-    return load(load_config(dir), checkpoint::open(dir), opt);
+    const model_config cfg = load_config(dir);
+    if (cfg.random_weights) {
+      std::error_code ec;
+      const std::filesystem::path p(dir);
+      const bool folder = std::filesystem::is_directory(p, ec);
+      const bool has_weights =
+          folder && (std::filesystem::exists(p / "model.safetensors", ec) ||
+                     std::filesystem::exists(p / "model.safetensors.index.json", ec));
+      if (!has_weights) return random(cfg);
+    }
+    return load(cfg, checkpoint::open(dir), opt);
+  }
+
+  /// A model of `cfg` with random weights drawn from cfg.seed (same seed: bitwise the same
+  /// weights): matrices N(0, 1/fan_in), embeddings N(0, 1), norms 1, Mamba2/GDN decay and
+  /// dt parameters in their usual ranges. Layers: Gated DeltaNet, (gated) attention, Mamba2;
+  /// feed-forward: dense SwiGLU or a per-expert MoE (qwen3_next names, optional shared expert).
+  /// The weights pass through a temporary safetensors file (the checkpoint loader reads files).
+  static hybrid_model random(const model_config& cfg) {
+    static std::atomic<unsigned> calls{0};
+    const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
+    const auto tmp = std::filesystem::temp_directory_path() /
+                     ("seqmix-random-" + std::to_string(stamp) + "-" +
+                      std::to_string(reinterpret_cast<std::uintptr_t>(&calls)) + "-" +
+                      std::to_string(calls++) + ".safetensors");
+    save_random_weights(cfg, tmp.string());
+    struct remover {
+      std::filesystem::path p;
+      ~remover() {
+        std::error_code ec;
+        std::filesystem::remove(p, ec);
+      }
+    } rm{tmp};
+    return load(cfg, checkpoint::open(tmp.string()));
+  }
+
+  /// Writes the random weights of `cfg` (as random() draws them) to a safetensors file: with
+  /// the config.json beside it, a folder hybrid_model::load reads as any checkpoint.
+  static void save_random_weights(const model_config& cfg, const std::string& path) {
+    safetensors_writer w;
+    for (const auto& t : random_tensors(cfg)) {
+      detail::seeded_normal g(cfg.seed, t.name);
+      index_t n = 1;
+      for (index_t e : t.shape) n *= e;
+      std::vector<float> v(static_cast<std::size_t>(n));
+      const double fan = static_cast<double>(t.shape.back());
+      for (index_t i = 0; i < n; ++i) {
+        double x = 0;
+        switch (t.init) {
+          case detail::init_kind::matrix:
+            x = g.normal() / std::sqrt(fan);
+            break;
+          case detail::init_kind::embed:
+            x = g.normal();
+            break;
+          case detail::init_kind::ones:
+            x = 1.0;
+            break;
+          case detail::init_kind::zeros:
+            x = 0.0;
+            break;
+          case detail::init_kind::a_log:
+            x = std::log(1.0 + 15.0 * g.uniform());
+            break;
+          case detail::init_kind::dt_bias: {
+            const double dt =
+                std::exp(std::log(1e-3) + (std::log(1e-1) - std::log(1e-3)) * g.uniform());
+            x = dt + std::log(-std::expm1(-dt));
+            break;
+          }
+        }
+        v[static_cast<std::size_t>(i)] = static_cast<float>(x);
+      }
+      const auto& sh = t.shape;
+      if (sh.size() == 1) {
+        w.add(t.name, tensor_view<const float, 1>(v.data(), {sh[0]}));
+      } else if (sh.size() == 2) {
+        w.add(t.name, tensor_view<const float, 2>(v.data(), {sh[0], sh[1]}));
+      } else {
+        w.add(t.name, tensor_view<const float, 3>(v.data(), {sh[0], sh[1], sh[2]}));
+      }
+    }
+    w.save(path);
   }
   static hybrid_model load(const model_config& cfg, const checkpoint& ck,
                            const load_options& opt = {}) {
@@ -378,52 +519,24 @@ class hybrid_model {
   /// decode writing logits [B, V]; allocates nothing once warm.
   void decode_into(std::span<const std::int64_t> ids, model_cache& cache,
                    tensor_view<float, 2> logits) {
+    decode_rows(ids, {}, cache, logits);
+  }
+  /// Continuous batching (fla's / vLLM's state_indices): token i of ids [B] continues row
+  /// state_indices[i] of a cache of any number of rows (B distinct rows); the other rows are
+  /// untouched. Each row's logits are those of decoding that sequence on a cache of its own.
+  tensor<float, 2> decode(std::span<const std::int64_t> ids, std::span<const index_t> state_indices,
+                          model_cache& cache) {
+    tensor<float, 2> logits({static_cast<index_t>(ids.size()), cfg_.vocab});
+    decode_into(ids, state_indices, cache, logits.view());
+    return logits;
+  }
+  /// decode(ids, state_indices, cache) writing logits [B, V]; allocates nothing once warm.
+  void decode_into(std::span<const std::int64_t> ids, std::span<const index_t> state_indices,
+                   model_cache& cache, tensor_view<float, 2> logits) {
     const checker check{"hybrid_model::decode"};
-    const index_t B = static_cast<index_t>(ids.size());
-    if (B < 1) check.fail("ids", "must hold one token per sequence, got none");
-    check_ids(check, "ids", ids);
-    if (cache.batch() != B || cache.num_layers() != static_cast<index_t>(layers_.size()))
-      check.fail("cache", "expected a cache of this model with " + std::to_string(B) +
-                              " rows (one per token of ids), got " + std::to_string(cache.batch()) +
-                              " rows and " + std::to_string(cache.num_layers()) + " layers");
-    check.shape("logits", logits, {B, cfg_.vocab});
-    if (has_kv())
-      for (index_t b = 0; b < B; ++b)
-        if (cache.length(b) + 1 > cache.capacity())
-          check.fail("cache", "sequence " + std::to_string(b) + " is full (" +
-                                  std::to_string(cache.capacity()) + " tokens)");
-    const index_t D = cfg_.hidden;
-    auto h = ws_.view<2>(4, {B, D});
-    auto xn = ws_.view<2>(5, {B, D});
-    auto y = ws_.view<2>(6, {B, D});
-    embed(ids, h);
-    for (std::size_t i = 0; i < layers_.size(); ++i) {
-      auto& l = layers_[i];
-      l.in_norm.forward(h, xn);
-      auto& ce = cache.layer(static_cast<index_t>(i));
-      if (l.gdn) {
-        l.gdn->step(xn, y, std::get<layers::recurrent_cache>(ce));
-      } else if (l.mamba) {
-        l.mamba->step(xn, y, std::get<layers::recurrent_cache>(ce));
-      } else if (l.kda) {
-        l.kda->step(xn, y, std::get<layers::recurrent_cache>(ce));
-      } else if (l.mla) {
-        l.mla->step(xn, y, std::get<layers::attention_cache>(ce));
-      } else {
-        l.attn->step(xn, y, std::get<layers::attention_cache>(ce));
-      }
-      add_scaled(h, y);
-      l.post_norm.forward(h, xn);
-      if (l.moe) {
-        l.moe->forward(xn, y);
-      } else {
-        l.mlp->forward(xn, y);
-      }
-      add_scaled(h, y);
-    }
-    for (index_t b = 0; b < B; ++b) cache.advance(b, 1);
-    final_norm_.forward(h, xn);
-    head(xn, logits);
+    layers::detail::check_rows(check, state_indices, static_cast<index_t>(ids.size()),
+                               cache.batch());
+    decode_rows(ids, state_indices, cache, logits);
   }
 
  private:
@@ -438,6 +551,159 @@ class hybrid_model {
     std::optional<layers::moe_ffn> moe;
     std::optional<layers::swiglu_mlp> mlp;
   };
+
+  // decode: token i continues cache row rows[i] (rows empty: row i of a cache of B rows)
+  void decode_rows(std::span<const std::int64_t> ids, std::span<const index_t> rows,
+                   model_cache& cache, tensor_view<float, 2> logits) {
+    const checker check{"hybrid_model::decode"};
+    const index_t B = static_cast<index_t>(ids.size());
+    if (B < 1) check.fail("ids", "must hold one token per sequence, got none");
+    check_ids(check, "ids", ids);
+    const bool indexed = !rows.empty();
+    if ((!indexed && cache.batch() != B) ||
+        cache.num_layers() != static_cast<index_t>(layers_.size()))
+      check.fail("cache", "expected a cache of this model with " + std::to_string(B) +
+                              " rows (one per token of ids), got " + std::to_string(cache.batch()) +
+                              " rows and " + std::to_string(cache.num_layers()) + " layers");
+    check.shape("logits", logits, {B, cfg_.vocab});
+    const auto row = [&](index_t i) { return indexed ? rows[static_cast<std::size_t>(i)] : i; };
+    if (has_kv())
+      for (index_t i = 0; i < B; ++i)
+        if (cache.length(row(i)) + 1 > cache.capacity())
+          check.fail("cache", "sequence " + std::to_string(row(i)) + " is full (" +
+                                  std::to_string(cache.capacity()) + " tokens)");
+    const index_t D = cfg_.hidden;
+    auto h = ws_.view<2>(4, {B, D});
+    auto xn = ws_.view<2>(5, {B, D});
+    auto y = ws_.view<2>(6, {B, D});
+    embed(ids, h);
+    auto step = [&](auto& layer, auto& c) {
+      if (indexed) {
+        layer.step(xn, y, c, rows);
+      } else {
+        layer.step(xn, y, c);
+      }
+    };
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      auto& l = layers_[i];
+      l.in_norm.forward(h, xn);
+      auto& ce = cache.layer(static_cast<index_t>(i));
+      if (l.gdn) {
+        step(*l.gdn, std::get<layers::recurrent_cache>(ce));
+      } else if (l.mamba) {
+        step(*l.mamba, std::get<layers::recurrent_cache>(ce));
+      } else if (l.kda) {
+        step(*l.kda, std::get<layers::recurrent_cache>(ce));
+      } else if (l.mla) {
+        step(*l.mla, std::get<layers::attention_cache>(ce));
+      } else {
+        step(*l.attn, std::get<layers::attention_cache>(ce));
+      }
+      add_scaled(h, y);
+      l.post_norm.forward(h, xn);
+      if (l.moe) {
+        l.moe->forward(xn, y);
+      } else {
+        l.mlp->forward(xn, y);
+      }
+      add_scaled(h, y);
+    }
+    for (index_t i = 0; i < B; ++i) cache.advance(row(i), 1);
+    final_norm_.forward(h, xn);
+    head(xn, logits);
+  }
+
+  /// The tensors (names, shapes, how drawn) of a model of `cfg` with random weights.
+  static std::vector<detail::random_tensor> random_tensors(const model_config& cfg) {
+    using detail::init_kind;
+    const checker check{"hybrid_model::random"};
+    std::vector<detail::random_tensor> out;
+    const index_t D = cfg.hidden, V = cfg.vocab;
+    const init_kind norm1 =
+        cfg.norm_mode == layers::norm_weight::one_plus ? init_kind::zeros : init_kind::ones;
+    auto add = [&](std::string n, std::vector<index_t> shape, init_kind k = init_kind::matrix) {
+      out.push_back({std::move(n), std::move(shape), k});
+    };
+    add("model.embed_tokens.weight", {V, D}, init_kind::embed);
+    add("model.norm.weight", {D}, norm1);
+    if (!cfg.tie_embeddings) add("lm_head.weight", {V, D});
+    const auto& n = cfg.moe.names;
+    for (index_t i = 0; i < cfg.num_layers(); ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      const layer_spec& s = cfg.layers[static_cast<std::size_t>(i)];
+      add(p + "input_layernorm.weight", {D}, norm1);
+      add(p + "post_attention_layernorm.weight", {D}, norm1);
+      if (s.mixer == mixer_kind::gated_deltanet) {
+        const auto& g = cfg.gdn;
+        const index_t Hk = g.key_heads, HV = g.value_heads, dk = g.key_dim, dv = g.value_dim;
+        const std::string q = p + "linear_attn.";
+        add(q + "in_proj_qkvz.weight", {2 * Hk * dk + 2 * HV * dv, D});
+        add(q + "in_proj_ba.weight", {2 * HV, D});
+        add(q + "conv1d.weight", {2 * Hk * dk + HV * dv, 1, g.conv_kernel});
+        add(q + "A_log", {HV}, init_kind::a_log);
+        add(q + "dt_bias", {HV}, init_kind::dt_bias);
+        add(q + "norm.weight", {dv}, init_kind::ones);
+        add(q + "out_proj.weight", {D, HV * dv});
+      } else if (s.mixer == mixer_kind::attention) {
+        const auto& a = cfg.attention;
+        const std::string q = p + "self_attn.";
+        add(q + "q_proj.weight", {(a.gated ? 2 : 1) * a.heads * a.head_dim, D});
+        add(q + "k_proj.weight", {a.kv_heads * a.head_dim, D});
+        add(q + "v_proj.weight", {a.kv_heads * a.head_dim, D});
+        add(q + "o_proj.weight", {D, a.heads * a.head_dim});
+        if (a.qk_norm) {
+          add(q + "q_norm.weight", {a.head_dim}, init_kind::zeros);  // 1 + w
+          add(q + "k_norm.weight", {a.head_dim}, init_kind::zeros);
+        }
+      } else if (s.mixer == mixer_kind::mamba2) {
+        const auto& m = cfg.mamba;
+        const index_t H = m.heads, I = H * m.head_dim, C = I + 2 * m.groups * m.state_size;
+        if (m.use_bias) check.fail("config", "random weights of Mamba2 projection biases");
+        const std::string q = p + "mamba.";
+        add(q + "in_proj.weight", {I + C + H, D});
+        add(q + "conv1d.weight", {C, 1, m.conv_kernel});
+        if (m.use_conv_bias) add(q + "conv1d.bias", {C}, init_kind::zeros);
+        add(q + "dt_bias", {H}, init_kind::dt_bias);
+        add(q + "A_log", {H}, init_kind::a_log);
+        add(q + "D", {H}, init_kind::ones);
+        add(q + "norm.weight", {I}, init_kind::ones);
+        add(q + "out_proj.weight", {D, I});
+      } else {
+        check.fail("config", std::string("random weights of ") + mixer_name(s.mixer) +
+                                 " layers are not implemented (gated_deltanet, attention and "
+                                 "mamba2 are)");
+      }
+      const std::string f = p + cfg.ffn_prefix;
+      if (s.ffn == ffn_kind::moe) {
+        const auto& m = cfg.moe;
+        if (!n.score_bias.empty() ||
+            n.experts != layers::moe_ffn_names::experts_layout::per_expert ||
+            n.shared == layers::moe_ffn_names::shared_layout::fused)
+          check.fail("config",
+                     "random weights of this MoE layout are not implemented (per-"
+                     "expert matrices, optional SwiGLU shared expert are)");
+        add(f + n.router, {m.experts, D});
+        for (index_t e = 0; e < m.experts; ++e) {
+          const std::string x = f + n.expert_prefix + std::to_string(e) + ".";
+          add(x + n.expert_gate, {m.expert_dim, D});
+          add(x + n.expert_up, {m.expert_dim, D});
+          add(x + n.expert_down, {D, m.expert_dim});
+        }
+        if (n.shared == layers::moe_ffn_names::shared_layout::swiglu) {
+          const std::string x = f + n.shared_prefix;
+          add(x + "gate_proj.weight", {m.shared_dim, D});
+          add(x + "up_proj.weight", {m.shared_dim, D});
+          add(x + "down_proj.weight", {D, m.shared_dim});
+        }
+        if (!n.shared_gate.empty()) add(f + n.shared_gate, {1, D});
+      } else {
+        add(f + "gate_proj.weight", {cfg.dense_dim, D});
+        add(f + "up_proj.weight", {cfg.dense_dim, D});
+        add(f + "down_proj.weight", {D, cfg.dense_dim});
+      }
+    }
+    return out;
+  }
 
   // a layer with a KV cache (attention, MLA) bounds the tokens by the cache capacity
   bool has_kv() const {
