@@ -24,6 +24,7 @@
 #include <cstring>
 #include <ctime>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -41,13 +42,13 @@ namespace {
 using seqmix::bf16;
 using seqmix::index_t;
 
-// bench_peak's FMA peak per thread on the machine the table is made for: 222 GFLOP/s on the
-// 2-core Intel Xeon (AVX-512) of the 2026-12-01 sessions (117 on the earlier AMD VM). Set
-// SEQMIX_BENCH_PEAK_GFLOPS to another machine's figure.
+// bench_peak's FMA peak per thread on the machine the table is made for: 117 GFLOP/s on the
+// 2-core AMD EPYC (Zen 4, AVX-512 + AVX-512 BF16, no AMX) of the 2026-12-02 sessions (222 on the
+// Intel Xeon of 2026-12-01). Set SEQMIX_BENCH_PEAK_GFLOPS to another machine's figure.
 double peak_per_thread_of_env() {
   const char* e = std::getenv("SEQMIX_BENCH_PEAK_GFLOPS");
   const double v = e ? std::atof(e) : 0.0;
-  return v > 0 ? v * 1e9 : 222.0e9;
+  return v > 0 ? v * 1e9 : 117.0e9;
 }
 const double peak_per_thread = peak_per_thread_of_env();
 
@@ -181,6 +182,24 @@ void BM_matmul_bf16(benchmark::State& state) {
   }
   gemm_counters(state, 2.0 * double(M) * double(N) * double(K), threads,
                 process_cpu_seconds() - cpu0);
+  {
+    // x_f32: the f32 matmul's time (same A, f32 weights) / this call's, from 3 interleaved pairs
+    // of calls right after the timed loop (best of each; x_f32_cpu from process CPU time)
+    double best_b = 1e30, best_f = 1e30, cpu_b = 1e30, cpu_f = 1e30;
+    for (int r = 0; r < 3; ++r) {
+      const double t0 = wall_seconds(), c0 = process_cpu_seconds();
+      seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}}, o);
+      const double t1 = wall_seconds(), c1 = process_cpu_seconds();
+      seqmix::linalg::matmul({a.data(), {M, K}}, {bf.data(), {N, K}}, {c.data(), {M, N}});
+      const double t2 = wall_seconds(), c2 = process_cpu_seconds();
+      best_b = std::min(best_b, t1 - t0);
+      best_f = std::min(best_f, t2 - t1);
+      cpu_b = std::min(cpu_b, c1 - c0);
+      cpu_f = std::min(cpu_f, c2 - c1);
+    }
+    state.counters["x_f32"] = best_f / best_b;
+    state.counters["x_f32_cpu"] = cpu_f / cpu_b;
+  }
   state.SetLabel(dot ? std::string("seqmix bf16_dot (") + seqmix::linalg::bf16_dot_engine() + ")"
                      : std::string("seqmix bf16 exact"));
 }
@@ -213,6 +232,19 @@ template <class W>
 weight_set<W>& weights(index_t N, index_t K) {
   static weight_set<W> set(N, K);
   return set;
+}
+
+/// A plain read of n floats (sum of every element, threads over contiguous ranges, as
+/// bench_peak's BM_mem_read): the bandwidth bound of the decode benchmarks.
+float plain_read(const float* w, index_t n, int threads) {
+  std::vector<float> partial(static_cast<std::size_t>(threads) * 16, 0.0f);
+  seqmix::parallel_for(threads, [&](index_t t) {
+    const index_t begin = n * t / threads, end = n * (t + 1) / threads;
+    partial[static_cast<std::size_t>(t) * 16] = seqmix::simd::sum(w + begin, end - begin);
+  });
+  float s = 0;
+  for (int t = 0; t < threads; ++t) s += partial[static_cast<std::size_t>(t) * 16];
+  return s;
 }
 
 // gemv/<lib>/dtype(0 f32, 1 bf16)/N/K/threads
@@ -279,6 +311,57 @@ void BM_gemv(benchmark::State& state) {
     bytes = double(N * K) * 4.0;
   }
   const double cpu = process_cpu_seconds() - cpu0;
+  {
+    // x_dram: the time of a plain read of as many bytes (another matrix of the set, not in
+    // cache either) / the decode call's, summed over 6 interleaved pairs right after the timed
+    // loop (target >= 0.8); x_dram_cpu the same from process CPU time
+    double tr = 0, tg = 0, cr = 0, cg = 0;
+    float sink = 0;
+    auto pair = [&](const auto& set) {
+      using WT = typename std::decay_t<decltype(set.mats[0])>::value_type;
+      const std::size_t m = set.mats.size();
+      for (int r = 0; r < 6; ++r) {
+        const auto& w = set.mats[it++ % m];
+        const auto& other = set.mats[it++ % m];
+        const double t0 = wall_seconds(), c0 = process_cpu_seconds();
+        if (which == openblas_lib) {
+#if defined(SEQMIX_BENCH_OPENBLAS)
+          if constexpr (std::is_same_v<WT, float>) {
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(N), static_cast<int>(K), 1.0f,
+                        w.data(), static_cast<int>(K), x.data(), 1, 0.0f, y.data(), 1);
+          }
+#endif
+        } else if (which == eigen_lib) {
+          if constexpr (std::is_same_v<WT, float>) {
+            using rowmat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+            Eigen::Map<const rowmat> ew(w.data(), N, K);
+            Eigen::Map<const Eigen::VectorXf> ex(x.data(), K);
+            Eigen::Map<Eigen::VectorXf> ey(y.data(), N);
+            ey.noalias() = ew * ex;
+          }
+        } else {
+          seqmix::linalg::matmul({x.data(), {1, K}}, {w.data(), {N, K}}, {y.data(), {1, N}});
+        }
+        benchmark::DoNotOptimize(y.data());
+        const double t1 = wall_seconds(), c1 = process_cpu_seconds();
+        sink += plain_read(reinterpret_cast<const float*>(other.data()),
+                           static_cast<index_t>(bytes / 4.0), threads);
+        const double t2 = wall_seconds(), c2 = process_cpu_seconds();
+        tg += t1 - t0;
+        tr += t2 - t1;
+        cg += c1 - c0;
+        cr += c2 - c1;
+      }
+    };
+    if (is16) {
+      pair(weights<bf16>(N, K));
+    } else {
+      pair(weights<float>(N, K));
+    }
+    benchmark::DoNotOptimize(sink);
+    state.counters["x_dram"] = tr / tg;
+    state.counters["x_dram_cpu"] = cr / cg;
+  }
   using benchmark::Counter;
   state.counters["GBs"] = Counter(bytes * 1e-9, Counter::kIsIterationInvariantRate);
   state.counters["GFLOPs"] =

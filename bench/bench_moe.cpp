@@ -18,6 +18,7 @@
 // the k chosen experts' weights + the router per second (the bandwidth bound is ~21-26 GB/s on
 // one thread here), ms per token. The machine is shared: repeat (--benchmark_repetitions=3).
 #include <cstring>
+#include <ctime>
 #include <random>
 #include <vector>
 
@@ -32,6 +33,29 @@ using seqmix::index_t;
 namespace km = seqmix::kernels::moe;
 
 constexpr double peak_per_thread = 117.0e9;  // bench_peak, README "Machine limits"
+
+double process_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+double wall_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+/// A plain read (sum) of n floats, threads over contiguous ranges.
+float plain_read(const float* w, index_t n, int threads) {
+  std::vector<float> part(static_cast<std::size_t>(threads) * 16, 0.0f);
+  seqmix::parallel_for(threads, [&](index_t t) {
+    const index_t a = n * t / threads, b = n * (t + 1) / threads;
+    part[static_cast<std::size_t>(t) * 16] = seqmix::simd::sum(w + a, b - a);
+  });
+  float s = 0;
+  for (int t = 0; t < threads; ++t) s += part[static_cast<std::size_t>(t) * 16];
+  return s;
+}
 
 template <class W>
 struct block_weights {
@@ -98,20 +122,26 @@ void BM_moe_grouped(benchmark::State& state) {
   const auto m = b.make(seqmix::moe_options::mixtral(k));
   seqmix::tensor<float, 2> y({T, D});
   km::balance_stats stats;
-  double busy_max = 0, busy_mean = 0, n = 0;
+  double busy_max = 0, busy_mean = 0, n = 0, cbusy_max = 0, cbusy_mean = 0;
   index_t max_rows = 0;
+  auto max_mean = [](const std::vector<double>& v, double& mx, double& mean) {
+    double top = 0, sum = 0;
+    for (double s : v) {
+      top = std::max(top, s);
+      sum += s;
+    }
+    mx += top;
+    mean += v.empty() ? 0.0 : sum / double(v.size());
+  };
+  const double cpu0 = process_cpu_seconds();
   for (auto _ : state) {
     m.forward_grouped(x, y, {}, &stats);
     benchmark::ClobberMemory();
-    double mx = 0, sum = 0;
-    for (double s : stats.busy_seconds) {
-      mx = std::max(mx, s);
-      sum += s;
-    }
-    busy_max += mx;
-    busy_mean += sum / double(stats.busy_seconds.size());
+    max_mean(stats.busy_seconds, busy_max, busy_mean);
+    max_mean(stats.busy_cpu_seconds, cbusy_max, cbusy_mean);
     n += 1;
   }
+  const double cpu = process_cpu_seconds() - cpu0;
   {
     // tokens of the busiest expert (first choices and all), from one routed call
     seqmix::tensor<index_t, 2> ids({T, k});
@@ -131,6 +161,17 @@ void BM_moe_grouped(benchmark::State& state) {
   state.counters["expert_GFLOPs"] = expert_flops / region * 1e-9;
   state.counters["expert_pct_peak"] = expert_flops / region * 100.0 / (peak_per_thread * threads);
   state.counters["busy_max_over_mean"] = busy_max / busy_mean;
+  // the same from each thread's CPU time in the region (a shared machine's descheduling does
+  // not count), and the whole call's process CPU time per thread: ms_cpu (1 thread: the call's
+  // time as if alone), expert_pct_peak_cpu (experts' FLOP over the busiest thread's CPU time)
+  if (cbusy_mean > 0) {
+    state.counters["busy_max_over_mean_cpu"] = cbusy_max / cbusy_mean;
+    state.counters["expert_pct_peak_cpu"] =
+        expert_flops / (cbusy_max / n) * 100.0 / (peak_per_thread * threads);
+  }
+  state.counters["ms_cpu"] = cpu / double(state.iterations()) / threads * 1e3;
+  state.counters["pct_peak_cpu"] =
+      flops / (cpu / double(state.iterations()) / threads) * 100.0 / (peak_per_thread * threads);
   state.counters["max_expert_share"] = double(max_rows) / double(T * k);
   state.counters["items"] = double(stats.items);
 }
@@ -159,6 +200,36 @@ void BM_moe_decode(benchmark::State& state) {
   }
   const double bytes =
       (double(k) * 3.0 * double(D) * double(I) + double(E) * double(D)) * sizeof(W);
+  {
+    // x_bound: this token's time / the time of a plain read of the same bytes (the weights of
+    // k experts and the router of another copy, not in cache either), summed over 16
+    // interleaved pairs right after the timed loop (target <= 1.3); x_bound_cpu: the same from
+    // process CPU time, which a shared machine blurs less
+    double ts = 0, tr = 0, cs = 0, cr = 0;
+    float sink = 0;
+    for (int r = 0; r < 16; ++r) {
+      const auto& m = mixers[i % mixers.size()];
+      const auto& other = blocks[(i + mixers.size() / 2) % blocks.size()];
+      const double t0 = wall_seconds(), c0 = process_cpu_seconds();
+      m.step(xs.view().select<0>(index_t(i % 64)), y);
+      benchmark::ClobberMemory();
+      const double t1 = wall_seconds(), c1 = process_cpu_seconds();
+      const auto fl = [](const W* p) { return reinterpret_cast<const float*>(p); };
+      const index_t wb = index_t(sizeof(W));  // floats = weights · wb / 4
+      sink += plain_read(fl(other.gate_up.data()), k * 2 * I * D * wb / 4, threads);
+      sink += plain_read(fl(other.down.data()), k * D * I * wb / 4, threads);
+      sink += plain_read(fl(other.router.data()), E * D * wb / 4, threads);
+      const double t2 = wall_seconds(), c2 = process_cpu_seconds();
+      ts += t1 - t0;
+      tr += t2 - t1;
+      cs += c1 - c0;
+      cr += c2 - c1;
+      ++i;
+    }
+    benchmark::DoNotOptimize(sink);
+    state.counters["x_bound"] = ts / tr;
+    state.counters["x_bound_cpu"] = cs / cr;
+  }
   seqmix_bench::report_rates(state, 1.0, block_flops(1, D, E, k, I), bytes);
   using benchmark::Counter;
   state.counters["GBs"] = Counter(bytes * 1e-9, Counter::kIsIterationInvariantRate);

@@ -193,7 +193,10 @@ void check_against_reference(const reference::moe_result<double>& ref, const run
   CHECK(cl.rel_rms <= tol);
   if (flips == 0) {
     CHECK(std::abs(out.res.aux_loss - ref.aux_loss) <= 1e-6 * std::abs(ref.aux_loss));
-    CHECK(std::abs(out.res.z_loss - ref.z_loss) <= 1e-5 * std::abs(ref.z_loss));
+    // z = mean(lse²): an f32 error δ of the logits moves it by ~2·sqrt(z)·δ, which dominates
+    // 1e-5·z when lse is near 0 (δ ~ 4e-7 for these logits)
+    CHECK(std::abs(out.res.z_loss - ref.z_loss) <=
+          1e-5 * std::abs(ref.z_loss) + 2e-6 * std::sqrt(std::abs(ref.z_loss)));
     CHECK(out.res.dropped == ref.dropped);
   }
 }

@@ -20,16 +20,28 @@
 //    blocks go through a per-thread tile buffer; after the last block the epilogue is applied
 //    to the accumulators in registers and C is written once.
 //  * M <= 8 (decode): a GEMV kernel that streams each weight row once (threads over N in
-//    contiguous row ranges), with M × (4, 2 or 1 rows) accumulators along K.
+//    contiguous row ranges). M = 1: one row after another (a single sequential stream, which
+//    the hardware prefetcher follows even when rows are short, as a MoE expert's are), 4
+//    accumulators per row over even/odd-split 32-blocks (bf16 widened by a shift and a mask);
+//    M = 2..8: M × (4, 2 or 1 rows) accumulators along K.
 //  * Determinism: every output element is one fma chain over k = 0..K-1 in order (GEMM path) or
 //    a dot of fixed shape (decode path, which depends on M only); K is never split across
 //    threads and no blocking choice changes the chain, so results are bitwise identical for any
 //    thread count.
 //  * bf16 weights are widened exactly: results equal the f32 path on the widened weights, bit
 //    for bit, at the f32 speed. The opt-in `matmul_precision::bf16_dot` rounds A to bf16 (rel.
-//    RMS error of C vs exact ~1.7e-3) and runs on AMX tiles where the CPU and Linux allow it
-//    (2.7-4.2x the f32 rate per CPU-second on the dev machine), else on vdpbf16ps (0.73x there:
-//    it issues at 0.26x the FMA rate), else in f32 on the rounded A; bf16_dot_engine() says which.
+//    RMS error of C vs exact ~1.7e-3; vdpbf16ps and AMX also flush denormals to zero) and runs
+//    on AMX tiles where the CPU and Linux allow it (2.7-4.2x the f32 rate per CPU-second on the
+//    Intel Xeon), else on vdpbf16ps (AMD Zen 4: it issues at the FMA rate with twice the
+//    multiply-adds; A rounded and packed once per call, B packed through 16×16 transposes: 1.6-
+//    1.9x the f32 rate per CPU-second on the AMD EPYC, 1 and 2 threads, M >= 512; 0.73x on the
+//    Xeon, where it issues at 0.26x the FMA rate), else in f32 on the rounded A;
+//    bf16_dot_engine() says which. M <= 8 computes in f32 on the rounded A (bandwidth-bound).
+//  * Measured on the 2-core AMD EPYC (Zen 4, 32 KiB L1d, 1 MiB L2; load average 9-13 from other
+//    jobs, GFLOP per CPU-second, best of 3-5 interleaved calls): f32 1 thread 84-97 (0.95-1.04x
+//    OpenBLAS 0.3.21's COOPERLAKE kernel, 72-83 % of 117), 2 threads 167-183 (0.95-1.04x);
+//    KC 128/192 measured slower than 256. Decode M = 1 from DRAM, 1024 × 512 and 512 × 1024
+//    (a MoE expert): f32 0.85-0.95x a plain read of the same bytes, bf16 0.65-0.9x.
 //  * Measured on the 2-core dev VM (bench_linalg, GFLOP per CPU-second, the machine shared):
 //    f32 1 thread 112-128 (0.73-0.86x OpenBLAS 0.3.21, 0.85-0.95x Eigen 3.4), 2 threads 160-240
 //    (0.56-0.80x OpenBLAS); the register kernel alone, operands in L1, runs at ~200 (the FMA peak
@@ -153,7 +165,7 @@ inline batch<float> fmadd(const batch<float>& a, const batch<float>& b, const ba
 /// Grow-only per-thread scratch (OpenMP's threads persist, so steady-state calls allocate
 /// nothing).
 inline float* scratch(int which, std::size_t n) {
-  thread_local std::vector<float> buf[5];  // B slab, tiles, A block / decode rows, A copy
+  thread_local std::vector<float> buf[6];  // B slab, tiles, A block, A copy, decode rows, xp
   auto& v = buf[which];
   if (v.size() < n) v.resize(n);
   return v.data();
@@ -495,6 +507,98 @@ void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K,
 // ---- decode path (M <= 8) ------------------------------------------------------------------
 
 /// raw[m·ldr + j - j0] = dot(A[m, :], B[j, :]) for j in [j0, j1), M rows.
+/// M = 1: the weight rows one after another, i.e. one sequential stream through memory (the
+/// rows of a matrix are contiguous), which the hardware prefetcher follows from the first lines;
+/// several rows read in parallel are several short streams when K is small (a MoE expert's 512
+/// to 1024), and those it learns too late (measured on the AMD EPYC, 1024 × 512 bf16 from DRAM:
+/// 8 rows in parallel 7-8 GB/s, one row at a time 13 GB/s, and 20+ with the cheap widening
+/// below). Each row runs 4 accumulators over 64-wide steps of k: on AVX-512 a 32-wide block is
+/// split into its even and odd elements (bf16: a shift and a mask of one load, no shuffle; f32:
+/// two permutes of two loads, the same values in the same lanes), multiplied by `xp`, the
+/// activation row permuted alike (gemv_permute_x); a last 32-block goes to accumulators 0 and 1,
+/// a last full vector and the partial tail to accumulator 0 in plain order; the row's value is
+/// reduce((a0 + a1) + (a2 + a3)). f32 and bf16 weights (widened) take the same chain, bit for bit.
+inline constexpr index_t gemv_blk = 2 * L;
+
+/// xp for gemv_row1: per 32-block (AVX-512) xp[b + i] = x[b + 2i], xp[b + 16 + i] = x[b + 2i + 1];
+/// the rest (and elsewhere all of it) unpermuted.
+inline void gemv_permute_x(const float* x, index_t K, float* xp) {
+  index_t k = 0;
+#if defined(__AVX512F__)
+  for (; k + gemv_blk <= K; k += gemv_blk) {
+    for (index_t i = 0; i < L; ++i) {
+      xp[k + i] = x[k + 2 * i];
+      xp[k + L + i] = x[k + 2 * i + 1];
+    }
+  }
+#endif
+  for (; k < K; ++k) xp[k] = x[k];
+}
+
+#if defined(__AVX512F__)
+/// The even and odd elements of weights p[0 .. 32) as f32.
+inline void split_even_odd(const bf16* p, __m512& even, __m512& odd) {
+  const __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
+}
+inline void split_even_odd(const float* p, __m512& even, __m512& odd) {
+  const __m512 w0 = _mm512_loadu_ps(p), w1 = _mm512_loadu_ps(p + 16);
+  const __m512i ie = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i io = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  even = _mm512_permutex2var_ps(w0, ie, w1);
+  odd = _mm512_permutex2var_ps(w0, io, w1);
+}
+#endif
+
+template <class W>
+void gemv_row1(const float* a, const float* xp, const W* b, index_t ldb, index_t K, index_t j0,
+               index_t j1, float* raw) {
+  const index_t kv = K / L * L;
+#if defined(__AVX512F__)
+  const index_t k64 = K / (2 * gemv_blk) * (2 * gemv_blk), k32 = K / gemv_blk * gemv_blk;
+#else
+  const index_t k64 = K / (4 * L) * (4 * L), k32 = k64;
+  (void)xp;
+#endif
+  for (index_t j = j0; j < j1; ++j) {
+    const W* br = b + j * ldb;
+    batch<float> acc0(0.0f), acc1(0.0f), acc2(0.0f), acc3(0.0f);
+    index_t k = 0;
+#if defined(__AVX512F__)
+    for (; k < k64; k += 2 * gemv_blk) {
+      __m512 e0, o0, e1, o1;
+      split_even_odd(br + k, e0, o0);
+      split_even_odd(br + k + gemv_blk, e1, o1);
+      acc0 = fmadd(simd::load(xp + k), batch<float>(e0), acc0);
+      acc1 = fmadd(simd::load(xp + k + L), batch<float>(o0), acc1);
+      acc2 = fmadd(simd::load(xp + k + 2 * L), batch<float>(e1), acc2);
+      acc3 = fmadd(simd::load(xp + k + 3 * L), batch<float>(o1), acc3);
+    }
+    if (k < k32) {
+      __m512 e0, o0;
+      split_even_odd(br + k, e0, o0);
+      acc0 = fmadd(simd::load(xp + k), batch<float>(e0), acc0);
+      acc1 = fmadd(simd::load(xp + k + L), batch<float>(o0), acc1);
+      k += gemv_blk;
+    }
+#else
+    for (; k < k64; k += 4 * L) {
+      acc0 = fmadd(simd::load(a + k), load_w(br + k), acc0);
+      acc1 = fmadd(simd::load(a + k + L), load_w(br + k + L), acc1);
+      acc2 = fmadd(simd::load(a + k + 2 * L), load_w(br + k + 2 * L), acc2);
+      acc3 = fmadd(simd::load(a + k + 3 * L), load_w(br + k + 3 * L), acc3);
+    }
+#endif
+    (void)k32;
+    for (; k < kv; k += L) acc0 = fmadd(simd::load(a + k), load_w(br + k), acc0);
+    if (kv < K) {
+      acc0 = fmadd(simd::load_partial(a + kv, K - kv), load_w_partial(br + kv, K - kv), acc0);
+    }
+    raw[j - j0] = simd::reduce_sum((acc0 + acc1) + (acc2 + acc3));
+  }
+}
+
 template <index_t M, class W>
 void gemv_rows(const float* a, index_t lda, const W* b, index_t ldb, index_t K, index_t j0,
                index_t j1, float* raw, index_t ldr) {
@@ -550,7 +654,18 @@ void gemv_dispatch(std::integer_sequence<index_t, I...>, index_t M, const float*
 
 /// Rounds a row of f32 to bf16 values held as f32 (nearest-even), for the bf16_dot option.
 inline void round_row_bf16(const float* src, index_t sa, float* dst, index_t n) {
-  for (index_t k = 0; k < n; ++k) dst[k] = to_float(bf16_from_float(src[k * sa]));
+  if (sa != 1) {
+    for (index_t k = 0; k < n; ++k) dst[k] = to_float(bf16_from_float(src[k * sa]));
+    return;
+  }
+  // the vectorised exact conversions of core/dtype.hpp, through a small buffer
+  constexpr index_t chunk = 512;
+  bf16 tmp[chunk];
+  for (index_t k = 0; k < n; k += chunk) {
+    const auto w = static_cast<std::size_t>(std::min(chunk, n - k));
+    from_float(src + k, tmp, w);
+    to_float(tmp, dst + k, w);
+  }
 }
 
 #if defined(__AVX512BF16__)
@@ -579,7 +694,19 @@ inline void pack_b_pairs(const bf16* b, index_t ldb, index_t j0, index_t nc, ind
     std::uint32_t* d = dst + p * K2 * NR;
     const index_t cols = std::min(NR, nc - p * NR);
     const bf16* src = b + (j0 + p * NR) * ldb;
-    for (index_t q = 0; q < Kq; ++q) {
+    index_t q = 0;
+    if (cols == NR) {
+      // 16 rows × 16 pairs (32 bf16) at a time: a 32-bit 16×16 transpose through registers
+      for (; 2 * (q + 16) <= K; q += 16) {
+        for (index_t h = 0; h < NR; h += 16) {
+          __m512 r[16];
+          for (index_t i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (h + i) * ldb + 2 * q);
+          transpose16(r);
+          for (index_t qq = 0; qq < 16; ++qq) _mm512_storeu_ps(d + (q + qq) * NR + h, r[qq]);
+        }
+      }
+    }
+    for (; q < Kq; ++q) {
       const index_t k = 2 * q;
       for (index_t jj = 0; jj < NR; ++jj) {
         const bf16* row = src + jj * ldb;
@@ -590,20 +717,40 @@ inline void pack_b_pairs(const bf16* b, index_t ldb, index_t j0, index_t nc, ind
   }
 }
 
-/// A rows [i0, i0 + mc) × depth [p0, p0 + kc) (p0 even) as MR-row panels of ceil(kc/2) × MR pairs.
-inline void pack_a_pairs(const float* a, index_t lda, index_t i0, index_t mc, index_t p0,
-                         index_t kc, std::uint32_t* dst) {
-  const index_t kc2 = (kc + 1) / 2;
-  for (index_t t = 0; t * MR < mc; ++t) {
-    std::uint32_t* d = dst + t * kc2 * MR;
-    const index_t rows = std::min(MR, mc - t * MR);
-    const float* src = a + (i0 + t * MR) * lda + p0;
-    for (index_t q = 0; q < kc2; ++q) {
-      const index_t k = 2 * q;
-      for (index_t r = 0; r < MR; ++r) {
-        const float* row = src + r * lda;
-        d[q * MR + r] =
-            r < rows ? pair_bits(bf16_bits(row[k]), k + 1 < kc ? bf16_bits(row[k + 1]) : 0) : 0;
+/// The whole of A (rows [0, M), rounded to bf16 here: nearest-even, exactly as bf16_from_float)
+/// packed once per call for the pair kernel: for each KC-deep block (pc) and MR-row tile t, a
+/// panel of ceil(kc / 2) × MR pairs at dst + (pc / 2)·Mt·MR + t·ceil(kc / 2)·MR (Mt = ceil(M /
+/// MR) tiles; rows past M and the odd k past K are zero). Tiles [t0, t1) only (threads split
+/// the tiles; the layout does not depend on the split).
+inline void pack_a_pairs_all(tensor_view<const float, 2> a, index_t t0, index_t t1,
+                             std::uint32_t* dst) {
+  const index_t M = a.extent(0), K = a.extent(1), Mt = (M + MR - 1) / MR;
+  thread_local std::vector<bf16> row_buf;
+  if (row_buf.size() < static_cast<std::size_t>(K + 1))
+    row_buf.resize(static_cast<std::size_t>(K + 1));
+  bf16* row = row_buf.data();
+  row[K] = bf16{};
+  for (index_t t = t0; t < t1; ++t) {
+    for (index_t r = 0; r < MR; ++r) {
+      const index_t i = t * MR + r;
+      if (i < M) {
+        const float* src = a.data() + i * a.stride(0);
+        if (a.stride(1) == 1) {
+          from_float(src, row, static_cast<std::size_t>(K));
+        } else {
+          for (index_t k = 0; k < K; ++k) row[k] = bf16_from_float(src[k * a.stride(1)]);
+        }
+      }
+      for (index_t pc = 0; pc < K; pc += KC) {
+        const index_t kc2 = (std::min(KC, K - pc) + 1) / 2;
+        std::uint32_t* d = dst + (pc / 2) * Mt * MR + t * kc2 * MR + r;
+        if (i < M) {
+          for (index_t q = 0; q < kc2; ++q) {
+            d[q * MR] = pair_bits(row[pc + 2 * q].bits, row[pc + 2 * q + 1].bits);
+          }
+        } else {
+          for (index_t q = 0; q < kc2; ++q) d[q * MR] = 0;
+        }
       }
     }
   }
@@ -645,18 +792,18 @@ inline void micro_tile_pairs(index_t kc2, const std::uint32_t* ap, const std::ui
   }
 }
 
-/// gemm_block on bf16 pairs (A already rounded to bf16 values).
-inline void gemm_block_pairs(const float* a, index_t lda, const bf16* b, index_t ldb, index_t K,
-                             index_t m0, index_t m1, index_t n0, index_t n1, const epilogue& ep) {
+/// gemm_block on bf16 pairs: A packed by pack_a_pairs_all (Mt tiles), rows [m0, m1) with m0 a
+/// multiple of MR.
+inline void gemm_block_pairs(const std::uint32_t* apk, index_t Mt, const bf16* b, index_t ldb,
+                             index_t K, index_t m0, index_t m1, index_t n0, index_t n1,
+                             const epilogue& ep) {
   static_assert(L == 16 && NR == 32 && KC % 2 == 0, "the pair kernel is written for 12 x 32");
   const index_t K2 = (K + 1) / 2;
   index_t nc_max =
       slab_bytes / (index_t(sizeof(std::uint32_t)) * std::max<index_t>(K2, 1) * NR) * NR;
   nc_max = std::clamp<index_t>(nc_max, NR, max_nc);
   const index_t panels_max = nc_max / NR;
-  const index_t kc_max = std::min(KC, K);
   std::uint32_t* bpack = scratch_pairs(0, static_cast<std::size_t>(panels_max * NR * K2));
-  std::uint32_t* apack = scratch_pairs(1, static_cast<std::size_t>(MC * ((kc_max + 1) / 2)));
   float* tiles = scratch(1, static_cast<std::size_t>((MC / MR) * panels_max * MR * NR));
   for (index_t jc = n0; jc < n1; jc += nc_max) {
     const index_t nc = std::min(nc_max, n1 - jc);
@@ -668,7 +815,7 @@ inline void gemm_block_pairs(const float* a, index_t lda, const bf16* b, index_t
         const index_t kc = std::min(KC, K - pc);
         const index_t kc2 = (kc + 1) / 2;
         const bool last = pc + kc == K;
-        pack_a_pairs(a, lda, ic, mc, pc, kc, apack);
+        const std::uint32_t* apack = apk + (pc / 2) * Mt * MR + (ic / MR) * kc2 * MR;
         for (index_t jr = 0; jr < panels; ++jr) {
           const std::uint32_t* bp = bpack + jr * K2 * NR + (pc / 2) * NR;
           const index_t j0 = jc + jr * NR;
@@ -878,8 +1025,44 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
     return;
   }
 
-  // A with unit inner stride (and rounded to bf16 for the bf16_dot option); otherwise a copy.
   const bool round_a = opt.precision == matmul_precision::bf16_dot;
+  const index_t T = std::max(1, num_threads());
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<W, bf16>) {
+    bool pairs = round_a && M > gemv_max_m;
+#if defined(SEQMIX_MATMUL_AMX)
+    pairs = pairs && !amx_usable();
+#endif
+    if (pairs) {
+      // vdpbf16ps: A rounded and packed once for all threads (each thread packs whole tiles),
+      // then threads own column ranges of whole NR panels, or row ranges of whole MR tiles when
+      // there are fewer panels than threads (as the f32 GEMM below)
+      const index_t Mt = (M + MR - 1) / MR, panels = (N + NR - 1) / NR;
+      std::uint32_t* apk = scratch_pairs(1, static_cast<std::size_t>(Mt * MR * ((K + 1) / 2)));
+      const index_t pack_parts = std::min<index_t>(T, Mt);
+      parallel_for(pack_parts, [&](index_t t) {
+        pack_a_pairs_all(a, Mt * t / pack_parts, Mt * (t + 1) / pack_parts, apk);
+      });
+      const bool by_cols = panels >= T || panels >= Mt;
+      const index_t parts = std::min<index_t>(T, by_cols ? panels : Mt);
+      const bf16* bp = b.data();
+      parallel_for(parts, [&](index_t t) {
+        if (by_cols) {
+          const index_t n0 = std::min(N, panels * t / parts * NR);
+          const index_t n1 = std::min(N, panels * (t + 1) / parts * NR);
+          if (n1 > n0) gemm_block_pairs(apk, Mt, bp, b.stride(0), K, 0, M, n0, n1, ep);
+        } else {
+          const index_t m0 = std::min(M, Mt * t / parts * MR);
+          const index_t m1 = std::min(M, Mt * (t + 1) / parts * MR);
+          if (m1 > m0) gemm_block_pairs(apk, Mt, bp, b.stride(0), K, m0, m1, 0, N, ep);
+        }
+      });
+      return;
+    }
+  }
+#endif
+
+  // A with unit inner stride (and rounded to bf16 for the bf16_dot option); otherwise a copy.
   const float* ap = a.data();
   index_t lda = a.stride(0);
   if (round_a || (K > 1 && a.stride(1) != 1)) {
@@ -898,11 +1081,23 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
   }
   const W* bp = b.data();
   const index_t ldb = b.stride(0);
-  const index_t T = std::max(1, num_threads());
 
   if (M <= gemv_max_m) {
     // Decode: threads over N in contiguous ranges of weight rows (multiples of 4).
     const index_t chunks = std::min<index_t>(T, (N + 3) / 4);
+    if (M == 1) {
+      float* xp = scratch(5, static_cast<std::size_t>(K));
+      gemv_permute_x(ap, K, xp);
+      parallel_for(chunks, [&](index_t t) {
+        const index_t j0 = (N / 4) * t / chunks * 4;
+        const index_t j1 = t + 1 == chunks ? N : (N / 4) * (t + 1) / chunks * 4;
+        if (j1 <= j0) return;
+        float* raw = scratch(4, static_cast<std::size_t>(j1 - j0));
+        gemv_row1(ap, xp, bp, ldb, K, j0, j1, raw);
+        ep.row(0, j0, j1 - j0, raw);
+      });
+      return;
+    }
     parallel_for(chunks, [&](index_t t) {
       const index_t j0 = (N / 4) * t / chunks * 4;
       const index_t j1 = t + 1 == chunks ? N : (N / 4) * (t + 1) / chunks * 4;
@@ -947,11 +1142,6 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
   const bool by_cols = panels >= T || panels >= row_tiles;
   const index_t parts = std::min<index_t>(T, by_cols ? panels : row_tiles);
   auto block = [&](index_t m0, index_t m1, index_t n0, index_t n1) {
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<W, bf16>) {
-      if (round_a) return gemm_block_pairs(ap, lda, bp, ldb, K, m0, m1, n0, n1, ep);
-    }
-#endif
     gemm_block(ap, lda, bp, ldb, K, m0, m1, n0, n1, ep);
   };
   parallel_for(parts, [&](index_t t) {

@@ -56,6 +56,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <time.h>
+#endif
+
 #include <seqmix/core/dtype.hpp>
 #include <seqmix/core/error.hpp>
 #include <seqmix/core/matmul.hpp>
@@ -183,8 +187,10 @@ struct router_outputs {
 
 /// Load balance of the grouped form's expert region (optional, for benchmarks).
 struct balance_stats {
-  std::vector<double> busy_seconds;  ///< per thread, time spent in work items
-  index_t items = 0;                 ///< work items of the last call
+  std::vector<double> busy_seconds;      ///< per thread, wall time spent in work items
+  std::vector<double> busy_cpu_seconds;  ///< per thread, its CPU time in work items (Linux;
+                                         ///< else empty): what a shared machine does not blur
+  index_t items = 0;                     ///< work items of the last call
   double max_over_mean() const {
     if (busy_seconds.empty()) return 0;
     double mx = 0, sum = 0;
@@ -533,6 +539,17 @@ inline double router_z_loss(tensor_view<const float, 2> logits,
   return z / double(T);
 }
 
+/// CPU time of the calling thread (0 where the platform has no per-thread clock).
+inline double thread_cpu_seconds() {
+#if defined(__linux__)
+  timespec t{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+#else
+  return 0.0;
+#endif
+}
+
 /// Grouped (training / prefill) form. p validated by the front.
 template <class W>
 result run_grouped(const checker& check, const problem<W>& p) {
@@ -683,6 +700,9 @@ result run_grouped(const checker& check, const problem<W>& p) {
   if (has_shared) shared_gates(p, sg, T);
   if (p.stats) {
     p.stats->busy_seconds.assign(uz(threads), 0.0);
+#if defined(__linux__)
+    p.stats->busy_cpu_seconds.assign(uz(threads), 0.0);
+#endif
     p.stats->items = n_items;
   }
   // Items go to workers by a fixed rule (longest processing time first: each item, largest
@@ -704,6 +724,8 @@ result run_grouped(const checker& check, const problem<W>& p) {
   const bool x_rows = p.x.stride(1) == 1 || D == 1;
   parallel_for_with_slot(threads, [&](index_t worker, int tid) {
     const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = p.stats ? thread_cpu_seconds() : 0.0;
+    (void)c0;
     for (index_t q = 0; q < n_items; ++q) {
       if (owner[q] != worker) continue;
       const work_item it = items[q];
@@ -738,6 +760,9 @@ result run_grouped(const checker& check, const problem<W>& p) {
     if (p.stats) {
       p.stats->busy_seconds[uz(tid)] +=
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+#if defined(__linux__)
+      p.stats->busy_cpu_seconds[uz(tid)] += thread_cpu_seconds() - c0;
+#endif
     }
   });
 
