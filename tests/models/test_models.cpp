@@ -904,8 +904,10 @@ TEST_CASE("models: a seqmix config builds a Linear-MoE stack: prefill + decode =
   const index_t T = 32, n = 8;
   const auto ids = seqmix_ids(T + n);
   using variant = std::tuple<std::string, std::string, std::string>;
-  const std::vector<variant> variants{
-      {"gdn", "softmax", "moe"}, {"mamba2", "gated", "dense"}, {"gdn", "gated", "MDMD"}};
+  const std::vector<variant> variants{{"gdn", "softmax", "moe"},
+                                      {"mamba2", "gated", "dense"},
+                                      {"gdn", "gated", "MDMD"},
+                                      {"kda", "softmax", "moe"}};
   for (const auto& [linear, attention, ffn] : variants) {
     const std::string what = "seqmix " + linear + "/" + attention + "/" + ffn;
     auto j = seqmix_json(linear, attention, ffn, 3);

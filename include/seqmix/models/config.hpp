@@ -22,7 +22,8 @@
 //                                                                            first_k_dense_replace
 //                                                                            / moe_layer_freq)
 //
-//   seqmix             "pattern" of L = linear ("linear": "gdn" or "mamba2")  "ffn": "moe",
+//   seqmix             "pattern" of L = linear ("linear": "gdn", "mamba2" or  "ffn": "moe",
+//                      "kda"),
 //                      and A = attention ("attention": "softmax", GQA +       "dense", or one
 //                      RoPE, or "gated", Qwen3-Next's); random weights from   letter M / D per
 //                      "seed" (hybrid_model::random; no checkpoint needed)    layer
@@ -704,9 +705,11 @@ inline model_config parse_seqmix(const config_reader& r) {
     lin = mixer_kind::gated_deltanet;
   } else if (linear == "mamba2") {
     lin = mixer_kind::mamba2;
+  } else if (linear == "kda") {
+    lin = mixer_kind::kda;
   } else {
     config_fail(r.source(), "field \"linear\" is \"" + linear +
-                                "\": expected \"gdn\" (gated_deltanet) or \"mamba2\"");
+                                "\": expected \"gdn\" (gated_deltanet), \"mamba2\" or \"kda\"");
   }
   c.layers.resize(static_cast<std::size_t>(L));
   for (index_t i = 0; i < L; ++i) {
@@ -766,6 +769,12 @@ inline model_config parse_seqmix(const config_reader& r) {
   mb.norm_eps = c.norm_eps;
   mb.use_conv_bias = true;
   mb.use_bias = false;
+  auto& kd = c.kda;
+  kd.hidden = c.hidden;
+  kd.heads = LH;
+  kd.head_dim = ldim;
+  kd.conv_kernel = conv;
+  kd.norm_eps = c.norm_eps;
   if (lin == mixer_kind::mamba2 && LH % mb.groups != 0)
     config_fail(r.source(), "field \"linear_num_heads\" must be a multiple of \"n_groups\"");
   // feed-forward: "moe", "dense", or one letter per layer (M = MoE, D = dense)

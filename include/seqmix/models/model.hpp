@@ -245,7 +245,7 @@ class hybrid_model {
 
   /// A model of `cfg` with random weights drawn from cfg.seed (same seed: bitwise the same
   /// weights): matrices N(0, 1/fan_in), embeddings N(0, 1), norms 1, Mamba2/GDN decay and
-  /// dt parameters in their usual ranges. Layers: Gated DeltaNet, (gated) attention, Mamba2;
+  /// dt parameters in their usual ranges. Layers: Gated DeltaNet, (gated) attention, Mamba2, KDA;
   /// feed-forward: dense SwiGLU or a per-expert MoE (qwen3_next names, optional shared expert).
   /// The weights pass through a temporary safetensors file (the checkpoint loader reads files).
   static hybrid_model random(const model_config& cfg) {
@@ -668,10 +668,27 @@ class hybrid_model {
         add(q + "D", {H}, init_kind::ones);
         add(q + "norm.weight", {I}, init_kind::ones);
         add(q + "out_proj.weight", {D, I});
+      } else if (s.mixer == mixer_kind::kda) {
+        const auto& k = cfg.kda;
+        const index_t H = k.heads, d = k.head_dim, Hd = H * d;
+        const std::string q = p + "self_attn.";
+        for (const char* x : {"q", "k", "v"}) {
+          add(q + x + "_proj.weight", {Hd, D});
+          add(q + x + "_conv1d.weight", {Hd, 1, k.conv_kernel});
+        }
+        add(q + "f_a_proj.weight", {d, D});  // gate LoRA of rank head_dim (as Kimi)
+        add(q + "f_b_proj.weight", {Hd, d});
+        add(q + "b_proj.weight", {H, D});
+        add(q + "A_log", {H}, init_kind::a_log);
+        add(q + "dt_bias", {Hd}, init_kind::dt_bias);
+        add(q + "g_a_proj.weight", {d, D});
+        add(q + "g_b_proj.weight", {Hd, d});
+        add(q + "o_norm.weight", {d}, init_kind::ones);
+        add(q + "o_proj.weight", {D, Hd});
       } else {
         check.fail("config", std::string("random weights of ") + mixer_name(s.mixer) +
-                                 " layers are not implemented (gated_deltanet, attention and "
-                                 "mamba2 are)");
+                                 " layers are not implemented (gated_deltanet, attention, "
+                                 "mamba2 and kda are)");
       }
       const std::string f = p + cfg.ffn_prefix;
       if (s.ffn == ffn_kind::moe) {
