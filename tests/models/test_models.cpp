@@ -792,7 +792,7 @@ TEST_CASE("models: a prefill in two parts == one prefill (the cache continues)",
   }
 }
 
-TEST_CASE("kda_layer, mla_attention: prefill then steps == one prefill; cache rows == own caches",
+TEST_CASE("kda_layer, mla_attention: prefill then steps == one prefill, cache rows == own caches",
           "[models][kimi]") {
   const std::string name = "kimi_linear";
   const auto cfg = models::load_config(model_dir(name));
