@@ -205,7 +205,7 @@ std::vector<entry> registry() {
     r.push_back({name, "step", flops_gated_recurrent(), [step](auto& st, index_t B, index_t) {
                    token tk(B);
                    tensor<float, 4> S({B, H, K, V});
-                   for (auto _ : st) {
+                   for ([[maybe_unused]] auto _ : st) {
                      step(tk, S);
                      benchmark::DoNotOptimize(tk.o.data());
                    }
@@ -276,7 +276,7 @@ std::vector<entry> registry() {
                  token tk(B);
                  tensor<float, 4> S({B, H, K, V});
                  seqmix::delta_net<float> m;
-                 for (auto _ : st) {
+                 for ([[maybe_unused]] auto _ : st) {
                    m.step(tk.q, tk.k, tk.v, tk.beta, tk.o, S);
                    benchmark::DoNotOptimize(tk.o.data());
                  }
@@ -302,7 +302,7 @@ std::vector<entry> registry() {
          token tk(B);
          tensor<float, 4> S({B, H, K, V});
          seqmix::gated_delta_net<float> m;
-         for (auto _ : st) {
+         for ([[maybe_unused]] auto _ : st) {
            m.step(tk.q, tk.k, tk.v, tk.g, tk.beta, tk.o, S);
            benchmark::DoNotOptimize(tk.o.data());
          }
@@ -340,7 +340,7 @@ std::vector<entry> registry() {
                  token tk(B);
                  tensor<float, 4> S({B, H, K, V});
                  const seqmix::kda<float> m;
-                 for (auto _ : st) {
+                 for ([[maybe_unused]] auto _ : st) {
                    m.step(tk.q, tk.k, tk.v, tk.gk, tk.beta, tk.o, S);
                    benchmark::DoNotOptimize(tk.o.data());
                  }
@@ -367,7 +367,7 @@ std::vector<entry> registry() {
                  const auto a = ab(tk.k, -1.f), b = ab(tk.k, 0.5f);
                  tensor<float, 4> S({B, H, K, V});
                  const seqmix::rwkv7<float> m;
-                 for (auto _ : st) {
+                 for ([[maybe_unused]] auto _ : st) {
                    m.step(tk.q, tk.k, tk.v, tk.gk, a, b, tk.o, S);
                    benchmark::DoNotOptimize(tk.o.data());
                  }
@@ -403,7 +403,7 @@ std::vector<entry> registry() {
                  seqmix::softmax_attention<float> m;
                  auto cache = m.make_cache(B, H, K, V, L + 1);
                  m.forward_chunked(in.q, in.k, in.v, in.o, cache);
-                 for (auto _ : st) {
+                 for ([[maybe_unused]] auto _ : st) {
                    m.step(tk.q, tk.k, tk.v, tk.o, cache);
                    for (index_t b = 0; b < B; ++b) cache.truncate(b, L);
                    benchmark::DoNotOptimize(tk.o.data());
@@ -435,7 +435,7 @@ std::vector<entry> registry() {
                  seqmix::sliding_window_attention<float> m({.window = W});
                  auto cache = m.make_cache(B, H, K, V);
                  m.forward_chunked(in.q, in.k, in.v, in.o, cache);
-                 for (auto _ : st) {
+                 for ([[maybe_unused]] auto _ : st) {
                    m.step(tk.q, tk.k, tk.v, tk.o, cache);
                    benchmark::DoNotOptimize(tk.o.data());
                  }
@@ -466,7 +466,7 @@ std::vector<entry> registry() {
                  const seqmix::native_sparse_attention<float>::step_gates g1{tk.beta, tk.beta, {}};
                  auto cache = m.make_cache(B, 1, K, V, L + 1);
                  m.forward(in.q, k1, v1, g, in.o, cache);
-                 for (auto _ : st) {
+                 for ([[maybe_unused]] auto _ : st) {
                    m.step(tk.q, kt, vt, g1, tk.o, cache);
                    for (index_t b = 0; b < B; ++b) cache.truncate(b, L);
                    benchmark::DoNotOptimize(tk.o.data());
@@ -488,7 +488,7 @@ std::vector<entry> registry() {
                  const seqmix::moba_attention<float> m({.chunk_size = 64, .top_k = 8});
                  auto cache = m.make_cache(B, H, K, V, L + 1);
                  m.forward(in.q, in.k, in.v, in.o, cache);
-                 for (auto _ : st) {
+                 for ([[maybe_unused]] auto _ : st) {
                    m.step(tk.q, tk.k, tk.v, tk.o, cache);
                    for (index_t b = 0; b < B; ++b) cache.truncate(b, L);
                    benchmark::DoNotOptimize(tk.o.data());
