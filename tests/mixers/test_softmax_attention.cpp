@@ -2,6 +2,8 @@
 // softmax_attention: golden (softmax_causal), reference (double) vs chunked vs recurrent vs
 // prefill + step, GQA, sinks, varlen, the KV cache (overflow, reserve, truncate, snapshot),
 // extreme logits, threads, bad input.
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -554,4 +556,68 @@ TEST_CASE("softmax_attention: a step with many query heads per kv head spills no
   auto cache = kv_cache<float>::full(p.B, p.Hkv, p.K, p.V, p.T);
   const auto o = run_pieces(m, in, cache, 100, {1, 3});
   SEQMIX_CHECK_CLOSE(attn::reference_out(in), o, float_tol);
+}
+
+TEST_CASE("softmax_attention: a state-index step equals per-sequence steps bitwise",
+          "[attention][cache][rows]") {
+  auto rng = make_rng(77);
+  const index_t Hkv = 2, H = 4, K = 16, V = 24, cap = 40;
+  const std::vector<index_t> lens{5, 0, 11, 3};  // row 1 stays empty and untouched
+  const std::vector<float> sinks{0.5f, -1.0f, 1.5f, 0.0f};
+  using opts = softmax_attention<float>::options;
+  for (int mode = 0; mode < 3; ++mode) {  // full cache; window with a ring; sinks
+    INFO("mode " << mode);
+    opts opt;
+    if (mode == 1) opt.window = 6;
+    if (mode == 2) opt.sink = sinks;
+    const softmax_attention<float> m(opt);
+    auto multi = m.make_cache(4, Hkv, K, V, cap);
+    std::vector<kv_cache<float>> single;
+    for (int r = 0; r < 4; ++r) single.push_back(m.make_cache(1, Hkv, K, V, cap));
+    const auto token = [&](index_t B) {
+      return std::array<tensor<float, 3>, 3>{random_normal<float, 3>({B, H, K}, rng),
+                                             random_normal<float, 3>({B, Hkv, K}, rng),
+                                             random_normal<float, 3>({B, Hkv, V}, rng)};
+    };
+    tensor<float, 3> o1({1, H, V}), o2({1, H, V});
+    for (index_t r = 0; r < 4; ++r) {
+      for (index_t t = 0; t < lens[static_cast<std::size_t>(r)]; ++t) {
+        const auto x = token(1);
+        const index_t row[1] = {r};
+        m.step(x[0], x[1], x[2], o1, multi, row);
+        m.step(x[0], x[1], x[2], o2, single[static_cast<std::size_t>(r)]);
+        REQUIRE(bitwise_equal(o1, o2));
+      }
+    }
+    const std::vector<index_t> rows{2, 0, 3};
+    const auto x = token(3);
+    tensor<float, 3> o({3, H, V});
+    m.step(x[0], x[1], x[2], o, multi, rows);
+    for (index_t i = 0; i < 3; ++i) {
+      const index_t r = rows[static_cast<std::size_t>(i)];
+      const auto one = [&](const tensor<float, 3>& a) {
+        tensor<float, 3> s({1, a.extent(1), a.extent(2)});
+        std::copy_n(a.data() + i * a.extent(1) * a.extent(2), a.extent(1) * a.extent(2), s.data());
+        return s;
+      };
+      m.step(one(x[0]), one(x[1]), one(x[2]), o2, single[static_cast<std::size_t>(r)]);
+      CHECK(bitwise_equal(one(o), o2));
+      CHECK(multi.length(r) == lens[static_cast<std::size_t>(r)] + 1);
+    }
+    CHECK(multi.length(1) == 0);
+  }
+  // bad rows: the argument is named, nothing is appended
+  const softmax_attention<float> m;
+  auto cache = m.make_cache(3, Hkv, K, V, 2);
+  tensor<float, 3> q({2, H, K}), k({2, Hkv, K}), v({2, Hkv, V}), o({2, H, V});
+  const std::vector<index_t> dup{1, 1}, out{0, 3}, short_rows{0};
+  CHECK_THROWS_WITH(m.step(q, k, v, o, cache, dup), Catch::Contains("rows"));
+  CHECK_THROWS_WITH(m.step(q, k, v, o, cache, out), Catch::Contains("rows"));
+  CHECK_THROWS_WITH(m.step(q, k, v, o, cache, short_rows), Catch::Contains("rows"));
+  const std::vector<index_t> ok{2, 0};
+  m.step(q, k, v, o, cache, ok);
+  m.step(q, k, v, o, cache, ok);
+  CHECK_THROWS_WITH(m.step(q, k, v, o, cache, ok), Catch::Contains("capacity 2 exceeded"));
+  CHECK(cache.length(1) == 0);
+  CHECK(cache.length(2) == 2);
 }

@@ -539,42 +539,40 @@ void chunked_sequence(const problem<T>& p, const token_rows<T>& rows, index_t C,
   mat(Sp, K, V, lds) = S;
 }
 
-/// Runs the chunked form over every (segment, value head) in parallel; one workspace per thread.
-template <class T>
-void run_chunked(const problem<T>& p, index_t chunk_size) {
+/// The chunked forms' driver, shared with the DPLR engine (kernels/delta/dplr.hpp): runs
+/// seq(sg, hv, h, C, ws) for every (segment, value head hv of query/key head h) of problem p in
+/// parallel, with one WS per thread slot. C is chunk_size clamped to the longest sequence:
+/// beyond it C changes nothing (every chunk is min(C, len - t0) tokens) but would size the C²
+/// scratch (2^20 at T = 75 would ask for terabytes), as the gated engine clamps it too.
+template <class WS, class P, class Seq>
+void for_each_head_chunked(const P& p, index_t chunk_size, const Seq& seq) {
   const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
   const index_t group = HV / H;
   const index_t N = p.sequences();
-  // C beyond the longest sequence changes nothing (every chunk is min(C, len - t0) tokens) but
-  // would size the C² scratch: clamp it, as the gated engine does (2^20 at T = 75 would ask for
-  // terabytes).
   index_t longest = 0;
   for (index_t n = 0; n < N; ++n) longest = std::max(longest, segment_of(p, n).len);
   if (longest == 0) return;
-  chunk_size = std::min(chunk_size, longest);
-  // one scratch per slot from the calling thread's arena, taken before the parallel region: a
-  // worker only uses (never takes) its slot's, and the frame outlives the region
-  const index_t slots = std::max(1, max_slots());
+  const index_t C = std::min(chunk_size, longest);
   workspace& arena = thread_workspace();
-  {
-    common::scratch_size need, one;
-    chunk_workspace<T>{}.take(one, chunk_size, K, V);
-    need.add<chunk_workspace<T>>(slots);
-    common::presize(arena, need.bytes + static_cast<std::size_t>(slots) * one.bytes);
-  }
-  auto frame = arena.scope();
-  std::span<chunk_workspace<T>> ws = frame.take<chunk_workspace<T>>(slots);
-  for (auto& w : ws) {
-    ::new (static_cast<void*>(&w)) chunk_workspace<T>{};
-    w.take(frame, chunk_size, K, V);
-  }
+  auto frame = arena.scope();  // outlives the parallel region: workers only use their slot's
+  const std::span<WS> ws =
+      common::take_per_slot<WS>(arena, frame, [&](WS& w, auto& f) { w.take(f, C, K, V); });
   parallel_for_with_slot(N * HV, [&](index_t job, int slot) {
-    const index_t hv = job % HV, seq = job / HV;
-    const segment sg = segment_of(p, seq);
+    const index_t hv = job % HV;
+    const auto sg = segment_of(p, job / HV);
     if (sg.len == 0) return;
-    const token_rows<T> rows{p, sg, hv, hv / group};
-    chunked_sequence(p, rows, chunk_size, ws[static_cast<std::size_t>(slot)]);
+    seq(sg, hv, hv / group, C, ws[static_cast<std::size_t>(slot)]);
   });
+}
+
+/// Runs the chunked form over every (segment, value head) in parallel; one workspace per thread.
+template <class T>
+void run_chunked(const problem<T>& p, index_t chunk_size) {
+  for_each_head_chunked<chunk_workspace<T>>(
+      p, chunk_size,
+      [&](const segment& sg, index_t hv, index_t h, index_t C, chunk_workspace<T>& ws) {
+        chunked_sequence(p, token_rows<T>{p, sg, hv, h}, C, ws);
+      });
 }
 
 /// Which form forward() runs. Measured on the reference machine (2-core Zen 4-class VM, AVX-512,

@@ -84,55 +84,6 @@ class attention_cache {
   kv_cache<float> kv_;
 };
 
-namespace detail {
-
-/// Decode into listed rows of a full kv_cache: token i (q1 [B,H,K], k1 [B,Hkv,K], v1 [B,Hkv,V]
-/// -> o1 [B,H,V]) is appended to row rows[i] and attends over it; other rows are untouched.
-/// The same append and split-KV row jobs as softmax_attention::step (no window, no sinks), so
-/// row r's output is bitwise the one a step on a cache holding only that sequence gives. The
-/// caller has checked shapes, distinct rows and room. Allocates nothing.
-inline void attention_step_rows(const tensor_view<const float, 3>& q1,
-                                const tensor_view<const float, 3>& k1,
-                                const tensor_view<const float, 3>& v1,
-                                const tensor_view<float, 3>& o1, kv_cache<float>& cache,
-                                std::span<const index_t> rows, float scale, index_t key_tile) {
-  const index_t B = q1.extent(0), H = q1.extent(1), K = q1.extent(2);
-  const index_t Hkv = k1.extent(1), V = v1.extent(2), G = H / Hkv;
-  kernels::attention::params<float> p;
-  p.key_dim = K;
-  p.value_dim = V;
-  p.scale = scale;
-  p.window = 0;
-  p.key_tile = key_tile;
-  const auto row_of = [&](index_t i) { return rows[static_cast<std::size_t>(i)]; };
-  parallel_for(B * Hkv, [&](index_t n) {  // append the new token's key and value
-    const index_t i = n / Hkv, h = n % Hkv, b = row_of(i);
-    const index_t pos = cache.length(b);
-    std::copy_n(k1.ptr({i, h, 0}), K, cache.key_row(b, h, pos));
-    std::copy_n(v1.ptr({i, h, 0}), V, cache.value_row(b, h, pos));
-  });
-  const auto job_of = [&](index_t n) {
-    const index_t i = n / Hkv, h = n % Hkv, b = row_of(i);
-    const index_t pos = cache.length(b);
-    kernels::attention::row_job<float> job;
-    job.q = q1.ptr({i, h * G, 0});
-    job.q_hstride = q1.stride(1);
-    job.o = o1.ptr({i, h * G, 0});
-    job.o_hstride = o1.stride(1);
-    job.ntok = 1;
-    job.nhead = G;
-    job.pos0 = pos;
-    job.runs[0] = {cache.key_row(b, h, 0), cache.value_row(b, h, 0), pos + 1, K, V};
-    return job;
-  };
-  constexpr index_t cap = kernels::attention::row_scratch_elems<float>;
-  alignas(64) std::array<float, static_cast<std::size_t>(cap)> scratch;
-  kernels::attention::run_row_jobs<float>(B * Hkv, job_of, p, scratch.data(), cap);
-  for (index_t i = 0; i < B; ++i) cache.set_length(row_of(i), cache.length(row_of(i)) + 1);
-}
-
-}  // namespace detail
-
 class gated_attention {
  public:
   using config_type = gated_attention_config;
@@ -272,7 +223,7 @@ class gated_attention {
     check.inner_contiguous("y", y);
     check.no_overlap({range_of("y", y)}, {range_of("x", x)});
     check_cache(check, cache, cache.batch());
-    detail::check_rows(check, rows, B, cache.batch());
+    front::check_rows(check, rows, B, cache.batch());
     if (cache.kv().is_ring()) check.fail("cache", "a state-index step needs a full cache");
     for (index_t b : rows) check_room(check, cache, b, 1);
     const index_t H = cfg_.heads, Hkv = cfg_.kv_heads, hd = cfg_.head_dim;
@@ -289,10 +240,9 @@ class gated_attention {
       rope_.apply_step(q.split(1, {H, hd}), pos_);
       rope_.apply_step(k.split(1, {Hkv, hd}), pos_);
     }
-    detail::attention_step_rows(
-        q.split(1, {H, hd}), k.split(1, {Hkv, hd}),
-        proj.slice(1, off_v_, off_v_ + Hkv * hd).split(1, {Hkv, hd}), o.split(1, {H, hd}),
-        cache.kv(), rows, cfg_.scale ? *cfg_.scale : 1.0f / std::sqrt(float(hd)), cfg_.chunk_size);
+    attn_.step(q.split(1, {H, hd}), k.split(1, {Hkv, hd}),
+               proj.slice(1, off_v_, off_v_ + Hkv * hd).split(1, {Hkv, hd}), o.split(1, {H, hd}),
+               cache.kv(), rows);
     apply_gate(proj, o);
     out_.apply(o, y);
   }

@@ -199,16 +199,14 @@ class mla_attention {
     check.inner_contiguous("y", y);
     check.no_overlap({range_of("y", y)}, {range_of("x", x)});
     check_cache(check, cache, cache.batch());
-    detail::check_rows(check, rows, B, cache.batch());
+    front::check_rows(check, rows, B, cache.batch());
     if (cache.kv().is_ring()) check.fail("cache", "a state-index step needs a full cache");
     for (index_t b : rows) check_room(check, cache, b, 1);
     const views w = make_views(B);
     in_.apply(x, w.proj);
     expand(w);
-    detail::attention_step_rows(
-        w.q.split(1, {H, dk_}), w.k.split(1, {H, dk_}), w.v.split(1, {H, cfg_.v_dim}),
-        w.o.split(1, {H, cfg_.v_dim}), cache.kv(), rows,
-        cfg_.scale ? *cfg_.scale : 1.0f / std::sqrt(float(dk_)), cfg_.chunk_size);
+    attn_.step(w.q.split(1, {H, dk_}), w.k.split(1, {H, dk_}), w.v.split(1, {H, cfg_.v_dim}),
+               w.o.split(1, {H, cfg_.v_dim}), cache.kv(), rows);
     out_.apply(w.o, y);
   }
 

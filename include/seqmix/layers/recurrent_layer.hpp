@@ -82,7 +82,7 @@ class recurrent_layer {
     const checker check{Derived::names.step};
     check_step(check, x, y);
     check_cache(check, cache, cache.batch());
-    detail::check_rows(check, rows, x.extent(0), cache.batch());
+    front::check_rows(check, rows, x.extent(0), cache.batch());
     self().step_rows(x, y, cache, rows);
   }
 

@@ -32,6 +32,7 @@
 #include <seqmix/core/io/checkpoint.hpp>
 #include <seqmix/core/matmul.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/mixers/detail/front_checks.hpp>
 
 namespace seqmix::layers {
 
@@ -210,27 +211,6 @@ inline void project_out(const weight_matrix& w, const tensor_view<const float, 2
   const index_t T = y.extent(1);
   for (index_t b = 0; b < y.extent(0); ++b)
     w.apply(in.slice(0, b * T, (b + 1) * T), y.template select<0>(b));
-}
-/// rows [B]: distinct cache rows in [0, capacity) (state indices of continuous batching).
-inline void check_rows(const checker& check, std::span<const index_t> rows, index_t B,
-                       index_t cache_rows) {
-  if (static_cast<index_t>(rows.size()) != B) {
-    check.fail("rows", "must hold one cache row per token (B = " + std::to_string(B) + "), got " +
-                           std::to_string(rows.size()));
-  }
-  for (std::size_t i = 0; i < rows.size(); ++i) {
-    if (rows[i] < 0 || rows[i] >= cache_rows) {
-      check.fail("rows", "entry " + std::to_string(i) + " is " + std::to_string(rows[i]) +
-                             ", expected a row in [0, " + std::to_string(cache_rows) + ")");
-    }
-    for (std::size_t j = 0; j < i; ++j) {
-      if (rows[j] == rows[i]) {
-        check.fail("rows", "entries " + std::to_string(j) + " and " + std::to_string(i) +
-                               " are both row " + std::to_string(rows[i]) +
-                               ": each row may be stepped once per call");
-      }
-    }
-  }
 }
 inline void check_config_positive(const checker& check, std::initializer_list<const char*> names,
                                   std::initializer_list<index_t> values) {

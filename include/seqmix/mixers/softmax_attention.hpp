@@ -26,6 +26,8 @@
 //    on the stack). Split-KV: each (sequence, kv head) reads its rows once for its G query heads,
 //    the cache length is split into up to 16 pieces computed in parallel and merged in a fixed
 //    order (kernels/attention.hpp run_row_jobs), so B = 1 with few kv heads uses every thread.
+//    step(..., cache, rows) is the continuous-batching step: token i into cache row rows[i] of
+//    a cache of any batch (the attention layers' state-index decode).
 //  - a prefill of at most 16 new tokens (query_tile / 4) per sequence goes through the same
 //    row path instead of the 64-row query tiles (measured 1.5x faster at 16 tokens and 3.6x at
 //    4 into a 32k cache, D = 128, 1 thread, on a quiet 16-core Xeon).
@@ -162,26 +164,25 @@ class softmax_attention {
   void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
             tensor_view<T, 3> o1, kv_cache<T>& cache) const {
     const checker check{name(entry::step)};
-    check.nonempty("q1", q1);
-    const index_t B = q1.extent(0), H = q1.extent(1), K = q1.extent(2);
-    check.nonempty("k1", k1);
-    const index_t Hkv = k1.extent(1);
-    check.shape("k1", k1, {B, any_extent, K});
-    check_heads(check, "k1", H, Hkv);
-    check.nonempty("v1", v1);
-    const index_t V = v1.extent(2);
-    check.shape("v1", v1, {B, Hkv, V});
-    check.shape("o1", o1, {B, H, V});
-    check.inner_contiguous("q1", q1);
-    check.inner_contiguous("k1", k1);
-    check.inner_contiguous("v1", v1);
-    check.inner_contiguous("o1", o1);
-    check.distinct_elements("o1", o1);
-    const dims d{B, 1, H, Hkv, K, V};
-    check_cache_geometry(check, d, cache, B);
-    for (index_t b = 0; b < B; ++b) check_room(check, cache, b, 1);
+    const dims d = validate_step(check, q1, k1, v1, o1);
+    check_cache_geometry(check, d, cache, d.B);
+    for (index_t b = 0; b < d.B; ++b) check_room(check, cache, b, 1);
     check_cache_overlap(check, {"q1", "k1", "v1", "o1"}, q1, k1, v1, o1, cache);
-    step_unchecked(d, q1, k1, v1, o1, cache);
+    step_unchecked(d, q1, k1, v1, o1, cache, {});
+  }
+  /// Continuous batching: token i of q1, k1, v1 (shapes as step) is appended to cache row
+  /// rows[i] and attends over that row; rows are B distinct rows of a cache of any batch, the
+  /// other rows are untouched. Row rows[i]'s output is bitwise the one step() gives on a cache
+  /// holding only that sequence. Allocates nothing.
+  void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
+            tensor_view<T, 3> o1, kv_cache<T>& cache, std::span<const index_t> rows) const {
+    const checker check{name(entry::step)};
+    const dims d = validate_step(check, q1, k1, v1, o1);
+    check_cache_geometry(check, d, cache, cache.batch());
+    front::check_rows(check, rows, d.B, cache.batch());
+    for (index_t b : rows) check_room(check, cache, b, 1);
+    check_cache_overlap(check, {"q1", "k1", "v1", "o1"}, q1, k1, v1, o1, cache);
+    step_unchecked(d, q1, k1, v1, o1, cache, rows);
   }
 
   /// Recurrent form: T decode steps (token loop), appending to `cache`.
@@ -196,7 +197,7 @@ class softmax_attention {
     const dims d1{d.B, 1, d.H, d.Hkv, d.K, d.V};
     for (index_t t = 0; t < d.Tn; ++t) {
       step_unchecked(d1, q.template select<1>(t), k.template select<1>(t), v.template select<1>(t),
-                     o.template select<1>(t), cache);
+                     o.template select<1>(t), cache, {});
     }
   }
 
@@ -228,7 +229,7 @@ class softmax_attention {
       for (index_t b = 0; b < d.B; ++b) check_room(check, cache, b, 1);
       check_cache_overlap(check, {"q", "k", "v", "o"}, q, k, v, o, cache);
       step_unchecked(d, q.template select<1>(0), k.template select<1>(0), v.template select<1>(0),
-                     o.template select<1>(0), cache);
+                     o.template select<1>(0), cache, {});
     } else {
       prefill(check, d, q, k, v, o, cache);
     }
@@ -374,6 +375,27 @@ class softmax_attention {
     for (const seq& s : seqs) check_room(check, cache, s.row, s.len);
   }
 
+  // step's shape checks (q1 [B,H,K], k1 [B,Hkv,K], v1 [B,Hkv,V], o1 [B,H,V])
+  dims validate_step(const checker& check, const tensor_view<const T, 3>& q1,
+                     const tensor_view<const T, 3>& k1, const tensor_view<const T, 3>& v1,
+                     const tensor_view<T, 3>& o1) const {
+    check.nonempty("q1", q1);
+    const index_t B = q1.extent(0), H = q1.extent(1), K = q1.extent(2);
+    check.nonempty("k1", k1);
+    const index_t Hkv = k1.extent(1);
+    check.shape("k1", k1, {B, any_extent, K});
+    check_heads(check, "k1", H, Hkv);
+    check.nonempty("v1", v1);
+    const index_t V = v1.extent(2);
+    check.shape("v1", v1, {B, Hkv, V});
+    check.shape("o1", o1, {B, H, V});
+    check.inner_contiguous("q1", q1);
+    check.inner_contiguous("k1", k1);
+    check.inner_contiguous("v1", v1);
+    check.inner_contiguous("o1", o1);
+    check.distinct_elements("o1", o1);
+    return dims{B, 1, H, Hkv, K, V};
+  }
   kernels::attention::params<T> kernel_params(const dims& d) const {
     kernels::attention::params<T> p;
     p.key_dim = d.K;
@@ -567,32 +589,37 @@ class softmax_attention {
     }
   }
 
+  // Token i goes to cache row rows[i] (row i when rows is empty).
   void step_unchecked(const dims& d, const tensor_view<const T, 3>& q1,
                       const tensor_view<const T, 3>& k1, const tensor_view<const T, 3>& v1,
-                      const tensor_view<T, 3>& o1, kv_cache<T>& cache) const {
+                      const tensor_view<T, 3>& o1, kv_cache<T>& cache,
+                      std::span<const index_t> rows) const {
     using kernels::attention::key_run;
     const index_t G = d.H / d.Hkv;
     const index_t R = cache.capacity(), W = window();
     const bool ring = cache.is_ring();
     const auto p = kernel_params(d);
     const T* sinks = opt_.sink.empty() ? nullptr : opt_.sink.data();
+    const auto row_of = [&](index_t i) {
+      return rows.empty() ? i : rows[static_cast<std::size_t>(i)];
+    };
     parallel_for(d.B * d.Hkv, [&](index_t n) {  // append the new token's key and value
-      const index_t b = n / d.Hkv, h = n % d.Hkv;
+      const index_t i = n / d.Hkv, h = n % d.Hkv, b = row_of(i);
       const index_t pos = cache.length(b);
       const index_t slot = ring ? pos % R : pos;
-      std::copy_n(k1.ptr({b, h, 0}), d.K, cache.key_row(b, h, slot));
-      std::copy_n(v1.ptr({b, h, 0}), d.V, cache.value_row(b, h, slot));
+      std::copy_n(k1.ptr({i, h, 0}), d.K, cache.key_row(b, h, slot));
+      std::copy_n(v1.ptr({i, h, 0}), d.V, cache.value_row(b, h, slot));
     });
     // one row job per (sequence, kv head): its G query heads against the visible positions
     // first .. pos (keys renumbered from 0 = position first), split over the cache length
     const auto job_of = [&](index_t n) {
-      const index_t b = n / d.Hkv, h = n % d.Hkv;
+      const index_t i = n / d.Hkv, h = n % d.Hkv, b = row_of(i);
       const index_t pos = cache.length(b);  // position of the new token
       const index_t first = W > 0 ? std::max<index_t>(0, pos - W + 1) : 0;
       kernels::attention::row_job<T> job;
-      job.q = q1.ptr({b, h * G, 0});
+      job.q = q1.ptr({i, h * G, 0});
       job.q_hstride = q1.stride(1);
-      job.o = o1.ptr({b, h * G, 0});
+      job.o = o1.ptr({i, h * G, 0});
       job.o_hstride = o1.stride(1);
       job.ntok = 1;
       job.nhead = G;
@@ -616,7 +643,7 @@ class softmax_attention {
     constexpr index_t cap = kernels::attention::row_scratch_elems<T>;
     alignas(64) std::array<T, static_cast<std::size_t>(cap)> scratch;
     kernels::attention::run_row_jobs<T>(d.B * d.Hkv, job_of, p, scratch.data(), cap);
-    for (index_t b = 0; b < d.B; ++b) cache.set_length(b, cache.length(b) + 1);
+    for (index_t i = 0; i < d.B; ++i) cache.set_length(row_of(i), cache.length(row_of(i)) + 1);
   }
 
   options opt_;

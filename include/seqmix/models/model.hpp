@@ -534,8 +534,8 @@ class hybrid_model {
   void decode_into(std::span<const std::int64_t> ids, std::span<const index_t> state_indices,
                    model_cache& cache, tensor_view<float, 2> logits) {
     const checker check{"hybrid_model::decode"};
-    layers::detail::check_rows(check, state_indices, static_cast<index_t>(ids.size()),
-                               cache.batch());
+    seqmix::front::check_rows(check, state_indices, static_cast<index_t>(ids.size()),
+                              cache.batch());
     decode_rows(ids, state_indices, cache, logits);
   }
 

@@ -6,6 +6,9 @@
 //   buffers used to be value-initialised std::vectors; zeroing keeps every result bitwise what
 //   it was, at the cost of one fill per call as before). With a scratch_size in place of the
 //   frame it only counts bytes, so presize() can size the arena once before a call takes.
+// - take_per_slot<WS>(arena, frame, take): one scratch struct per thread slot, with its buffers,
+//   for a parallel region: taken by the calling thread before the region (a worker only uses,
+//   never takes, its slot's), the arena presized to the whole need first.
 // - gemm_pack<T>(): this thread's packing buffer for linalg::gemm (which takes a std::vector&).
 //   gemm resizes it to the product's need and only reads what it wrote in the same call, so one
 //   vector per OS thread and scalar type serves every gemm that thread runs; it grows to the
@@ -13,10 +16,13 @@
 //   like thread_workspace(): a call in a parallel region gets its worker's own buffer.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <new>
 #include <span>
 #include <vector>
 
+#include <seqmix/core/parallel.hpp>
 #include <seqmix/core/tensor.hpp>
 #include <seqmix/core/workspace.hpp>
 
@@ -55,6 +61,28 @@ inline void presize(workspace& ws, std::size_t bytes) {
   if (ws.used() != 0 || bytes == 0) return;
   if (ws.block_count() == 1 && ws.capacity() >= bytes) return;
   ws.reserve(bytes);
+}
+
+/// One WS per thread slot (max_slots(), at least 1) from `frame`, each constructed and given its
+/// buffers by take(ws, f), where f is the frame or, in the sizing pass, a scratch_size. `frame`
+/// must be a fresh scope of `arena` (nothing taken from it yet: the arena is presized to the
+/// whole need before the first take) and must outlive the parallel region that uses the slots.
+template <class WS, class Take>
+std::span<WS> take_per_slot(workspace& arena, workspace::frame& frame, const Take& take) {
+  const index_t slots = std::max(1, max_slots());
+  {
+    scratch_size need, one;
+    WS probe{};
+    take(probe, one);
+    need.add<WS>(slots);
+    presize(arena, need.bytes + static_cast<std::size_t>(slots) * one.bytes);
+  }
+  std::span<WS> ws = frame.take<WS>(slots);
+  for (WS& w : ws) {
+    ::new (static_cast<void*>(&w)) WS{};
+    take(w, frame);
+  }
+  return ws;
 }
 
 /// This thread's linalg::gemm packing buffer for scalar type T (see the file comment).

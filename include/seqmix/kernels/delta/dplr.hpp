@@ -688,43 +688,20 @@ void chunked_sequence(const problem<T>& p, const rows<T>& rw, index_t C, chunk_w
   mat(Sp, K, V, lds) = S;
 }
 
-/// Runs the chunked form over every (segment, value head); one workspace per thread.
+/// Runs the chunked form over every (segment, value head); one workspace per thread (the delta
+/// rule's driver).
 template <class T>
 void run_chunked(const problem<T>& p, index_t chunk_size) {
-  const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
-  const index_t group = HV / H;
-  const index_t N = p.sequences();
-  index_t longest = 0;
-  for (index_t n = 0; n < N; ++n) longest = std::max(longest, segment_of(p, n).len);
-  if (longest == 0) return;
-  chunk_size = std::min(chunk_size, longest);
-  // one scratch per slot from the calling thread's arena, taken before the parallel region: a
-  // worker only uses (never takes) its slot's, and the frame outlives the region
-  const index_t slots = std::max(1, max_slots());
-  workspace& arena = thread_workspace();
-  {
-    common::scratch_size need, one;
-    chunk_workspace<T>{}.take(one, chunk_size, K, V);
-    need.add<chunk_workspace<T>>(slots);
-    common::presize(arena, need.bytes + static_cast<std::size_t>(slots) * one.bytes);
-  }
-  auto frame = arena.scope();
-  std::span<chunk_workspace<T>> ws = frame.take<chunk_workspace<T>>(slots);
-  for (auto& w : ws) {
-    ::new (static_cast<void*>(&w)) chunk_workspace<T>{};
-    w.take(frame, chunk_size, K, V);
-  }
-  parallel_for_with_slot(N * HV, [&](index_t job, int slot) {
-    const index_t hv = job % HV, seq = job / HV;
-    const segment sg = segment_of(p, seq);
-    if (sg.len == 0) return;
-    const rows<T> rw{p, sg, hv, hv / group};
-    if (p.kd == kind::kda) {
-      chunked_sequence<T, kind::kda>(p, rw, chunk_size, ws[static_cast<std::size_t>(slot)]);
-    } else {
-      chunked_sequence<T, kind::rwkv7>(p, rw, chunk_size, ws[static_cast<std::size_t>(slot)]);
-    }
-  });
+  delta_rule::for_each_head_chunked<chunk_workspace<T>>(
+      p, chunk_size,
+      [&](const segment& sg, index_t hv, index_t h, index_t C, chunk_workspace<T>& ws) {
+        const rows<T> rw{p, sg, hv, h};
+        if (p.kd == kind::kda) {
+          chunked_sequence<T, kind::kda>(p, rw, C, ws);
+        } else {
+          chunked_sequence<T, kind::rwkv7>(p, rw, C, ws);
+        }
+      });
 }
 
 }  // namespace seqmix::kernels::delta_rule::dplr

@@ -180,4 +180,26 @@ attention_dims check_attention_qkvo(const checker& check, const tensor_view<cons
   return d;
 }
 
+/// rows [B]: distinct cache rows in [0, capacity) (state indices of continuous batching).
+inline void check_rows(const checker& check, std::span<const index_t> rows, index_t B,
+                       index_t cache_rows) {
+  if (static_cast<index_t>(rows.size()) != B) {
+    check.fail("rows", "must hold one cache row per token (B = " + std::to_string(B) + "), got " +
+                           std::to_string(rows.size()));
+  }
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] < 0 || rows[i] >= cache_rows) {
+      check.fail("rows", "entry " + std::to_string(i) + " is " + std::to_string(rows[i]) +
+                             ", expected a row in [0, " + std::to_string(cache_rows) + ")");
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (rows[j] == rows[i]) {
+        check.fail("rows", "entries " + std::to_string(j) + " and " + std::to_string(i) +
+                               " are both row " + std::to_string(rows[i]) +
+                               ": each row may be stepped once per call");
+      }
+    }
+  }
+}
+
 }  // namespace seqmix::front
