@@ -2,4 +2,5 @@
 seqmix_add_test_executable(
   seqmix_tests_layers
   ${CMAKE_CURRENT_SOURCE_DIR}/layers/test_blocks.cpp
-  ${CMAKE_CURRENT_SOURCE_DIR}/layers/test_layers.cpp)
+  ${CMAKE_CURRENT_SOURCE_DIR}/layers/test_layers.cpp
+  ${CMAKE_CURRENT_SOURCE_DIR}/layers/test_timemix.cpp)

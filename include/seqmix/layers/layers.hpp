@@ -4,13 +4,15 @@
 //   blocks:  short_conv, rms_norm / gated_rms_norm, l2norm, rope, linear, swiglu_mlp, moe_ffn
 //   layers:  gated_deltanet (Qwen3-Next linear_attn), gated_attention (Qwen3-Next self_attn,
 //            plain GQA with gated = false), mamba2 (Mamba2 / GraniteMoeHybrid mamba),
-//            kda_layer (Kimi-Linear KDA self_attn), mla_attention (Kimi-Linear / DeepSeek MLA)
+//            kda_layer (Kimi-Linear KDA self_attn), mla_attention (Kimi-Linear / DeepSeek MLA),
+//            gla_layer (fla's GatedLinearAttention)
 //   caches:  recurrent_cache (conv window + mixer state), attention_cache (kv_cache)
 // Each header gives its math, shapes and cost; reference/layers.hpp holds the plain references.
 #pragma once
 
 #include <seqmix/layers/gated_attention.hpp>
 #include <seqmix/layers/gated_deltanet.hpp>
+#include <seqmix/layers/gla.hpp>
 #include <seqmix/layers/kda.hpp>
 #include <seqmix/layers/l2norm.hpp>
 #include <seqmix/layers/linear.hpp>

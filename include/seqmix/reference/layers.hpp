@@ -9,13 +9,18 @@
 //   l2norm          y = x / sqrt(Σ_group x² + ε)
 //   rope            rotate-half or interleaved pairs on the first R dims, angle p·θ^(-2i/R)
 //   linear          y = x Wᵀ + b;  swiglu  y = W_d (silu(W_g x) ⊙ W_u x)
+//   gla_layer       fla's GatedLinearAttention, one sequence, token by token (layers/gla.hpp)
+//   rwkv7_layer     fla's RWKV7Attention, one sequence, token by token (layers/rwkv7.hpp)
 //
 // Shapes as in the layers' headers; every function returns a new tensor. Cost: the obvious
 // O(size · work per element); no checks beyond what the tests need (they build the inputs).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <map>
 #include <span>
+#include <string>
 #include <vector>
 
 #include <seqmix/core/simd.hpp>
@@ -136,6 +141,130 @@ tensor<T, 2> swiglu(tensor_view<const T, 2> x, tensor_view<const T, 2> gate,
   for (index_t m = 0; m < g.extent(0); ++m)
     for (index_t i = 0; i < g.extent(1); ++i) a(m, i) = math::silu(g(m, i)) * u(m, i);
   return linear<T>(a.view(), down);
+}
+
+/// A layer's weights by their on-disk names (under no prefix), each flat and row-major.
+template <class T>
+using named_weights = std::map<std::string, std::vector<T>>;
+
+namespace detail {
+// y = W x (+ b) for W [out, in] flat
+template <class T>
+std::vector<T> matvec(const std::vector<T>& W, const std::vector<T>& x, index_t out,
+                      const std::vector<T>* b = nullptr) {
+  const index_t in = static_cast<index_t>(x.size());
+  std::vector<T> y(static_cast<std::size_t>(out));
+  for (index_t o = 0; o < out; ++o) {
+    T acc = b ? (*b)[static_cast<std::size_t>(o)] : T(0);
+    for (index_t i = 0; i < in; ++i)
+      acc += W[static_cast<std::size_t>(o * in + i)] * x[static_cast<std::size_t>(i)];
+    y[static_cast<std::size_t>(o)] = acc;
+  }
+  return y;
+}
+template <class T>
+T logsigmoid(T x) {
+  return std::min(x, T(0)) - std::log1p(std::exp(-std::abs(x)));
+}
+template <class T>
+T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+}  // namespace detail
+
+/// fla's GatedLinearAttention on one sequence x [T, D] -> y [T, D], from the state [H, dk, dv]
+/// and (with short convs) the conv window [K-1, C] (oldest first, channels [q ‖ k ‖ v]), both
+/// updated in place. Cfg is layers::gla_layer_config (the sizes are re-derived here).
+template <class T, class Cfg>
+tensor<T, 2> gla_layer(const named_weights<T>& w, const Cfg& c, tensor_view<const T, 2> x,
+                       tensor_view<T, 3> state, tensor_view<T, 2> conv) {
+  const index_t D = c.hidden, H = c.heads, HKV = c.kv_heads ? c.kv_heads : c.heads;
+  const index_t dk = static_cast<index_t>(static_cast<double>(D) * c.expand_k) / H;
+  const index_t dv = static_cast<index_t>(static_cast<double>(D) * c.expand_v) / H;
+  const index_t G = H / HKV, r = c.gate_low_rank_dim, TT = x.extent(0);
+  const index_t Kq = H * dk, Kk = HKV * dk, Kv = HKV * dv, C = Kq + Kk + Kv;
+  const bool sig = c.gate_fn == "sigmoid";
+  const std::string norm = (c.gate_fn == "swish" && c.fuse_norm && c.use_output_gate)
+                               ? "g_norm_swish_gate.weight"
+                               : "g_norm.weight";
+  tensor<T, 2> y({TT, D});
+  for (index_t t = 0; t < TT; ++t) {
+    std::vector<T> xt(static_cast<std::size_t>(D));
+    for (index_t i = 0; i < D; ++i) xt[static_cast<std::size_t>(i)] = x(t, i);
+    // q | k | v as one row of C channels
+    std::vector<T> qkv;
+    for (const char* n : {"q_proj.weight", "k_proj.weight", "v_proj.weight"}) {
+      const auto& W = w.at(n);
+      const auto part = detail::matvec(W, xt, static_cast<index_t>(W.size()) / D);
+      qkv.insert(qkv.end(), part.begin(), part.end());
+    }
+    if (c.use_short_conv) {
+      const index_t K = c.conv_size;
+      std::vector<T> cw, cb;
+      for (const char* n : {"q_conv1d", "k_conv1d", "v_conv1d"}) {
+        const auto& wn = w.at(std::string(n) + ".weight");
+        cw.insert(cw.end(), wn.begin(), wn.end());
+        if (c.conv_bias) {
+          const auto& bn = w.at(std::string(n) + ".bias");
+          cb.insert(cb.end(), bn.begin(), bn.end());
+        }
+      }
+      std::vector<T> out(static_cast<std::size_t>(C));
+      for (index_t ch = 0; ch < C; ++ch) {
+        T acc = c.conv_bias ? cb[static_cast<std::size_t>(ch)] : T(0);
+        for (index_t j = 0; j < K - 1; ++j)
+          acc += cw[static_cast<std::size_t>(ch * K + j)] * conv(j, ch);
+        acc += cw[static_cast<std::size_t>(ch * K + K - 1)] * qkv[static_cast<std::size_t>(ch)];
+        out[static_cast<std::size_t>(ch)] = acc * detail::sigmoid(acc);
+      }
+      for (index_t j = 0; j + 1 < K - 1; ++j)
+        for (index_t ch = 0; ch < C; ++ch) conv(j, ch) = conv(j + 1, ch);
+      for (index_t ch = 0; ch < C; ++ch) conv(K - 2, ch) = qkv[static_cast<std::size_t>(ch)];
+      qkv = out;
+    }
+    // the low-rank log gate per kv key channel
+    const auto low = detail::matvec(w.at("gk_proj.0.weight"), xt, r);
+    auto gk = detail::matvec(w.at("gk_proj.1.weight"), low, Kk, &w.at("gk_proj.1.bias"));
+    for (auto& e : gk) {
+      e = detail::logsigmoid(e) / T(c.gate_logit_normalizer);
+      if (c.clamp_min) e = std::max(e, T(*c.clamp_min));
+    }
+    std::vector<T> g;
+    if (c.use_output_gate) g = detail::matvec(w.at("g_proj.weight"), xt, H * dv);
+    std::vector<T> o(static_cast<std::size_t>(H * dv));
+    const T scale = T(1) / std::sqrt(T(dk));
+    for (index_t h = 0; h < H; ++h) {
+      const index_t j = h / G;  // the kv head of query head h
+      const T* q = qkv.data() + h * dk;
+      const T* k = qkv.data() + Kq + j * dk;
+      const T* v = qkv.data() + Kq + Kk + j * dv;
+      const T* gh = gk.data() + j * dk;
+      for (index_t a = 0; a < dk; ++a)
+        for (index_t b = 0; b < dv; ++b)
+          state(h, a, b) = std::exp(gh[a]) * state(h, a, b) + k[a] * v[b];
+      T* oh = o.data() + h * dv;
+      for (index_t b = 0; b < dv; ++b) {
+        T acc = 0;
+        for (index_t a = 0; a < dk; ++a) acc += state(h, a, b) * q[a] * scale;
+        oh[b] = acc;
+      }
+      // RMSNorm over the head, weight, then the output gate
+      T ms = 0;
+      for (index_t b = 0; b < dv; ++b) ms += oh[b] * oh[b];
+      const T rs = T(1) / std::sqrt(ms / T(dv) + T(c.norm_eps));
+      for (index_t b = 0; b < dv; ++b) {
+        T e = oh[b] * rs * (c.elementwise_affine ? w.at(norm)[static_cast<std::size_t>(b)] : T(1));
+        if (c.use_output_gate) {
+          const T z = g[static_cast<std::size_t>(h * dv + b)];
+          e *= sig ? detail::sigmoid(z) : z * detail::sigmoid(z);
+        }
+        oh[b] = e;
+      }
+    }
+    const auto yt = detail::matvec(w.at("o_proj.weight"), o, D);
+    for (index_t i = 0; i < D; ++i) y(t, i) = yt[static_cast<std::size_t>(i)];
+  }
+  return y;
 }
 
 }  // namespace seqmix::reference
