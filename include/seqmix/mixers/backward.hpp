@@ -9,6 +9,11 @@
 //   gla_backward             (q, k, v, gk, h0, do_, dht, dq, dk, dv, dgk, dh0, opt, cu_seqlens)
 //   mamba2_ssd_backward      (x, dt, A, Bm, Cm, D, h0, dy, dht, grads, opt, cu_seqlens)
 //   softmax_attention_backward(q, k, v, do_, dq, dk, dv, opt)            (causal; opt.window)
+//   delta_rule_backward      (q, k, v, beta, h0, do_, dht, dq, dk, dv, dbeta, dh0, opt, cu_seqlens)
+//   gated_delta_rule_backward(q, k, v, g, beta, h0, do_, dht, dq, dk, dv, dg, dbeta, dh0, ...)
+//   kda_backward             (q, k, v, g, beta, h0, do_, dht, dq, dk, dv, dg, dbeta, dh0, ...)
+//   rwkv7_backward           (r, k, v, w, a, b, h0, do_, dht, dr, dk, dv, dw, da, db, dh0, ...)
+//   rwkv6_backward           (r, k, v, w, u, h0, do_, dht, dr, dk, dv, dw, du, dh0, ...)
 //
 // Shapes as in the forward fronts: q, k: [B,T,Hk,K]; v, do_: [B,T,H,V]; g: [B,T,H]; gk:
 // [B,T,H,K]; h0, dht, dh0: [N,H,K,V] (N = B, or the number of packed sequences with cu_seqlens
@@ -16,25 +21,37 @@
 // Each gradient has its input's shape. Mamba2: x, dy: [B,T,H,P]; dt: [B,T,H] (the step after
 // softplus/clamp: chain dt_raw, dt_bias, A_log through it, ddt·sigmoid and dA·A); A, D: [H];
 // Bm, Cm: [B,T,G,N]; states [N,H,N,P] (seqmix's layout). Softmax: k, v: [B,T,Hkv,·].
+// Delta family (the forward's conventions, mixers/delta_net.hpp, gated_delta_net.hpp, kda.hpp):
+// q, k: [B,T,Hk,K] (used as given: l2-normalise before, as the golden file's k_l2); v: [B,T,H,V]
+// (GVA: H % Hk == 0); beta: [B,T,H]; g: [B,T,H] (GDN) or [B,T,H,K] (KDA) log gates; scale
+// default K^-1/2. RWKV-7: r, k, w, a, b: [B,T,H,K] (a, b independent inputs), scale default 1.
+// RWKV-6: r, k, w: [B,T,H,K], u: [H,K] (du sums over every sequence and token), scale default 1.
+// These five run kernels/backward/dplr.hpp, opt.chunk_size being its checkpoint interval.
 //
 // What is saved: nothing. The forward runs in inference mode and the backward recomputes what it
-// needs per (sequence, head): the chunk-boundary states (gated family, (T/C + 1)·K·V values per
-// thread) or the row statistics and output (softmax, O(T) per thread). docs/math.md §8 gives the
-// measurement behind the choice. Cost: kernels/backward/gated.hpp and attention.hpp.
+// needs per (sequence, head): the chunk-boundary states (gated family and the DPLR engine,
+// (T/C + 1)·K·V values per thread) or the row statistics and output (softmax, O(T) per thread).
+// docs/math.md §8 gives the measurement behind the choice. Cost: kernels/backward/gated.hpp and
+// attention.hpp.
 //
 // Checks: every shape, the chunk size (> 0), scale (finite), window (>= 0), cu_seqlens; shape
 // errors name this function and the argument. Gates are not re-checked (the forward did).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 
 #include <seqmix/core/error.hpp>
 #include <seqmix/core/tensor.hpp>
+#include <seqmix/core/workspace.hpp>
 #include <seqmix/kernels/backward/attention.hpp>
+#include <seqmix/kernels/backward/dplr.hpp>
 #include <seqmix/kernels/backward/gated.hpp>
+#include <seqmix/kernels/common/scratch.hpp>
 
 namespace seqmix {
 
@@ -302,6 +319,398 @@ void softmax_attention_backward(tensor_view<const T, 4> q, tensor_view<const T, 
       dv,        o,  opt.scale ? *opt.scale : T(1) / std::sqrt(static_cast<T>(K)),
       opt.window};
   kernels::backward::attention_backward(p, opt.chunk_size);
+}
+
+// ---- the DPLR family (kernels/backward/dplr.hpp) ------------------------------------------
+
+namespace detail {
+
+namespace dplrb = kernels::backward::dplr;
+
+/// The state in/out views of a DPLR backward call, read and written through the engine's hooks.
+template <class T>
+struct dplr_state_io {
+  tensor_view<const T, 4> h0_, dht_;
+  tensor_view<T, 4> ht_, dh0_;
+  T h0(index_t n, index_t h, index_t i, index_t j) const {
+    return h0_.data() ? h0_(n, h, i, j) : T(0);
+  }
+  T dht(index_t n, index_t h, index_t i, index_t j) const {
+    return dht_.data() ? dht_(n, h, i, j) : T(0);
+  }
+  void put_ht(index_t n, index_t h, index_t i, index_t j, T x) const {
+    if (ht_.data()) ht_(n, h, i, j) = x;
+  }
+  void put_dh0(index_t n, index_t h, index_t i, index_t j, T x) const {
+    if (dh0_.data()) dh0_(n, h, i, j) = x;
+  }
+};
+
+/// e^{g}, the log gate clamped at -1e4 first (exactly 0 there; -inf gives 0, never NaN).
+template <class T>
+T gate_exp(T g) {
+  return std::exp(std::max(g, static_cast<T>(dplrb::gate_floor)));
+}
+
+/// DeltaNet / Gated DeltaNet / KDA on the engine: a = -β e^{g} ⊙ k, b = k, v̂ = β v, q̂ = s q.
+/// Chain rule: dq = s dq̂, dk = dk̂ + db - β e^{g} ⊙ dâ, dv = β dv̂,
+/// dβ = v·dv̂ - Σ_i e^{g_i} k_i dâ_i, dg_i = dg_engine,i + â_i dâ_i (summed over i for GDN).
+template <class T>
+struct delta_op : dplr_state_io<T> {
+  tensor_view<const T, 4> q, k, v, do_, gk;  // gk: KDA's per-key gate, or empty
+  tensor_view<const T, 3> beta, g;           // g: GDN's scalar gate, or empty
+  tensor_view<T, 4> dq, dk, dv, dgk;
+  tensor_view<T, 3> dbeta, dg;
+  T scale = T(1);
+  index_t K = 0, V = 0;
+
+  T gate(index_t b, index_t t, index_t h, index_t i) const {
+    if (gk.data()) return gate_exp(gk(b, t, h, i));
+    if (g.data()) return gate_exp(g(b, t, h));
+    return T(1);
+  }
+  void load(const dplrb::segment& sg, index_t hv, index_t hk, index_t t0,
+            dplrb::chunk_rows<T>& c) const {
+    const index_t Kp = c.Kp;
+    for (index_t r = 0; r < c.L; ++r) {
+      const index_t t = t0 + r;
+      const T bt = beta(sg.b, t, hv);
+      const T* qr = q.ptr({sg.b, t, hk, 0});
+      const T* kr = k.ptr({sg.b, t, hk, 0});
+      const T* vr = v.ptr({sg.b, t, hv, 0});
+      const T* dr = do_.ptr({sg.b, t, hv, 0});
+      for (index_t i = 0; i < K; ++i) {
+        const T e = gate(sg.b, t, hv, i);
+        c.q[r * Kp + i] = scale * qr[i];
+        c.k[r * Kp + i] = kr[i];
+        c.b[r * Kp + i] = kr[i];
+        c.a[r * Kp + i] = -bt * e * kr[i];
+        c.eg[r * Kp + i] = e;
+      }
+      for (index_t j = 0; j < V; ++j) {
+        c.v[r * V + j] = bt * vr[j];
+        c.dout[r * V + j] = dr[j];
+      }
+    }
+  }
+  void store(const dplrb::segment& sg, index_t hv, index_t hk, bool first, index_t t0,
+             const dplrb::chunk_rows<T>& c) const {
+    const index_t Kp = c.Kp;
+    for (index_t r = 0; r < c.L; ++r) {
+      const index_t t = t0 + r;
+      const T bt = beta(sg.b, t, hv);
+      const T* vr = v.ptr({sg.b, t, hv, 0});
+      T* dqo = dq.ptr({sg.b, t, hk, 0});
+      T* dko = dk.ptr({sg.b, t, hk, 0});
+      T* dvo = dv.ptr({sg.b, t, hv, 0});
+      const T *dq_ = c.dq + r * Kp, *da = c.da + r * Kp, *db = c.db + r * Kp;
+      const T *dk_ = c.dk + r * Kp, *dge = c.dg + r * Kp, *a = c.a + r * Kp, *e = c.eg + r * Kp;
+      const T* kr = c.k + r * Kp;
+      T dbt = T(0), dgs = T(0);
+      for (index_t j = 0; j < V; ++j) {
+        dvo[j] = bt * c.dv[r * V + j];
+        dbt += vr[j] * c.dv[r * V + j];
+      }
+      for (index_t i = 0; i < K; ++i) {
+        const T gq = scale * dq_[i], gkk = dk_[i] + db[i] - bt * e[i] * da[i];
+        dqo[i] = first ? gq : dqo[i] + gq;
+        dko[i] = first ? gkk : dko[i] + gkk;
+        dbt -= e[i] * kr[i] * da[i];
+        const T gg = dge[i] + a[i] * da[i];
+        if (dgk.data()) dgk(sg.b, t, hv, i) = gg;
+        dgs += gg;
+      }
+      if (dbeta.data()) dbeta(sg.b, t, hv) = dbt;
+      if (dg.data()) dg(sg.b, t, hv) = dgs;
+    }
+  }
+};
+
+/// RWKV-7 on the engine: q̂ = s r, a, b, k, v, e^{w} as given; dr = s dq̂, the rest directly.
+template <class T>
+struct rwkv7_op : dplr_state_io<T> {
+  tensor_view<const T, 4> r, k, v, w, a, b, do_;
+  tensor_view<T, 4> dr, dk, dv, dw, da, db;
+  T scale = T(1);
+  index_t K = 0, V = 0;
+
+  void load(const dplrb::segment& sg, index_t h, index_t, index_t t0,
+            dplrb::chunk_rows<T>& c) const {
+    const index_t Kp = c.Kp;
+    for (index_t x = 0; x < c.L; ++x) {
+      const index_t t = t0 + x;
+      for (index_t i = 0; i < K; ++i) {
+        c.q[x * Kp + i] = scale * r(sg.b, t, h, i);
+        c.k[x * Kp + i] = k(sg.b, t, h, i);
+        c.a[x * Kp + i] = a(sg.b, t, h, i);
+        c.b[x * Kp + i] = b(sg.b, t, h, i);
+        c.eg[x * Kp + i] = gate_exp(w(sg.b, t, h, i));
+      }
+      for (index_t j = 0; j < V; ++j) {
+        c.v[x * V + j] = v(sg.b, t, h, j);
+        c.dout[x * V + j] = do_(sg.b, t, h, j);
+      }
+    }
+  }
+  void store(const dplrb::segment& sg, index_t h, index_t, bool, index_t t0,
+             const dplrb::chunk_rows<T>& c) const {
+    const index_t Kp = c.Kp;
+    for (index_t x = 0; x < c.L; ++x) {
+      const index_t t = t0 + x;
+      for (index_t i = 0; i < K; ++i) {
+        dr(sg.b, t, h, i) = scale * c.dq[x * Kp + i];
+        dk(sg.b, t, h, i) = c.dk[x * Kp + i];
+        da(sg.b, t, h, i) = c.da[x * Kp + i];
+        db(sg.b, t, h, i) = c.db[x * Kp + i];
+        dw(sg.b, t, h, i) = c.dg[x * Kp + i];
+      }
+      for (index_t j = 0; j < V; ++j) dv(sg.b, t, h, j) = c.dv[x * V + j];
+    }
+  }
+};
+
+/// RWKV-6 on the engine (no rank-one term, exclusive readout); the bonus o_t += (q̂·(u⊙k)) v_t
+/// is chained here with c_t = v_t·do_t: dr += s (u⊙k) c_t, dk += u ⊙ q̂ c_t,
+/// dv += (q̂·(u⊙k)) do_t, du += q̂ ⊙ k c_t (per (sequence, head) rows, summed by the caller).
+template <class T>
+struct rwkv6_op : dplr_state_io<T> {
+  tensor_view<const T, 4> r, k, v, w, do_;
+  tensor_view<const T, 2> u;
+  tensor_view<T, 4> dr, dk, dv, dw;
+  double* du_rows = nullptr;  // [N·H·K], zeroed
+  index_t H = 0;
+  T scale = T(1);
+  index_t K = 0, V = 0;
+
+  void load(const dplrb::segment& sg, index_t h, index_t, index_t t0,
+            dplrb::chunk_rows<T>& c) const {
+    const index_t Kp = c.Kp;
+    for (index_t x = 0; x < c.L; ++x) {
+      const index_t t = t0 + x;
+      for (index_t i = 0; i < K; ++i) {
+        c.q[x * Kp + i] = scale * r(sg.b, t, h, i);
+        c.k[x * Kp + i] = k(sg.b, t, h, i);
+        c.eg[x * Kp + i] = gate_exp(w(sg.b, t, h, i));
+      }
+      for (index_t j = 0; j < V; ++j) {
+        c.v[x * V + j] = v(sg.b, t, h, j);
+        c.dout[x * V + j] = do_(sg.b, t, h, j);
+      }
+    }
+  }
+  void store(const dplrb::segment& sg, index_t h, index_t, bool, index_t t0,
+             const dplrb::chunk_rows<T>& c) const {
+    const index_t Kp = c.Kp;
+    double* du = du_rows + (sg.n * H + h) * K;
+    for (index_t x = 0; x < c.L; ++x) {
+      const index_t t = t0 + x;
+      T ct = T(0), qk = T(0);
+      for (index_t j = 0; j < V; ++j) ct += v(sg.b, t, h, j) * do_(sg.b, t, h, j);
+      const T* qh = c.q + x * Kp;
+      const T* kr = c.k + x * Kp;
+      for (index_t i = 0; i < K; ++i) qk += qh[i] * u(h, i) * kr[i];
+      for (index_t i = 0; i < K; ++i) {
+        dr(sg.b, t, h, i) = scale * (c.dq[x * Kp + i] + u(h, i) * kr[i] * ct);
+        dk(sg.b, t, h, i) = c.dk[x * Kp + i] + u(h, i) * qh[i] * ct;
+        dw(sg.b, t, h, i) = c.dg[x * Kp + i];
+        du[i] += static_cast<double>(qh[i] * kr[i]) * static_cast<double>(ct);
+      }
+      for (index_t j = 0; j < V; ++j) dv(sg.b, t, h, j) = c.dv[x * V + j] + qk * do_(sg.b, t, h, j);
+    }
+  }
+};
+
+/// The checks every DPLR backward shares: q, k [B,T,Hk,K], v, do_ [B,T,H,V] (H % Hk == 0, or
+/// H == Hk with same_heads), states [N,H,K,V], gradients as their inputs, options, cu_seqlens.
+/// Returns N.
+template <class T>
+index_t check_dplr_backward(const checker& check, const char* qn, tensor_view<const T, 4> q,
+                            tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                            tensor_view<const T, 4> h0, tensor_view<const T, 4> do_,
+                            tensor_view<const T, 4> dht, const char* dqn, tensor_view<T, 4> dq,
+                            tensor_view<T, 4> dk, tensor_view<T, 4> dv, tensor_view<T, 4> dh0,
+                            tensor_view<T, 4> ht, const backward_options<T>& opt,
+                            std::span<const index_t> cu, bool same_heads) {
+  check.nonempty(qn, q);
+  const index_t B = q.extent(0), TT = q.extent(1), Hk = q.extent(2), K = q.extent(3);
+  check.shape("k", k, {B, TT, Hk, K});
+  check.nonempty("v", v);
+  check.shape("v", v, {B, TT, any_extent, any_extent});
+  const index_t H = v.extent(2), V = v.extent(3);
+  if (same_heads && H != Hk) {
+    check.fail("v", "heads of v (" + std::to_string(H) + ") must equal the heads of " + qn + " (" +
+                        std::to_string(Hk) + ")");
+  }
+  if (H % Hk != 0) {
+    check.fail("v", "heads of v (" + std::to_string(H) + ") must be a multiple of the heads of " +
+                        qn + "/k (" + std::to_string(Hk) + ")");
+  }
+  if (opt.chunk_size <= 0)
+    check.fail("opt.chunk_size", "must be > 0, got " + std::to_string(opt.chunk_size));
+  if (opt.scale && !std::isfinite(static_cast<double>(*opt.scale)))
+    check.fail("opt.scale", "must be finite");
+  const index_t N = cu.empty() ? B : check.cu_seqlens(cu, B, TT);
+  check.shape("do_", do_, {B, TT, H, V});
+  if (h0.data()) check.shape("h0", h0, {N, H, K, V});
+  if (dht.data()) check.shape("dht", dht, {N, H, K, V});
+  check.shape(dqn, dq, {B, TT, Hk, K});
+  check.shape("dk", dk, {B, TT, Hk, K});
+  check.shape("dv", dv, {B, TT, H, V});
+  if (dh0.data()) check.shape("dh0", dh0, {N, H, K, V});
+  if (ht.data()) check.shape("ht", ht, {N, H, K, V});
+  return N;
+}
+
+template <class T>
+void run_delta_backward(const char* where, delta_op<T> op, const backward_options<T>& opt,
+                        std::span<const index_t> cu) {
+  const checker check{where};
+  check.nonempty("dbeta", op.dbeta);
+  check_dplr_backward<T>(check, "q", op.q, op.k, op.v, op.h0_, op.do_, op.dht_, "dq", op.dq, op.dk,
+                         op.dv, op.dh0_, op.ht_, opt, cu, false);
+  const index_t B = op.q.extent(0), TT = op.q.extent(1), Hk = op.q.extent(2), K = op.q.extent(3);
+  const index_t H = op.v.extent(2), V = op.v.extent(3);
+  check.shape("beta", op.beta, {B, TT, H});
+  check.shape("dbeta", op.dbeta, {B, TT, H});
+  if (op.g.data()) {
+    check.shape("g", op.g, {B, TT, H});
+    check.shape("dg", op.dg, {B, TT, H});
+  }
+  if (op.gk.data()) {
+    check.shape("g", op.gk, {B, TT, H, K});
+    check.shape("dg", op.dgk, {B, TT, H, K});
+  }
+  op.scale = opt.scale ? *opt.scale : T(1) / std::sqrt(static_cast<T>(K));
+  op.K = K, op.V = V;
+  dplrb::dplr_backward<T, true, true>(op, B, TT, cu, Hk, H, K, V, opt.chunk_size);
+}
+
+}  // namespace detail
+
+/// Backward of DeltaNet (mixers/delta_net.hpp; q, k as given, no l2norm inside). beta, dbeta:
+/// [B,T,H]. ht (optional out): the forward's final state.
+template <class T>
+void delta_rule_backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                         tensor_view<const T, 4> v, tensor_view<const T, 3> beta,
+                         tensor_view<const T, 4> h0, tensor_view<const T, 4> do_,
+                         tensor_view<const T, 4> dht, tensor_view<T, 4> dq, tensor_view<T, 4> dk,
+                         tensor_view<T, 4> dv, tensor_view<T, 3> dbeta, tensor_view<T, 4> dh0,
+                         const backward_options<T>& opt = {},
+                         std::span<const index_t> cu_seqlens = {}, tensor_view<T, 4> ht = {}) {
+  detail::delta_op<T> op;
+  op.q = q, op.k = k, op.v = v, op.beta = beta, op.h0_ = h0, op.do_ = do_, op.dht_ = dht;
+  op.dq = dq, op.dk = dk, op.dv = dv, op.dbeta = dbeta, op.dh0_ = dh0, op.ht_ = ht;
+  detail::run_delta_backward("delta_rule_backward", op, opt, cu_seqlens);
+}
+
+/// Backward of Gated DeltaNet (scalar log gate g, dg: [B,T,H]; beta, dbeta: [B,T,H]).
+template <class T>
+void gated_delta_rule_backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
+                               tensor_view<const T, 4> v, tensor_view<const T, 3> g,
+                               tensor_view<const T, 3> beta, tensor_view<const T, 4> h0,
+                               tensor_view<const T, 4> do_, tensor_view<const T, 4> dht,
+                               tensor_view<T, 4> dq, tensor_view<T, 4> dk, tensor_view<T, 4> dv,
+                               tensor_view<T, 3> dg, tensor_view<T, 3> dbeta, tensor_view<T, 4> dh0,
+                               const backward_options<T>& opt = {},
+                               std::span<const index_t> cu_seqlens = {},
+                               tensor_view<T, 4> ht = {}) {
+  const checker check{"gated_delta_rule_backward"};
+  check.nonempty("g", g);
+  check.nonempty("dg", dg);
+  detail::delta_op<T> op;
+  op.q = q, op.k = k, op.v = v, op.g = g, op.beta = beta, op.h0_ = h0, op.do_ = do_, op.dht_ = dht;
+  op.dq = dq, op.dk = dk, op.dv = dv, op.dg = dg, op.dbeta = dbeta, op.dh0_ = dh0, op.ht_ = ht;
+  detail::run_delta_backward("gated_delta_rule_backward", op, opt, cu_seqlens);
+}
+
+/// Backward of KDA (per-key log gate g, dg: [B,T,H,K]; beta, dbeta: [B,T,H]).
+template <class T>
+void kda_backward(tensor_view<const T, 4> q, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                  tensor_view<const T, 4> g, tensor_view<const T, 3> beta,
+                  tensor_view<const T, 4> h0, tensor_view<const T, 4> do_,
+                  tensor_view<const T, 4> dht, tensor_view<T, 4> dq, tensor_view<T, 4> dk,
+                  tensor_view<T, 4> dv, tensor_view<T, 4> dg, tensor_view<T, 3> dbeta,
+                  tensor_view<T, 4> dh0, const backward_options<T>& opt = {},
+                  std::span<const index_t> cu_seqlens = {}, tensor_view<T, 4> ht = {}) {
+  const checker check{"kda_backward"};
+  check.nonempty("g", g);
+  check.nonempty("dg", dg);
+  detail::delta_op<T> op;
+  op.q = q, op.k = k, op.v = v, op.gk = g, op.beta = beta, op.h0_ = h0, op.do_ = do_, op.dht_ = dht;
+  op.dq = dq, op.dk = dk, op.dv = dv, op.dgk = dg, op.dbeta = dbeta, op.dh0_ = dh0, op.ht_ = ht;
+  detail::run_delta_backward("kda_backward", op, opt, cu_seqlens);
+}
+
+/// Backward of RWKV-7 (mixers/rwkv7.hpp): r, k, w, a, b and their gradients [B,T,H,K]; v, do_,
+/// dv [B,T,H,V]; a and b are independent inputs (the layer's a = -kk, b = kk ⊙ iclr chain in
+/// the caller).
+template <class T>
+void rwkv7_backward(tensor_view<const T, 4> r, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                    tensor_view<const T, 4> w, tensor_view<const T, 4> a, tensor_view<const T, 4> b,
+                    tensor_view<const T, 4> h0, tensor_view<const T, 4> do_,
+                    tensor_view<const T, 4> dht, tensor_view<T, 4> dr, tensor_view<T, 4> dk,
+                    tensor_view<T, 4> dv, tensor_view<T, 4> dw, tensor_view<T, 4> da,
+                    tensor_view<T, 4> db, tensor_view<T, 4> dh0,
+                    const backward_options<T>& opt = {}, std::span<const index_t> cu_seqlens = {},
+                    tensor_view<T, 4> ht = {}) {
+  const checker check{"rwkv7_backward"};
+  detail::check_dplr_backward<T>(check, "r", r, k, v, h0, do_, dht, "dr", dr, dk, dv, dh0, ht, opt,
+                                 cu_seqlens, true);
+  const index_t B = r.extent(0), TT = r.extent(1), H = r.extent(2), K = r.extent(3);
+  for (auto [name, x] :
+       {std::pair<const char*, tensor_view<const T, 4>>{"w", w}, {"a", a}, {"b", b}})
+    check.shape(name, x, {B, TT, H, K});
+  for (auto [name, x] :
+       {std::pair<const char*, tensor_view<T, 4>>{"dw", dw}, {"da", da}, {"db", db}})
+    check.shape(name, x, {B, TT, H, K});
+  detail::rwkv7_op<T> op;
+  op.r = r, op.k = k, op.v = v, op.w = w, op.a = a, op.b = b, op.do_ = do_;
+  op.h0_ = h0, op.dht_ = dht, op.ht_ = ht, op.dh0_ = dh0;
+  op.dr = dr, op.dk = dk, op.dv = dv, op.dw = dw, op.da = da, op.db = db;
+  op.scale = opt.scale ? *opt.scale : T(1);
+  op.K = K, op.V = v.extent(3);
+  kernels::backward::dplr::dplr_backward<T, true, true>(op, B, TT, cu_seqlens, H, H, K, op.V,
+                                                        opt.chunk_size);
+}
+
+/// Backward of RWKV-6 (mixers/rwkv6.hpp): r, k, w and their gradients [B,T,H,K]; u, du [H,K]
+/// (du sums over every sequence and token, in double, in a fixed order). Takes N·H·K doubles of
+/// workspace for the per-sequence du rows.
+template <class T>
+void rwkv6_backward(tensor_view<const T, 4> r, tensor_view<const T, 4> k, tensor_view<const T, 4> v,
+                    tensor_view<const T, 4> w, tensor_view<const T, 2> u,
+                    tensor_view<const T, 4> h0, tensor_view<const T, 4> do_,
+                    tensor_view<const T, 4> dht, tensor_view<T, 4> dr, tensor_view<T, 4> dk,
+                    tensor_view<T, 4> dv, tensor_view<T, 4> dw, tensor_view<T, 2> du,
+                    tensor_view<T, 4> dh0, const backward_options<T>& opt = {},
+                    std::span<const index_t> cu_seqlens = {}, tensor_view<T, 4> ht = {}) {
+  const checker check{"rwkv6_backward"};
+  const index_t N = detail::check_dplr_backward<T>(check, "r", r, k, v, h0, do_, dht, "dr", dr, dk,
+                                                   dv, dh0, ht, opt, cu_seqlens, true);
+  const index_t B = r.extent(0), TT = r.extent(1), H = r.extent(2), K = r.extent(3);
+  check.shape("w", w, {B, TT, H, K});
+  check.shape("dw", dw, {B, TT, H, K});
+  check.shape("u", u, {H, K});
+  check.shape("du", du, {H, K});
+  workspace& arena = thread_workspace();
+  auto frame = arena.scope();
+  const std::span<double> rows = kernels::common::take_zeroed<double>(frame, N * H * K);
+  detail::rwkv6_op<T> op;
+  op.r = r, op.k = k, op.v = v, op.w = w, op.u = u, op.do_ = do_;
+  op.h0_ = h0, op.dht_ = dht, op.ht_ = ht, op.dh0_ = dh0;
+  op.dr = dr, op.dk = dk, op.dv = dv, op.dw = dw;
+  op.du_rows = rows.data(), op.H = H;
+  op.scale = opt.scale ? *opt.scale : T(1);
+  op.K = K, op.V = v.extent(3);
+  kernels::backward::dplr::dplr_backward<T, false, false>(op, B, TT, cu_seqlens, H, H, K, op.V,
+                                                          opt.chunk_size);
+  for (index_t h = 0; h < H; ++h) {
+    for (index_t i = 0; i < K; ++i) {
+      double sum = 0;  // sequences in order
+      for (index_t n = 0; n < N; ++n) sum += rows[static_cast<std::size_t>((n * H + h) * K + i)];
+      du(h, i) = static_cast<T>(sum);
+    }
+  }
 }
 
 }  // namespace seqmix
