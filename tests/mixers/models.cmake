@@ -1,6 +1,7 @@
 # Models tier (issue 14): hybrid Linear-MoE models from the golden checkpoints
 # (include/seqmix/models, layers/moe_ffn.hpp).
-seqmix_add_test_executable(seqmix_tests_models ${CMAKE_CURRENT_SOURCE_DIR}/models/test_models.cpp)
+seqmix_add_test_executable(seqmix_tests_models ${CMAKE_CURRENT_SOURCE_DIR}/models/test_models.cpp
+                           ${CMAKE_CURRENT_SOURCE_DIR}/models/test_qwen3_5.cpp)
 # The comparer of the seqmix-generate CTest tests (examples/CMakeLists.txt adds those tests when
 # both programs are built; the sanitizer preset builds no examples, so it skips the comparer).
 if(SEQMIX_BUILD_EXAMPLES)

@@ -147,6 +147,21 @@ class gated_deltanet : public recurrent_layer<gated_deltanet> {
     return l;
   }
 
+  /// The tensors load() reads under its prefix, for `cfg.layout` (detect: the fused names, the
+  /// default when the checkpoint has no in_proj_qkv).
+  static std::vector<std::string> tensor_names(const config_type& cfg) {
+    using layout_t = gated_deltanet_config::projection_layout;
+    std::vector<std::string> out;
+    if (cfg.layout == layout_t::qwen3_5_split) {
+      out = {"in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight"};
+    } else {
+      out = {"in_proj_qkvz.weight", "in_proj_ba.weight"};
+    }
+    for (const char* n : {"conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"})
+      out.emplace_back(n);
+    return out;
+  }
+
   const config_type& config() const noexcept { return cfg_; }
   /// Bytes of weights (what a decode step streams).
   std::size_t weight_bytes() const noexcept { return in_.bytes() + out_.bytes(); }

@@ -8,6 +8,10 @@
 //                      gated attention; default pattern: every              shared expert; dense
 //                      full_attention_interval-th layer is attention         SwiGLU in
 //                                                                            mlp_only_layers
+//   qwen3_5_moe        Qwen3-Next's mixers and math; fields under             MoE + gated shared
+//   (_text)            "text_config" (qwen3_5_moe), GDN projections split,    expert in every
+//                      tensors under model.language_model. or model.          layer; experts per
+//                      (parse_qwen3_5_moe_text lists every difference)        expert or fused
 //   granitemoehybrid   linear_attention / "mamba" = Mamba2, full_attention   MoE (top-k softmax)
 //                      / "attention" = GQA with scale attention_multiplier   + shared MLP
 //                      (layer_types, or layers_block_type)
@@ -66,7 +70,7 @@
 
 namespace seqmix::models {
 
-enum class model_family { qwen3_next, granitemoehybrid, kimi_linear, seqmix };
+enum class model_family { qwen3_next, qwen3_5_moe, granitemoehybrid, kimi_linear, seqmix };
 enum class mixer_kind { gated_deltanet, attention, mamba2, kda, mla };
 enum class ffn_kind { dense, moe };
 
@@ -110,6 +114,14 @@ struct model_config {
   /// Where each layer's feed-forward block lives: "mlp." (Qwen3-Next), "" (Granite: the MoE at
   /// the layer's root), "block_sparse_moe." (Kimi, dense and MoE alike).
   std::string ffn_prefix = "mlp.";
+  /// Where the decoder's tensors sit ("model.": embed_tokens, layers.*, norm): Qwen3.5's
+  /// multimodal checkpoints hold the text model under "model.language_model."
+  /// (hybrid_model::load resolves it from the checkpoint). lm_head.weight is at the root.
+  std::string text_prefix = "model.";
+  /// Checkpoint tensors under these prefixes are parts of the model seqmix does not run
+  /// (Qwen3-Next / Qwen3.5 "mtp.": the multi-token-prediction head; Qwen3.5 "model.visual.":
+  /// the vision tower): listed in unused_tensors(), not an error.
+  std::vector<std::string> unused_prefixes;
   /// model_type "seqmix" (random weights from a seed): the seed, and whether config.json
   /// alone describes the model (no checkpoint is read; hybrid_model::load builds the weights).
   std::uint64_t seed = 0;
@@ -249,8 +261,11 @@ inline const std::set<std::string>& ignored_fields() {
   return s;
 }
 
-/// The rope_parameters / rope_scaling / rope_theta fields: θ and the partial factor.
-inline void read_rope(const config_reader& r, double& theta, double& partial) {
+/// The rope_parameters / rope_scaling / rope_theta fields: θ and the partial factor. `mrope`:
+/// Qwen3.5's multimodal RoPE keys (mrope_section, mrope_interleaved) are accepted: with text
+/// only, transformers gives the temporal, height and width streams the same position ids, so
+/// every frequency slot M-RoPE recomposes is the 1-D RoPE one (the math is plain RoPE).
+inline void read_rope(const config_reader& r, double& theta, double& partial, bool mrope = false) {
   if (r.has("rope_scaling")) {
     const auto& rs = r.at("rope_scaling");
     if (!(rs.is_object() &&
@@ -263,7 +278,24 @@ inline void read_rope(const config_reader& r, double& theta, double& partial) {
     const auto& rp = r.at("rope_parameters");
     if (!rp.is_object()) config_fail(r.source(), "field \"rope_parameters\" must be an object");
     config_reader sub(rp, r.source() + " rope_parameters");
-    sub.only_known({"rope_theta", "rope_type", "partial_rotary_factor"}, "rope_parameters");
+    std::set<std::string> known{"rope_theta", "rope_type", "partial_rotary_factor"};
+    if (mrope) {
+      known.insert("mrope_section");
+      known.insert("mrope_interleaved");
+      if (sub.has("mrope_section")) {
+        const auto& ms = sub.at("mrope_section");
+        bool ok = ms.is_array();
+        if (ok)
+          for (const auto& v : ms) ok = ok && v.is_number_integer() && v.get<std::int64_t>() >= 0;
+        if (!ok)
+          config_fail(r.source(),
+                      "field \"rope_parameters.mrope_section\" must be an array of integers >= 0, "
+                      "got " +
+                          ms.dump());
+      }
+      (void)sub.boolean("mrope_interleaved", false);  // type check only (see above)
+    }
+    sub.only_known(known, "rope_parameters");
     sub.require_value("rope_type", std::string("default"),
                       "scaled RoPE variants are not implemented");
     theta = sub.number("rope_theta", theta);
@@ -337,6 +369,7 @@ inline model_config parse_qwen3_next(const config_reader& r) {
   model_config c;
   c.family = model_family::qwen3_next;
   c.model_type = "qwen3_next";
+  c.unused_prefixes = {"mtp."};
   c.hidden = r.positive("hidden_size");
   c.vocab = r.positive("vocab_size");
   const index_t L = r.positive("num_hidden_layers");
@@ -409,6 +442,137 @@ inline model_config parse_qwen3_next(const config_reader& r) {
         r.has("num_experts_per_tok") ? r.positive("num_experts_per_tok") : 10);
     m.names = layers::moe_ffn_names::qwen3_next(m.shared_dim > 0);
   }
+  return c;
+}
+
+/// Qwen3.5-MoE's text model (transformers' Qwen3_5MoeTextConfig, model_type
+/// "qwen3_5_moe_text"): the Qwen3-Next decoder with these differences, all read here or by the
+/// loader (the math of every module is Qwen3-Next's):
+///  - GDN projections split: in_proj_qkv ([q_all | k_all | v_all], not grouped per key head),
+///    in_proj_z, in_proj_b, in_proj_a (gated_deltanet_config::projection_layout::qwen3_5_split);
+///  - every layer is MoE (no mlp_only_layers / decoder_sparse_step / intermediate_size), the
+///    router always renormalizes its top-k (no norm_topk_prob), the shared expert and its
+///    sigmoid gate always exist;
+///  - experts on disk per expert (experts.{e}.gate_proj ...) or fused as transformers keeps
+///    them (experts.gate_up_proj [E, 2I, D], experts.down_proj [E, D, I]): hybrid_model::load
+///    picks the layout from the checkpoint;
+///  - rope_parameters may hold M-RoPE keys (read_rope: plain RoPE for text);
+///  - the sizes transformers defaults when a field is absent are Qwen3.5-35B-A3B's (head_dim 256,
+///    2 KV heads, ...), and so are they here.
+/// `tie_override`: the top-level tie_word_embeddings of a qwen3_5_moe config, if any.
+inline model_config parse_qwen3_5_moe_text(const config_reader& r,
+                                           std::optional<bool> tie_override = std::nullopt) {
+  r.only_known({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
+                "rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor",
+                "attention_bias", "head_dim", "linear_conv_kernel_dim", "linear_key_head_dim",
+                "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+                "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts_per_tok",
+                "num_experts", "layer_types", "full_attention_interval",
+                // written by the released checkpoints, not declared by transformers' class:
+                // the MTP head (not run: its mtp.* tensors are unused), the attention output
+                // gate (always on in transformers), the router's renormalization (always on)
+                "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "attn_output_gate",
+                "norm_topk_prob"},
+               "qwen3_5_moe_text");
+  r.require_value("hidden_act", std::string("silu"), "the layers implement SwiGLU");
+  r.require_value("attention_bias", false, "the attention layer has no projection biases");
+  r.require_value("attn_output_gate", true,
+                  "transformers' Qwen3_5MoeAttention always applies the sigmoid output gate");
+  r.require_value("norm_topk_prob", true,
+                  "transformers' Qwen3_5MoeTopKRouter always renormalizes the top-k weights");
+  auto pos = [&](const std::string& k, index_t def) { return r.has(k) ? r.positive(k) : def; };
+  model_config c;
+  c.family = model_family::qwen3_5_moe;
+  c.model_type = "qwen3_5_moe_text";
+  c.unused_prefixes = {"mtp.", "model.visual."};
+  c.hidden = pos("hidden_size", 2048);
+  c.vocab = pos("vocab_size", 248320);
+  const index_t L = pos("num_hidden_layers", 40);
+  c.norm_eps = static_cast<float>(r.number("rms_norm_eps", 1e-6));
+  c.norm_mode = layers::norm_weight::one_plus;  // Qwen3_5MoeRMSNorm: x̂ · (1 + w)
+  const bool tie_text = r.boolean("tie_word_embeddings", false);
+  if (tie_override && r.has("tie_word_embeddings") && *tie_override != tie_text)
+    config_fail(r.source(), std::string("\"tie_word_embeddings\" is ") +
+                                (*tie_override ? "true" : "false") + " but text_config's is " +
+                                (tie_text ? "true" : "false") +
+                                ": which one ties the lm_head is ambiguous");
+  c.tie_embeddings = tie_override ? *tie_override : tie_text;
+  if (r.has("layer_types")) {
+    c.layers = read_layer_types(r, "layer_types", L, mixer_kind::gated_deltanet, "linear_attention",
+                                "full_attention");
+  } else {
+    const index_t every = static_cast<index_t>(r.integer("full_attention_interval", 4));
+    if (every <= 0) config_fail(r.source(), "field \"full_attention_interval\" must be > 0");
+    c.layers.resize(static_cast<std::size_t>(L));
+    for (index_t i = 0; i < L; ++i)
+      c.layers[static_cast<std::size_t>(i)].mixer =
+          (i + 1) % every == 0 ? mixer_kind::attention : mixer_kind::gated_deltanet;
+  }
+  auto& a = c.attention;
+  a.hidden = c.hidden;
+  a.heads = pos("num_attention_heads", 16);
+  a.kv_heads = pos("num_key_value_heads", 2);
+  a.head_dim = pos("head_dim", 256);
+  if (a.heads % a.kv_heads != 0)
+    config_fail(r.source(),
+                "field \"num_attention_heads\" must be a multiple of \"num_key_value_heads\"");
+  a.partial_rotary = r.number("partial_rotary_factor", 0.25);
+  a.rope_theta = 10000.0;
+  read_rope(r, a.rope_theta, a.partial_rotary, true);
+  a.norm_eps = c.norm_eps;
+  a.gated = true;
+  a.qk_norm = true;
+  auto& g = c.gdn;
+  g.hidden = c.hidden;
+  g.key_heads = pos("linear_num_key_heads", 16);
+  g.value_heads = pos("linear_num_value_heads", 32);
+  g.key_dim = pos("linear_key_head_dim", 128);
+  g.value_dim = pos("linear_value_head_dim", 128);
+  g.conv_kernel = pos("linear_conv_kernel_dim", 4);
+  g.norm_eps = c.norm_eps;
+  g.layout = layers::gated_deltanet_config::projection_layout::qwen3_5_split;
+  if (g.value_heads % g.key_heads != 0)
+    config_fail(r.source(),
+                "field \"linear_num_value_heads\" must be a multiple of \"linear_num_key_heads\"");
+  for (auto& l : c.layers) l.ffn = ffn_kind::moe;  // Qwen3_5MoeDecoderLayer: always the MoE block
+  auto& m = c.moe;
+  m.hidden = c.hidden;
+  m.experts = pos("num_experts", 256);
+  m.expert_dim = pos("moe_intermediate_size", 512);
+  m.shared_dim = pos("shared_expert_intermediate_size", 512);
+  const index_t k = pos("num_experts_per_tok", 8);
+  if (k > m.experts)
+    config_fail(r.source(), "field \"num_experts_per_tok\" (" + std::to_string(k) +
+                                ") must be <= num_experts (" + std::to_string(m.experts) + ")");
+  m.routing = moe_options::qwen_moe(true, k);
+  m.names = layers::moe_ffn_names::qwen3_next(true);  // or fused: hybrid_model::load decides
+  return c;
+}
+
+/// Qwen3.5-MoE as released (transformers' Qwen3_5MoeConfig, model_type "qwen3_5_moe",
+/// Qwen3_5MoeForConditionalGeneration): the text model's fields under "text_config", a
+/// vision tower's under "vision_config" (not run: text-only inference; its model.visual.*
+/// tensors are listed as unused), the multimodal token ids (unused without images).
+inline model_config parse_qwen3_5_moe(const config_reader& r) {
+  r.only_known({"text_config", "vision_config", "image_token_id", "video_token_id",
+                "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings"},
+               "qwen3_5_moe");
+  if (r.has("vision_config") && !r.at("vision_config").is_object())
+    config_fail(r.source(), "field \"vision_config\" must be an object");
+  const auto& t = r.at("text_config");
+  if (!t.is_object()) config_fail(r.source(), "field \"text_config\" must be an object");
+  const std::string src = r.source() + " text_config";
+  const config_reader tr(t, src);
+  const std::string tt = tr.string("model_type", "qwen3_5_moe_text");
+  if (tt != "qwen3_5_moe_text")
+    config_fail(src, "model_type is \"" + tt + "\": expected \"qwen3_5_moe_text\"");
+  nlohmann::json rest = t;
+  for (const auto& k : ignored_fields()) rest.erase(k);
+  std::optional<bool> tie;
+  if (r.has("tie_word_embeddings")) tie = r.boolean("tie_word_embeddings", false);
+  model_config c = parse_qwen3_5_moe_text(config_reader(rest, src), tie);
+  c.model_type = "qwen3_5_moe";
   return c;
 }
 
@@ -824,12 +988,14 @@ inline model_config parse_config(const nlohmann::json& j, const std::string& sou
   for (const auto& k : detail::ignored_fields()) rest.erase(k);
   const detail::config_reader rr(rest, source);
   if (type == "qwen3_next") return detail::parse_qwen3_next(rr);
+  if (type == "qwen3_5_moe") return detail::parse_qwen3_5_moe(rr);
+  if (type == "qwen3_5_moe_text") return detail::parse_qwen3_5_moe_text(rr);
   if (type == "granitemoehybrid") return detail::parse_granite(rr);
   if (type == "kimi_linear") return detail::parse_kimi_linear(rr);
   if (type == "seqmix") return detail::parse_seqmix(rr);
   detail::config_fail(source, "unknown model_type \"" + type +
                                   "\"; supported: qwen3_next, granitemoehybrid, kimi_linear, "
-                                  "seqmix");
+                                  "qwen3_5_moe, qwen3_5_moe_text, seqmix");
 }
 
 /// Reads `path` (a config.json, or a folder holding one).

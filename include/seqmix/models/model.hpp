@@ -26,9 +26,11 @@
 //
 // Loading checks the checkpoint against the model: every tensor the layers read must be present
 // with its shape and a dtype of F32 or BF16 (bf16 matrices stay bf16, f32 compute), and every
-// tensor of the checkpoint must be read (mtp.* of Qwen3-Next, its multi-token-prediction head,
-// is listed in unused_tensors() and not loaded). Missing and extra tensors are one
-// seqmix::io_error listing them all.
+// tensor of the checkpoint must be read (mtp.* of Qwen3-Next and Qwen3.5, their
+// multi-token-prediction head, and model.visual.* of Qwen3.5, its vision tower, are listed in
+// unused_tensors() and not loaded: model_config::unused_prefixes). Missing and extra tensors
+// are one seqmix::io_error listing them all. Qwen3.5-MoE's text prefix and expert layout are
+// read from the checkpoint's names (resolve_layout).
 //
 // Cost per token: the layers' (see their headers) + 2·D·V for the logits (all positions:
 // T·2·D·V; logits_mode::last: N·2·D·V). Scratch is grow-only; decode allocates nothing but
@@ -314,14 +316,35 @@ class hybrid_model {
     }
     w.save(path);
   }
+  /// The parts of the layout a config does not fix, read from the checkpoint's names (only
+  /// for Qwen3.5-MoE; other families are returned as they are):
+  ///  - the text model's prefix: "model.language_model." (Qwen3_5MoeForConditionalGeneration)
+  ///    when the checkpoint has model.language_model.embed_tokens.weight, else "model."
+  ///    (Qwen3_5MoeForCausalLM; transformers' conversion maps either onto its modules);
+  ///  - the experts: fused (experts.gate_up_proj [E, 2I, D] + experts.down_proj [E, D, I], as
+  ///    transformers 5 saves and the released checkpoints ship) when the first layer has
+  ///    experts.gate_up_proj, else per expert (experts.{e}.gate_proj / up_proj / down_proj).
+  /// Anything else that does not fit is reported by load's missing / extra tensor check.
+  static model_config resolve_layout(model_config cfg, const checkpoint& ck) {
+    if (cfg.family != model_family::qwen3_5_moe) return cfg;
+    cfg.text_prefix = ck.contains("model.language_model.embed_tokens.weight")
+                          ? "model.language_model."
+                          : "model.";
+    const std::string moe = cfg.text_prefix + "layers.0." + cfg.ffn_prefix;
+    if (ck.contains(moe + "experts.gate_up_proj") || ck.contains(moe + "experts.down_proj"))
+      cfg.moe.names = layers::moe_ffn_names::transformers_fused(true, true);
+    return cfg;
+  }
+
   static hybrid_model load(const model_config& cfg, const checkpoint& ck,
                            const load_options& opt = {}) {
     constexpr std::string_view who = "hybrid_model::load";
     hybrid_model m;
-    m.cfg_ = cfg;
+    m.cfg_ = resolve_layout(cfg, ck);
     m.check_tensors(ck, opt);
-    const index_t D = cfg.hidden, V = cfg.vocab;
-    const auto root = ck.scope("model.");
+    const model_config& c = m.cfg_;
+    const index_t D = c.hidden, V = c.vocab;
+    const auto root = ck.scope(c.text_prefix);
     {
       const auto& info =
           layers::detail::checked_info(who, root, "embed_tokens.weight", {V, D}, true);
@@ -330,44 +353,43 @@ class hybrid_model {
       m.embed_ = tensor<float, 2>({V, D});
       std::copy(e.begin(), e.end(), m.embed_.data());
     }
-    m.final_norm_ =
-        layers::rms_norm::load(who, root, "norm.weight", D, cfg.norm_eps, cfg.norm_mode);
-    if (cfg.tie_embeddings) {
+    m.final_norm_ = layers::rms_norm::load(who, root, "norm.weight", D, c.norm_eps, c.norm_mode);
+    if (c.tie_embeddings) {
       m.lm_head_ = layers::weight_matrix::load(who, root, {"embed_tokens.weight"}, {V}, D);
     } else {
       m.lm_head_ = layers::weight_matrix::load(who, ck.scope(""), {"lm_head.weight"}, {V}, D);
     }
-    for (index_t i = 0; i < cfg.num_layers(); ++i) {
-      const std::string p = "model.layers." + std::to_string(i) + ".";
+    for (index_t i = 0; i < c.num_layers(); ++i) {
+      const std::string p = c.text_prefix + "layers." + std::to_string(i) + ".";
       const auto sc = ck.scope(p);
-      const layer_spec& spec = cfg.layers[static_cast<std::size_t>(i)];
+      const layer_spec& spec = c.layers[static_cast<std::size_t>(i)];
       decoder_layer l;
       l.spec = spec;
       l.in_norm =
-          layers::rms_norm::load(who, sc, "input_layernorm.weight", D, cfg.norm_eps, cfg.norm_mode);
+          layers::rms_norm::load(who, sc, "input_layernorm.weight", D, c.norm_eps, c.norm_mode);
       l.post_norm = layers::rms_norm::load(who, sc, "post_attention_layernorm.weight", D,
-                                           cfg.norm_eps, cfg.norm_mode);
+                                           c.norm_eps, c.norm_mode);
       switch (spec.mixer) {
         case mixer_kind::gated_deltanet:
-          l.gdn.emplace(layers::gated_deltanet::load(sc.scope("linear_attn."), cfg.gdn));
+          l.gdn.emplace(layers::gated_deltanet::load(sc.scope("linear_attn."), c.gdn));
           break;
         case mixer_kind::attention:
-          l.attn.emplace(layers::gated_attention::load(sc.scope("self_attn."), cfg.attention));
+          l.attn.emplace(layers::gated_attention::load(sc.scope("self_attn."), c.attention));
           break;
         case mixer_kind::mamba2:
-          l.mamba.emplace(layers::mamba2::load(sc.scope("mamba."), cfg.mamba));
+          l.mamba.emplace(layers::mamba2::load(sc.scope("mamba."), c.mamba));
           break;
         case mixer_kind::kda:
-          l.kda.emplace(layers::kda_layer::load(sc.scope("self_attn."), cfg.kda));
+          l.kda.emplace(layers::kda_layer::load(sc.scope("self_attn."), c.kda));
           break;
         case mixer_kind::mla:
-          l.mla.emplace(layers::mla_attention::load(sc.scope("self_attn."), cfg.mla));
+          l.mla.emplace(layers::mla_attention::load(sc.scope("self_attn."), c.mla));
           break;
       }
       if (spec.ffn == ffn_kind::moe) {
-        l.moe.emplace(layers::moe_ffn::load(sc.scope(cfg.ffn_prefix), cfg.moe));
+        l.moe.emplace(layers::moe_ffn::load(sc.scope(c.ffn_prefix), c.moe));
       } else {
-        l.mlp.emplace(layers::swiglu_mlp::load(who, sc.scope(cfg.ffn_prefix), D, cfg.dense_dim));
+        l.mlp.emplace(layers::swiglu_mlp::load(who, sc.scope(c.ffn_prefix), D, c.dense_dim));
       }
       m.layers_.push_back(std::move(l));
     }
@@ -769,16 +791,16 @@ class hybrid_model {
 
   /// Every tensor the model reads, by full name.
   std::vector<std::string> expected_tensors() const {
-    std::vector<std::string> out{"model.embed_tokens.weight", "model.norm.weight"};
+    const std::string& tp = cfg_.text_prefix;
+    std::vector<std::string> out{tp + "embed_tokens.weight", tp + "norm.weight"};
     if (!cfg_.tie_embeddings) out.push_back("lm_head.weight");
     for (index_t i = 0; i < cfg_.num_layers(); ++i) {
-      const std::string p = "model.layers." + std::to_string(i) + ".";
+      const std::string p = tp + "layers." + std::to_string(i) + ".";
       const layer_spec& s = cfg_.layers[static_cast<std::size_t>(i)];
       out.push_back(p + "input_layernorm.weight");
       out.push_back(p + "post_attention_layernorm.weight");
       if (s.mixer == mixer_kind::gated_deltanet) {
-        for (const char* n : {"in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "A_log",
-                              "dt_bias", "norm.weight", "out_proj.weight"})
+        for (const auto& n : layers::gated_deltanet::tensor_names(cfg_.gdn))
           out.push_back(p + "linear_attn." + n);
       } else if (s.mixer == mixer_kind::attention) {
         for (const char* n : {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"})
@@ -821,7 +843,9 @@ class hybrid_model {
       if (!ck.contains(n)) missing.push_back(n);
     for (const auto& n : ck.names()) {
       if (want.count(n)) continue;
-      const bool known_unused = cfg_.family == model_family::qwen3_next && n.rfind("mtp.", 0) == 0;
+      const bool known_unused =
+          std::any_of(cfg_.unused_prefixes.begin(), cfg_.unused_prefixes.end(),
+                      [&](const std::string& pre) { return n.rfind(pre, 0) == 0; });
       if (known_unused || opt.allow_unused) {
         unused_.push_back(n);
       } else {
