@@ -18,6 +18,7 @@
 #include <seqmix/core/io/checkpoint.hpp>
 #include <seqmix/core/safetensors.hpp>
 #include <seqmix/layers/gla.hpp>
+#include <seqmix/layers/rwkv7.hpp>
 #include <seqmix/reference/layers.hpp>
 
 #include "alloc_counter.hpp"
@@ -457,4 +458,258 @@ TEST_CASE("gla layer: bf16-stored weights, bad weights, refused options", "[laye
              Catch::Contains("gla_layer::forward") && Catch::Contains("'x'"));
   std::filesystem::remove(p32);
   std::filesystem::remove(p16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// RWKV-7
+
+namespace {
+
+layers::rwkv7_layer_config rwkv_cfg(index_t layer_idx) {
+  layers::rwkv7_layer_config c;
+  c.hidden = 32;
+  c.head_dim = 8;  // 4 heads
+  c.layer_idx = layer_idx;
+  c.decay_low_rank_dim = 8;
+  c.a_low_rank_dim = 8;
+  c.v_low_rank_dim = 4;
+  c.gate_low_rank_dim = 16;
+  c.chunk_size = 8;
+  c.prefill = layers::prefill_form::chunked;
+  return c;
+}
+
+weight_set rwkv_weights(const layers::rwkv7_layer_config& c, std::uint64_t salt) {
+  auto rng = testing::make_rng(salt);
+  const index_t D = c.hidden, hd = c.head_dim ? c.head_dim : D / c.heads, H = D / hd;
+  const index_t Dv = c.value_dim ? c.value_dim : D;
+  weight_set w;
+  for (const char* m : {"x_r", "x_w", "x_k", "x_v", "x_a", "x_g"})
+    add(w, rng, m, {1, 1, D}, 0.2, 0.5);
+  add(w, rng, "k_k", {D}, 0.1, 0.7);
+  add(w, rng, "k_a", {D}, 0.1, 1.0);
+  add(w, rng, "r_k", {H, hd}, 0.2);
+  add_matrix(w, rng, "r_proj.weight", D, D);
+  add_matrix(w, rng, "k_proj.weight", D, D);
+  add_matrix(w, rng, "v_proj.weight", Dv, D);
+  add_matrix(w, rng, "o_proj.weight", D, Dv);
+  add_matrix(w, rng, "w_lora.lora.0.weight", c.decay_low_rank_dim, D);
+  add_matrix(w, rng, "w_lora.lora.2.weight", D, c.decay_low_rank_dim);
+  add(w, rng, "w_lora.lora.2.bias", {D}, 1.0, -1.0);
+  add_matrix(w, rng, "a_lora.lora.0.weight", c.a_low_rank_dim, D);
+  add_matrix(w, rng, "a_lora.lora.2.weight", D, c.a_low_rank_dim);
+  add(w, rng, "a_lora.lora.2.bias", {D}, 0.5);
+  if (c.layer_idx != 0) {
+    add_matrix(w, rng, "v_lora.lora.0.weight", c.v_low_rank_dim, D);
+    add_matrix(w, rng, "v_lora.lora.2.weight", Dv, c.v_low_rank_dim);
+    add(w, rng, "v_lora.lora.2.bias", {Dv}, 0.5);
+  }
+  add_matrix(w, rng, "g_lora.lora.0.weight", c.gate_low_rank_dim, D);
+  add_matrix(w, rng, "g_lora.lora.2.weight", Dv, c.gate_low_rank_dim);
+  if (c.elementwise_affine) {
+    add(w, rng, "g_norm.weight", {Dv}, 0.1, 1.0);
+    add(w, rng, "g_norm.bias", {Dv}, 0.1);
+  }
+  return w;
+}
+
+layers::rwkv7_layer load_rwkv(const weight_set& ws, const layers::rwkv7_layer_config& c,
+                              dtype type = dtype::f32) {
+  const std::string path = write_set(ws, type, "rwkv_load");
+  auto l = layers::rwkv7_layer::load(checkpoint::open(path), "L.", c);
+  std::filesystem::remove(path);
+  return l;
+}
+
+/// A later layer (layer_idx != 0) seen through the plain layer API: v_first is a fixed
+/// function of each token's x (the same token gets the same v_first however it is fed).
+struct later_layer {
+  using cache_type = layers::recurrent_cache;
+  layers::rwkv7_layer* l;
+  static void fill(const float* x, float* vf, index_t D, index_t Dv) {
+    for (index_t j = 0; j < Dv; ++j) vf[j] = 0.7f * x[j % D] - 0.2f;
+  }
+  cache_type make_cache(index_t b) const { return l->make_cache(b); }
+  tensor<float, 3> vfirst3(const tensor_view<const float, 3>& x) const {
+    tensor<float, 3> vf({x.extent(0), x.extent(1), l->value_dim()});
+    for (index_t b = 0; b < x.extent(0); ++b)
+      for (index_t t = 0; t < x.extent(1); ++t)
+        fill(x.ptr({b, t, 0}), vf.view().ptr({b, t, 0}), x.extent(2), l->value_dim());
+    return vf;
+  }
+  tensor<float, 2> vfirst2(const tensor_view<const float, 2>& x) const {
+    tensor<float, 2> vf({x.extent(0), l->value_dim()});
+    for (index_t b = 0; b < x.extent(0); ++b)
+      fill(x.ptr({b, 0}), vf.view().ptr({b, 0}), x.extent(1), l->value_dim());
+    return vf;
+  }
+  void forward(tensor_view<const float, 3> x, tensor_view<float, 3> y, cache_type& c) {
+    auto vf = vfirst3(x);
+    l->forward(x, y, c, vf.view());
+  }
+  void forward(tensor_view<const float, 3> x, tensor_view<float, 3> y, cache_type& c,
+               std::span<const index_t> cu) {
+    auto vf = vfirst3(x);
+    l->forward(x, y, c, cu, vf.view());
+  }
+  // steps: v_first buffers kept so that a warm step allocates nothing
+  tensor<float, 2> vf_;
+  void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& c) {
+    prepare(x);
+    l->step(x, y, c, vf_.view());
+  }
+  void step(tensor_view<const float, 2> x, tensor_view<float, 2> y, cache_type& c,
+            std::span<const index_t> rows) {
+    prepare(x);
+    l->step(x, y, c, rows, vf_.view());
+  }
+  void prepare(const tensor_view<const float, 2>& x) {
+    if (vf_.extent(0) != x.extent(0)) vf_ = tensor<float, 2>({x.extent(0), l->value_dim()});
+    for (index_t b = 0; b < x.extent(0); ++b)
+      fill(x.ptr({b, 0}), vf_.view().ptr({b, 0}), x.extent(1), l->value_dim());
+  }
+};
+
+struct rwkv_case {
+  std::string name;
+  layers::rwkv7_layer_config c0, c1;
+};
+std::vector<rwkv_case> rwkv_cases() {
+  std::vector<rwkv_case> out;
+  out.push_back({"chunked, F.normalize kk, affine GroupNorm", rwkv_cfg(0), rwkv_cfg(1)});
+  auto a = rwkv_cfg(0), b = rwkv_cfg(3);
+  for (auto* c : {&a, &b}) {
+    c->prefill = layers::prefill_form::recurrent;
+    c->fuse_norm = true;
+    c->elementwise_affine = false;
+    c->value_dim = 64;
+    c->head_dim = 0;
+    c->heads = 2;
+  }
+  out.push_back({"recurrent, l2_norm kk, no affine, value_dim 2D, heads 2", a, b});
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("rwkv7 layer == the double reference (fla's RWKV7Attention, two layers)",
+          "[layers][timemix]") {
+  CHECK(layers::rwkv7_layer::default_low_rank(2.5, 1024, 1.0) == 64);  // round(2.5) == 2
+  CHECK(layers::rwkv7_layer::default_low_rank(5.0, 1024, 1.0) == 160);
+  CHECK(layers::rwkv7_layer::default_low_rank(1.7, 4096, 1.0) == 96);
+  CHECK(layers::rwkv7_layer::default_low_rank(2.5, 64, 1.0) == 32);
+  for (const auto& tc : rwkv_cases()) {
+    INFO(tc.name);
+    const auto w0 = rwkv_weights(tc.c0, 7), w1 = rwkv_weights(tc.c1, 8);
+    auto l0 = load_rwkv(w0, tc.c0);
+    auto l1 = load_rwkv(w1, tc.c1);
+    auto rng = testing::make_rng(9);
+    const index_t B = 2, T = 19, D = tc.c0.hidden, Dv = l0.value_dim();
+    const auto x = testing::random_normal<float, 3>({B, T, D}, rng);
+    auto c0 = l0.make_cache(B), c1 = l1.make_cache(B);
+    tensor<float, 3> y0({B, T, D}), y1({B, T, D}), vf({B, T, Dv});
+    l0.forward(x.view(), y0.view(), c0, vf.view());
+    l1.forward(y0.view(), y1.view(), c1, vf.view());
+    const auto r0 = ref_weights(w0), r1 = ref_weights(w1);
+    const auto sd = l0.state_dims();
+    tensor<double, 3> ry0({B, T, D}), ry1({B, T, D}), rvf({B, T, Dv});
+    tensor<double, 4> rs0({B, sd[0], sd[1], sd[2]}), rs1({B, sd[0], sd[1], sd[2]});
+    tensor<double, 2> sh0({B, D}), sh1({B, D});
+    for (index_t b = 0; b < B; ++b) {
+      const auto xb = row_double(x, b, 0, T);
+      auto vb = rvf.view().select(0, b);
+      const auto yb0 = reference::rwkv7_layer<double>(r0, tc.c0, xb.view(), rs0.view().select(0, b),
+                                                      sh0.view().select(0, b), vb);
+      const auto yb1 = reference::rwkv7_layer<double>(
+          r1, tc.c1, yb0.view(), rs1.view().select(0, b), sh1.view().select(0, b), vb);
+      std::copy(yb0.data(), yb0.data() + yb0.size(), ry0.data() + b * T * D);
+      std::copy(yb1.data(), yb1.data() + yb1.size(), ry1.data() + b * T * D);
+    }
+    check_rel(tc.name + " layer 0 y", compare(ry0, y0), 1e-5);
+    check_rel(tc.name + " v_first", compare(rvf, vf), 1e-5);
+    check_rel(tc.name + " layer 1 y (from the reference's own layer 0)", compare(ry1, y1), 1e-5);
+    check_rel(tc.name + " layer 0 state", compare(rs0, c0.state()), 1e-5);
+    check_rel(tc.name + " layer 1 state", compare(rs1, c1.state()), 1e-5);
+    tensor<double, 3> sh3({B, 1, D});
+    std::copy(sh1.data(), sh1.data() + sh1.size(), sh3.data());
+    check_rel(tc.name + " token-shift state", compare(sh3, c1.conv()), 1e-6);
+  }
+}
+
+TEST_CASE("rwkv7 layer: parts + steps, packed, snapshot, rows, no allocation",
+          "[layers][timemix]") {
+  for (const auto& tc : rwkv_cases()) {
+    INFO(tc.name);
+    auto l0 = load_rwkv(rwkv_weights(tc.c0, 10), tc.c0);
+    {
+      INFO("layer 0 (no v_first)");
+      cache_properties(l0, tc.c0.hidden);
+    }
+    auto l1 = load_rwkv(rwkv_weights(tc.c1, 11), tc.c1);
+    later_layer later{&l1, {}};
+    INFO("a later layer with v_first");
+    cache_properties(later, tc.c1.hidden);
+  }
+}
+
+TEST_CASE("rwkv7 layer: bf16-stored weights, bad weights, v_first errors", "[layers][timemix]") {
+  const auto cfg = rwkv_cfg(1);
+  const auto ws = rwkv_weights(cfg, 12);
+  auto rng = testing::make_rng(13);
+  const index_t B = 2, T = 11, D = cfg.hidden;
+  const auto x = testing::random_normal<float, 3>({B, T, D}, rng);
+  auto l32 = load_rwkv(ws, cfg), l16 = load_rwkv(ws, cfg, dtype::bf16);
+  later_layer a{&l32, {}}, b{&l16, {}};
+  {
+    auto c1 = l32.make_cache(B), c2 = l16.make_cache(B);
+    const auto y32 = prefill(a, x, c1);
+    const auto y16 = prefill(b, x, c2);
+    const auto cmp = compare(y32, y16);
+    INFO("bf16 vs f32 weights: " << cmp.report);
+    CHECK(cmp.rel_rms <= 2e-2);
+    CHECK(cmp.rel_rms > 1e-5);
+  }
+  auto err = [&](const std::string& drop, const std::string& reshape, const std::string& retype) {
+    const std::string p = write_set(ws, dtype::f32, "rwkv_bad", drop, reshape, retype);
+    const auto ck = checkpoint::open(p);
+    auto e = error_of([&] { layers::rwkv7_layer::load(ck, "L.", cfg); });
+    std::filesystem::remove(p);
+    return e;
+  };
+  CHECK_THAT(err("v_lora.lora.2.bias", {}, {}),
+             Catch::Contains("rwkv7_layer::load") && Catch::Contains("'L.v_lora.lora.2.bias'") &&
+                 Catch::Contains("missing") && Catch::Contains("[32]"));
+  CHECK_THAT(err({}, "r_k", {}), Catch::Contains("'L.r_k'") && Catch::Contains("[4, 8]") &&
+                                     Catch::Contains("got shape [32]"));
+  CHECK_THAT(err({}, {}, "x_w"),
+             Catch::Contains("'L.x_w'") && Catch::Contains("[1, 1, 32]") && Catch::Contains("F64"));
+  CHECK_THAT(err({}, {}, "w_lora.lora.2.weight"),
+             Catch::Contains("'L.w_lora.lora.2.weight'") && Catch::Contains("[32, 8]"));
+  {
+    // the config's ranks must match the checkpoint's
+    const std::string p = write_set(ws, dtype::f32, "rwkv_rank");
+    const auto ck = checkpoint::open(p);
+    auto c2 = cfg;
+    c2.a_low_rank_dim = 0;  // fla's default for D = 32: 32
+    CHECK_THAT(error_of([&] { layers::rwkv7_layer::load(ck, "L.", c2); }),
+               Catch::Contains("'L.a_lora.lora.0.weight'") && Catch::Contains("[32, 32]"));
+    c2 = cfg;
+    c2.head_dim = 5;
+    CHECK_THAT(error_of([&] { layers::rwkv7_layer::load(ck, "L.", c2); }),
+               Catch::Contains("config.head_dim"));
+    std::filesystem::remove(p);
+  }
+  // a later layer needs v_first; v_first's shape is checked
+  auto c = l32.make_cache(B);
+  tensor<float, 3> y({B, T, D});
+  CHECK_THAT(error_of([&] { l32.forward(x.view(), y.view(), c); }),
+             Catch::Contains("rwkv7_layer::forward") && Catch::Contains("'v_first'"));
+  CHECK(c.length(0) == 0);  // nothing ran
+  tensor<float, 2> x1({B, D}), y1({B, D});
+  CHECK_THAT(error_of([&] { l32.step(x1.view(), y1.view(), c); }),
+             Catch::Contains("rwkv7_layer::step") && Catch::Contains("'v_first'"));
+  tensor<float, 3> vbad({B, T, D + 1});
+  CHECK_THAT(error_of([&] { l32.forward(x.view(), y.view(), c, vbad.view()); }),
+             Catch::Contains("rwkv7_layer::forward") && Catch::Contains("'v_first'") &&
+                 Catch::Contains("[2, 11, 32]"));
 }

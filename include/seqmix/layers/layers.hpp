@@ -5,7 +5,7 @@
 //   layers:  gated_deltanet (Qwen3-Next linear_attn), gated_attention (Qwen3-Next self_attn,
 //            plain GQA with gated = false), mamba2 (Mamba2 / GraniteMoeHybrid mamba),
 //            kda_layer (Kimi-Linear KDA self_attn), mla_attention (Kimi-Linear / DeepSeek MLA),
-//            gla_layer (fla's GatedLinearAttention)
+//            gla_layer (fla's GatedLinearAttention), rwkv7_layer (fla's RWKV7Attention)
 //   caches:  recurrent_cache (conv window + mixer state), attention_cache (kv_cache)
 // Each header gives its math, shapes and cost; reference/layers.hpp holds the plain references.
 #pragma once
@@ -22,6 +22,7 @@
 #include <seqmix/layers/recurrent_cache.hpp>
 #include <seqmix/layers/rms_norm.hpp>
 #include <seqmix/layers/rope.hpp>
+#include <seqmix/layers/rwkv7.hpp>
 #include <seqmix/layers/short_conv.hpp>
 #include <seqmix/layers/swiglu_mlp.hpp>
 #include <seqmix/layers/weights.hpp>

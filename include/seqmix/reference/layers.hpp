@@ -267,4 +267,119 @@ tensor<T, 2> gla_layer(const named_weights<T>& w, const Cfg& c, tensor_view<cons
   return y;
 }
 
+/// fla's RWKV7Attention on one sequence x [T, D] -> y [T, D], from the mixer state [H, hd, dv]
+/// and the token-shift state `shift` [D] (the previous x), both updated in place. v_first
+/// [T, Dv]: written by layer 0 (cfg.layer_idx == 0), read by the others. Cfg is
+/// layers::rwkv7_layer_config (the low-rank sizes are read from the weights' sizes).
+template <class T, class Cfg>
+tensor<T, 2> rwkv7_layer(const named_weights<T>& w, const Cfg& c, tensor_view<const T, 2> x,
+                         tensor_view<T, 3> state, tensor_view<T, 1> shift,
+                         tensor_view<T, 2> v_first) {
+  const index_t D = c.hidden, TT = x.extent(0);
+  const index_t hd = c.head_dim ? c.head_dim : D / c.heads, H = D / hd;
+  const index_t Dv = c.value_dim ? c.value_dim : D, dv = Dv / H;
+  const bool first = c.layer_idx == 0;
+  auto at = [&](const char* n) -> const std::vector<T>& { return w.at(n); };
+  auto rows_of = [&](const char* n, index_t in) { return static_cast<index_t>(at(n).size()) / in; };
+  tensor<T, 2> y({TT, D});
+  for (index_t t = 0; t < TT; ++t) {
+    std::vector<T> xt(static_cast<std::size_t>(D)), prev(static_cast<std::size_t>(D));
+    for (index_t i = 0; i < D; ++i) {
+      xt[static_cast<std::size_t>(i)] = x(t, i);
+      prev[static_cast<std::size_t>(i)] = shift(i);
+      shift(i) = x(t, i);
+    }
+    // the six token-shift mixes x + (x_prev - x) · mu
+    auto mixed = [&](const char* mu) {
+      std::vector<T> out(static_cast<std::size_t>(D));
+      for (std::size_t i = 0; i < out.size(); ++i) out[i] = xt[i] + (prev[i] - xt[i]) * at(mu)[i];
+      return out;
+    };
+    const auto xr = mixed("x_r"), xw = mixed("x_w"), xk = mixed("x_k"), xv = mixed("x_v"),
+               xa = mixed("x_a"), xg = mixed("x_g");
+    const auto r = detail::matvec(at("r_proj.weight"), xr, D);
+    auto k = detail::matvec(at("k_proj.weight"), xk, D);
+    auto v = detail::matvec(at("v_proj.weight"), xv, Dv);
+    // LoRAs: B act(A x) + b
+    auto lora = [&](const std::string& name, const std::vector<T>& in, index_t out, int act,
+                    bool bias) {
+      const std::string a = name + ".lora.0.weight", b = name + ".lora.2.weight";
+      auto low = detail::matvec(at(a.c_str()), in, rows_of(a.c_str(), D));
+      for (auto& e : low) e = act == 1 ? std::tanh(e) : act == 2 ? detail::sigmoid(e) : e;
+      const std::string bn = name + ".lora.2.bias";
+      return detail::matvec(at(b.c_str()), low, out, bias ? &w.at(bn) : nullptr);
+    };
+    auto dw = lora("w_lora", xw, D, 1, true);
+    auto a = lora("a_lora", xa, D, 0, true);
+    const auto g = lora("g_lora", xg, Dv, 2, false);
+    for (auto& e : dw) e = -std::exp(T(-0.5)) * detail::sigmoid(e);  // log decay
+    for (auto& e : a) e = detail::sigmoid(e);
+    if (first) {
+      for (index_t j = 0; j < Dv; ++j) v_first(t, j) = v[static_cast<std::size_t>(j)];
+    } else {
+      const auto vl = lora("v_lora", xv, Dv, 0, true);
+      for (index_t j = 0; j < Dv; ++j) {
+        const T s = detail::sigmoid(vl[static_cast<std::size_t>(j)]);
+        auto& vj = v[static_cast<std::size_t>(j)];
+        vj = vj + s * (v_first(t, j) - vj);
+      }
+    }
+    std::vector<T> kk(static_cast<std::size_t>(D));
+    for (index_t h = 0; h < H; ++h) {
+      T ss = 0;
+      for (index_t i = h * hd; i < (h + 1) * hd; ++i) {
+        kk[static_cast<std::size_t>(i)] =
+            k[static_cast<std::size_t>(i)] * at("k_k")[std::size_t(i)];
+        ss += kk[static_cast<std::size_t>(i)] * kk[static_cast<std::size_t>(i)];
+      }
+      const T den = c.fuse_norm ? std::sqrt(ss + T(1e-6)) : std::max(std::sqrt(ss), T(1e-12));
+      for (index_t i = h * hd; i < (h + 1) * hd; ++i) kk[static_cast<std::size_t>(i)] /= den;
+    }
+    for (index_t i = 0; i < D; ++i) {
+      const auto s = static_cast<std::size_t>(i);
+      k[s] = k[s] * (T(1) + (a[s] - T(1)) * at("k_a")[s]);
+    }
+    std::vector<T> z(static_cast<std::size_t>(Dv));
+    const T eps = T(hd) * T(c.norm_eps);
+    for (index_t h = 0; h < H; ++h) {
+      const auto K0 = static_cast<std::size_t>(h * hd), V0 = static_cast<std::size_t>(h * dv);
+      // S ← Diag(e^w) S + (kk⊙a) (−kkᵀ S) + k vᵀ, then o = Sᵀ r
+      std::vector<T> sa(static_cast<std::size_t>(dv), T(0));
+      for (index_t j = 0; j < dv; ++j)
+        for (index_t i = 0; i < hd; ++i)
+          sa[std::size_t(j)] += -kk[K0 + std::size_t(i)] * state(h, i, j);
+      std::vector<T> o(static_cast<std::size_t>(dv), T(0));
+      for (index_t i = 0; i < hd; ++i)
+        for (index_t j = 0; j < dv; ++j) {
+          const std::size_t ki = K0 + std::size_t(i);
+          state(h, i, j) = std::exp(dw[ki]) * state(h, i, j) + kk[ki] * a[ki] * sa[std::size_t(j)] +
+                           k[ki] * v[V0 + std::size_t(j)];
+        }
+      for (index_t j = 0; j < dv; ++j)
+        for (index_t i = 0; i < hd; ++i)
+          o[std::size_t(j)] += state(h, i, j) * r[K0 + std::size_t(i)];
+      // GroupNorm over the head, the r·k·r_k bonus, the gate
+      T mean = 0, var = 0;
+      for (T e : o) mean += e;
+      mean /= T(dv);
+      for (T e : o) var += (e - mean) * (e - mean);
+      var /= T(dv);
+      T bonus = 0;
+      for (index_t i = 0; i < hd; ++i) {
+        const std::size_t ki = K0 + std::size_t(i);
+        bonus += r[ki] * k[ki] * at("r_k")[ki];
+      }
+      for (index_t j = 0; j < dv; ++j) {
+        const std::size_t vj = V0 + std::size_t(j);
+        T n = (o[std::size_t(j)] - mean) / std::sqrt(var + eps);
+        if (c.elementwise_affine) n = n * at("g_norm.weight")[vj] + at("g_norm.bias")[vj];
+        z[vj] = (n + bonus * v[vj]) * g[vj];
+      }
+    }
+    const auto yt = detail::matvec(at("o_proj.weight"), z, D);
+    for (index_t i = 0; i < D; ++i) y(t, i) = yt[static_cast<std::size_t>(i)];
+  }
+  return y;
+}
+
 }  // namespace seqmix::reference
