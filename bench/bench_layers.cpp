@@ -10,7 +10,10 @@
 //                                          time / layer_prefill's)
 //   layer_decode/kind/B/threads/dtype      one step of B sequences after a 512-token prefill
 //                                          (attention reads 512+ cached tokens)
-//   kind: 0 = gated_deltanet, 1 = gated_attention, 2 = mamba2; dtype: 0 = f32, 1 = bf16
+//   kind: 0 = gated_deltanet, 1 = gated_attention, 2 = mamba2, 3 = gla_layer (fla's defaults: 4
+//   heads, expand_k 0.5 -> dk 128, dv 256, gate rank 16, no short conv), 4 = rwkv7_layer
+//   (16 heads × 64, fla's default ranks w/a/v 64, g 160, layer_idx 1: with v_lora and v_first);
+//   the time-mix kinds run prefill T = 4096 and decode B = 1 only; dtype: 0 = f32, 1 = bf16
 //
 // Counters: tokens (tokens/s); flops (projection FLOP only, 2·T·D·(in + out widths), so
 // flops / FMA peak is a lower bound of the layer's efficiency); bytes (decode: the weight bytes
@@ -64,6 +67,20 @@ L::mamba2_config mamba_cfg() {
   c.state_size = 128;
   c.groups = 1;
   c.chunk_size = 256;
+  return c;
+}
+
+L::gla_layer_config gla_cfg() {
+  L::gla_layer_config c;  // fla's GatedLinearAttention defaults at hidden 1024
+  c.hidden = D;
+  c.heads = 4;
+  return c;
+}
+L::rwkv7_layer_config rwkv_cfg() {
+  L::rwkv7_layer_config c;
+  c.hidden = D;
+  c.head_dim = 64;
+  c.layer_idx = 1;
   return c;
 }
 
@@ -130,6 +147,51 @@ const seqmix::checkpoint& weights(bool bf16) {
     w.vec("mamba.norm.weight", I, 1.0f, 0.2f);
     w.mat("mamba.out_proj.weight", D, I);
   }
+  {
+    const auto c = gla_cfg();
+    const index_t dk = D / 2 / c.heads, dv = D / c.heads;
+    w.mat("gla.q_proj.weight", c.heads * dk, D);
+    w.mat("gla.k_proj.weight", c.heads * dk, D);
+    w.mat("gla.v_proj.weight", c.heads * dv, D);
+    w.mat("gla.g_proj.weight", c.heads * dv, D);
+    w.mat("gla.gk_proj.0.weight", c.gate_low_rank_dim, D);
+    w.mat("gla.gk_proj.1.weight", c.heads * dk, c.gate_low_rank_dim);
+    w.vec("gla.gk_proj.1.bias", c.heads * dk, 2.0f, 1.0f);
+    w.vec("gla.g_norm_swish_gate.weight", dv, 1.0f, 0.2f);
+    w.mat("gla.o_proj.weight", D, c.heads * dv);
+  }
+  {
+    const index_t H = D / 64, rw = 64, ra = 64, rv = 64, rg = 160;
+    for (const char* m : {"x_r", "x_w", "x_k", "x_v", "x_a", "x_g"}) {
+      tensor<float, 3> t({1, 1, D});
+      for (index_t i = 0; i < D; ++i) t[i] = 0.5f;
+      w.w.add(std::string("rwkv.") + m, t);
+    }
+    w.vec("rwkv.k_k", D, 0.7f, 0.1f);
+    w.vec("rwkv.k_a", D, 1.0f, 0.1f);
+    {
+      tensor<float, 2> t({H, 64});
+      for (index_t i = 0; i < t.size(); ++i) t[i] = -0.04f;
+      w.w.add("rwkv.r_k", t);
+    }
+    w.mat("rwkv.r_proj.weight", D, D);
+    w.mat("rwkv.k_proj.weight", D, D);
+    w.mat("rwkv.v_proj.weight", D, D);
+    w.mat("rwkv.o_proj.weight", D, D);
+    w.mat("rwkv.w_lora.lora.0.weight", rw, D);
+    w.mat("rwkv.w_lora.lora.2.weight", D, rw);
+    w.vec("rwkv.w_lora.lora.2.bias", D, -1.0f, 1.0f);
+    w.mat("rwkv.a_lora.lora.0.weight", ra, D);
+    w.mat("rwkv.a_lora.lora.2.weight", D, ra);
+    w.vec("rwkv.a_lora.lora.2.bias", D, 0.0f, 0.5f);
+    w.mat("rwkv.v_lora.lora.0.weight", rv, D);
+    w.mat("rwkv.v_lora.lora.2.weight", D, rv);
+    w.vec("rwkv.v_lora.lora.2.bias", D, 0.0f, 0.5f);
+    w.mat("rwkv.g_lora.lora.0.weight", rg, D);
+    w.mat("rwkv.g_lora.lora.2.weight", D, rg);
+    w.vec("rwkv.g_norm.weight", D, 1.0f, 0.2f);
+    w.vec("rwkv.g_norm.bias", D, 0.0f, 0.1f);
+  }
   const std::string path = (std::filesystem::temp_directory_path() /
                             ("seqmix_bench_layers_" + std::to_string(::getpid()) +
                              (bf16 ? "_bf16" : "_f32") + ".safetensors"))
@@ -142,6 +204,8 @@ const seqmix::checkpoint& weights(bool bf16) {
 
 // projection widths (in, out) of each kind: in = fused input projection rows, out = D
 index_t in_width(int kind) {
+  if (kind == 3) return 3 * D + 16 + 8;              // q|k|v|g|gk_a, + gk_b (16 -> 512) as 8 rows
+  if (kind == 4) return 3 * D + 2 * (3 * 64 + 160);  // r, k, v, LoRA A's and B's
   if (kind == 0) {
     const auto c = gdn_cfg();
     return 2 * c.key_heads * c.key_dim + 2 * c.value_heads * c.value_dim + 2 * c.value_heads;
@@ -155,15 +219,47 @@ index_t in_width(int kind) {
   return 2 * I + 2 * c.groups * c.state_size + c.heads;
 }
 index_t mixer_width(int kind) {
+  if (kind >= 3) return D;
   if (kind == 0) return gdn_cfg().value_heads * gdn_cfg().value_dim;
   if (kind == 1) return attn_cfg().heads * attn_cfg().head_dim;
   return mamba_cfg().heads * mamba_cfg().head_dim;
 }
 
+/// rwkv7_layer past layer 0 through the plain API: a fixed v_first (as from layer 0).
+struct rwkv7_later {
+  L::rwkv7_layer l;
+  tensor<float, 3> vf3;
+  tensor<float, 2> vf2;
+  L::recurrent_cache make_cache(index_t B, index_t) const { return l.make_cache(B); }
+  std::size_t weight_bytes() const { return l.weight_bytes(); }
+  void forward(seqmix::tensor_view<const float, 3> x, seqmix::tensor_view<float, 3> y,
+               L::recurrent_cache& c) {
+    if (vf3.extent(0) != x.extent(0) || vf3.extent(1) != x.extent(1)) {
+      vf3 = tensor<float, 3>({x.extent(0), x.extent(1), D});
+      vf3.fill(0.1f);
+    }
+    l.forward(x, y, c, vf3.view());
+  }
+  void step(seqmix::tensor_view<const float, 2> x, seqmix::tensor_view<float, 2> y,
+            L::recurrent_cache& c) {
+    if (vf2.extent(0) != x.extent(0)) {
+      vf2 = tensor<float, 2>({x.extent(0), D});
+      vf2.fill(0.1f);
+    }
+    l.step(x, y, c, vf2.view());
+  }
+};
+
 template <class F>
 void with_layer(int kind, bool bf16, F&& f) {
   const auto& ck = weights(bf16);
-  if (kind == 0) {
+  if (kind == 3) {
+    auto l = L::gla_layer::load(ck, "gla.", gla_cfg());
+    f(l);
+  } else if (kind == 4) {
+    rwkv7_later l{L::rwkv7_layer::load(ck, "rwkv.", rwkv_cfg()), {}, {}};
+    f(l);
+  } else if (kind == 0) {
     auto l = L::gated_deltanet::load(ck, "gdn.", gdn_cfg());
     f(l);
   } else if (kind == 1) {
@@ -267,10 +363,22 @@ void args_decode(benchmark::internal::Benchmark* b) {
       for (int th : {1, 2})
         for (int dt : {0, 1}) b->Args({kind, B, th, dt});
 }
+void args_timemix_prefill(benchmark::internal::Benchmark* b) {
+  for (int kind : {3, 4})
+    for (int th : {1, 2})
+      for (int dt : {0, 1}) b->Args({kind, 4096, th, dt});
+}
+void args_timemix_decode(benchmark::internal::Benchmark* b) {
+  for (int kind : {3, 4})
+    for (int th : {1, 2})
+      for (int dt : {0, 1}) b->Args({kind, 1, th, dt});
+}
 
 }  // namespace
 
 BENCHMARK(layer_prefill)->Apply(args_prefill)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(layer_proj)->Apply(args_prefill)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(layer_decode)->Apply(args_decode)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(layer_prefill)->Apply(args_timemix_prefill)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(layer_decode)->Apply(args_timemix_decode)->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK_MAIN();
