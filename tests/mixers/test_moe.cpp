@@ -365,13 +365,16 @@ TEST_CASE("moe: reference vs both forms over random shapes and routers", "[moe]"
           }
         }
         const bool bias = kind == 3, shared = S > 0, sgate = combo % 4 == 1;
-        const moe_f m(o, weights_of(b, bias, shared, sgate));
         const auto x = seqmix::testing::random_normal<float, 2>({T, D}, rng);
-        const auto xd = seqmix::testing::cast<double>(x);
-        const auto ref =
-            reference::moe<double>(xd, ref_weights_of(b, bias, shared, sgate), route_of(o), {});
+        // Catch2 runs the test case once per section and replays everything outside the
+        // sections each time: only the (cheap) random draws stay out here, so every combination
+        // sees the same inputs, and the layer and the double reference are built inside.
         DYNAMIC_SECTION("E " << E << " k " << k << " T " << T << " router kind " << kind
                              << " shared " << S) {
+          const moe_f m(o, weights_of(b, bias, shared, sgate));
+          const auto xd = seqmix::testing::cast<double>(x);
+          const auto ref =
+              reference::moe<double>(xd, ref_weights_of(b, bias, shared, sgate), route_of(o), {});
           const auto g = run(m, x, true);
           const auto p = run(m, x, false);
           check_against_reference(ref, g, std::max<index_t>(1, T / 128));

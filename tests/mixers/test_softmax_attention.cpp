@@ -77,6 +77,8 @@ TEST_CASE("softmax_attention: reference vs chunked vs recurrent over T, D, windo
   auto rng = make_rng(1);
   for (index_t T : {1, 2, 63, 64, 65, 257, 1000}) {
     for (index_t D : {1, 7, 64, 65, 128}) {
+      // under sanitizers, T = 1000 only at D = 65: T = 257 already covers every tile path
+      if (seqmix::testing::sanitized_build && T == 1000 && D != 65) continue;
       // H = 2 query heads on one kv head (GQA), V = D
       const problem p{1, T, 2, 1, D, D};
       const auto in = attn::make_inputs(p, rng);

@@ -21,6 +21,21 @@
 
 namespace seqmix::testing {
 
+/// True in a build with AddressSanitizer (the CI's clang -O0 pass, where every test runs 10-50x
+/// slower). The few sweeps that cost minutes there skip their largest repeats of a code path
+/// the smaller ones already take; the plain build runs them all.
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool sanitized_build = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool sanitized_build = true;
+#else
+inline constexpr bool sanitized_build = false;
+#endif
+#else
+inline constexpr bool sanitized_build = false;
+#endif
+
 /// Asserts that a parallel loop started now really runs on `threads` distinct threads, so a
 /// "1 vs N threads" comparison cannot pass by comparing serial with serial (a build without
 /// OpenMP, or a thread setting that is ignored, fails here instead).

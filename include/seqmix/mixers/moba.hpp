@@ -320,22 +320,10 @@ class moba_attention {
   void step(tensor_view<const T, 3> q1, tensor_view<const T, 3> k1, tensor_view<const T, 3> v1,
             tensor_view<T, 3> o1, moba_cache<T>& cache) const {
     const checker check{"moba_attention::step"};
-    check.nonempty("q1", q1);
-    const index_t B = q1.extent(0), H = q1.extent(1), K = q1.extent(2);
-    check.nonempty("k1", k1);
-    const index_t Hkv = k1.extent(1);
-    check.shape("k1", k1, {B, any_extent, K});
-    check_heads(check, "k1", H, Hkv);
-    check.nonempty("v1", v1);
-    const index_t V = v1.extent(2);
-    check.shape("v1", v1, {B, Hkv, V});
-    check.shape("o1", o1, {B, H, V});
-    check.inner_contiguous("q1", q1);
-    check.inner_contiguous("k1", k1);
-    check.inner_contiguous("v1", v1);
-    check.inner_contiguous("o1", o1);
-    check.distinct_elements("o1", o1);
-    const dims d{B, 1, H, Hkv, K, V};
+    const dims d =
+        front::check_attention_qkvo3<T>(check, {"q1", "k1", "v1", "o1"}, q1, k1, v1, o1,
+                                        [this](const checker& c, std::string_view name, index_t H,
+                                               index_t Hkv) { check_heads(c, name, H, Hkv); });
     check_cache(check, d, cache, 1);
     check_cache_overlap(check, q1, k1, v1, o1, cache);
     step_unchecked(d, q1, k1, v1, o1, cache);
@@ -392,19 +380,11 @@ class moba_attention {
   dims validate3(const checker& check, const tensor_view<const T, 3>& q,
                  const tensor_view<const T, 3>& k, const tensor_view<const T, 3>& v,
                  const tensor_view<T, 3>& o) const {
-    check.nonempty("q", q);
-    dims d{1, q.extent(0), q.extent(1), k.extent(1), q.extent(2), v.extent(2)};
-    check.nonempty("k", k);
-    check.shape("k", k, {d.Tn, any_extent, d.K});
-    check_heads(check, "k", d.H, d.Hkv);
-    check.nonempty("v", v);
-    check.shape("v", v, {d.Tn, d.Hkv, any_extent});
-    check.shape("o", o, {d.Tn, d.H, d.V});
-    check.inner_contiguous("q", q);
-    check.inner_contiguous("k", k);
-    check.inner_contiguous("v", v);
-    check.inner_contiguous("o", o);
-    check.distinct_elements("o", o);
+    dims d =
+        front::check_attention_qkvo3<T>(check, {"q", "k", "v", "o"}, q, k, v, o,
+                                        [this](const checker& c, std::string_view name, index_t H,
+                                               index_t Hkv) { check_heads(c, name, H, Hkv); });
+    std::swap(d.B, d.Tn);  // packed: one batch row of N tokens
     return d;
   }
   static std::span<const seq> batch_seqs(workspace::frame& f, index_t B, index_t Tn) {

@@ -341,20 +341,11 @@ class native_sparse_attention {
             const step_gates& g, tensor_view<T, 3> o1, nsa_cache<T>& cache,
             const step_extras& x = {}) const {
     const checker check{"native_sparse_attention::step"};
-    check.nonempty("q1", q1);
-    const index_t B = q1.extent(0), H = q1.extent(1), K = q1.extent(2);
-    check.nonempty("k1", k1);
-    const index_t Hkv = k1.extent(1);
-    check.shape("k1", k1, {B, any_extent, K});
-    check_heads(check, "k1", H, Hkv);
-    check.nonempty("v1", v1);
-    const index_t V = v1.extent(2);
-    check.shape("v1", v1, {B, Hkv, V});
-    check.shape("o1", o1, {B, H, V});
-    for (auto [name, view] : {std::pair{"q1", q1}, std::pair{"k1", k1}, std::pair{"v1", v1}})
-      check.inner_contiguous(name, view);
-    check.inner_contiguous("o1", o1);
-    check.distinct_elements("o1", o1);
+    const dims d =
+        front::check_attention_qkvo3<T>(check, {"q1", "k1", "v1", "o1"}, q1, k1, v1, o1,
+                                        [this](const checker& c, std::string_view name, index_t H_,
+                                               index_t Hkv_) { check_heads(c, name, H_, Hkv_); });
+    const index_t B = d.B, H = d.H, Hkv = d.Hkv, K = d.K, V = d.V;
     check.shape("g.cmp", g.cmp, {B, H});
     check.shape("g.slc", g.slc, {B, H});
     if (opt_.window > 0) {
@@ -371,7 +362,6 @@ class native_sparse_attention {
     if (x.lse_cmp.data()) check.shape("x.lse_cmp", x.lse_cmp, {B, H});
     if (x.block_indices.data())
       check.shape("x.block_indices", x.block_indices, {B, Hkv, opt_.block_count});
-    const dims d{B, 1, H, Hkv, K, V};
     check_cache(check, d, cache);
     for (index_t b = 0; b < B; ++b) check_room(check, cache, b, 1);
     check.no_overlap({range_of("o1", o1)},

@@ -379,22 +379,11 @@ class softmax_attention {
   dims validate_step(const checker& check, const tensor_view<const T, 3>& q1,
                      const tensor_view<const T, 3>& k1, const tensor_view<const T, 3>& v1,
                      const tensor_view<T, 3>& o1) const {
-    check.nonempty("q1", q1);
-    const index_t B = q1.extent(0), H = q1.extent(1), K = q1.extent(2);
-    check.nonempty("k1", k1);
-    const index_t Hkv = k1.extent(1);
-    check.shape("k1", k1, {B, any_extent, K});
-    check_heads(check, "k1", H, Hkv);
-    check.nonempty("v1", v1);
-    const index_t V = v1.extent(2);
-    check.shape("v1", v1, {B, Hkv, V});
-    check.shape("o1", o1, {B, H, V});
-    check.inner_contiguous("q1", q1);
-    check.inner_contiguous("k1", k1);
-    check.inner_contiguous("v1", v1);
-    check.inner_contiguous("o1", o1);
-    check.distinct_elements("o1", o1);
-    return dims{B, 1, H, Hkv, K, V};
+    return front::check_attention_qkvo3<T>(
+        check, {"q1", "k1", "v1", "o1"}, q1, k1, v1, o1,
+        [this](const checker& c, std::string_view name, index_t H, index_t Hkv) {
+          check_heads(c, name, H, Hkv);
+        });
   }
   kernels::attention::params<T> kernel_params(const dims& d) const {
     kernels::attention::params<T> p;

@@ -10,6 +10,7 @@
 // fails (step must not allocate).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <initializer_list>
 #include <span>
@@ -177,6 +178,32 @@ attention_dims check_attention_qkvo(const checker& check, const tensor_view<cons
   check.inner_contiguous("v", v);
   check.inner_contiguous("o", o);
   check.distinct_elements("o", o);
+  return d;
+}
+
+/// The same checks on rank-3 tensors, one row per token: a decode step (q1 [B, H, K], k1
+/// [B, Hkv, K], v1 [B, Hkv, V], o1 [B, H, V]) or MoBA's packed layout ([N, H, ·]). `names` are
+/// the front's argument names (q, k, v, o order); the result's B is the leading extent, Tn 1.
+template <class T, class HeadCheck>
+attention_dims check_attention_qkvo3(const checker& check,
+                                     const std::array<std::string_view, 4>& names,
+                                     const tensor_view<const T, 3>& q,
+                                     const tensor_view<const T, 3>& k,
+                                     const tensor_view<const T, 3>& v, const tensor_view<T, 3>& o,
+                                     HeadCheck&& heads) {
+  check.nonempty(names[0], q);
+  attention_dims d{q.extent(0), 1, q.extent(1), k.extent(1), q.extent(2), v.extent(2)};
+  check.nonempty(names[1], k);
+  check.shape(names[1], k, {d.B, any_extent, d.K});
+  heads(check, names[1], d.H, d.Hkv);
+  check.nonempty(names[2], v);
+  check.shape(names[2], v, {d.B, d.Hkv, any_extent});
+  check.shape(names[3], o, {d.B, d.H, d.V});
+  check.inner_contiguous(names[0], q);
+  check.inner_contiguous(names[1], k);
+  check.inner_contiguous(names[2], v);
+  check.inner_contiguous(names[3], o);
+  check.distinct_elements(names[3], o);
   return d;
 }
 
