@@ -32,10 +32,10 @@
 // width), flat per chunk; per token K·V/C values of checkpoints (64 at K = V = 64, C = 64).
 // All of it comes from the thread's workspace arena: a repeated shape allocates nothing.
 //
-// Cost per (sequence, value head) and token (FLOP, multiply-add = 2): forward sweep 6·K·V
-// (rank-one: read 2, update 4; RWKV-6 4), recompute the same again, reverse 20·K·V (RWKV-6 12):
-// 32·K·V with the rank-one term (about 3.5x the 9·K·V of RWKV-7's recurrent forward), 20·K·V
-// without. Numerics: the recurrence runs in T; log gates are clamped at -1e4 (e^{-1e4} is
+// Cost per (sequence, value head) and token (FLOP, multiply-add = 2): with the rank-one term,
+// checkpoint sweep 7·K·V (read aᵀs 2, update 5), recompute the same, reverse 19·K·V: 33·K·V
+// (3.7x the 9·K·V of RWKV-7's recurrent forward, 4.7x DeltaNet's 7·K·V); RWKV-6 3 + 3 + 11 = 17·K·V
+// (3.4x its 5·K·V). Numerics: the recurrence runs in T; log gates are clamped at -1e4 (e^{-1e4} is
 // exactly 0) before the only exponentiation, e^{g} <= 1, so strong and -inf gates give finite
 // gradients. Parallel over (sequence, q/k head) items, the value heads of a GVA group one after
 // the other inside the item (their dq, dk sums have a fixed order): results are bitwise the same
