@@ -36,6 +36,8 @@ TEST_CASE("delta_net: reference == recurrent == chunked over T, chunk, K, V",
   const index_t T = GENERATE(1, 2, 63, 64, 65, 257, 1000);
   const auto s = GENERATE(kv{1, 1}, kv{7, 7}, kv{64, 64}, kv{65, 65}, kv{128, 128}, kv{1, 128},
                           kv{128, 7}, kv{7, 65}, kv{65, 1});
+  // under the sanitizers (50x slower) T = 1000 runs one shape: T = 257 takes the same paths
+  if (seqmix::testing::sanitized_build && T == 1000 && s != kv{7, 65}) return;
   check_forms<ungated>({1, T, 1, 1, s.first, s.second}, {16, 32, 64}, false, form_tol,
                        100 + std::uint64_t(T));
 }

@@ -340,7 +340,6 @@ TEST_CASE("moe: golden transformers MoE blocks, both forms and the reference", "
 }
 
 TEST_CASE("moe: reference vs both forms over random shapes and routers", "[moe]") {
-  auto rng = seqmix::testing::make_rng(19);
   const index_t Es[] = {1, 2, 8, 64}, ks[] = {1, 2, 8}, Ts[] = {1, 7, 512};
   int combo = 0;
   for (index_t E : Es) {
@@ -350,7 +349,6 @@ TEST_CASE("moe: reference vs both forms over random shapes and routers", "[moe]"
         ++combo;
         const int kind = combo % 4;  // 0 softmax_topk, 1 +renorm, 2 topk_softmax, 3 sigmoid_bias
         const index_t D = 37, I = 23, S = combo % 2 ? 19 : 0;
-        auto b = make_block(E, D, I, S, rng, 3.0);
         moe_f::options o;
         o.top_k = k;
         if (kind == 1) o.renormalize = true;
@@ -365,12 +363,15 @@ TEST_CASE("moe: reference vs both forms over random shapes and routers", "[moe]"
           }
         }
         const bool bias = kind == 3, shared = S > 0, sgate = combo % 4 == 1;
-        const auto x = seqmix::testing::random_normal<float, 2>({T, D}, rng);
         // Catch2 runs the test case once per section and replays everything outside the
-        // sections each time: only the (cheap) random draws stay out here, so every combination
-        // sees the same inputs, and the layer and the double reference are built inside.
+        // sections each time: every combination draws its inputs inside its own section from a
+        // generator seeded by the combination (the same inputs on every replay, none drawn for
+        // the sections that are skipped).
         DYNAMIC_SECTION("E " << E << " k " << k << " T " << T << " router kind " << kind
                              << " shared " << S) {
+          auto rng = seqmix::testing::make_rng(1900 + std::uint64_t(combo));
+          auto b = make_block(E, D, I, S, rng, 3.0);
+          const auto x = seqmix::testing::random_normal<float, 2>({T, D}, rng);
           const moe_f m(o, weights_of(b, bias, shared, sgate));
           const auto xd = seqmix::testing::cast<double>(x);
           const auto ref =

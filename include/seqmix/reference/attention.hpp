@@ -48,13 +48,17 @@ void softmax_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
           logit[static_cast<std::size_t>(j)] = s * dot;
           m = std::max(m, s * dot);
         }
+        // the weights exp(logit - m), once per key (kept in the logit buffer)
         T denom = sink.empty() ? T(0) : std::exp(sink[static_cast<std::size_t>(h)] - m);
-        for (index_t j = first; j <= t; ++j)
-          denom += std::exp(logit[static_cast<std::size_t>(j)] - m);
+        for (index_t j = first; j <= t; ++j) {
+          T& p = logit[static_cast<std::size_t>(j)];
+          p = std::exp(p - m);
+          denom += p;
+        }
         for (index_t c = 0; c < V; ++c) {
           T acc = T(0);
           for (index_t j = first; j <= t; ++j)
-            acc += std::exp(logit[static_cast<std::size_t>(j)] - m) * v(b, j, hk, c);
+            acc += logit[static_cast<std::size_t>(j)] * v(b, j, hk, c);
           o(b, t, h, c) = acc / denom;
         }
       }
