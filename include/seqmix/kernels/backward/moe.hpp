@@ -413,42 +413,65 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
   auto up_w = [&](index_t g) { return g == E ? p.shared->up : ex.up[uz(g)]; };
   auto down_w = [&](index_t g) { return g == E ? p.shared->down : ex.down[uz(g)]; };
 
-  // 2. row items (group, rows [r0, r1)), assigned largest first to the least-loaded worker
+  // 2. row items: the groups' rows (cost: rows × width), laid end to end in group order, are cut
+  //    into `threads` equal shares; a cut inside a group falls on a multiple of 32 rows, and never
+  //    within 32 rows of the group's end, so every piece has > 8 rows unless it is the whole group
+  //    (matmul's GEMM path: a row's bits do not depend on its block). Each worker's share is a
+  //    contiguous run of (group, rows) pieces, split into items of <= 256 rows: it transposes
+  //    the weights of only the few groups its share touches.
   const int threads = std::max(1, num_threads());
-  index_t total_rows = TK + (has_shared ? T : 0);
-  const index_t target =
-      std::clamp<index_t>((total_rows + 4 * threads - 1) / (4 * threads), 32, 256);
-  auto blocks_of = [&](index_t n) -> index_t {
-    if (n == 0) return 0;
-    if (n < 64) return 1;  // never split below 32 rows: every block keeps M > 8
-    return std::min((n + target - 1) / target, n / 32);
-  };
   const index_t G = has_shared ? E + 1 : E;
-  index_t n_items = 0;
-  for (index_t g = 0; g < G; ++g) n_items += blocks_of(rows_of(g));
-  auto* items = scratch<fm::detail::work_item>(0, n_items);
-  index_t* owner = scratch<index_t>(6, n_items);
+  double total = 0;
+  for (index_t g = 0; g < G; ++g) total += double(rows_of(g)) * double(width_of(g));
+  // cut w (w = 0..threads) as (group, row); cut 0 = (0, 0), cut threads = (G, 0)
+  index_t* cut_g = scratch<index_t>(6, 2 * (threads + 1));
+  index_t* cut_r = cut_g + threads + 1;
   {
+    index_t g = 0;
+    double cum = 0;  // cost of the groups before g
+    for (index_t w = 0; w <= threads; ++w) {
+      const double pos = total * double(w) / double(threads);
+      while (g < G && cum + double(rows_of(g)) * double(width_of(g)) <= pos) {
+        cum += double(rows_of(g)) * double(width_of(g));
+        ++g;
+      }
+      index_t r = 0;
+      if (w == threads || g == G) {
+        g = G;
+      } else {
+        const index_t n = rows_of(g);
+        r = static_cast<index_t>(std::llround((pos - cum) / double(width_of(g)) / 32.0)) * 32;
+        if (r < 32) {
+          r = 0;
+        } else if (n - r < 32) {
+          r = n;
+        }
+      }
+      cut_g[w] = g;
+      cut_r[w] = r;
+    }
+  }
+  auto* items = scratch<fm::detail::work_item>(0, 0);
+  index_t* wbeg = scratch<index_t>(7, threads + 1);  // worker w: items [wbeg[w], wbeg[w + 1])
+  index_t n_items = 0;
+  for (int pass = 0; pass < 2; ++pass) {  // pass 0 counts, pass 1 writes
     index_t q = 0;
-    for (index_t g = 0; g < G; ++g) {
-      const index_t n = rows_of(g), nb = blocks_of(n);
-      for (index_t b = 0; b < nb; ++b) items[q++] = {g, n * b / nb, n * (b + 1) / nb};
+    for (index_t w = 0; w < threads; ++w) {
+      wbeg[w] = q;
+      for (index_t g = cut_g[w]; g <= std::min(cut_g[w + 1], G - 1); ++g) {
+        const index_t a = g == cut_g[w] ? cut_r[w] : 0;
+        const index_t b = g == cut_g[w + 1] ? cut_r[w + 1] : rows_of(g);
+        if (b <= a) continue;
+        const index_t nb = (b - a + 255) / 256;  // pieces > 256 rows: blocks of >= 128
+        for (index_t i = 0; i < nb; ++i) {
+          if (pass == 1) items[q] = {g, a + (b - a) * i / nb, a + (b - a) * (i + 1) / nb};
+          ++q;
+        }
+      }
     }
-    auto cost = [&](const fm::detail::work_item& it) {
-      return double(it.r1 - it.r0) * double(width_of(it.expert));
-    };
-    std::sort(items, items + n_items, [&](const auto& a, const auto& b) {
-      const double ca = cost(a), cb = cost(b);
-      if (ca != cb) return ca > cb;
-      return a.expert < b.expert || (a.expert == b.expert && a.r0 < b.r0);
-    });
-    double* load = scratch<double>(2, threads);
-    std::fill_n(load, threads, 0.0);
-    for (index_t i = 0; i < n_items; ++i) {
-      const index_t w = std::min_element(load, load + threads) - load;
-      owner[i] = w;
-      load[w] += cost(items[i]);
-    }
+    wbeg[threads] = q;
+    n_items = q;
+    if (pass == 0) items = scratch<fm::detail::work_item>(0, n_items);
   }
   const index_t wmax = std::max(I, S);
   parallel_for(threads, [&](index_t worker) {
@@ -456,8 +479,7 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
     W* w1t = scratch<W, 2>(0, D * wmax);  // [D, w]: W1ᵀ
     W* w3t = scratch<W, 2>(1, D * wmax);  // [D, w]: W3ᵀ
     W* w2t = scratch<W, 2>(2, D * wmax);  // [w, D]: W2ᵀ
-    for (index_t q = 0; q < n_items; ++q) {
-      if (owner[q] != worker) continue;
+    for (index_t q = wbeg[worker]; q < wbeg[worker + 1]; ++q) {
       const fm::detail::work_item it = items[q];
       const index_t g = it.expert, n = it.r1 - it.r0, wd = width_of(g), ng = rows_of(g);
       const index_t row0 = row0_of(g) + it.r0;
