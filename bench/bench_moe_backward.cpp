@@ -9,7 +9,9 @@
 //   forward  2·T·D·E (router) + 6·T·k·D·I (experts: W1, W3, W2)
 //   backward 6·T·D·E (logits, dx, dW_r) + 16·T·k·D·I (G and U recomputed, W2ᵀdy, two for dx,
 //            dW1, dW3, dW2)
-// Counters: GFLOPs (per wall second), ms_cpu (process CPU time per call and thread: the time as
+// Counters: ms_route, ms_rows, ms_weights, ms_tokens, ms_router: the backward's phases
+// (kernels/backward/moe.hpp: routing + grouping, row items, weight GEMMs, per token, dW_r), wall
+// ms per call; GFLOPs (per wall second), ms_cpu (process CPU time per call and thread: the time as
 // if alone on a shared machine), GFLOPs_cpu (FLOP per CPU second and thread). The backward /
 // forward time ratio is the ratio of the two rows' times (FLOP ratio 2.6 at the default shape).
 #include <ctime>
@@ -103,11 +105,23 @@ void BM_moe_bw_backward(benchmark::State& state) {
   g.experts = seqmix::moe_expert_grads::stacked(dg, du, dd);
   const seqmix::moe_loss_weights losses{0.01, 0.001};
   seqmix::moe_backward<float>(opt, b.w, b.x, b.dy, g, losses);  // warm the scratch
+  seqmix::moe_backward_times t, sum;
   const double cpu0 = process_cpu_seconds();
   for (auto _ : state) {
-    seqmix::moe_backward<float>(opt, b.w, b.x, b.dy, g, losses);
+    seqmix::moe_backward<float>(opt, b.w, b.x, b.dy, g, losses, &t);
     benchmark::ClobberMemory();
+    sum.route += t.route;
+    sum.rows += t.rows;
+    sum.weights += t.weights;
+    sum.tokens += t.tokens;
+    sum.router += t.router;
   }
+  const double it = double(state.iterations()) * 1e-3;  // -> ms per call
+  state.counters["ms_route"] = sum.route / it;
+  state.counters["ms_rows"] = sum.rows / it;
+  state.counters["ms_weights"] = sum.weights / it;
+  state.counters["ms_tokens"] = sum.tokens / it;
+  state.counters["ms_router"] = sum.router / it;
   const double flops = 6.0 * double(T) * double(D) * double(E) +
                        16.0 * double(T) * double(k) * double(D) * double(I);
   seqmix_bench::report_rates(state, double(T), flops);

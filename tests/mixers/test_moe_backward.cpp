@@ -23,6 +23,7 @@
 #include <seqmix/reference/moe.hpp>
 #include <seqmix/reference/moe_backward.hpp>
 
+#include "alloc_counter.hpp"
 #include "testing.hpp"
 
 namespace {
@@ -603,4 +604,69 @@ TEST_CASE("moe backward: bad inputs name moe_backward, the argument, expected an
     xn(3, 2) = std::numeric_limits<float>::infinity();
     expect([&] { moe_backward<float>(s.opt, fw.w, xn, dy, g); }, "x");
   }
+}
+
+TEST_CASE(
+    "moe backward: the engine allocates nothing in steady state; T = 0 zeroes the weights'"
+    " gradients",
+    "[moe][backward][alloc]") {
+  const setup s = setups()[3];  // sigmoid router, groups, shared expert + gate, capacity
+  auto rng = seqmix::testing::make_rng(950);
+  const index_t T = 96, D = 32, E = 8, I = 24, S = 16;
+  const params p = make_params(s, T, D, E, I, S, rng);
+  fast_weights<float> fw;
+  build(fw, p, s);
+  const auto x = to_w<float>(p.x);
+  const auto dy = to_w<float>(p.dy);
+  tensor<float, 2> dx({T, D}), dr({E, D}), dsg({S, D}), dsu({S, D}), dsd({D, S}), dg1({1, D});
+  tensor<float, 3> dg({E, I, D}), du({E, I, D}), dd({E, D, I});
+  namespace bw = seqmix::kernels::backward::moe;
+  bw::grad_problem<float> bp;
+  bp.fwd.x = x;
+  bp.fwd.router = fw.w.router;
+  bp.fwd.bias = fw.w.score_bias;
+  bp.fwd.experts = &fw.w.experts;
+  bp.fwd.shared = &fw.w.shared;
+  bp.fwd.shared_gate = fw.w.shared_gate;
+  bp.fwd.route = route_of(s.opt);
+  bp.fwd.expert = expert_of(s.opt);
+  bp.fwd.capacity = capacity_of(s.opt);
+  bp.dy = dy;
+  bp.g.dx = dx;
+  bp.g.drouter = dr;
+  bp.g.experts = moe_expert_grads::stacked(dg, du, dd);
+  bp.g.dshared_gate_proj = dsg;
+  bp.g.dshared_up = dsu;
+  bp.g.dshared_down = dsd;
+  bp.g.dshared_gate = dg1;
+  bp.losses = {0.1, 0.1};
+  const checker check{"test"};
+  const auto first = bw::run<float>(check, bp);
+  {
+    const seqmix::testing::allocation_scope scope;
+    const auto again = bw::run<float>(check, bp);
+    CHECK(scope.stats().count == 0);
+    CHECK(again.dropped == first.dropped);
+  }
+  // the front gives the same bits as the engine
+  {
+    tensor<float, 2> dx2({T, D});
+    moe_grads g2 = bp.g;
+    g2.dx = dx2;
+    const tensor<float, 2> dx1 = dx;
+    moe_backward<float>(s.opt, fw.w, x, dy, g2, {0.1, 0.1});
+    CHECK(std::memcmp(dx1.data(), dx2.data(), sizeof(float) * std::size_t(dx1.size())) == 0);
+  }
+  // T = 0: nothing routed, every weight gradient 0
+  tensor<float, 2> x0({0, D}), dy0({0, D}), dx0({0, D});
+  for (index_t i = 0; i < dg.size(); ++i) dg[i] = 1.0f;
+  dr(0, 0) = 1.0f;
+  moe_grads g0 = bp.g;
+  g0.dx = dx0;
+  const auto r0 = moe_backward<float>(s.opt, fw.w, x0, dy0, g0, {0.1, 0.1});
+  CHECK(r0.dropped == 0);
+  double sum = 0;
+  for (index_t i = 0; i < dg.size(); ++i) sum += std::abs(dg[i]);
+  for (index_t i = 0; i < dr.size(); ++i) sum += std::abs(dr[i]);
+  CHECK(sum == 0.0);
 }

@@ -3,7 +3,7 @@
 // weights (mixers/moe.hpp), the engine kernels/backward/moe.hpp (math, algorithm, cost there),
 // the plain reference reference/moe_backward.hpp.
 //
-//   moe_backward<W>(opt, weights, x, dy, grads, losses)  ->  kernels::moe::result
+//   moe_backward<W>(opt, weights, x, dy, grads, losses, times)  ->  kernels::moe::result
 //
 // The loss is L = Σ y·dy + losses.aux · aux + losses.z · z (aux: transformers'
 // load_balancing_loss_func of this call's tokens, z: mean_t logsumexp(logits_t)²). Gradients
@@ -44,15 +44,18 @@ namespace seqmix {
 using moe_grads = kernels::backward::moe::grads;
 using moe_expert_grads = kernels::backward::moe::expert_grads;
 using moe_loss_weights = kernels::backward::moe::loss_weights;
+using moe_backward_times = kernels::backward::moe::phase_times;
 
 /// Backward of seqmix::moe<W> (header comment). opt, w: as given to the forward's moe<W>; x: [T,
 /// D] in; dy: [T, D] in (the cotangent of y); grads: out (every view written); losses: weights of
-/// the aux and z losses in L. Returns the losses, dropped count and capacity of the routing
-/// (as the forward returns them). Call as moe_backward<float>(...) or moe_backward<bf16>(...).
+/// the aux and z losses in L; times: optional wall time per phase. Returns the losses, dropped
+/// count and capacity of the routing (as the forward returns them). Call as
+/// moe_backward<float>(...) or moe_backward<bf16>(...).
 template <class W>
 kernels::moe::result moe_backward(const moe_options& opt, const typename moe<W>::weights& w,
                                   tensor_view<const float, 2> x, tensor_view<const float, 2> dy,
-                                  const moe_grads& grads, moe_loss_weights losses = {}) {
+                                  const moe_grads& grads, moe_loss_weights losses = {},
+                                  moe_backward_times* times = nullptr) {
   const checker check{"moe_backward"};
   // weights and options: the forward's own checks, reported under this function's name
   try {
@@ -152,6 +155,7 @@ kernels::moe::result moe_backward(const moe_options& opt, const typename moe<W>:
   bp.dy = dy;
   bp.g = grads;
   bp.losses = losses;
+  bp.times = times;
   return kernels::backward::moe::run<W>(check, bp);
 }
 

@@ -62,6 +62,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <vector>
@@ -112,6 +113,13 @@ struct loss_weights {
   double z = 0;    ///< router z-loss
 };
 
+/// Wall time of the backward's phases, in seconds (optional, for benchmarks): routing and
+/// grouping, row items (recomputed G, U, W2ᵀdy, elementwise, dx rows), weight GEMMs, per token
+/// (router gradient, dx combine), router weight gradient.
+struct phase_times {
+  double route = 0, rows = 0, weights = 0, tokens = 0, router = 0;
+};
+
 /// One backward call: the forward's problem (y and out unused), dy, the gradients, loss weights.
 template <class W>
 struct grad_problem {
@@ -119,6 +127,7 @@ struct grad_problem {
   tensor_view<const float, 2> dy{};  ///< [T, D]
   grads g{};
   loss_weights losses{};
+  phase_times* times = nullptr;  ///< optional: written when given
 };
 
 namespace detail {
@@ -336,6 +345,13 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
     return res;
   }
 
+  auto t_start = std::chrono::steady_clock::now();
+  auto lap = [&](double phase_times::*f) {
+    if (!bp.times) return;
+    const auto now = std::chrono::steady_clock::now();
+    bp.times->*f = std::chrono::duration<double>(now - t_start).count();
+    t_start = now;
+  };
   // 1. the forward's logits, routes, loss counts and grouping
   float* logits = scratch<float>(0, T * E);
   linalg::matmul(p.x, p.router, tensor_view<float, 2>(logits, {T, E}), {});
@@ -412,6 +428,8 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
   };
   auto up_w = [&](index_t g) { return g == E ? p.shared->up : ex.up[uz(g)]; };
   auto down_w = [&](index_t g) { return g == E ? p.shared->down : ex.down[uz(g)]; };
+
+  lap(&phase_times::route);
 
   // 2. row items: the groups' rows (cost: rows × width), laid end to end in group order, are cut
   //    into `threads` equal shares; a cut inside a group falls on a multiple of 32 rows, and never
@@ -566,6 +584,8 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
     }
   });
 
+  lap(&phase_times::rows);
+
   // 3. weight items (group, matrix 0 gate / 1 up / 2 down, output rows [r0, r1))
   struct witem {
     index_t g, m, r0, r1;
@@ -606,6 +626,8 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
                      tensor_view<const float, 2>(xT + row0_of(it.g) * D, {D, ng}), out, {});
     }
   });
+
+  lap(&phase_times::weights);
 
   // 4. per token: router and shared-gate logit gradients, then dx
   float* dl = scratch<float>(10, T * (E + 1));  // [T, E + 1]: dl_t, then the shared gate's da_t
@@ -649,6 +671,8 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
     }
   });
 
+  lap(&phase_times::tokens);
+
   // 5. dW_r = Σ_t dl_t x_tᵀ, dw_g = Σ_t da_t x_tᵀ: per 64 columns, tokens in order
   const index_t ER = E + (has_sgate ? 1 : 0);
   parallel_for((D + 63) / 64, [&](index_t b) {
@@ -669,6 +693,7 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
       std::copy_n(acc + e * 64, nd, dst + d0);
     }
   });
+  lap(&phase_times::router);
   return res;
 }
 
