@@ -20,8 +20,22 @@
 // The machine is shared with other builds: run with --benchmark_repetitions=3
 // --benchmark_enable_random_interleaving=true and compare medians measured in the same run.
 //
-// Measured on the 2-core dev VM (Intel Xeon, AVX-512, 2 MiB L2/core, 1 thread, shared: see the
-// issue report for the table): see the report of the commit that added this file.
+// Measured on the 2-core dev VM (Intel Xeon, Sapphire Rapids, AVX-512; 1 thread; shared with
+// other builds, load average ~3.6), medians of 5 interleaved repetitions (real time; CPU time
+// within 3 % of it in this run):
+//
+//   L cached | expanded µs/step | latent µs/step | expanded/latent | MB read per step exp / lat
+//   16       |   6532           |   6475         | 1.01            |  117 /  125
+//   1024     |  10729           |   8293         | 1.29            |  158 /  127
+//   8192     |  36054           |  12767         | 2.82            |  452 /  144
+//   32768    | 116855           |  29652         | 3.94            | 1459 /  200
+//
+// Noise: the 5 repetitions spread -15 % .. +10 % around these medians; an earlier run at load
+// 4.5 gave real-time ratios 0.97 / 1.39 / 2.49 / 4.56 (CPU-time 0.96 / 1.35 / 2.75 / 3.74).
+// Both steps pay ~6.5 ms of projections (117 MB of f32 weights at one core's bandwidth). The
+// expanded step reads its cache at ~12 GB/s (memory-bound, 40960 B per token); the latent step
+// reads 2304 B per token and is compute-bound, its attention at ~98 GFLOP/s (2·H·(2r+dr) =
+// 69632 FLOP per cached token).
 #include <cmath>
 #include <filesystem>
 #include <map>

@@ -162,11 +162,15 @@ TEST_CASE("mla_attention latent cache: decode == expanded cache (prefill, snapsh
   // a long cache: the split-KV path (>= 2 splits of 512 keys; the sanitizer build covers splits
   // in the allocation test)
   {
-    const index_t T = cap - cl.length(0) - 4;
+    const index_t T = cap - cl.length(0) - 8;
     const auto x = testing::random_normal<float, 3>({B, T, D}, rng, 0.5);
     const auto ye = p.expanded.forward(x.view(), ce);
     const auto yl = p.latent.forward(x.view(), cl);
     check_rel("long prefill over the cache", compare(ye, yl));
+    // a short prefill (<= 16 tokens) over the long cache: split over the keys like decode
+    const auto x3 = testing::random_normal<float, 3>({B, 3, D}, rng);
+    check_rel("short prefill over the long cache",
+              compare(p.expanded.forward(x3.view(), ce), p.latent.forward(x3.view(), cl)));
     steps_agree(p, ce, cl, rng, B, 3, "long decode L=" + std::to_string(cl.length(0)));
   }
 }
