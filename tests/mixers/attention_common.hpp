@@ -32,10 +32,12 @@ inline inputs make_inputs(const problem& p, std::mt19937_64& rng, double qk_scal
 }
 
 /// Reference output (double) for a problem.
+/// first_query: rows before it are left zero (not computed).
 inline tensor<double, 4> reference_out(const inputs& in, std::optional<double> scale = {},
-                                       index_t window = 0, std::span<const double> sink = {}) {
+                                       index_t window = 0, std::span<const double> sink = {},
+                                       index_t first_query = 0) {
   tensor<double, 4> o({in.q.extent(0), in.q.extent(1), in.q.extent(2), in.v.extent(3)});
-  reference::softmax_attention<double>(in.q, in.k, in.v, o, scale, window, sink);
+  reference::softmax_attention<double>(in.q, in.k, in.v, o, scale, window, sink, first_query);
   return o;
 }
 

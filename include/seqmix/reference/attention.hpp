@@ -23,12 +23,14 @@ namespace seqmix::reference {
 
 /// Causal softmax attention, plain softmax per query row.
 /// q: [B,T,H,K] in; k: [B,T,Hkv,K] in; v: [B,T,Hkv,V] in; o: [B,T,H,V] out.
-/// scale: s (default K^-1/2); window: W (0 = unbounded); sink: empty or [H] sink logits.
+/// scale: s (default K^-1/2); window: W (0 = unbounded); sink: empty or [H] sink logits;
+/// first_query: rows t < first_query of o are not computed (left as they are), for tests that
+/// check only the last rows of a long sequence.
 template <class T>
 void softmax_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                        tensor_view<const T, 4> v, tensor_view<T, 4> o,
                        std::optional<T> scale = std::nullopt, index_t window = 0,
-                       std::span<const T> sink = {}) {
+                       std::span<const T> sink = {}, index_t first_query = 0) {
   const index_t B = q.extent(0), Tn = q.extent(1), H = q.extent(2), K = q.extent(3);
   const index_t Hkv = k.extent(2), V = v.extent(3);
   const index_t group = H / Hkv;
@@ -37,7 +39,7 @@ void softmax_attention(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
   for (index_t b = 0; b < B; ++b) {
     for (index_t h = 0; h < H; ++h) {
       const index_t hk = h / group;
-      for (index_t t = 0; t < Tn; ++t) {
+      for (index_t t = first_query; t < Tn; ++t) {
         const index_t first = window > 0 ? std::max<index_t>(0, t - window + 1) : 0;
         // logits of the visible keys and their max (the sink counts as one more logit)
         T m =
