@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: MIT
 // mla_attention's latent cache (issue 13, layers/mla_attention.hpp): on random weights of a
 // Kimi-like MLA shape (shrunk), the latent-cache layer (absorbed decode over c and k_rot) against
-// the expanded-cache layer of the same weights: prefill, decode steps with the split-KV path,
-// snapshot / restore, truncate, state-index steps, B > 1, packed prefill into empty and non-empty
-// caches, bf16-stored weights, odd sizes (heads and r off the SIMD width, no k_rot); allocation-
-// free latent steps; cache geometry errors; and the golden kimi_linear model run with the latent
-// cache (logits, greedy tokens, and the cache itself == transformers' compressed cache).
+// the expanded-cache layer of the same weights: prefill (first; short over a cache: absorbed;
+// long over a cache: expanded), decode steps with the split-KV path, snapshot / restore,
+// truncate, state-index steps, B > 1, packed prefill into empty and non-empty caches, q-LoRA,
+// bf16-stored weights, odd sizes (heads and r off the SIMD width, no k_rot); allocation-free
+// latent steps, 1 vs 2 threads bitwise; cache geometry errors; and the golden kimi_linear model
+// run with the latent cache (logits, greedy tokens, and the cache itself == transformers'
+// compressed cache).
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -139,7 +141,7 @@ TEST_CASE("mla_attention latent cache: decode == expanded cache (prefill, snapsh
         cfg.heads * (cfg.qk_nope_dim + cfg.qk_rope_dim + cfg.v_dim));
   CHECK(cl.kv().storage_bytes() ==
         static_cast<std::size_t>(B * cap * (cfg.kv_lora_rank + cfg.qk_rope_dim)) * sizeof(float));
-  // first prefill (empty caches: the expanded tiles), then a second one over the cache (absorbed)
+  // first prefill (empty caches: the expanded tiles), then a short one over the cache (absorbed)
   for (const index_t T : {T0, index_t(5)}) {
     const auto x = testing::random_normal<float, 3>({B, T, D}, rng);
     const auto ye = p.expanded.forward(x.view(), ce);
@@ -159,8 +161,9 @@ TEST_CASE("mla_attention latent cache: decode == expanded cache (prefill, snapsh
   ce.truncate(1, 20);
   cl.truncate(1, 20);
   steps_agree(p, ce, cl, rng, B, 3, "after truncate");
-  // a long cache: the split-KV path (>= 2 splits of 512 keys; the sanitizer build covers splits
-  // in the allocation test)
+  // a long prefill over the filled cache (the cached latents expanded into a temporary cache),
+  // then the split-KV path (>= 2 splits of 512 keys; the sanitizer build covers splits in the
+  // allocation test)
   {
     const index_t T = cap - cl.length(0) - 8;
     const auto x = testing::random_normal<float, 3>({B, T, D}, rng, 0.5);

@@ -43,14 +43,14 @@
 //    L = 1k 10729 / 8293 (1.29x), 8k 36054 / 12767 (2.82x), 32k 116855 / 29652 (3.94x);
 //    ~6.5 ms of it the projections both share. The latent layer also holds W_kbᵀ ([H·r, dn], the
 //    dtype of kv_b_proj) for the absorption.
-//    Prefill: when every sequence's cache is empty, the new tokens are expanded and attend
-//    through the flash tiles, as with the expanded cache (compute-bound); otherwise every new
-//    token attends over the cached latents and the earlier new ones in the absorbed form
-//    (split over the keys as decode when the call has at most 16 tokens). Either way only the
-//    latent is written. The absorbed form costs (2r+dr)/(dn+dr+dv) times the expanded FLOP
-//    per (query, key) pair (3.4x at the Kimi shape): for a long prefill over a filled cache,
-//    expanding the cached latents (2·r·H·(dn+dv)·L FLOP once) would be cheaper beyond
-//    T ≈ r·(dn+dv)/(2r-dn-dv) new tokens (170 there); that path is not implemented.
+//    Prefill: the expanded form (flash tiles; compute-bound) or the absorbed one, whichever
+//    costs less by FLOP count: the absorbed form costs (2r+dr)/(dn+dr+dv) times the expanded
+//    FLOP per (query, key) pair (3.4x at the Kimi shape), the expanded one must first expand
+//    the L cached latents (2·r·H·(dn+dv)·L FLOP, into a temporary expanded cache of the call,
+//    H·(dn+dr+dv)·(L+T) floats). So a first prefill (L = 0) and long prefills (beyond
+//    T ≈ r·(dn+dv)/(2r-dn-dv) new tokens, 170 at the Kimi shape, for L >> T) expand; a few
+//    tokens over a long cache go through the absorbed kernel, split over the keys as decode
+//    when the call has at most 16 tokens. Either way only the latent is written to the cache.
 // Both: truncate / snapshot / restore / reserve as attention_cache (kv_cache); state-index steps;
 // varlen prefill; B > 1. Latent-cache decode == expanded-cache decode to float rounding
 // (tests/layers/test_mla_latent.cpp).
@@ -601,6 +601,30 @@ class mla_attention {
     make_q_c(w);
     expand_kv(w);
   }
+  // Expands the latents cached in rows 0 .. N-1 of `kv` into the expanded cache `full`
+  // (k = [kv_b(c)_k_nope | k_rot], v = kv_b(c)_v per head), in blocks of 256 tokens.
+  void expand_cached(const kv_cache<float>& kv, kv_cache<float>& full, index_t N) {
+    const index_t H = cfg_.heads, dn = cfg_.qk_nope_dim, dr = cfg_.qk_rope_dim, dv = cfg_.v_dim;
+    constexpr index_t blk = 256;
+    const tensor_view<float, 2> kvb = ws_.view<2>(10, {blk, H * (dn + dv)});
+    for (index_t n = 0; n < N; ++n) {
+      const index_t len = kv.length(n);
+      const tensor_view<const float, 2> c = kv.keys(n, 0), kr = kv.values(n, 0);
+      for (index_t t0 = 0; t0 < len; t0 += blk) {
+        const index_t nb = std::min(blk, len - t0);
+        kv_b_.apply(c.slice(0, t0, t0 + nb), kvb.slice(0, 0, nb));
+        for (index_t t = 0; t < nb; ++t)
+          for (index_t h = 0; h < H; ++h) {
+            const float* src = kvb.ptr({t, h * (dn + dv)});
+            float* k = full.key_row(n, h, t0 + t);
+            std::copy_n(src, dn, k);
+            std::copy_n(kr.ptr({t0 + t, 0}), dr, k + dn);
+            std::copy_n(src + dn, dv, full.value_row(n, h, t0 + t));
+          }
+      }
+      full.set_length(n, len);
+    }
+  }
   // The latent of token m (normed c in w.c, k_rot in w.proj) into slot `slot` of cache row b.
   void write_latent(const views& w, index_t m, kv_cache<float>& kv, index_t b, index_t slot) const {
     const index_t r = cfg_.kv_lora_rank, dr = cfg_.qk_rope_dim;
@@ -741,18 +765,42 @@ class mla_attention {
     const auto first = [&](index_t n) {
       return cu.empty() ? n * T : cu[static_cast<std::size_t>(n)];
     };
-    bool empty = true;
-    for (index_t n = 0; n < N; ++n) empty = empty && kv.length(n) == 0;
-    if (empty) {  // a first prefill: expanded tiles over the new tokens only
+    // Expanded attention (flash tiles over the new tokens and, expanded into a temporary cache,
+    // the cached ones) when that costs less than the absorbed form: always for a first prefill,
+    // and when the absorbed form's extra FLOP per (query, key) pair outweighs expanding the
+    // cached latents (a function of the shapes only).
+    const index_t r = cfg_.kv_lora_rank, dn = cfg_.qk_nope_dim, dv = cfg_.v_dim;
+    const double extra_per_pair = double(2 * r + cfg_.qk_rope_dim - dk_ - dv);
+    double absorbed_extra = 0, expansion = 0;
+    index_t rows_needed = 1;
+    for (index_t n = 0; n < N; ++n) {
+      const index_t len = kv.length(n), tn = first(n + 1) - first(n);
+      absorbed_extra += double(tn) * (double(len) + 0.5 * double(tn)) * extra_per_pair;
+      expansion += double(len) * double(r) * double(dn + dv);
+      rows_needed = std::max(rows_needed, len + tn);
+    }
+    if (absorbed_extra >= expansion) {
       expand_kv(w);
-      if (cu.empty()) {
-        attn_.forward_chunked(q4, k4, v4, o4);
+      if (expansion == 0) {  // empty caches: the new tokens only
+        if (cu.empty()) {
+          attn_.forward_chunked(q4, k4, v4, o4);
+        } else {
+          attn_.forward_chunked(q4, k4, v4, o4, cu);
+        }
       } else {
-        attn_.forward_chunked(q4, k4, v4, o4, cu);
+        kv_cache<float> full = kv_cache<float>::full(N, H, dk_, dv, rows_needed);
+        expand_cached(kv, full, N);
+        if (cu.empty()) {
+          attn_.forward_chunked(q4, k4, v4, o4, full);
+        } else {
+          attn_.forward_chunked(q4, k4, v4, o4, full, cu);
+        }
       }
       for (index_t n = 0; n < N; ++n) {
-        for (index_t m = first(n); m < first(n + 1); ++m) write_latent(w, m, kv, n, m - first(n));
-        kv.set_length(n, first(n + 1) - first(n));
+        const index_t len0 = kv.length(n);
+        for (index_t m = first(n); m < first(n + 1); ++m)
+          write_latent(w, m, kv, n, len0 + m - first(n));
+        kv.set_length(n, len0 + first(n + 1) - first(n));
       }
     } else {  // new tokens over a cache: absorbed, token by token
       auto frame = thread_workspace().scope();
