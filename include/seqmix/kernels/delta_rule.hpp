@@ -325,51 +325,64 @@ inline constexpr index_t tile_width = index_t(tile_batches<T>) * simd::lanes<T>;
 /// Recurrent calls with less work than this (FLOPs) run on the calling thread only.
 inline constexpr double serial_below_flops = 5e5;
 
-/// Runs the recurrent form over every (segment, value head, column tile) in parallel.
-/// Allocates nothing: all per-token scalars are recomputed per tile (3 dots of K per token).
-template <class T>
-void run_recurrent(const problem<T>& p) {
+/// The recurrent forms' driver, shared with the DPLR engine (kernels/delta/dplr.hpp): one job
+/// per (segment, value head, column tile of tile_width<T> state columns), each running
+/// cols.template operator()<Lane, NB>(sg, hv, h, col, S, lds) over the tile (one full-width call,
+/// or vector then scalar calls on the last, partial tile); S is the head's state [K, V] (row
+/// stride lds). A call of less than serial_below_flops (flops_per_kv · B·T·HV·K·V) stays on the
+/// calling thread: a decode step of H = 8, K = V = 64 is ~2 µs of work and waking a second thread
+/// costs about as much (docs/bench/peers.md: 1.6 µs dispatch floor, 2 threads). The result does
+/// not depend on that choice nor on the thread count (each job is computed the same way).
+/// Allocates nothing.
+template <class T, class P, class Cols>
+void for_each_recurrent_tile(const P& p, double flops_per_kv, const Cols& cols) {
   const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
   const index_t group = HV / H;
   const index_t N = p.sequences();
   constexpr index_t TW = tile_width<T>;
   const index_t tiles = (V + TW - 1) / TW;
-  const bool gated = p.gated();
   auto body = [&](index_t job) {
     const index_t tile = job % tiles, hv = (job / tiles) % HV, seq = job / (tiles * HV);
-    const segment sg = segment_of(p, seq);
+    const auto sg = segment_of(p, seq);
     if (sg.len == 0) return;
-    const token_rows<T> rows{p, sg, hv, hv / group};
     T* S = p.state.data() + sg.n * p.state.stride(0) + hv * p.state.stride(1);
-    const index_t lds = p.state.stride(2);
+    const index_t lds = p.state.stride(2), h = hv / group;
     index_t c = tile * TW;
     const index_t end = std::min(V, c + TW);
-    auto run = [&]<class Lane, std::size_t NB>(index_t col) {
-      if (gated) {
-        recurrent_columns<T, Lane, NB, true>(rows, K, col, S, lds);
-      } else {
-        recurrent_columns<T, Lane, NB, false>(rows, K, col, S, lds);
-      }
-    };
     if (end - c == TW) {
-      run.template operator()<simd_lane<T>, tile_batches<T>>(c);
+      cols.template operator()<simd_lane<T>, tile_batches<T>>(sg, hv, h, c, S, lds);
       return;
     }
-    for (; c + simd::lanes<T> <= end; c += simd::lanes<T>) {
-      run.template operator()<simd_lane<T>, 1>(c);
-    }
-    for (; c < end; ++c) run.template operator()<scalar_lane<T>, 1>(c);
+    for (; c + simd::lanes<T> <= end; c += simd::lanes<T>)
+      cols.template operator()<simd_lane<T>, 1>(sg, hv, h, c, S, lds);
+    for (; c < end; ++c) cols.template operator()<scalar_lane<T>, 1>(sg, hv, h, c, S, lds);
   };
-  // A decode step of H = 8, K = V = 64 is ~2 µs of work; waking a second thread costs about as
-  // much (docs/bench/peers.md: 1.6 µs dispatch floor, 2 threads), so small calls stay serial. The
-  // result does not depend on this choice (each job is computed the same way).
-  const double work =
-      7.0 * double(p.q.extent(0)) * double(p.q.extent(1)) * double(HV) * double(K) * double(V);
+  const double work = flops_per_kv * double(p.q.extent(0)) * double(p.q.extent(1)) * double(HV) *
+                      double(K) * double(V);
   if (work < serial_below_flops) {
     for (index_t job = 0; job < N * HV * tiles; ++job) body(job);
   } else {
     parallel_for(N * HV * tiles, body);
   }
+}
+
+/// Runs the recurrent form; allocates nothing: all per-token scalars are recomputed per tile
+/// (3 dots of K per token).
+template <class T>
+void run_recurrent(const problem<T>& p) {
+  const index_t K = p.q.extent(3);
+  const bool gated = p.gated();
+  for_each_recurrent_tile<T>(
+      p, 7.0,
+      [&]<class Lane, std::size_t NB>(const segment& sg, index_t hv, index_t h, index_t col, T* S,
+                                      index_t lds) {
+        const token_rows<T> rows{p, sg, hv, h};
+        if (gated) {
+          recurrent_columns<T, Lane, NB, true>(rows, K, col, S, lds);
+        } else {
+          recurrent_columns<T, Lane, NB, false>(rows, K, col, S, lds);
+        }
+      });
 }
 
 // ---- chunked form (WY/UT transform) ---------------------------------------------------------

@@ -329,6 +329,21 @@ inline std::vector<layer_spec> read_layer_types(const config_reader& r, const st
   return out;
 }
 
+/// Qwen3-Next / Qwen3.5's pattern: `layer_types` when present, else every
+/// `full_attention_interval`-th layer (default 4) is attention and the rest Gated DeltaNet.
+inline std::vector<layer_spec> read_qwen_layer_pattern(const config_reader& r, index_t L) {
+  if (r.has("layer_types"))
+    return read_layer_types(r, "layer_types", L, mixer_kind::gated_deltanet, "linear_attention",
+                            "full_attention");
+  const index_t every = static_cast<index_t>(r.integer("full_attention_interval", 4));
+  if (every <= 0) config_fail(r.source(), "field \"full_attention_interval\" must be > 0");
+  std::vector<layer_spec> out(static_cast<std::size_t>(L));
+  for (index_t i = 0; i < L; ++i)
+    out[static_cast<std::size_t>(i)].mixer =
+        (i + 1) % every == 0 ? mixer_kind::attention : mixer_kind::gated_deltanet;
+  return out;
+}
+
 inline model_config parse_qwen3_next(const config_reader& r) {
   r.only_known({"hidden_size",
                 "vocab_size",
@@ -376,17 +391,7 @@ inline model_config parse_qwen3_next(const config_reader& r) {
   c.norm_eps = static_cast<float>(r.number("rms_norm_eps", 1e-6));
   c.norm_mode = layers::norm_weight::one_plus;
   c.tie_embeddings = r.boolean("tie_word_embeddings", false);
-  if (r.has("layer_types")) {
-    c.layers = read_layer_types(r, "layer_types", L, mixer_kind::gated_deltanet, "linear_attention",
-                                "full_attention");
-  } else {
-    const index_t every = static_cast<index_t>(r.integer("full_attention_interval", 4));
-    if (every <= 0) config_fail(r.source(), "field \"full_attention_interval\" must be > 0");
-    c.layers.resize(static_cast<std::size_t>(L));
-    for (index_t i = 0; i < L; ++i)
-      c.layers[static_cast<std::size_t>(i)].mixer =
-          (i + 1) % every == 0 ? mixer_kind::attention : mixer_kind::gated_deltanet;
-  }
+  c.layers = read_qwen_layer_pattern(r, L);
   // attention
   auto& a = c.attention;
   a.hidden = c.hidden;
@@ -498,17 +503,7 @@ inline model_config parse_qwen3_5_moe_text(const config_reader& r,
                                 (tie_text ? "true" : "false") +
                                 ": which one ties the lm_head is ambiguous");
   c.tie_embeddings = tie_override ? *tie_override : tie_text;
-  if (r.has("layer_types")) {
-    c.layers = read_layer_types(r, "layer_types", L, mixer_kind::gated_deltanet, "linear_attention",
-                                "full_attention");
-  } else {
-    const index_t every = static_cast<index_t>(r.integer("full_attention_interval", 4));
-    if (every <= 0) config_fail(r.source(), "field \"full_attention_interval\" must be > 0");
-    c.layers.resize(static_cast<std::size_t>(L));
-    for (index_t i = 0; i < L; ++i)
-      c.layers[static_cast<std::size_t>(i)].mixer =
-          (i + 1) % every == 0 ? mixer_kind::attention : mixer_kind::gated_deltanet;
-  }
+  c.layers = read_qwen_layer_pattern(r, L);
   auto& a = c.attention;
   a.hidden = c.hidden;
   a.heads = pos("num_attention_heads", 16);

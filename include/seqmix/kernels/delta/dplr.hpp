@@ -334,55 +334,30 @@ inline void recurrent_columns(const rows<T>& rw, index_t K, index_t c0, T* S, in
   }
 }
 
-/// Runs the recurrent form over every (segment, value head, column tile); allocates nothing.
+/// Runs the recurrent form (delta_rule::for_each_recurrent_tile); allocates nothing.
 template <class T>
 void run_recurrent(const problem<T>& p) {
-  const index_t K = p.q.extent(3), H = p.q.extent(2), HV = p.v.extent(2), V = p.v.extent(3);
-  const index_t group = HV / H;
-  const index_t N = p.sequences();
-  constexpr index_t TW = tile_width<T>;
-  const index_t tiles = (V + TW - 1) / TW;
-  auto body = [&](index_t job) {
-    const index_t tile = job % tiles, hv = (job / tiles) % HV, seq = job / (tiles * HV);
-    const segment sg = segment_of(p, seq);
-    if (sg.len == 0) return;
-    const rows<T> rw{p, sg, hv, hv / group};
-    T* S = p.state.data() + sg.n * p.state.stride(0) + hv * p.state.stride(1);
-    const index_t lds = p.state.stride(2);
-    index_t c = tile * TW;
-    const index_t end = std::min(V, c + TW);
-    auto run = [&]<class Lane, std::size_t NB>(index_t col) {
-      const bool one = K <= key_block;
-      if (p.kd == kind::kda) {
-        if (one) {
-          recurrent_columns<T, Lane, NB, kind::kda, true>(rw, K, col, S, lds);
+  const index_t K = p.q.extent(3);
+  const bool one = K <= key_block;
+  delta_rule::for_each_recurrent_tile<T>(
+      p, 9.0,
+      [&]<class Lane, std::size_t NB>(const auto& sg, index_t hv, index_t h, index_t col, T* S,
+                                      index_t lds) {
+        const rows<T> rw{p, sg, hv, h};
+        if (p.kd == kind::kda) {
+          if (one) {
+            recurrent_columns<T, Lane, NB, kind::kda, true>(rw, K, col, S, lds);
+          } else {
+            recurrent_columns<T, Lane, NB, kind::kda, false>(rw, K, col, S, lds);
+          }
         } else {
-          recurrent_columns<T, Lane, NB, kind::kda, false>(rw, K, col, S, lds);
+          if (one) {
+            recurrent_columns<T, Lane, NB, kind::rwkv7, true>(rw, K, col, S, lds);
+          } else {
+            recurrent_columns<T, Lane, NB, kind::rwkv7, false>(rw, K, col, S, lds);
+          }
         }
-      } else {
-        if (one) {
-          recurrent_columns<T, Lane, NB, kind::rwkv7, true>(rw, K, col, S, lds);
-        } else {
-          recurrent_columns<T, Lane, NB, kind::rwkv7, false>(rw, K, col, S, lds);
-        }
-      }
-    };
-    if (end - c == TW) {
-      run.template operator()<simd_lane<T>, tile_batches<T>>(c);
-      return;
-    }
-    for (; c + simd::lanes<T> <= end; c += simd::lanes<T>)
-      run.template operator()<simd_lane<T>, 1>(c);
-    for (; c < end; ++c) run.template operator()<scalar_lane<T>, 1>(c);
-  };
-  // small calls (a decode step) stay on the calling thread; the result does not depend on it
-  const double work =
-      9.0 * double(p.q.extent(0)) * double(p.q.extent(1)) * double(HV) * double(K) * double(V);
-  if (work < serial_below_flops) {
-    for (index_t job = 0; job < N * HV * tiles; ++job) body(job);
-  } else {
-    parallel_for(N * HV * tiles, body);
-  }
+      });
 }
 
 // ---- chunked form ----------------------------------------------------------------------------
