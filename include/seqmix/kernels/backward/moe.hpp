@@ -37,28 +37,38 @@
 // comment):
 //  1. logits, routes and the loss counts (per 64-token block), the stable counting sort of the
 //     T·k assignments by expert and the capacity, as the forward;
-//  2. ONE parallel region over (expert or shared expert, row block) items, each gathering its
-//     rows of x and dy and running, single-threaded on linalg::matmul: G, U (recomputed), W2ᵀ dy,
-//     the elementwise pass (h, dw, dG, dU), and dx_rows = W1ᵀ dG + W3ᵀ dU; it stores xᵀ, (w dy)ᵀ,
-//     hᵀ, dGᵀ, dUᵀ of its rows into the expert's group buffers (K-major, so the weight GEMMs
-//     below read them as matmul's inner-contiguous operands). The transposed weights W1ᵀ, W3ᵀ,
-//     W2ᵀ are made once per worker and expert;
-//  3. ONE parallel region over (expert, matrix, output row block) items: dW1 = dGᵀ-rows · x,
-//     dW3 = dUᵀ-rows · x, dW2 = (w dy)ᵀ-rows · h, each element ONE fma chain over all the
-//     expert's rows in order (matmul never splits K);
+//  2. ONE parallel region over row items. The groups' rows (cost rows × width), end to end in
+//     group order, are cut into `threads` equal shares (cuts inside a group on multiples of 32
+//     rows, never within 32 rows of its end), each share split into items of <= 512 rows; a
+//     worker makes the transposed weights W1ᵀ, W3ᵀ, W2ᵀ (matmul wants B as [N, K] rows) once per
+//     group its share touches. Per item, single-threaded on linalg::matmul: gather the rows of x
+//     and dy; G, U (recomputed), W2ᵀ dy; the elementwise pass (h, dw, dG, dU; SIMD for SiLU);
+//     dx_rows = W1ᵀ dG + W3ᵀ dU; and the rows' xᵀ, (w dy)ᵀ, hᵀ, dGᵀ, dUᵀ into the group's
+//     K-major buffers, so the weight GEMMs read them as inner-contiguous operands;
+//  3. ONE parallel region over weight items (group, matrix, output rows: whole matrices unless
+//     that leaves < 4 items per thread, blocks >= 64 rows), workers taking contiguous runs of
+//     equal cost: dW1 = dGᵀ-rows · x, dW3 = dUᵀ-rows · x, dW2 = (w dy)ᵀ-rows · h, each element
+//     ONE fma chain over all the group's rows in order (matmul never splits K);
 //  4. per token (parallel over 16-token blocks): dl from dw, the aux and z terms (double), the
 //     shared gate's logit gradient, and dx_t = Σ_{kept j, slot order} dx_rows + shared +
 //     W_rᵀ dl_t + w_g da_t;
 //  5. dW_r and dw_g: per 64-column block, a sum over tokens in order.
 // Every output element is computed by one thread in an order that does not depend on the thread
-// count (row blocks are never <= 8 rows unless the whole group is, as in the forward), so results
-// are bitwise identical for any thread count.
+// count (a row's products take matmul's GEMM path in any block, since blocks have > 8 rows unless
+// they are the whole group), so results are bitwise identical for any thread count.
 //
 // Cost (gated; kept assignments A <= T·k): 16·A·D·I FLOP for the experts (G, U, W2ᵀdy, two for
 // dx, three weight GEMMs; the forward's 6·A·D·I, so 2.7x) + 16·T·D·S for the shared expert +
-// 6·T·D·E for the router. Not gated: 10·A·D·I. Memory: (3·D + 3·I)·(T·k) + (3·D + 3·S)·T floats of
-// group buffers, per worker 3·D·max(I, S) transposed weights plus its row block's scratch.
-// Scratch is grow-only thread_local: steady-state calls of one shape allocate nothing.
+// 6·T·D·E for the router, plus 3·D·I transposed weight values per (worker, expert touched). Not
+// gated: 10·A·D·I. Memory: (3·D + 3·I)·(T·k) + (3·D + 3·S)·T floats of group buffers, per worker
+// 3·D·max(I, S) transposed weights plus its item's rows × (2·D + 3·max(I, S)). Scratch is
+// grow-only thread_local: steady-state calls of one shape allocate nothing (tested).
+// Measured (bench/bench_moe_backward.cpp; T = 1024, D = 1024, E = 8, k = 2, I = 512, Mixtral
+// routing; the 16-core Intel Xeon device host, shared, medians): backward / forward_grouped time
+// 2.7-3.5x on 1 thread (58-80 GFLOP/s against the forward's 73-101), 3.3-4.0x on 2, 2.5-3.1x
+// on 16 (475-645 GFLOP/s). About 63 % of the time is the row items, 30 % the weight GEMMs; the
+// weight transposes about 8 % (timed on the dev VM; a matmul that packs B from [K, N] would
+// remove them).
 #pragma once
 
 #include <algorithm>
@@ -294,14 +304,14 @@ inline void router_grad(const fm::router_options& o, const float* logits, index_
   }
 }
 
-/// dst [cols, rows] (row-major) = src [rows, cols]ᵀ (src row stride lds).
+/// dst [cols, rows] = src [rows, cols]ᵀ (row strides lds, ldd), 16 source rows at a time.
 template <class T>
-void transpose(const T* src, index_t lds, index_t rows, index_t cols, T* dst) {
+void transpose(const T* src, index_t lds, index_t rows, index_t cols, T* dst, index_t ldd) {
   constexpr index_t B = 16;
   for (index_t r0 = 0; r0 < rows; r0 += B) {
     const index_t r1 = std::min(rows, r0 + B);
     for (index_t c = 0; c < cols; ++c) {
-      for (index_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * lds + c];
+      for (index_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
     }
   }
 }
@@ -435,7 +445,7 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
   //    into `threads` equal shares; a cut inside a group falls on a multiple of 32 rows, and never
   //    within 32 rows of the group's end, so every piece has > 8 rows unless it is the whole group
   //    (matmul's GEMM path: a row's bits do not depend on its block). Each worker's share is a
-  //    contiguous run of (group, rows) pieces, split into items of <= 256 rows: it transposes
+  //    contiguous run of (group, rows) pieces, split into items of <= 512 rows: it transposes
   //    the weights of only the few groups its share touches.
   const int threads = std::max(1, num_threads());
   const index_t G = has_shared ? E + 1 : E;
@@ -480,7 +490,7 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
         const index_t a = g == cut_g[w] ? cut_r[w] : 0;
         const index_t b = g == cut_g[w + 1] ? cut_r[w + 1] : rows_of(g);
         if (b <= a) continue;
-        const index_t nb = (b - a + 255) / 256;  // pieces > 256 rows: blocks of >= 128
+        const index_t nb = (b - a + 511) / 512;  // pieces > 512 rows: blocks of >= 256
         for (index_t i = 0; i < nb; ++i) {
           if (pass == 1) items[q] = {g, a + (b - a) * i / nb, a + (b - a) * (i + 1) / nb};
           ++q;
@@ -515,9 +525,9 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
       }
       if (cached != g) {
         const auto up = up_w(g), down = down_w(g);
-        if (gated) transpose(gate_w(g).data(), gate_w(g).stride(0), wd, D, w1t);
-        transpose(up.data(), up.stride(0), wd, D, w3t);
-        transpose(down.data(), down.stride(0), D, wd, w2t);
+        if (gated) transpose(gate_w(g).data(), gate_w(g).stride(0), wd, D, w1t, wd);
+        transpose(up.data(), up.stride(0), wd, D, w3t, wd);
+        transpose(down.data(), down.stride(0), D, wd, w2t, D);
         cached = g;
       }
       const tensor_view<const float, 2> xv(xg, {n, D}), dyv(dyg, {n, D});
@@ -532,7 +542,25 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
         float* hr = dh + r * wd;
         const float w = wr[r];
         double dw = 0;
-        for (index_t i = 0; i < wd; ++i) {
+        index_t i0 = 0;
+        if (gated && act == fm::expert_activation::silu) {  // the common case, SIMD
+          using B = simd::batch<float>;
+          constexpr index_t L = simd::lanes<float>;
+          const B wv(w), one(1.0f);
+          B acc(0.0f);
+          for (; i0 + L <= wd; i0 += L) {
+            const B gv = simd::load(gr_ + i0), uv = simd::load(ur + i0), dv = simd::load(hr + i0);
+            const B sg_ = simd::sigmoid(gv), av = gv * sg_;
+            const B dav = sg_ * (one + gv * (one - sg_));
+            const B hv = av * uv, dhv = wv * dv;
+            acc = simd::fma(hv, dv, acc);
+            simd::store(hr + i0, hv);
+            simd::store(ur + i0, dhv * av);
+            simd::store(gr_ + i0, dhv * uv * dav);
+          }
+          dw = double(simd::reduce_sum(acc));
+        }
+        for (index_t i = i0; i < wd; ++i) {
           float a, da;
           if (gated) {
             act_and_grad(act, gr_[i], a, da);
@@ -553,24 +581,14 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
         dwr[row0 + r] = static_cast<float>(dw);
       }
       // stores, K-major per group: xᵀ, (w dy)ᵀ [D, n_g]; hᵀ, dGᵀ, dUᵀ [w, n_g]
-      float* xTg = xT + row0_of(g) * D;
-      float* dyTg = dyT + row0_of(g) * D;
-      for (index_t d = 0; d < D; ++d) {
-        for (index_t r = 0; r < n; ++r) {
-          xTg[d * ng + it.r0 + r] = xg[r * D + d];
-          dyTg[d * ng + it.r0 + r] = wr[r] * dyg[r * D + d];
-        }
+      for (index_t r = 0; r < n; ++r) {
+        for (index_t d = 0; d < D; ++d) dyg[r * D + d] *= wr[r];  // dy -> w dy (dy is used)
       }
-      float* hTg = hT + hoff_of(g);
-      float* dgTg = dgT + hoff_of(g);
-      float* duTg = duT + hoff_of(g);
-      for (index_t i = 0; i < wd; ++i) {
-        for (index_t r = 0; r < n; ++r) {
-          hTg[i * ng + it.r0 + r] = dh[r * wd + i];
-          duTg[i * ng + it.r0 + r] = um[r * wd + i];
-          if (gated) dgTg[i * ng + it.r0 + r] = gm[r * wd + i];
-        }
-      }
+      transpose(xg, D, n, D, xT + row0_of(g) * D + it.r0, ng);
+      transpose(dyg, D, n, D, dyT + row0_of(g) * D + it.r0, ng);
+      transpose(dh, wd, n, wd, hT + hoff_of(g) + it.r0, ng);
+      transpose(um, wd, n, wd, duT + hoff_of(g) + it.r0, ng);
+      if (gated) transpose(gm, wd, n, wd, dgT + hoff_of(g) + it.r0, ng);
       // dx rows = W1ᵀ dG + W3ᵀ dU
       const tensor_view<float, 2> dxv(dxr + row0 * D, {n, D});
       linalg::matmul_options acc{};
@@ -590,7 +608,11 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
   struct witem {
     index_t g, m, r0, r1;
   };
-  auto wblocks = [](index_t rows) { return rows < 128 ? index_t(1) : rows / 64; };
+  // each matrix whole (B packed once per matrix) unless that leaves fewer than 4 items per
+  // thread; blocks of >= 64 rows (M > 8: the GEMM path, whose bits do not depend on M)
+  const index_t n_mats = G * (gated ? 3 : 2);
+  const index_t split = std::max<index_t>(1, (4 * threads + n_mats - 1) / n_mats);
+  auto wblocks = [&](index_t rows) { return std::max<index_t>(1, std::min(split, rows / 64)); };
   index_t n_w = 0;
   for (index_t g = 0; g < G; ++g) {
     n_w += (gated ? 2 : 1) * wblocks(width_of(g)) + wblocks(D);
@@ -609,8 +631,7 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
     if (g == E) return m == 0 ? gr.dshared_gate_proj : m == 1 ? gr.dshared_up : gr.dshared_down;
     return m == 0 ? gr.experts.gate[uz(g)] : m == 1 ? gr.experts.up[uz(g)] : gr.experts.down[uz(g)];
   };
-  parallel_for(n_w, [&](index_t q) {
-    const witem it = witems[q];
+  auto weight_item = [&](const witem& it) {
     const index_t ng = rows_of(it.g), wd = width_of(it.g), mr = it.r1 - it.r0;
     const tensor_view<float, 2> out = wgrad(it.g, it.m).template slice<0>(it.r0, it.r1);
     if (ng == 0) {
@@ -625,6 +646,27 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
       linalg::matmul(tensor_view<const float, 2>(a, {mr, ng}),
                      tensor_view<const float, 2>(xT + row0_of(it.g) * D, {D, ng}), out, {});
     }
+  };
+  // workers take contiguous runs of equal cost (rows · n_g · width): experts differ in size
+  index_t* wb = scratch<index_t>(8, threads + 1);
+  {
+    auto wcost = [&](const witem& it) {
+      return double(it.r1 - it.r0) * double(rows_of(it.g)) * double(it.m == 2 ? width_of(it.g) : D);
+    };
+    double wtotal = 0;
+    for (index_t q = 0; q < n_w; ++q) wtotal += wcost(witems[q]);
+    double cum = 0;
+    index_t w = 0;
+    wb[0] = 0;
+    for (index_t q = 0; q < n_w; ++q) {
+      const double mid = cum + 0.5 * wcost(witems[q]);
+      while (w + 1 < threads && mid >= wtotal * double(w + 1) / double(threads)) wb[++w] = q;
+      cum += wcost(witems[q]);
+    }
+    while (w < threads) wb[++w] = n_w;
+  }
+  parallel_for(threads, [&](index_t worker) {
+    for (index_t q = wb[worker]; q < wb[worker + 1]; ++q) weight_item(witems[q]);
   });
 
   lap(&phase_times::weights);
