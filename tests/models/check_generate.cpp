@@ -36,11 +36,13 @@ double rel_rms(const float* ref, const float* out, std::size_t n) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::cerr << "usage: check_generate GENERATE_EXE MODEL WORK_DIR\n";
+  if (argc < 4) {
+    std::cerr << "usage: check_generate GENERATE_EXE MODEL WORK_DIR [EXTRA seqmix-generate ARGS]\n";
     return 2;
   }
   const std::string exe = argv[1], model = argv[2], work = argv[3];
+  std::string extra;  // e.g. --mla-cache latent
+  for (int i = 4; i < argc; ++i) extra += std::string(" ") + argv[i];
   const std::filesystem::path dir =
       std::filesystem::path(SEQMIX_GOLDEN_DIR) / "v2" / "models" / model;
   try {
@@ -57,7 +59,7 @@ int main(int argc, char** argv) {
       ids += std::to_string(prompt[i]);
     }
     const std::string cmd = "\"" + exe + "\" --model \"" + dir.string() + "\" --prompt-ids " + ids +
-                            " --max-new-tokens " + std::to_string(gen.size()) +
+                            " --max-new-tokens " + std::to_string(gen.size()) + extra +
                             " --dump-logits \"" + dump + "\" > \"" + out + "\"";
     std::cout << cmd << "\n";
     if (std::system(cmd.c_str()) != 0) {

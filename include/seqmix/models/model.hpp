@@ -170,6 +170,11 @@ struct load_options {
   /// Tensors of the checkpoint that the model does not read are an error unless listed by a
   /// known unused prefix (mtp.) or this is true (then they are only listed in unused_tensors()).
   bool allow_unused = false;
+  /// The cache of the MLA layers (Kimi-Linear): unset keeps the config's (expanded K/V unless
+  /// model_config::mla.cache says otherwise); mla_cache::latent stores c and k_rot per token
+  /// (layers/mla_attention.hpp gives the memory and the measured decode speed of both). Models
+  /// without MLA layers ignore it.
+  std::optional<layers::mla_cache> mla_cache{};
 };
 
 namespace detail {
@@ -341,6 +346,7 @@ class hybrid_model {
     constexpr std::string_view who = "hybrid_model::load";
     hybrid_model m;
     m.cfg_ = resolve_layout(cfg, ck);
+    if (opt.mla_cache) m.cfg_.mla.cache = *opt.mla_cache;
     m.check_tensors(ck, opt);
     const model_config& c = m.cfg_;
     const index_t D = c.hidden, V = c.vocab;
