@@ -657,6 +657,25 @@ TEST_CASE(
     moe_backward<float>(s.opt, fw.w, x, dy, g2, {0.1, 0.1});
     CHECK(std::memcmp(dx1.data(), dx2.data(), sizeof(float) * std::size_t(dx1.size())) == 0);
   }
+  // row-strided x, dy and dx (column slices of wider buffers): the same bits
+  {
+    tensor<float, 2> xw({T, D + 5}), dyw({T, D + 3}), dxw({T, D + 7});
+    for (index_t t = 0; t < T; ++t) {
+      for (index_t d = 0; d < D; ++d) {
+        xw(t, d + 2) = x(t, d);
+        dyw(t, d + 1) = dy(t, d);
+      }
+    }
+    const tensor<float, 2> dx1 = dx;
+    moe_grads g3 = bp.g;
+    g3.dx = dxw.view().slice<1>(4, 4 + D);
+    moe_backward<float>(s.opt, fw.w, tensor_view<const float, 2>(xw).slice<1>(2, 2 + D),
+                        tensor_view<const float, 2>(dyw).slice<1>(1, 1 + D), g3, {0.1, 0.1});
+    bool same = true;
+    for (index_t t = 0; t < T; ++t)
+      for (index_t d = 0; d < D; ++d) same = same && dxw(t, 4 + d) == dx1(t, d);
+    CHECK(same);
+  }
   // T = 0: nothing routed, every weight gradient 0
   tensor<float, 2> x0({0, D}), dy0({0, D}), dx0({0, D});
   for (index_t i = 0; i < dg.size(); ++i) dg[i] = 1.0f;
