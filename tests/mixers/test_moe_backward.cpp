@@ -486,7 +486,7 @@ TEST_CASE("moe backward: fast engine (float) against the double reference", "[mo
   }
 }
 
-TEST_CASE("moe backward: 1 vs 2 threads bitwise; bf16 weights equal their f32 widening",
+TEST_CASE("moe backward: 1 vs 2 threads bitwise and bf16 weights equal their f32 widening",
           "[moe][backward][threads]") {
   const index_t T = sanitized() ? 80 : 300, D = 64, E = 8, I = 48, S = 32;
   auto all = setups();
@@ -537,7 +537,7 @@ TEST_CASE("moe backward: 1 vs 2 threads bitwise; bf16 weights equal their f32 wi
   }
 }
 
-TEST_CASE("moe backward: bad inputs name moe_backward, the argument, expected and actual",
+TEST_CASE("moe backward: bad inputs name moe_backward and the argument",
           "[moe][backward][errors]") {
   const setup s = setups()[0];
   auto rng = seqmix::testing::make_rng(900);
@@ -607,8 +607,8 @@ TEST_CASE("moe backward: bad inputs name moe_backward, the argument, expected an
 }
 
 TEST_CASE(
-    "moe backward: the engine allocates nothing in steady state; T = 0 zeroes the weights'"
-    " gradients",
+    "moe backward: the engine allocates nothing in steady state and T = 0 zeroes the weight "
+    "gradients",
     "[moe][backward][alloc]") {
   const setup s = setups()[3];  // sigmoid router, groups, shared expert + gate, capacity
   auto rng = seqmix::testing::make_rng(950);
