@@ -689,3 +689,110 @@ TEST_CASE(
   for (index_t i = 0; i < dr.size(); ++i) sum += std::abs(dr[i]);
   CHECK(sum == 0.0);
 }
+
+TEST_CASE("moe backward: aux loss pooled over layers against finite differences and the fast form",
+          "[moe][backward][aux]") {
+  auto all = setups();
+  for (std::size_t i : {std::size_t(0), std::size_t(3)}) {
+    const setup s = all[i];
+    SECTION(s.name) {
+      const index_t E = 8, k = s.opt.top_k;
+      // the other layers of the pool: their top-k counts, probability sums and tokens (constants)
+      auto rng = seqmix::testing::make_rng(700 + i);
+      const index_t T_other = 37;
+      std::vector<double> c_other(std::size_t(E), 0.0), p_other(std::size_t(E), 0.0);
+      for (index_t a = 0; a < T_other * k; ++a) c_other[std::size_t(rng() % std::uint64_t(E))] += 1;
+      for (index_t t = 0; t < T_other; ++t) p_other[std::size_t(rng() % std::uint64_t(E))] += 1;
+      // this layer's own counts (top-k of each token's softmax), the pooled totals
+      auto own_counts = [&](const params& p) {
+        const auto f = reference::moe<double>(p.x, ref_weights(p), route_of(s.opt),
+                                              expert_of(s.opt), capacity_of(s.opt));
+        std::vector<double> c(std::size_t(E), 0.0), psum(std::size_t(E), 0.0);
+        for (index_t t = 0; t < p.T; ++t) {
+          std::vector<double> pr(static_cast<std::size_t>(E));
+          double mx = -1e300, den = 0;
+          for (index_t e = 0; e < E; ++e) mx = std::max(mx, f.logits(t, e));
+          for (index_t e = 0; e < E; ++e) den += std::exp(f.logits(t, e) - mx);
+          for (index_t e = 0; e < E; ++e)
+            psum[std::size_t(e)] += pr[std::size_t(e)] = std::exp(f.logits(t, e) - mx) / den;
+          for (index_t e : reference::moe_detail::top(pr, k)) c[std::size_t(e)] += 1;
+        }
+        return std::make_pair(c, psum);
+      };
+      auto pooled_loss = [&](const params& p, const std::vector<double>& c_tot, index_t T_tot) {
+        const auto f = reference::moe<double>(p.x, ref_weights(p), route_of(s.opt),
+                                              expert_of(s.opt), capacity_of(s.opt));
+        const auto psum = own_counts(p).second;
+        double l = 0, aux = 0;
+        for (index_t j = 0; j < f.y.size(); ++j) l += f.y[j] * p.dy[j];
+        for (index_t e = 0; e < E; ++e) {
+          aux += c_tot[std::size_t(e)] / double(T_tot) *
+                 (p_other[std::size_t(e)] + psum[std::size_t(e)]) / double(T_tot);
+        }
+        return l + s.aux * double(E) * aux + s.z * f.z_loss;
+      };
+      {  // finite differences of the reference
+        params p = draw_away_from_ties(s, 12, 6, E, 5, 4, 1e-3, 800 + i);
+        auto c_tot = own_counts(p).first;
+        for (index_t e = 0; e < E; ++e) c_tot[std::size_t(e)] += c_other[std::size_t(e)];
+        const index_t T_tot = p.T + T_other;
+        const auto g =
+            reference::moe_backward<double>(p.x, ref_weights(p), route_of(s.opt), expert_of(s.opt),
+                                            capacity_of(s.opt), p.dy, s.aux, s.z, c_tot, T_tot);
+        const double h = 1e-5;
+        auto fd_check = [&](const char* what, double* v, index_t n, const double* an) {
+          double err = 0, scale = 1e-12;
+          for (index_t j = 0; j < n; ++j) {
+            const double keep = v[j];
+            v[j] = keep + h;
+            const double lp = pooled_loss(p, c_tot, T_tot);
+            v[j] = keep - h;
+            const double lm = pooled_loss(p, c_tot, T_tot);
+            v[j] = keep;
+            err = std::max(err, std::abs((lp - lm) / (2 * h) - an[j]));
+            scale = std::max(scale, std::abs(an[j]));
+          }
+          INFO(what << ": max |FD - analytic| / max |grad| " << err / scale);
+          if (report())
+            std::printf("  FD pooled aux %-40s %-8s %.2e\n", s.name.c_str(), what, err / scale);
+          CHECK(err / scale <= 1e-6);
+        };
+        fd_check("x", p.x.data(), p.x.size(), g.dx.data());
+        fd_check("router", p.router.data(), p.router.size(), g.drouter.data());
+      }
+      {  // the fast form against the reference, pooled
+        const params p = draw_away_from_ties(s, 120, 32, E, 24, 16, 3e-5, 900 + i);
+        auto c_tot = own_counts(p).first;
+        for (index_t e = 0; e < E; ++e) c_tot[std::size_t(e)] += c_other[std::size_t(e)];
+        const index_t T_tot = p.T + T_other;
+        const auto r =
+            reference::moe_backward<double>(p.x, ref_weights(p), route_of(s.opt), expert_of(s.opt),
+                                            capacity_of(s.opt), p.dy, s.aux, s.z, c_tot, T_tot);
+        fast_weights<float> fw;
+        build(fw, p, s);
+        const index_t T = p.T, D = p.D, I = p.I, S = p.S;
+        tensor<float, 2> dx({T, D}), dr({E, D}), dsg({S, D}), dsu({S, D}), dsd({D, S}), dg1({1, D});
+        tensor<float, 3> dg({E, I, D}), du({E, I, D}), dd({E, D, I});
+        moe_grads g;
+        g.dx = dx;
+        g.drouter = dr;
+        g.experts = moe_expert_grads::stacked(dg, du, dd);
+        g.dshared_gate_proj = dsg;
+        g.dshared_up = dsu;
+        g.dshared_down = dsd;
+        if (s.shared_gate) g.dshared_gate = dg1;
+        moe_loss_weights lw{s.aux, s.z, c_tot, T_tot};
+        moe_backward<float>(s.opt, fw.w, to_w<float>(p.x), to_w<float>(p.dy), g, lw);
+        const auto cx = compare(r.dx, dx), cr = compare(r.drouter, dr);
+        INFO("dx: " << cx.report << "\ndrouter: " << cr.report);
+        CHECK(cx.rel_rms <= 2e-5);
+        CHECK(cr.rel_rms <= 2e-5);
+        // a wrong count length is named
+        lw.pooled_counts = std::span<const double>(c_tot.data(), std::size_t(E - 1));
+        CHECK_THROWS_WITH(
+            moe_backward<float>(s.opt, fw.w, to_w<float>(p.x), to_w<float>(p.dy), g, lw),
+            Catch::Contains("seqmix::moe_backward: argument 'losses.pooled_counts'"));
+      }
+    }
+  }
+}

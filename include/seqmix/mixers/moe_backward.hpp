@@ -10,7 +10,9 @@
 // flow through the chosen top-k weights; the choice itself (top-k, groups, capacity) is piecewise
 // constant, so the selection bias (weights.score_bias) gets no gradient and has no output here.
 // Dropped assignments (capacity) get none either. The aux loss's token fraction term is
-// constant; its gradient goes through the mean router probability.
+// constant; its gradient goes through the mean router probability. losses.pooled_counts and
+// losses.pooled_tokens pool it over several layers, as transformers does (the counts and number
+// of every pooled token; the returned aux_loss is still this call's own).
 //
 // Shapes: x, dy, grads.dx [T, D]; grads.drouter [E, D]; grads.experts.gate[e], up[e] [I, D]
 // (gate empty when not gated), down[e] [D, I]; grads.dshared_gate_proj, dshared_up [S, D],
@@ -29,6 +31,7 @@
 // argument, the expected and the actual value.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <string_view>
@@ -80,6 +83,18 @@ kernels::moe::result moe_backward(const moe_options& opt, const typename moe<W>:
   check.inner_contiguous("grads.drouter", grads.drouter);
   check.finite_value("losses.aux", losses.aux);
   check.finite_value("losses.z", losses.z);
+  if (!losses.pooled_counts.empty()) {
+    check.require(static_cast<index_t>(losses.pooled_counts.size()) == E, "losses.pooled_counts",
+                  "expected E = " + std::to_string(E) + " counts, got " +
+                      std::to_string(losses.pooled_counts.size()));
+    check.require(losses.pooled_tokens >= std::max<index_t>(T, 1), "losses.pooled_tokens",
+                  "must be >= T = " + std::to_string(T) + " (and >= 1), got " +
+                      std::to_string(losses.pooled_tokens));
+    for (double c : losses.pooled_counts) {
+      check.require(std::isfinite(c) && c >= 0, "losses.pooled_counts",
+                    "counts must be finite and >= 0, got " + seqmix::detail::format_value(c));
+    }
+  }
   const auto& ge = grads.experts;
   check.require(
       ge.count() == E, "grads.experts.up",

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cmath>
+#include <span>
 #include <vector>
 
 #include <seqmix/core/tensor.hpp>
@@ -116,13 +117,16 @@ T mlp_backward(kernels::moe::expert_activation a, bool gated, const std::vector<
 }  // namespace moe_detail
 
 /// Gradients of the MoE block (header comment) for the cotangent dy [T, D] and the loss weights.
+/// pooled_counts [E], pooled_tokens: an aux loss pooled over layers (as the engine's
+/// loss_weights): the top-k counts and number of all the pooled tokens, this call's included.
 template <class T>
 moe_backward_result<T> moe_backward(tensor_view<const T, 2> x, const moe_weights<T>& w,
                                     const kernels::moe::router_options& ro,
                                     const kernels::moe::expert_options& eo,
                                     const kernels::moe::capacity_options& co,
                                     tensor_view<const T, 2> dy, double aux_weight = 0,
-                                    double z_weight = 0) {
+                                    double z_weight = 0, std::span<const double> pooled_counts = {},
+                                    index_t pooled_tokens = 0) {
   using kernels::moe::router_kind;
   auto z = [](index_t i) { return static_cast<std::size_t>(i); };
   const index_t Tn = x.extent(0), D = x.extent(1), E = w.router.extent(0), k = ro.top_k;
@@ -252,7 +256,10 @@ moe_backward_result<T> moe_backward(tensor_view<const T, 2> x, const moe_weights
       }
       // aux: E Σ_e (count_e / T) (Σ_t p_te / T); z: mean_t lse_t²
       T da = 0;
-      for (index_t e = 0; e < E; ++e) da += T(count[z(e)]) / (T(Tn) * T(Tn)) * dsoft(e, b);
+      const bool pooled = !pooled_counts.empty();
+      const T Tp = T(pooled ? pooled_tokens : Tn);
+      for (index_t e = 0; e < E; ++e)
+        da += T(pooled ? pooled_counts[z(e)] : count[z(e)]) / (Tp * Tp) * dsoft(e, b);
       dl[z(b)] += T(aux_weight) * T(E) * da + T(z_weight) * T(2) * lse[z(t)] * p[z(b)] / T(Tn);
     }
     for (index_t b = 0; b < E; ++b) {

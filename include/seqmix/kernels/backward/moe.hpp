@@ -24,6 +24,7 @@
 //   aux = E Σ_e f_e P_e (transformers' load_balancing_loss_func): the token fraction f_e (a
 //     count of top-k choices) is constant, the gradient goes through the mean probability
 //     P_e = mean_t p_te:  dl_t += λ_aux · p_t ⊙ (c - p_t·c),  c_e = E · count_e / T²
+//     (pooled over layers: the pooled counts and token count instead, loss_weights)
 //   z = mean_t lse(l_t)²:  dl_t += λ_z · (2 lse(l_t) / T) · p_t
 //   l = W_r x:  dW_r = Σ_t dl_t x_tᵀ,  dx_t += W_rᵀ dl_t
 //
@@ -75,6 +76,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstddef>
+#include <span>
 #include <vector>
 
 #include <seqmix/core/dtype.hpp>
@@ -121,6 +123,13 @@ struct grads {
 struct loss_weights {
   double aux = 0;  ///< load-balancing loss (transformers' router_aux_loss_coef)
   double z = 0;    ///< router z-loss
+  /// Optional, for an aux loss pooled over several layers (transformers concatenates every
+  /// layer's router logits): the top-k-of-softmax counts [E] of ALL the pooled tokens (this
+  /// call's included) and their number. The token fractions are then count_e / pooled_tokens
+  /// and P_e sums over pooled_tokens, so c_e = E · count_e / pooled_tokens². Empty: this call's
+  /// own tokens. (The z-loss stays this call's mean.)
+  std::span<const double> pooled_counts{};
+  index_t pooled_tokens = 0;
 };
 
 /// Wall time of the backward's phases, in seconds (optional, for benchmarks): routing and
@@ -403,8 +412,11 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
     }
     res.aux_loss = fm::detail::aux_from(counts, counts + E, E, T);
     res.z_loss = z / double(T);
+    const bool pooled = !bp.losses.pooled_counts.empty();
     for (index_t e = 0; e < E; ++e)
-      aux_c[e] = bp.losses.aux * double(E) * counts[e] / (double(T) * double(T));
+      aux_c[e] = pooled ? bp.losses.aux * double(E) * bp.losses.pooled_counts[uz(e)] /
+                              (double(bp.losses.pooled_tokens) * double(bp.losses.pooled_tokens))
+                        : bp.losses.aux * double(E) * counts[e] / (double(T) * double(T));
   }
   index_t* off = scratch<index_t>(1, E + 1);
   index_t* perm = scratch<index_t>(2, T * k);
