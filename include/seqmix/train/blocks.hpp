@@ -48,6 +48,7 @@
 #include <seqmix/core/gemm.hpp>
 #include <seqmix/core/matmul.hpp>
 #include <seqmix/core/parallel.hpp>
+#include <seqmix/core/simd.hpp>
 #include <seqmix/core/tensor.hpp>
 
 namespace seqmix::train {
@@ -82,10 +83,13 @@ enum class conv_act { none, silu };
 
 namespace detail {
 
-/// dst [C, R] = srcᵀ (src [R, C], any strides), in 32×32 blocks.
+/// dst [C, R] = srcᵀ (src [R, C] and dst inner-contiguous), in 32×32 blocks.
 template <class T>
 inline void transpose_into(tensor_view<const T, 2> src, tensor_view<T, 2> dst) {
   const index_t R = src.extent(0), C = src.extent(1);
+  const index_t ls = src.stride(0), ld = dst.stride(0);
+  const T* sp = src.data();
+  T* dp = dst.data();
   constexpr index_t bs = 32;
   const index_t nb = (C + bs - 1) / bs;
   parallel_for(nb, [&](index_t cb) {
@@ -93,8 +97,24 @@ inline void transpose_into(tensor_view<const T, 2> src, tensor_view<T, 2> dst) {
     for (index_t r0 = 0; r0 < R; r0 += bs) {
       const index_t r1 = std::min(R, r0 + bs);
       for (index_t c = c0; c < c1; ++c)
-        for (index_t r = r0; r < r1; ++r) dst(c, r) = src(r, c);
+        for (index_t r = r0; r < r1; ++r) dp[c * ld + r] = sp[r * ls + c];
     }
+  });
+}
+
+/// Column sums of x [M, N] (inner-contiguous) added to out[0..N), in row order per column.
+template <class T>
+inline void add_column_sums(tensor_view<const T, 2> x, T* out) {
+  const index_t M = x.extent(0), N = x.extent(1), ld = x.stride(0);
+  constexpr index_t cb = 64;
+  parallel_for((N + cb - 1) / cb, [&](index_t blk) {
+    const index_t j0 = blk * cb, j1 = std::min(N, j0 + cb);
+    T acc[cb] = {};
+    for (index_t i = 0; i < M; ++i) {
+      const T* row = x.data() + i * ld;
+      for (index_t j = j0; j < j1; ++j) acc[j - j0] += row[j];
+    }
+    for (index_t j = j0; j < j1; ++j) out[j] += acc[j - j0];
   });
 }
 
@@ -220,18 +240,15 @@ void linear_backward(tensor_view<const T, 2> x, tensor_view<const T, 2> w,
     detail::gemm_nt<T>(dyt.view(), xt.view(), dw, true);
   }
   if (dbias.data()) {
-    parallel_for(N, [&](index_t j) {
-      T s = T(0);
-      for (index_t i = 0; i < M; ++i) s += dy(i, j);
-      dbias(j) += s;
-    });
+    check.inner_contiguous("dbias", dbias);
+    detail::add_column_sums<T>(dy, dbias.data());
   }
 }
 
 // ---- rms_norm --------------------------------------------------------------------------------
 
-/// y = x · (mean(x²) + eps)^-½ ⊙ w over each row. x, y: [M, D]; w: [D]; rstd: [M] out (the
-/// row's r, for the backward; empty: not stored).
+/// y = x · (mean(x²) + eps)^-½ ⊙ w over each row. x, y: [M, D] (inner-contiguous); w: [D]
+/// (contiguous); rstd: [M] out (the row's r, for the backward; empty: not stored).
 template <class T>
 void rms_norm_forward(tensor_view<const T, 2> x, tensor_view<const T, 1> w, tensor_view<T, 2> y,
                       T eps = T(1e-6), tensor_view<T, 1> rstd = {}) {
@@ -240,17 +257,22 @@ void rms_norm_forward(tensor_view<const T, 2> x, tensor_view<const T, 1> w, tens
   check.shape("w", w, {D});
   check.shape("y", y, {M, D});
   if (rstd.data()) check.shape("rstd", rstd, {M});
+  check.inner_contiguous("x", x);
+  check.inner_contiguous("w", w);
+  check.inner_contiguous("y", y);
+  const T* wp = w.data();
   parallel_for(M, [&](index_t i) {
-    T ss = T(0);
-    for (index_t d = 0; d < D; ++d) ss += x(i, d) * x(i, d);
-    const T r = T(1) / std::sqrt(ss / static_cast<T>(D) + eps);
+    const T* xr = x.data() + i * x.stride(0);
+    T* yr = y.data() + i * y.stride(0);
+    const T r = T(1) / std::sqrt(simd::dot(xr, xr, D) / static_cast<T>(D) + eps);
     if (rstd.data()) rstd(i) = r;
-    for (index_t d = 0; d < D; ++d) y(i, d) = x(i, d) * r * w(d);
+    for (index_t d = 0; d < D; ++d) yr[d] = xr[d] * r * wp[d];
   });
 }
 
 /// Backward of rms_norm_forward (r recomputed from x). dy: [M, D]; dx: [M, D] out (written,
 /// or added with accumulate_dx: the residual stream's gradient); dw: [D] += Σ_i dy ⊙ x̂.
+/// All inner-contiguous.
 template <class T>
 void rms_norm_backward(tensor_view<const T, 2> x, tensor_view<const T, 1> w,
                        tensor_view<const T, 2> dy, tensor_view<T, 2> dx, tensor_view<T, 1> dw,
@@ -261,25 +283,39 @@ void rms_norm_backward(tensor_view<const T, 2> x, tensor_view<const T, 1> w,
   check.shape("dy", dy, {M, D});
   check.shape("dx", dx, {M, D});
   if (dw.data()) check.shape("dw", dw, {D});
+  check.inner_contiguous("x", x);
+  check.inner_contiguous("w", w);
+  check.inner_contiguous("dy", dy);
+  check.inner_contiguous("dx", dx);
+  if (dw.data()) check.inner_contiguous("dw", dw);
+  const T* wp = w.data();
   std::vector<T> r(static_cast<std::size_t>(M));
   parallel_for(M, [&](index_t i) {
-    T ss = T(0);
-    for (index_t d = 0; d < D; ++d) ss += x(i, d) * x(i, d);
-    const T ri = T(1) / std::sqrt(ss / static_cast<T>(D) + eps);
+    const T* xr = x.data() + i * x.stride(0);
+    const T* gr = dy.data() + i * dy.stride(0);
+    T* dr = dx.data() + i * dx.stride(0);
+    const T ri = T(1) / std::sqrt(simd::dot(xr, xr, D) / static_cast<T>(D) + eps);
     r[static_cast<std::size_t>(i)] = ri;
     T dot = T(0);  // Σ dx̂ ⊙ x̂
-    for (index_t d = 0; d < D; ++d) dot += dy(i, d) * w(d) * x(i, d) * ri;
-    const T mean = dot / static_cast<T>(D);
+    for (index_t d = 0; d < D; ++d) dot += gr[d] * wp[d] * xr[d];
+    const T c = dot * ri * ri / static_cast<T>(D);
     for (index_t d = 0; d < D; ++d) {
-      const T g = ri * (dy(i, d) * w(d) - x(i, d) * ri * mean);
-      dx(i, d) = accumulate_dx ? dx(i, d) + g : g;
+      const T g = ri * (gr[d] * wp[d] - xr[d] * c);
+      dr[d] = accumulate_dx ? dr[d] + g : g;
     }
   });
   if (dw.data()) {
-    parallel_for(D, [&](index_t d) {
-      T s = T(0);
-      for (index_t i = 0; i < M; ++i) s += dy(i, d) * x(i, d) * r[static_cast<std::size_t>(i)];
-      dw(d) += s;
+    constexpr index_t cb = 64;
+    parallel_for((D + cb - 1) / cb, [&](index_t blk) {
+      const index_t d0 = blk * cb, d1 = std::min(D, d0 + cb);
+      T acc[cb] = {};
+      for (index_t i = 0; i < M; ++i) {
+        const T* xr = x.data() + i * x.stride(0);
+        const T* gr = dy.data() + i * dy.stride(0);
+        const T ri = r[static_cast<std::size_t>(i)];
+        for (index_t d = d0; d < d1; ++d) acc[d - d0] += gr[d] * xr[d] * ri;
+      }
+      for (index_t d = d0; d < d1; ++d) dw(d) += acc[d - d0];
     });
   }
 }
@@ -337,41 +373,56 @@ inline void check_conv(const checker& check, tensor_view<const T, 3> x, tensor_v
   check.shape("w", w, {C, any_extent});
   if (w.extent(1) < 1)
     check.fail("w", "expected at least one tap, got " + std::to_string(w.extent(1)));
+  check.inner_contiguous("x", x);
 }
 
-/// z[b, t, c] = Σ_j w[c, j] x[b, t - (W-1) + j, c] (zeros before t = 0).
+/// The taps transposed, wt[j·C + c] = w[c, j]: channels innermost for the vector loops.
 template <class T>
-inline T conv_at(tensor_view<const T, 3> x, tensor_view<const T, 2> w, index_t b, index_t t,
-                 index_t c) {
-  const index_t W = w.extent(1);
-  T z = T(0);
-  for (index_t j = std::max<index_t>(0, W - 1 - t); j < W; ++j)
-    z += w(c, j) * x(b, t - (W - 1) + j, c);
-  return z;
+inline std::vector<T> conv_taps(tensor_view<const T, 2> w) {
+  const index_t C = w.extent(0), W = w.extent(1);
+  std::vector<T> wt(static_cast<std::size_t>(W * C));
+  for (index_t c = 0; c < C; ++c)
+    for (index_t j = 0; j < W; ++j) wt[static_cast<std::size_t>(j * C + c)] = w(c, j);
+  return wt;
+}
+
+/// z[c] = Σ_j wt[j, c] x[b, t - (W-1) + j, c] for every channel (zeros before t = 0).
+template <class T>
+inline void conv_row(tensor_view<const T, 3> x, const T* wt, index_t W, index_t b, index_t t,
+                     T* z) {
+  const index_t C = x.extent(2);
+  std::fill_n(z, C, T(0));
+  for (index_t j = std::max<index_t>(0, W - 1 - t); j < W; ++j) {
+    const T* xr = x.data() + b * x.stride(0) + (t - (W - 1) + j) * x.stride(1);
+    const T* wj = wt + j * C;
+    for (index_t c = 0; c < C; ++c) z[c] += wj[c] * xr[c];
+  }
 }
 
 }  // namespace detail
 
 /// Depthwise causal conv over [B, T, C] (each sequence starts from zeros), then act.
 /// w: [C, W] (Hugging Face [C, 1, W] squeezed: tap W-1 on the newest input); y: [B, T, C].
+/// x and y inner-contiguous (any row strides: a column block of a fused projection).
 template <class T>
 void short_conv_forward(tensor_view<const T, 3> x, tensor_view<const T, 2> w, tensor_view<T, 3> y,
                         conv_act act = conv_act::silu) {
   const checker check{"train::short_conv_forward"};
   detail::check_conv(check, x, w);
-  const index_t B = x.extent(0), TT = x.extent(1), C = x.extent(2);
+  const index_t B = x.extent(0), TT = x.extent(1), C = x.extent(2), W = w.extent(1);
   check.shape("y", y, {B, TT, C});
+  check.inner_contiguous("y", y);
+  const std::vector<T> wt = detail::conv_taps(w);
   parallel_for(B * TT, [&](index_t bt) {
     const index_t b = bt / TT, t = bt % TT;
-    for (index_t c = 0; c < C; ++c) {
-      const T z = detail::conv_at(x, w, b, t, c);
-      y(b, t, c) = act == conv_act::silu ? silu(z) : z;
-    }
+    T* yr = y.data() + b * y.stride(0) + t * y.stride(1);
+    detail::conv_row(x, wt.data(), W, b, t, yr);
+    if (act == conv_act::silu) simd::silu(yr, yr, C);
   });
 }
 
 /// Backward of short_conv_forward (z recomputed). dy: [B, T, C]; dx: [B, T, C] out (written);
-/// dw: [C, W] += (empty: skipped).
+/// dw: [C, W] += (empty: skipped). Inner-contiguous.
 template <class T>
 void short_conv_backward(tensor_view<const T, 3> x, tensor_view<const T, 2> w,
                          tensor_view<const T, 3> dy, tensor_view<T, 3> dx, tensor_view<T, 2> dw,
@@ -382,54 +433,83 @@ void short_conv_backward(tensor_view<const T, 3> x, tensor_view<const T, 2> w,
   check.shape("dy", dy, {B, TT, C});
   check.shape("dx", dx, {B, TT, C});
   if (dw.data()) check.shape("dw", dw, {C, W});
-  tensor<T, 3> dz({B, TT, C});
+  check.inner_contiguous("dy", dy);
+  check.inner_contiguous("dx", dx);
+  const std::vector<T> wt = detail::conv_taps(w);
+  tensor<T, 3> dz({B, TT, C});  // dz = dy ⊙ act'(z)
   parallel_for(B * TT, [&](index_t bt) {
     const index_t b = bt / TT, t = bt % TT;
-    for (index_t c = 0; c < C; ++c) {
-      const T g = dy(b, t, c);
-      dz(b, t, c) = act == conv_act::silu ? g * silu_grad(detail::conv_at(x, w, b, t, c)) : g;
+    const T* g = dy.data() + b * dy.stride(0) + t * dy.stride(1);
+    T* dzr = &dz(b, t, 0);
+    if (act == conv_act::silu) {
+      detail::conv_row(x, wt.data(), W, b, t, dzr);
+      simd::transform(dzr, dzr, C, [](const simd::batch<T>& z) {
+        const simd::batch<T> sg = simd::sigmoid(z), one(T(1));
+        return sg * (one + z * (one - sg));
+      });
+      for (index_t c = 0; c < C; ++c) dzr[c] *= g[c];
+    } else {
+      std::copy_n(g, C, dzr);
     }
   });
-  // dx[s] = Σ_j w[j] dz[s + (W-1) - j]
+  // dx[s] = Σ_j wt[j] ⊙ dz[s + (W-1) - j]
   parallel_for(B * TT, [&](index_t bs) {
     const index_t b = bs / TT, s = bs % TT;
-    for (index_t c = 0; c < C; ++c) {
-      T g = T(0);
-      for (index_t j = 0; j < W; ++j) {
-        const index_t t = s + (W - 1) - j;
-        if (t < TT) g += w(c, j) * dz(b, t, c);
-      }
-      dx(b, s, c) = g;
+    T* dxr = dx.data() + b * dx.stride(0) + s * dx.stride(1);
+    std::fill_n(dxr, C, T(0));
+    for (index_t j = 0; j < W; ++j) {
+      const index_t t = s + (W - 1) - j;
+      if (t >= TT) continue;
+      const T* dzr = &dz(b, t, 0);
+      const T* wj = wt.data() + j * C;
+      for (index_t c = 0; c < C; ++c) dxr[c] += wj[c] * dzr[c];
     }
   });
   if (dw.data()) {
-    parallel_for(C, [&](index_t c) {
-      for (index_t j = 0; j < W; ++j) {
-        T s = T(0);
-        for (index_t b = 0; b < B; ++b)
-          for (index_t t = std::max<index_t>(0, W - 1 - j); t < TT; ++t)
-            s += dz(b, t, c) * x(b, t - (W - 1) + j, c);
-        dw(c, j) += s;
+    // dw[c, j] += Σ_{b,t} dz[b,t,c] x[b, t-(W-1)+j, c]: channel blocks in parallel, tokens in
+    // order within a block (the same sums for any thread count)
+    constexpr index_t cb = 64;
+    parallel_for((C + cb - 1) / cb, [&](index_t blk) {
+      const index_t c0 = blk * cb, c1 = std::min(C, c0 + cb);
+      std::vector<T> acc(static_cast<std::size_t>(W * cb), T(0));
+      for (index_t b = 0; b < B; ++b) {
+        for (index_t t = 0; t < TT; ++t) {
+          const T* dzr = &dz(b, t, 0);
+          for (index_t j = std::max<index_t>(0, W - 1 - t); j < W; ++j) {
+            const T* xr = x.data() + b * x.stride(0) + (t - (W - 1) + j) * x.stride(1);
+            T* a = acc.data() + j * cb - c0;
+            for (index_t c = c0; c < c1; ++c) a[c] += dzr[c] * xr[c];
+          }
+        }
       }
+      for (index_t c = c0; c < c1; ++c)
+        for (index_t j = 0; j < W; ++j) dw(c, j) += acc[static_cast<std::size_t>(j * cb + c - c0)];
     });
   }
 }
 
 // ---- SwiGLU ----------------------------------------------------------------------------------
 
-/// h = silu(a) ⊙ u. a, u, h: [M, F].
+/// h = silu(a) ⊙ u. a, u, h: [M, F], inner-contiguous.
 template <class T>
 void swiglu_forward(tensor_view<const T, 2> a, tensor_view<const T, 2> u, tensor_view<T, 2> h) {
   const checker check{"train::swiglu_forward"};
   const index_t M = a.extent(0), F = a.extent(1);
   check.shape("u", u, {M, F});
   check.shape("h", h, {M, F});
+  check.inner_contiguous("a", a);
+  check.inner_contiguous("u", u);
+  check.inner_contiguous("h", h);
   parallel_for(M, [&](index_t i) {
-    for (index_t f = 0; f < F; ++f) h(i, f) = silu(a(i, f)) * u(i, f);
+    const T* ar = a.data() + i * a.stride(0);
+    const T* ur = u.data() + i * u.stride(0);
+    T* hr = h.data() + i * h.stride(0);
+    simd::silu(ar, hr, F);
+    for (index_t f = 0; f < F; ++f) hr[f] *= ur[f];
   });
 }
 
-/// da = dh ⊙ u ⊙ silu'(a), du = dh ⊙ silu(a). da, du: [M, F] out.
+/// da = dh ⊙ u ⊙ silu'(a), du = dh ⊙ silu(a). da, du: [M, F] out. Inner-contiguous.
 template <class T>
 void swiglu_backward(tensor_view<const T, 2> a, tensor_view<const T, 2> u,
                      tensor_view<const T, 2> dh, tensor_view<T, 2> da, tensor_view<T, 2> du) {
@@ -439,11 +519,30 @@ void swiglu_backward(tensor_view<const T, 2> a, tensor_view<const T, 2> u,
   check.shape("dh", dh, {M, F});
   check.shape("da", da, {M, F});
   check.shape("du", du, {M, F});
+  check.inner_contiguous("a", a);
+  check.inner_contiguous("u", u);
+  check.inner_contiguous("dh", dh);
+  check.inner_contiguous("da", da);
+  check.inner_contiguous("du", du);
+  using B = simd::batch<T>;
+  constexpr index_t L = simd::lanes<T>;
   parallel_for(M, [&](index_t i) {
-    for (index_t f = 0; f < F; ++f) {
-      const T x = a(i, f), g = dh(i, f);
-      da(i, f) = g * u(i, f) * silu_grad(x);
-      du(i, f) = g * silu(x);
+    const T* ar = a.data() + i * a.stride(0);
+    const T* ur = u.data() + i * u.stride(0);
+    const T* gr = dh.data() + i * dh.stride(0);
+    T* dar = da.data() + i * da.stride(0);
+    T* dur = du.data() + i * du.stride(0);
+    index_t f = 0;
+    const B one(T(1));
+    for (; f + L <= F; f += L) {
+      const B x = simd::load(ar + f), g = simd::load(gr + f), sg = simd::sigmoid(x);
+      simd::store(dar + f, g * simd::load(ur + f) * sg * (one + x * (one - sg)));
+      simd::store(dur + f, g * x * sg);
+    }
+    for (; f < F; ++f) {
+      const T x = ar[f], g = gr[f];
+      dar[f] = g * ur[f] * silu_grad(x);
+      dur[f] = g * silu(x);
     }
   });
 }
@@ -502,6 +601,15 @@ void swiglu_mlp_backward(tensor_view<const T, 2> x, tensor_view<const T, 2> w_ga
 
 // ---- softmax cross-entropy -------------------------------------------------------------------
 
+namespace detail {
+/// A grow-only row buffer per thread (the loss-only cross-entropy's exp row).
+template <class T>
+inline std::vector<T>& ce_buffer() {
+  static thread_local std::vector<T> buffer;
+  return buffer;
+}
+}  // namespace detail
+
 /// What softmax_cross_entropy measured.
 struct cross_entropy_result {
   double loss = 0;      ///< mean over the counted rows (0 when none)
@@ -536,27 +644,36 @@ cross_entropy_result softmax_cross_entropy(tensor_view<const T, 2> logits,
   std::vector<double> row_loss(static_cast<std::size_t>(M), 0.0);
   std::vector<char> row_ok(static_cast<std::size_t>(M), 0);
   const T inv = count > 0 ? T(1) / static_cast<T>(count) : T(0);
+  check.inner_contiguous("logits", logits);
+  if (dlogits.data()) check.inner_contiguous("dlogits", dlogits);
   parallel_for(M, [&](index_t i) {
     const std::int32_t y = targets[static_cast<std::size_t>(i)];
+    T* dr = dlogits.data() ? dlogits.data() + i * dlogits.stride(0) : nullptr;
     if (y < 0) {
-      if (dlogits.data())
-        for (index_t j = 0; j < V; ++j) dlogits(i, j) = T(0);
+      if (dr) std::fill_n(dr, V, T(0));
       return;
     }
-    T mx = logits(i, 0);
+    const T* zr = logits.data() + i * logits.stride(0);
+    // the first maximum (its index: the prediction)
     index_t arg = 0;
-    for (index_t j = 1; j < V; ++j) {
-      if (logits(i, j) > mx) mx = logits(i, j), arg = j;
+    for (index_t j = 1; j < V; ++j)
+      if (zr[j] > zr[arg]) arg = j;
+    const T mx = zr[arg];
+    // e = exp(z - max) into dlogits' row (or this thread's buffer), then its sum
+    T* e = dr;
+    if (!e) {
+      auto& buf = detail::ce_buffer<T>();
+      buf.resize(static_cast<std::size_t>(V));
+      e = buf.data();
     }
-    T sum = T(0);
-    for (index_t j = 0; j < V; ++j) sum += std::exp(logits(i, j) - mx);
-    const T lse = mx + std::log(sum);
-    row_loss[static_cast<std::size_t>(i)] = static_cast<double>(lse - logits(i, y));
+    const T zy = zr[y];
+    simd::transform(zr, e, V, [&](const simd::batch<T>& z) { return simd::exp(z - mx); });
+    const T sum = simd::sum(e, V);
+    row_loss[static_cast<std::size_t>(i)] = static_cast<double>(mx + std::log(sum) - zy);
     row_ok[static_cast<std::size_t>(i)] = arg == y;
-    if (dlogits.data()) {
-      const T rs = inv / sum;
-      for (index_t j = 0; j < V; ++j) dlogits(i, j) = std::exp(logits(i, j) - mx) * rs;
-      dlogits(i, y) -= inv;
+    if (dr) {
+      simd::scale(dr, inv / sum, V);
+      dr[y] -= inv;
     }
   });
   cross_entropy_result r;

@@ -67,6 +67,9 @@ struct model_config {
   double init_std = 0.02;       ///< normal init of projections and the embedding
   double gla_gate_bias = 4.0;   ///< initial bias of GLA's gate (slow decay: long memory)
   double gla_gate_norm = 16.0;  ///< gk = logsigmoid(·) / this
+  /// GDN gate init: e^{A_log} ~ U(a_min, a_max), dt = softplus(dt_bias) log-uniform in
+  /// [dt_min, dt_max] (fla's defaults; recall tasks train faster with weak decays)
+  double gdn_a_min = 1.0, gdn_a_max = 16.0, gdn_dt_min = 1e-3, gdn_dt_max = 1e-1;
   std::uint64_t seed = 1;
 };
 
@@ -116,7 +119,8 @@ class tiny_lm {
       if (cfg.mixer == mixer_kind::gdn) {
         ids.a_log = add(p + "A_log", {1, cfg.heads}, rng, 0, false);
         ids.dt_bias = add(p + "dt_bias", {1, cfg.heads}, rng, 0, false);
-        std::uniform_real_distribution<double> ua(1.0, 16.0), udt(std::log(1e-3), std::log(1e-1));
+        std::uniform_real_distribution<double> ua(cfg.gdn_a_min, cfg.gdn_a_max),
+            udt(std::log(cfg.gdn_dt_min), std::log(cfg.gdn_dt_max));
         for (index_t h = 0; h < cfg.heads; ++h) {
           params_[static_cast<std::size_t>(ids.a_log)]->value(0, h) =
               static_cast<T>(std::log(ua(rng)));
@@ -156,7 +160,7 @@ class tiny_lm {
                                         std::span<const std::int32_t> targets, index_t B,
                                         index_t TT, bool backward = true) {
     const checker check{"train::tiny_lm::forward_backward"};
-    const index_t M = B * TT, D = cfg_.dim, HK = cfg_.heads * cfg_.head_dim;
+    const index_t M = B * TT, D = cfg_.dim;
     if (B <= 0 || TT <= 0) check.fail("B", "B and T must be > 0");
     if (static_cast<index_t>(ids.size()) != M)
       check.fail("ids",
@@ -206,7 +210,6 @@ class tiny_lm {
       layer_backward(layers_[static_cast<std::size_t>(l)], acts_[static_cast<std::size_t>(l)], B,
                      TT, xs_[static_cast<std::size_t>(l)], dx);
     embedding_backward<T>(ids, dx, P(emb_).grad);
-    (void)HK;
     return res;
   }
 
