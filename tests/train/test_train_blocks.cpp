@@ -378,8 +378,11 @@ TEST_CASE("train: AdamW matches the update written out", "[train]") {
   CHECK_THROWS_WITH(train::adamw<double>(bad), Catch::Contains("opt.beta2"));
 }
 
-TEST_CASE("train: tiny_lm gradients match finite differences (gla, gdn, softmax)", "[train]") {
+TEST_CASE("train: tiny_lm gradients match finite differences for gla, gdn and softmax", "[train]") {
   const bool small = testing::sanitized_build;
+  // ~1700 forwards of a tiny model: one thread (parallel regions of a few hundred values cost
+  // more than they save, and far more on a loaded machine); threads are the next test's
+  const seqmix::scoped_num_threads one_thread(1);
   for (auto kind : {train::mixer_kind::gla, train::mixer_kind::gdn, train::mixer_kind::softmax}) {
     train::model_config cfg;
     cfg.mixer = kind;
@@ -421,6 +424,7 @@ TEST_CASE("train: tiny_lm gradients match finite differences (gla, gdn, softmax)
 
 TEST_CASE("train: tiny_lm in float matches double (loss and every gradient)", "[train]") {
   const bool small = testing::sanitized_build;
+  const seqmix::scoped_num_threads one_thread(1);
   for (auto kind : {train::mixer_kind::gla, train::mixer_kind::gdn, train::mixer_kind::softmax}) {
     train::model_config cfg;
     cfg.mixer = kind;
@@ -452,4 +456,62 @@ TEST_CASE("train: tiny_lm in float matches double (loss and every gradient)", "[
       CHECK(c.rel_rms < 2e-4);
     }
   }
+}
+
+TEST_CASE("train: blocks give the same bits on 1 and 2 threads", "[train]") {
+  auto rng = make_rng(10);
+  const index_t B = 3, T = 100, M = B * T, D = 128, F = 160, V = 300, W = 4;
+  const auto x = random_normal<float, 2>({M, D}, rng);
+  const auto w = random_normal<float, 1>({D}, rng);
+  const auto dy = random_normal<float, 2>({M, D}, rng);
+  const auto wl = random_normal<float, 2>({F, D}, rng, 0.1);
+  const auto dyl = random_normal<float, 2>({M, F}, rng);
+  const auto cw = random_normal<float, 2>({D, W}, rng);
+  const auto logits = random_normal<float, 2>({M, V}, rng, 2.0);
+  std::vector<std::int32_t> tg(static_cast<std::size_t>(M));
+  for (index_t i = 0; i < M; ++i)
+    tg[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 7) % V);
+  struct outs {
+    tensor<float, 2> y, dx, dxl, dwl, dl, ld;
+    tensor<float, 1> dw, db;
+    tensor<float, 3> cy, cdx;
+    tensor<float, 2> cdw;
+    double loss = 0;
+  };
+  auto run = [&](int threads) {
+    const seqmix::scoped_num_threads nt(threads);
+    if (threads > 1) testing::require_team(threads);
+    outs o;
+    o.y = tensor<float, 2>({M, D});
+    o.dx = tensor<float, 2>({M, D});
+    o.dw = tensor<float, 1>({D});
+    train::rms_norm_forward<float>(x, w, o.y);
+    train::rms_norm_backward<float>(x, w, dy, o.dx, o.dw);
+    o.dxl = tensor<float, 2>({M, D});
+    o.dwl = tensor<float, 2>({F, D});
+    o.db = tensor<float, 1>({F});
+    train::linear_backward<float>(x, wl, dyl, o.dxl, o.dwl, o.db);
+    const auto x3 = x.view().reshape<3>({B, T, D});
+    const auto dy3 = dy.view().reshape<3>({B, T, D});
+    o.cy = tensor<float, 3>({B, T, D});
+    o.cdx = tensor<float, 3>({B, T, D});
+    o.cdw = tensor<float, 2>({D, W});
+    train::short_conv_forward<float>(x3, cw, o.cy);
+    train::short_conv_backward<float>(x3, cw, dy3, o.cdx, o.cdw);
+    o.dl = tensor<float, 2>({M, V});
+    o.loss = train::softmax_cross_entropy<float>(logits, tg, o.dl).loss;
+    return o;
+  };
+  const outs a = run(1), b = run(2);
+  CHECK(testing::bitwise_equal(a.y, b.y));
+  CHECK(testing::bitwise_equal(a.dx, b.dx));
+  CHECK(testing::bitwise_equal(a.dw, b.dw));
+  CHECK(testing::bitwise_equal(a.dxl, b.dxl));
+  CHECK(testing::bitwise_equal(a.dwl, b.dwl));
+  CHECK(testing::bitwise_equal(a.db, b.db));
+  CHECK(testing::bitwise_equal(a.cy, b.cy));
+  CHECK(testing::bitwise_equal(a.cdx, b.cdx));
+  CHECK(testing::bitwise_equal(a.cdw, b.cdw));
+  CHECK(testing::bitwise_equal(a.dl, b.dl));
+  CHECK(a.loss == b.loss);
 }

@@ -42,6 +42,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <seqmix/core/error.hpp>
@@ -83,6 +84,18 @@ enum class conv_act { none, silu };
 
 namespace detail {
 
+/// parallel_for over n independent items when the call touches at least 2^15 values in all
+/// (`work`), serially below: a parallel region costs more than small blocks gain (and spinning
+/// barriers on a shared machine cost far more). Results are the same either way.
+template <class Body>
+inline void for_rows(index_t n, index_t work, Body&& body) {
+  if (work < (index_t{1} << 15)) {
+    for (index_t i = 0; i < n; ++i) body(i);
+  } else {
+    parallel_for(n, std::forward<Body>(body));
+  }
+}
+
 /// dst [C, R] = srcᵀ (src [R, C] and dst inner-contiguous), in 32×32 blocks.
 template <class T>
 inline void transpose_into(tensor_view<const T, 2> src, tensor_view<T, 2> dst) {
@@ -92,7 +105,7 @@ inline void transpose_into(tensor_view<const T, 2> src, tensor_view<T, 2> dst) {
   T* dp = dst.data();
   constexpr index_t bs = 32;
   const index_t nb = (C + bs - 1) / bs;
-  parallel_for(nb, [&](index_t cb) {
+  for_rows(nb, R * C, [&](index_t cb) {
     const index_t c0 = cb * bs, c1 = std::min(C, c0 + bs);
     for (index_t r0 = 0; r0 < R; r0 += bs) {
       const index_t r1 = std::min(R, r0 + bs);
@@ -107,7 +120,7 @@ template <class T>
 inline void add_column_sums(tensor_view<const T, 2> x, T* out) {
   const index_t M = x.extent(0), N = x.extent(1), ld = x.stride(0);
   constexpr index_t cb = 64;
-  parallel_for((N + cb - 1) / cb, [&](index_t blk) {
+  for_rows((N + cb - 1) / cb, M * N, [&](index_t blk) {
     const index_t j0 = blk * cb, j1 = std::min(N, j0 + cb);
     T acc[cb] = {};
     for (index_t i = 0; i < M; ++i) {
@@ -160,7 +173,7 @@ void embedding_forward(tensor_view<const T, 2> table, std::span<const std::int32
                             std::to_string(i));
     }
   }
-  parallel_for(M, [&](index_t i) {
+  detail::for_rows(M, M * D, [&](index_t i) {
     const index_t id = ids[static_cast<std::size_t>(i)];
     for (index_t d = 0; d < D; ++d) y(i, d) = table(id, d);
   });
@@ -182,7 +195,7 @@ void embedding_backward(std::span<const std::int32_t> ids, tensor_view<const T, 
   }
   // columns in parallel, tokens in order: the same sums for any thread count
   constexpr index_t cb = 16;
-  parallel_for((D + cb - 1) / cb, [&](index_t blk) {
+  detail::for_rows((D + cb - 1) / cb, M * D, [&](index_t blk) {
     const index_t d0 = blk * cb, d1 = std::min(D, d0 + cb);
     for (index_t i = 0; i < M; ++i) {
       const index_t id = ids[static_cast<std::size_t>(i)];
@@ -207,7 +220,7 @@ void linear_forward(tensor_view<const T, 2> x, tensor_view<const T, 2> w, tensor
   check.inner_contiguous("y", y);
   detail::gemm_nt<T>(x, w, y, false);
   if (bias.data()) {
-    parallel_for(M, [&](index_t i) {
+    detail::for_rows(M, M * N, [&](index_t i) {
       for (index_t j = 0; j < N; ++j) y(i, j) += bias(j);
     });
   }
@@ -261,7 +274,7 @@ void rms_norm_forward(tensor_view<const T, 2> x, tensor_view<const T, 1> w, tens
   check.inner_contiguous("w", w);
   check.inner_contiguous("y", y);
   const T* wp = w.data();
-  parallel_for(M, [&](index_t i) {
+  detail::for_rows(M, M * D, [&](index_t i) {
     const T* xr = x.data() + i * x.stride(0);
     T* yr = y.data() + i * y.stride(0);
     const T r = T(1) / std::sqrt(simd::dot(xr, xr, D) / static_cast<T>(D) + eps);
@@ -290,7 +303,7 @@ void rms_norm_backward(tensor_view<const T, 2> x, tensor_view<const T, 1> w,
   if (dw.data()) check.inner_contiguous("dw", dw);
   const T* wp = w.data();
   std::vector<T> r(static_cast<std::size_t>(M));
-  parallel_for(M, [&](index_t i) {
+  detail::for_rows(M, M * D, [&](index_t i) {
     const T* xr = x.data() + i * x.stride(0);
     const T* gr = dy.data() + i * dy.stride(0);
     T* dr = dx.data() + i * dx.stride(0);
@@ -306,7 +319,7 @@ void rms_norm_backward(tensor_view<const T, 2> x, tensor_view<const T, 1> w,
   });
   if (dw.data()) {
     constexpr index_t cb = 64;
-    parallel_for((D + cb - 1) / cb, [&](index_t blk) {
+    detail::for_rows((D + cb - 1) / cb, M * D, [&](index_t blk) {
       const index_t d0 = blk * cb, d1 = std::min(D, d0 + cb);
       T acc[cb] = {};
       for (index_t i = 0; i < M; ++i) {
@@ -331,7 +344,7 @@ void l2norm_forward(tensor_view<const T, 2> x, tensor_view<T, 2> y, index_t G, T
   check.shape("y", y, {M, D});
   if (G <= 0 || D % G != 0)
     check.fail("G", "expected a divisor of " + std::to_string(D) + ", got " + std::to_string(G));
-  parallel_for(M, [&](index_t i) {
+  detail::for_rows(M, M * D, [&](index_t i) {
     for (index_t g0 = 0; g0 < D; g0 += G) {
       T ss = T(0);
       for (index_t d = g0; d < g0 + G; ++d) ss += x(i, d) * x(i, d);
@@ -351,7 +364,7 @@ void l2norm_backward(tensor_view<const T, 2> x, tensor_view<const T, 2> dy, tens
   check.shape("dx", dx, {M, D});
   if (G <= 0 || D % G != 0)
     check.fail("G", "expected a divisor of " + std::to_string(D) + ", got " + std::to_string(G));
-  parallel_for(M, [&](index_t i) {
+  detail::for_rows(M, M * D, [&](index_t i) {
     for (index_t g0 = 0; g0 < D; g0 += G) {
       T ss = T(0);
       for (index_t d = g0; d < g0 + G; ++d) ss += x(i, d) * x(i, d);
@@ -413,7 +426,7 @@ void short_conv_forward(tensor_view<const T, 3> x, tensor_view<const T, 2> w, te
   check.shape("y", y, {B, TT, C});
   check.inner_contiguous("y", y);
   const std::vector<T> wt = detail::conv_taps(w);
-  parallel_for(B * TT, [&](index_t bt) {
+  detail::for_rows(B * TT, B * TT * C * W, [&](index_t bt) {
     const index_t b = bt / TT, t = bt % TT;
     T* yr = y.data() + b * y.stride(0) + t * y.stride(1);
     detail::conv_row(x, wt.data(), W, b, t, yr);
@@ -437,7 +450,7 @@ void short_conv_backward(tensor_view<const T, 3> x, tensor_view<const T, 2> w,
   check.inner_contiguous("dx", dx);
   const std::vector<T> wt = detail::conv_taps(w);
   tensor<T, 3> dz({B, TT, C});  // dz = dy ⊙ act'(z)
-  parallel_for(B * TT, [&](index_t bt) {
+  detail::for_rows(B * TT, B * TT * C * W, [&](index_t bt) {
     const index_t b = bt / TT, t = bt % TT;
     const T* g = dy.data() + b * dy.stride(0) + t * dy.stride(1);
     T* dzr = &dz(b, t, 0);
@@ -453,7 +466,7 @@ void short_conv_backward(tensor_view<const T, 3> x, tensor_view<const T, 2> w,
     }
   });
   // dx[s] = Σ_j wt[j] ⊙ dz[s + (W-1) - j]
-  parallel_for(B * TT, [&](index_t bs) {
+  detail::for_rows(B * TT, B * TT * C * W, [&](index_t bs) {
     const index_t b = bs / TT, s = bs % TT;
     T* dxr = dx.data() + b * dx.stride(0) + s * dx.stride(1);
     std::fill_n(dxr, C, T(0));
@@ -469,7 +482,7 @@ void short_conv_backward(tensor_view<const T, 3> x, tensor_view<const T, 2> w,
     // dw[c, j] += Σ_{b,t} dz[b,t,c] x[b, t-(W-1)+j, c]: channel blocks in parallel, tokens in
     // order within a block (the same sums for any thread count)
     constexpr index_t cb = 64;
-    parallel_for((C + cb - 1) / cb, [&](index_t blk) {
+    detail::for_rows((C + cb - 1) / cb, B * TT * C * W, [&](index_t blk) {
       const index_t c0 = blk * cb, c1 = std::min(C, c0 + cb);
       std::vector<T> acc(static_cast<std::size_t>(W * cb), T(0));
       for (index_t b = 0; b < B; ++b) {
@@ -500,7 +513,7 @@ void swiglu_forward(tensor_view<const T, 2> a, tensor_view<const T, 2> u, tensor
   check.inner_contiguous("a", a);
   check.inner_contiguous("u", u);
   check.inner_contiguous("h", h);
-  parallel_for(M, [&](index_t i) {
+  detail::for_rows(M, M * F, [&](index_t i) {
     const T* ar = a.data() + i * a.stride(0);
     const T* ur = u.data() + i * u.stride(0);
     T* hr = h.data() + i * h.stride(0);
@@ -526,7 +539,7 @@ void swiglu_backward(tensor_view<const T, 2> a, tensor_view<const T, 2> u,
   check.inner_contiguous("du", du);
   using B = simd::batch<T>;
   constexpr index_t L = simd::lanes<T>;
-  parallel_for(M, [&](index_t i) {
+  detail::for_rows(M, M * F, [&](index_t i) {
     const T* ar = a.data() + i * a.stride(0);
     const T* ur = u.data() + i * u.stride(0);
     const T* gr = dh.data() + i * dh.stride(0);
@@ -646,7 +659,7 @@ cross_entropy_result softmax_cross_entropy(tensor_view<const T, 2> logits,
   const T inv = count > 0 ? T(1) / static_cast<T>(count) : T(0);
   check.inner_contiguous("logits", logits);
   if (dlogits.data()) check.inner_contiguous("dlogits", dlogits);
-  parallel_for(M, [&](index_t i) {
+  detail::for_rows(M, M * V, [&](index_t i) {
     const std::int32_t y = targets[static_cast<std::size_t>(i)];
     T* dr = dlogits.data() ? dlogits.data() + i * dlogits.stride(0) : nullptr;
     if (y < 0) {
