@@ -15,8 +15,8 @@
 //   swiglu_mlp    y = (silu(x W_gᵀ) ⊙ x W_uᵀ) W_dᵀ   (the three linears + swiglu, activations
 //                                                    kept in swiglu_mlp_cache)
 //   pointwise     silu, sigmoid, logsigmoid, softplus, exp and their derivatives
-//   cross_entropy ℓ = (1/n) Σ_{i valid} (logsumexp(z_i) - z_i[y_i]),  dz_i = (softmax(z_i) -
-//   e_{y_i})/n
+//   cross_entropy ℓ = (1/n) Σ_{i valid} (logsumexp(z_i) - z_i[y_i]),
+//                 dz_i = (softmax(z_i) - e_{y_i}) / n    (0 on the ignored rows)
 //
 // Conventions: silu(x) = x σ(x), silu'(x) = σ(x)(1 + x(1 - σ(x))); logsigmoid' = σ(-x);
 // softplus' = σ(x). Parameter gradients accumulate (+=), so one buffer can gather several uses
@@ -28,8 +28,10 @@
 // (core/gemm.hpp, single-threaded) for other types; the backward makes transposed copies of W
 // (N·K), dy (M·N) and x (M·K). rms_norm / l2norm ~6 FLOP per element each way, short conv
 // 2·W FLOP per element forward, 4·W backward (z recomputed, nothing saved), cross-entropy
-// ~3 exps-free passes + one exp per logit. Pointwise work runs parallel_for over rows; every
-// reduction has a fixed order, so results do not depend on the thread count.
+// two passes over the logits and one (vectorised) exp per logit. Row-wise work runs parallel_for
+// over rows (column blocks for the parameter reductions) when a call touches >= 2^15 values,
+// serially below; every reduction has a fixed order, so results do not depend on the thread
+// count (tested bitwise, 1 vs 2 threads).
 //
 // Checks: every shape, before anything is written; a mismatch throws seqmix::shape_error
 // naming train::<function>, the argument, the expected and the actual shape.
