@@ -160,7 +160,7 @@ TEST_CASE("workspace: a steady loop allocates nothing after the first call", "[c
   CHECK(ws.used() == 0);
 }
 
-TEST_CASE("workspace: one arena per thread; parallel steady state allocates nothing",
+TEST_CASE("workspace: one arena per thread, parallel steady state allocates nothing",
           "[core][workspace]") {
   scoped_num_threads threads(2);
   const index_t items = 8;

@@ -148,7 +148,7 @@ TEST_CASE("delta_net: bad inputs raise shape_error", "[delta_net][errors]") {
   check_bad_inputs<ungated>();
 }
 
-TEST_CASE("delta_net: recurrent and step allocate nothing; chunked memory flat in T",
+TEST_CASE("delta_net: recurrent and step allocate nothing, chunked memory flat in T",
           "[delta_net][alloc]") {
   check_allocations<ungated>();
 }

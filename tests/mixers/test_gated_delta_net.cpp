@@ -182,7 +182,7 @@ TEST_CASE("gated_delta_net: bad inputs raise shape_error", "[gated_delta_net][er
   check_bad_inputs<gated>();
 }
 
-TEST_CASE("gated_delta_net: recurrent and step allocate nothing; chunked memory flat in T",
+TEST_CASE("gated_delta_net: recurrent and step allocate nothing, chunked memory flat in T",
           "[gated_delta_net][alloc]") {
   check_allocations<gated>();
 }

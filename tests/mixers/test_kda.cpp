@@ -153,7 +153,7 @@ TEST_CASE("kda: 1 vs 2 vs 3 threads bitwise equal", "[kda][threads]") {
   check_threads<K_>({2, 200, 2, 4, 40, 72}, form::recurrent, 371);
 }
 
-TEST_CASE("kda: recurrent and step allocate nothing; chunked memory flat in T", "[kda][alloc]") {
+TEST_CASE("kda: recurrent and step allocate nothing, chunked memory flat in T", "[kda][alloc]") {
   check_allocations<K_>();
 }
 

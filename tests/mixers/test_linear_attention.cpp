@@ -156,7 +156,7 @@ TEST_CASE("linear_attention: bad inputs raise shape_error", "[linear_attention]"
 }
 
 TEST_CASE(
-    "gated engine: recurrent and step allocate nothing per token; chunked memory is "
+    "gated engine: recurrent and step allocate nothing per token, chunked memory is "
     "O(C(C+K+V)) per thread + O((C+K)V) per head, independent of T",
     "[linear_attention][alloc]") {
   auto rng = seqmix::testing::make_rng(34);

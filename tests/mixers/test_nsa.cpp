@@ -331,7 +331,7 @@ split_out run_split(const nsa_f& m, const problem<float>& p, const config& c,
 
 }  // namespace
 
-TEST_CASE("nsa: prefill + steps == one call; snapshot, restore, truncate", "[nsa]") {
+TEST_CASE("nsa: prefill + steps == one call, snapshot, restore, truncate", "[nsa]") {
   for (const config& c :
        {config{2, 75, 16, 1, 32, 24, 8, 4, 0}, config{1, 61, 4, 2, 16, 16, 8, 3, 6},
         // keys along the lanes (G < the SIMD width): MHA and GQA 4, decode transposing tiles
@@ -403,7 +403,7 @@ TEST_CASE("nsa: given selection reproduces the call that made it", "[nsa]") {
   SEQMIX_CHECK_CLOSE(ref.o, o, float_tol);
 }
 
-TEST_CASE("nsa: 1 vs 2 threads bitwise; a step allocates nothing", "[nsa]") {
+TEST_CASE("nsa: 1 vs 2 threads bitwise, a step allocates nothing", "[nsa]") {
   const config c{2, 130, 16, 1, 64, 64, 16, 4, 8};
   const auto p = make_problem<float>(c, 31);
   const auto m = make_mixer(c);

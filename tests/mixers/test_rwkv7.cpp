@@ -118,7 +118,7 @@ TEST_CASE("rwkv7: 1 vs 2 vs 3 threads bitwise equal", "[rwkv7][threads]") {
   check_threads<R7>({2, 200, 4, 4, 40, 72}, form::recurrent, 471);
 }
 
-TEST_CASE("rwkv7: recurrent and step allocate nothing; chunked memory flat in T",
+TEST_CASE("rwkv7: recurrent and step allocate nothing, chunked memory flat in T",
           "[rwkv7][alloc]") {
   check_allocations<R7>();
 }
