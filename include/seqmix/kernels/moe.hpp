@@ -402,6 +402,44 @@ inline index_t capacity_of(const capacity_options& c, index_t T, index_t k, inde
   return static_cast<index_t>(cap);
 }
 
+/// The grouping of the T·k assignments (run_grouped's steps 3-4, and the backward's): a
+/// stable counting sort by expert (token order inside), then per expert over capacity C the C
+/// kept ones first (by_score: largest weight, ties to the lower assignment, then back in token
+/// order; by_position: the first C). off [E+1]: group starts; perm [T·k]: position ->
+/// assignment; cnt [E]: kept per expert (positions off[e] .. off[e] + cnt[e]); pos_of [T·k]:
+/// assignment -> position, -1 when dropped. Returns the dropped count.
+inline index_t group_assignments(const index_t* ids, const float* wts, index_t T, index_t k,
+                                 index_t E, index_t C, drop_policy policy, index_t* off,
+                                 index_t* perm, index_t* cnt, index_t* pos_of, index_t* fill) {
+  std::fill_n(off, E + 1, index_t(0));
+  for (index_t a = 0; a < T * k; ++a) ++off[ids[a] + 1];
+  for (index_t e = 0; e < E; ++e) off[e + 1] += off[e];
+  std::copy_n(off, E, fill);
+  for (index_t a = 0; a < T * k; ++a) perm[fill[ids[a]]++] = a;
+  index_t dropped = 0;
+  for (index_t e = 0; e < E; ++e) {
+    index_t* g = perm + off[e];
+    const index_t n = off[e + 1] - off[e];
+    index_t keep = n;
+    if (C > 0 && n > C) {
+      if (policy == drop_policy::by_score) {
+        std::sort(g, g + n, [&](index_t a, index_t b) {
+          return wts[a] > wts[b] || (wts[a] == wts[b] && a < b);
+        });
+        std::sort(g, g + C);
+      }
+      keep = C;
+      dropped += n - C;
+    }
+    cnt[e] = keep;
+  }
+  std::fill_n(pos_of, T * k, index_t(-1));
+  for (index_t e = 0; e < E; ++e) {
+    for (index_t r = 0; r < cnt[e]; ++r) pos_of[perm[off[e] + r]] = off[e] + r;
+  }
+  return dropped;
+}
+
 /// h[i] = act(h[i]) (gated: · u[i]) over n values. act applied here only for ReLU² (matmul's
 /// epilogue does the others).
 inline void finish_hidden(expert_activation act, bool gated, float* h, const float* u, index_t n) {
@@ -620,43 +658,16 @@ result run_grouped(const checker& check, const problem<W>& p) {
       for (index_t j = 0; j < k; ++j) p.out.weights(t, j) = wts[t * k + j];
   }
 
-  // 3. stable counting sort of the assignments a = t·k + j by expert (token order inside)
+  // 3-4. stable counting sort of the assignments a = t·k + j by expert (token order inside),
+  // then capacity: each expert's group compacted to its kept assignments
   index_t* off = scratch<index_t>(1, E + 1);
   index_t* perm = scratch<index_t>(2, T * k);    // position -> assignment
   index_t* pos_of = scratch<index_t>(3, T * k);  // assignment -> position, -1: dropped
-  std::fill_n(off, E + 1, index_t(0));
-  for (index_t a = 0; a < T * k; ++a) ++off[ids[a] + 1];
-  for (index_t e = 0; e < E; ++e) off[e + 1] += off[e];
-  {
-    index_t* fill = scratch<index_t>(4, E);
-    std::copy_n(off, E, fill);
-    for (index_t a = 0; a < T * k; ++a) perm[fill[ids[a]]++] = a;
-  }
-
-  // 4. capacity: compact each expert's group to its kept assignments
+  index_t* cnt = scratch<index_t>(5, E);         // kept per expert
   const index_t C = capacity_of(p.capacity, T, k, E);
   res.capacity = C;
-  index_t* cnt = scratch<index_t>(5, E);  // kept per expert
-  for (index_t e = 0; e < E; ++e) {
-    index_t* g = perm + off[e];
-    const index_t n = off[e + 1] - off[e];
-    index_t keep = n;
-    if (C > 0 && n > C) {
-      if (p.capacity.policy == drop_policy::by_score) {
-        std::sort(g, g + n, [&](index_t a, index_t b) {
-          return wts[a] > wts[b] || (wts[a] == wts[b] && a < b);
-        });
-        std::sort(g, g + C);  // kept ones back in token order
-      }
-      keep = C;
-      res.dropped += n - C;
-    }
-    cnt[e] = keep;
-  }
-  std::fill_n(pos_of, T * k, index_t(-1));
-  for (index_t e = 0; e < E; ++e) {
-    for (index_t r = 0; r < cnt[e]; ++r) pos_of[perm[off[e] + r]] = off[e] + r;
-  }
+  res.dropped += detail::group_assignments(ids, wts, T, k, E, C, p.capacity.policy, off, perm, cnt,
+                                           pos_of, scratch<index_t>(4, E));
   float* pw = scratch<float>(2, T * k);  // weight per position
   for (index_t e = 0; e < E; ++e) {
     for (index_t r = 0; r < cnt[e]; ++r) pw[off[e] + r] = wts[perm[off[e] + r]];

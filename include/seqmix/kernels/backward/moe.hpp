@@ -33,9 +33,8 @@
 // exactly), activations and every gradient f32.
 //
 // Algorithm (the forward's routing functions are called, not copied: the logits through the same
-// matmul, kernels::moe::detail::route_token, loss_token, capacity_of, shared_gates; the
-// permutation repeats run_grouped's steps 3-4 rule for rule in group_assignments below, see its
-// comment):
+// matmul, kernels::moe::detail::route_token, loss_token, capacity_of, group_assignments,
+// shared_gates):
 //  1. logits, routes and the loss counts (per 64-token block), the stable counting sort of the
 //     T·k assignments by expert and the capacity, as the forward;
 //  2. ONE parallel region over row items. The groups' rows (cost rows × width), end to end in
@@ -162,46 +161,6 @@ T* scratch(int which, index_t n) {
   auto& v = buf[which];
   if (v.size() < uz(n)) v.resize(uz(n));
   return v.data();
-}
-
-/// The forward's grouping of the T·k assignments (kernels/moe.hpp run_grouped, steps 3-4): a
-/// stable counting sort by expert (token order inside), then per expert over capacity C the C
-/// kept ones first (by_score: largest weight, ties to the lower assignment, then back in token
-/// order; by_position: the first C). off [E+1]: group starts; perm [T·k]: position ->
-/// assignment; cnt [E]: kept per expert (positions off[e] .. off[e] + cnt[e]); pos_of [T·k]:
-/// assignment -> position, -1 when dropped. Returns the dropped count.
-/// run_grouped keeps these steps inline; factoring them into this one function (called by both)
-/// is the change that would let the rule live in one place.
-inline index_t group_assignments(const index_t* ids, const float* wts, index_t T, index_t k,
-                                 index_t E, index_t C, fm::drop_policy policy, index_t* off,
-                                 index_t* perm, index_t* cnt, index_t* pos_of, index_t* fill) {
-  std::fill_n(off, E + 1, index_t(0));
-  for (index_t a = 0; a < T * k; ++a) ++off[ids[a] + 1];
-  for (index_t e = 0; e < E; ++e) off[e + 1] += off[e];
-  std::copy_n(off, E, fill);
-  for (index_t a = 0; a < T * k; ++a) perm[fill[ids[a]]++] = a;
-  index_t dropped = 0;
-  for (index_t e = 0; e < E; ++e) {
-    index_t* g = perm + off[e];
-    const index_t n = off[e + 1] - off[e];
-    index_t keep = n;
-    if (C > 0 && n > C) {
-      if (policy == fm::drop_policy::by_score) {
-        std::sort(g, g + n, [&](index_t a, index_t b) {
-          return wts[a] > wts[b] || (wts[a] == wts[b] && a < b);
-        });
-        std::sort(g, g + C);
-      }
-      keep = C;
-      dropped += n - C;
-    }
-    cnt[e] = keep;
-  }
-  std::fill_n(pos_of, T * k, index_t(-1));
-  for (index_t e = 0; e < E; ++e) {
-    for (index_t r = 0; r < cnt[e]; ++r) pos_of[perm[off[e] + r]] = off[e] + r;
-  }
-  return dropped;
 }
 
 /// act(v) and act'(v) in float (the forward's activations, kernels/moe.hpp).
@@ -424,8 +383,8 @@ fm::result run(const checker& check, const grad_problem<W>& bp) {
   index_t* pos_of = scratch<index_t>(4, T * k);
   const index_t C = fm::detail::capacity_of(p.capacity, T, k, E);
   res.capacity = C;
-  res.dropped = group_assignments(ids, wts, T, k, E, C, p.capacity.policy, off, perm, cnt, pos_of,
-                                  scratch<index_t>(5, E));
+  res.dropped = fm::detail::group_assignments(ids, wts, T, k, E, C, p.capacity.policy, off, perm,
+                                              cnt, pos_of, scratch<index_t>(5, E));
   float* sg = scratch<float>(2, T);  // shared gates
   if (has_shared) fm::detail::shared_gates(p, sg, T);
 
