@@ -169,6 +169,9 @@ TEST_CASE(
     auto g = random_gate<float, 3>({1, T, h}, rng, 1.0);
     tensor<float, 4> o({1, T, h, vv});
     auto s = m.make_state(1, h, k, vv);
+    // warm: the first parallel region of the process starts OpenMP's thread team (LLVM's libomp
+    // allocates then; run alone, as CTest runs this test, nothing before has started it)
+    m.forward_recurrent(q, q, v, g, o, s);
     {
       seqmix::testing::allocation_scope scope;
       m.forward_recurrent(q, q, v, g, o, s);
