@@ -157,6 +157,16 @@ inline void gemm_nt(tensor_view<const T, 2> a, tensor_view<const T, 2> b, tensor
   }
 }
 
+/// Every token id in [0, V), else a shape_error naming `ids`, the id and its position.
+inline void check_ids(const checker& check, std::span<const std::int32_t> ids, index_t V) {
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= V) {
+      check.fail("ids", "expected ids in [0, " + std::to_string(V) + "), got " +
+                            std::to_string(ids[i]) + " at " + std::to_string(i));
+    }
+  }
+}
+
 }  // namespace detail
 
 // ---- embedding -------------------------------------------------------------------------------
@@ -168,13 +178,7 @@ void embedding_forward(tensor_view<const T, 2> table, std::span<const std::int32
   const checker check{"train::embedding_forward"};
   const index_t V = table.extent(0), D = table.extent(1), M = static_cast<index_t>(ids.size());
   check.shape("y", y, {M, D});
-  for (index_t i = 0; i < M; ++i) {
-    if (ids[static_cast<std::size_t>(i)] < 0 || ids[static_cast<std::size_t>(i)] >= V) {
-      check.fail("ids", "expected ids in [0, " + std::to_string(V) + "), got " +
-                            std::to_string(ids[static_cast<std::size_t>(i)]) + " at " +
-                            std::to_string(i));
-    }
-  }
+  detail::check_ids(check, ids, V);
   detail::for_rows(M, M * D, [&](index_t i) {
     const index_t id = ids[static_cast<std::size_t>(i)];
     for (index_t d = 0; d < D; ++d) y(i, d) = table(id, d);
@@ -188,13 +192,7 @@ void embedding_backward(std::span<const std::int32_t> ids, tensor_view<const T, 
   const checker check{"train::embedding_backward"};
   const index_t V = dtable.extent(0), D = dtable.extent(1), M = static_cast<index_t>(ids.size());
   check.shape("dy", dy, {M, D});
-  for (index_t i = 0; i < M; ++i) {
-    if (ids[static_cast<std::size_t>(i)] < 0 || ids[static_cast<std::size_t>(i)] >= V) {
-      check.fail("ids", "expected ids in [0, " + std::to_string(V) + "), got " +
-                            std::to_string(ids[static_cast<std::size_t>(i)]) + " at " +
-                            std::to_string(i));
-    }
-  }
+  detail::check_ids(check, ids, V);
   // columns in parallel, tokens in order: the same sums for any thread count
   constexpr index_t cb = 16;
   detail::for_rows((D + cb - 1) / cb, M * D, [&](index_t blk) {
