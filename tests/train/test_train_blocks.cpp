@@ -106,6 +106,11 @@ TEST_CASE("train: embedding scatter-add matches finite differences", "[train]") 
   tensor<double, 2> y2({2, D});
   CHECK_THROWS_WITH(train::embedding_forward<double>(table, std::vector<std::int32_t>{0, 7}, y2),
                     Catch::Contains("'ids'") && Catch::Contains("7"));
+  tensor<double, 2> dy2({2, D});
+  CHECK_THROWS_WITH(
+      train::embedding_backward<double>(std::vector<std::int32_t>{-1, 0}, dy2, dtable),
+      Catch::Contains("train::embedding_backward") && Catch::Contains("'ids'") &&
+          Catch::Contains("-1"));
 }
 
 TEST_CASE("train: linear backward matches finite differences", "[train]") {
