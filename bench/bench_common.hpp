@@ -4,6 +4,8 @@
 // next to its benchmark and counts multiply and add as two operations.
 #pragma once
 
+#include <cstdlib>
+
 #include <benchmark/benchmark.h>
 
 #include <seqmix/core/parallel.hpp>
@@ -28,12 +30,28 @@ inline void use_threads(int n) {
 #endif
 }
 
+/// bench_peak's FMA peak per thread (FLOP/s) of the machine a report is made for:
+/// SEQMIX_BENCH_PEAK_GFLOPS, else 117 (the 2-core AMD EPYC, Zen 4, of the 2026-12-02 sessions;
+/// the 2-core Intel Xeon of 2026-12-01 and 2026-12-03 measures 198).
+inline double peak_flops_per_thread() {
+  const char* e = std::getenv("SEQMIX_BENCH_PEAK_GFLOPS");
+  const double v = e ? std::atof(e) : 0.0;
+  return v > 0 ? v * 1e9 : 117.0e9;
+}
+
 /// Adds rate counters per iteration: tokens/s, FLOP/s and bytes/s (zeros are omitted).
 inline void report_rates(benchmark::State& state, double tokens, double flops, double bytes = 0) {
   using benchmark::Counter;
   if (tokens > 0) state.counters["tokens"] = Counter(tokens, Counter::kIsIterationInvariantRate);
   if (flops > 0) state.counters["flops"] = Counter(flops, Counter::kIsIterationInvariantRate);
   if (bytes > 0) state.counters["bytes"] = Counter(bytes, Counter::kIsIterationInvariantRate);
+}
+
+/// pct_peak: `flops` per iteration as a percentage of `threads` × peak_flops_per_thread().
+inline void report_peak_share(benchmark::State& state, double flops, int threads) {
+  using benchmark::Counter;
+  state.counters["pct_peak"] = Counter(100.0 * flops / (peak_flops_per_thread() * threads),
+                                       Counter::kIsIterationInvariantRate);
 }
 
 }  // namespace seqmix_bench

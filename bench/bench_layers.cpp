@@ -9,15 +9,19 @@
 //                                          at the same shapes (the projection share = this
 //                                          time / layer_prefill's)
 //   layer_decode/kind/B/threads/dtype      one step of B sequences after a 512-token prefill
-//                                          (attention reads 512+ cached tokens)
+//                                          (attention reads 512+ cached tokens), over copies
+//                                          of the layer (> 512 MiB of weights) in turn, so
+//                                          the weights come from DRAM
 //   kind: 0 = gated_deltanet, 1 = gated_attention, 2 = mamba2, 3 = gla_layer (fla's defaults: 4
 //   heads, expand_k 0.5 -> dk 128, dv 256, gate rank 16, no short conv), 4 = rwkv7_layer
 //   (16 heads × 64, fla's default ranks w/a/v 64, g 160, layer_idx 1: with v_lora and v_first);
 //   the time-mix kinds run prefill T = 4096 and decode B = 1 only; dtype: 0 = f32, 1 = bf16
 //
-// Counters: tokens (tokens/s); flops (projection FLOP only, 2·T·D·(in + out widths), so
-// flops / FMA peak is a lower bound of the layer's efficiency); bytes (decode: the weight bytes
-// one step streams, per second: compare with the machine's read bandwidth). The machine is
+// Counters: tokens (tokens/s); flops: layer_proj the projection FLOP 2·T·D·(in + out widths),
+// layer_prefill those plus the mixer's (mixer_flops below; the time-mix kinds count projections
+// only); pct_peak: flops as a share of bench_peak's FMA peak × threads (SEQMIX_BENCH_PEAK_GFLOPS,
+// see bench_common.hpp); bytes (decode: the weight bytes one step streams, per second: compare
+// with the machine's read bandwidth). The machine is
 // shared with other agents while this runs: repeat (--benchmark_repetitions=3) and compare
 // ratios measured in the same run.
 #include <cmath>
@@ -25,7 +29,9 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <unistd.h>
+#include <vector>
 
 #include <seqmix/core/io/checkpoint.hpp>
 #include <seqmix/core/safetensors.hpp>
@@ -225,6 +231,36 @@ index_t mixer_width(int kind) {
   return mamba_cfg().heads * mamba_cfg().head_dim;
 }
 
+/// The mixer's FLOP over one sequence of T tokens as the chunked kernels compute them (multiply
+/// and add count two; triangular products count their half; exponentials, norms, gates, the
+/// short convolution and the state passing between chunks are not counted):
+///  GDN (chunk C, H value heads, dk, dv): per chunk and head C²·(3dk + 2dv) (KKᵀ, QKᵀ, T·K, T·V,
+///    (QKᵀ)·U) + C³/3 (the triangular inverse T) + 6·C·dk·dv (W·S, Q·S, Kᵀ·U);
+///  causal attention (H heads, d): 2·d·T·(T + 1)·H (QKᵀ and P·V over i + 1 keys per query);
+///  Mamba2 SSD (chunk C, H heads, head dim P, state N, G groups): per chunk G·C²·N (CBᵀ) +
+///    H·(C²·P + 4·C·N·P) ((CBᵀ∘L)·X, Bᵀ·X into the state, C·S out of it).
+double mixer_flops(int kind, index_t T) {
+  const double t = double(T);
+  if (kind == 0) {
+    const auto c = gdn_cfg();
+    const double C = double(c.chunk_size), dk = double(c.key_dim), dv = double(c.value_dim);
+    const double chunks = std::ceil(t / C);
+    return chunks * double(c.value_heads) *
+           (C * C * (3 * dk + 2 * dv) + C * C * C / 3 + 6 * C * dk * dv);
+  }
+  if (kind == 1) {
+    const auto c = attn_cfg();
+    return 2.0 * double(c.head_dim) * t * (t + 1) * double(c.heads);
+  }
+  if (kind == 2) {
+    const auto c = mamba_cfg();
+    const double C = double(c.chunk_size), P = double(c.head_dim), N = double(c.state_size);
+    const double chunks = std::ceil(t / C);
+    return chunks * (double(c.groups) * C * C * N + double(c.heads) * (C * C * P + 4 * C * N * P));
+  }
+  return 0.0;
+}
+
 /// rwkv7_layer past layer 0 through the plain API: a fixed v_first (as from layer 0).
 struct rwkv7_later {
   L::rwkv7_layer l;
@@ -293,8 +329,10 @@ void layer_prefill(benchmark::State& state) {
       benchmark::DoNotOptimize(y.data());
     }
   });
-  seqmix_bench::report_rates(
-      state, double(T), 2.0 * double(T) * double(D) * double(in_width(kind) + mixer_width(kind)));
+  const double flops = 2.0 * double(T) * double(D) * double(in_width(kind) + mixer_width(kind)) +
+                       mixer_flops(kind, T);
+  seqmix_bench::report_rates(state, double(T), flops);
+  seqmix_bench::report_peak_share(state, flops, static_cast<int>(state.range(2)));
 }
 
 void layer_proj(benchmark::State& state) {
@@ -319,8 +357,9 @@ void layer_proj(benchmark::State& state) {
     wout.apply(m.view(), y.view());
     benchmark::DoNotOptimize(y.data());
   }
-  seqmix_bench::report_rates(
-      state, double(T), 2.0 * double(T) * double(D) * double(in_width(kind) + mixer_width(kind)));
+  const double flops = 2.0 * double(T) * double(D) * double(in_width(kind) + mixer_width(kind));
+  seqmix_bench::report_rates(state, double(T), flops);
+  seqmix_bench::report_peak_share(state, flops, static_cast<int>(state.range(2)));
 }
 
 void layer_decode(benchmark::State& state) {
@@ -333,22 +372,37 @@ void layer_decode(benchmark::State& state) {
   tensor<float, 3> yh({B, L0, D});
   const auto x1 = random_x(B, 1);
   tensor<float, 2> y1({B, D});
-  std::size_t wbytes = 0;
+  std::size_t wbytes = 0, cbytes = 0;
   with_layer(kind, bf16, [&](auto& layer) {
+    // Copies of the layer (each with its own cache, as the layers of a model) stepped in turn,
+    // > 512 MiB of weights in all, so each step reads its weights from DRAM as a model's would,
+    // not from the last-level cache.
+    using layer_t = std::decay_t<decltype(layer)>;
     wbytes = layer.weight_bytes();
-    auto cache = layer.make_cache(B, L0 + 1);
-    layer.forward(hist.view(), yh.view(), cache);
-    const auto snap = cache.snapshot();
+    const std::size_t n = (std::size_t(512) << 20) / wbytes + 1;
+    std::vector<layer_t> layers(n, layer);
+    // one prefill; every copy's cache starts from its state
+    std::vector<decltype(layer.make_cache(B, L0 + 1))> caches;
+    for (auto& l : layers) caches.push_back(l.make_cache(B, L0 + 1));
+    layers[0].forward(hist.view(), yh.view(), caches[0]);
+    const auto snap = caches[0].snapshot();
+    for (auto& c : caches) c.restore(snap);
+    if (kind == 1) {
+      cbytes = static_cast<std::size_t>(B * L0 * 2 * attn_cfg().kv_heads * attn_cfg().head_dim) * 4;
+    }
     const seqmix::tensor_view<const float, 2> xv(x1.data(), {B, D});
+    std::size_t i = 0;
     for (auto _ : state) {
-      layer.step(xv, y1.view(), cache);
+      const std::size_t l = i++ % n;
+      layers[l].step(xv, y1.view(), caches[l]);
       benchmark::DoNotOptimize(y1.data());
       state.PauseTiming();
-      cache.restore(snap);  // attention: the cache would otherwise fill up
+      caches[l].restore(snap);  // attention: the cache would otherwise fill up
       state.ResumeTiming();
     }
   });
-  seqmix_bench::report_rates(state, double(B), 0, double(wbytes));
+  // bytes: the weights and (attention) the K/V cache one step reads, per second
+  seqmix_bench::report_rates(state, double(B), 0, double(wbytes + cbytes));
 }
 
 void args_prefill(benchmark::internal::Benchmark* b) {

@@ -7,16 +7,18 @@
 //                                to bf16; AMX tiles where the CPU and OS allow, else vdpbf16ps)
 //   gemv/<lib>/dtype/N/K/t       M = 1 decode over a rotating set of weight matrices (> 512 MiB
 //                                in all, so the weights come from DRAM); bytes = weight bytes
+//   gemv_m/M/dtype/N/K/t         seqmix with M = 2..8 rows (batched decode), weights as above
 //   dram_read/t                  a plain read of the same rotating buffers (the bandwidth bound)
 //
-// Counters: GFLOPs (2·M·N·K per iteration), pct_peak (of bench_peak's FMA peak per thread: 222
-// GFLOP/s on the Xeon, or SEQMIX_BENCH_PEAK_GFLOPS), x_openblas on seqmix's rows (OpenBLAS's
-// time / seqmix's from interleaved calls in the same benchmark, when OpenBLAS is linked), GBs
-// (weight bytes per second, decode), and GFLOPs_cpu / GBs_cpu: the same per CPU-second of this
-// process (times the threads), which discounts the time it spent descheduled on a shared machine
-// (the dev VM runs several jobs; wall-clock rates there measure its share). bench_peak's FMA probe
-// itself runs at ~240 GFLOP per CPU-second and thread on that VM. Eigen runs single-threaded
-// (EIGEN_DONT_PARALLELIZE); OpenBLAS with openblas_set_num_threads(threads). Run with
+// Counters: GFLOPs (2·M·N·K per iteration), pct_peak (of bench_peak's FMA peak per thread:
+// SEQMIX_BENCH_PEAK_GFLOPS, default 117, see bench_common.hpp), x_openblas on seqmix's rows
+// (OpenBLAS's time / seqmix's from interleaved calls in the same benchmark, when OpenBLAS is
+// linked), GBs (weight bytes per second, decode), and GFLOPs_cpu / GBs_cpu: the same per CPU-second
+// of this process (times the threads), which discounts the time it spent descheduled on a shared
+// machine (the dev VM runs several jobs; wall-clock rates there measure its share). bench_peak's
+// FMA probe itself runs at ~240 GFLOP per CPU-second and thread on that VM. Eigen runs
+// single-threaded (EIGEN_DONT_PARALLELIZE); OpenBLAS with openblas_set_num_threads(threads). Run
+// with
 //   --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
 // so the three libraries alternate under the same load.
 #include <algorithm>
@@ -42,15 +44,7 @@ namespace {
 using seqmix::bf16;
 using seqmix::index_t;
 
-// bench_peak's FMA peak per thread on the machine the table is made for: 117 GFLOP/s on the
-// 2-core AMD EPYC (Zen 4, AVX-512 + AVX-512 BF16, no AMX) of the 2026-12-02 sessions (222 on the
-// Intel Xeon of 2026-12-01). Set SEQMIX_BENCH_PEAK_GFLOPS to another machine's figure.
-double peak_per_thread_of_env() {
-  const char* e = std::getenv("SEQMIX_BENCH_PEAK_GFLOPS");
-  const double v = e ? std::atof(e) : 0.0;
-  return v > 0 ? v * 1e9 : 117.0e9;
-}
-const double peak_per_thread = peak_per_thread_of_env();
+const double peak_per_thread = seqmix_bench::peak_flops_per_thread();
 
 std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -398,6 +392,36 @@ void BM_dram_read(benchmark::State& state) {
   }
 }
 
+/// Decode with M = 2..8 rows (a batch of sequences, or a few draft tokens): seqmix only, the
+/// weights from DRAM as in BM_gemv; GBs = weight bytes per second, GFLOPs = 2·M·N·K per second.
+void BM_gemv_m(benchmark::State& state) {
+  const index_t M = state.range(0);
+  const bool is16 = state.range(1) != 0;
+  const index_t N = state.range(2), K = state.range(3);
+  const int threads = static_cast<int>(state.range(4));
+  seqmix_bench::use_threads(threads);
+  const auto x = random_floats(static_cast<std::size_t>(M * K), 4);
+  std::vector<float> y(static_cast<std::size_t>(M * N));
+  std::size_t it = 0;
+  auto run = [&](const auto& set) {
+    for (auto _ : state) {
+      const auto& w = set.mats[it++ % set.mats.size()];
+      seqmix::linalg::matmul({x.data(), {M, K}}, {w.data(), {N, K}}, {y.data(), {M, N}});
+      benchmark::DoNotOptimize(y.data());
+    }
+  };
+  if (is16) {
+    run(weights<bf16>(N, K));
+  } else {
+    run(weights<float>(N, K));
+  }
+  using benchmark::Counter;
+  const double bytes = double(N * K) * (is16 ? 2.0 : 4.0);
+  state.counters["GBs"] = Counter(bytes * 1e-9, Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPs"] =
+      Counter(2.0 * double(M * N * K) * 1e-9, Counter::kIsIterationInvariantRate);
+}
+
 void gemm_shapes(benchmark::internal::Benchmark* b, bool libs) {
   b->ArgNames({libs ? "lib" : "dot", "M", "N", "K", "threads"});
   const std::vector<std::array<index_t, 3>> shapes = {{512, 1024, 1024},  {1024, 1024, 1024},
@@ -434,11 +458,22 @@ void BM_gemv_args(benchmark::internal::Benchmark* b) {
   b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
 }
 
+void BM_gemv_m_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"M", "bf16", "N", "K", "threads"});
+  for (int threads : {1, 2}) {
+    for (index_t m : {2, 4, 8}) {
+      for (int is16 : {0, 1}) b->Args({m, is16, 4096, 4096, threads});
+    }
+  }
+  b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+}
+
 }  // namespace
 
 BENCHMARK(BM_matmul)->Apply(BM_matmul_args);
 BENCHMARK(BM_matmul_bf16)->Apply(BM_matmul_bf16_args);
 BENCHMARK(BM_gemv)->Apply(BM_gemv_args);
+BENCHMARK(BM_gemv_m)->Apply(BM_gemv_m_args);
 BENCHMARK(BM_dram_read)
     ->ArgName("threads")
     ->Arg(1)

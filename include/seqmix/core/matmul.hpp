@@ -507,18 +507,23 @@ void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K,
 // ---- decode path (M <= 8) ------------------------------------------------------------------
 
 /// raw[m·ldr + j - j0] = dot(A[m, :], B[j, :]) for j in [j0, j1), M rows.
-/// M = 1: the weight rows one after another, i.e. one sequential stream through memory (the
-/// rows of a matrix are contiguous), which the hardware prefetcher follows from the first lines;
-/// several rows read in parallel are several short streams when K is small (a MoE expert's 512
-/// to 1024), and those it learns too late (measured on the AMD EPYC, 1024 × 512 bf16 from DRAM:
-/// 8 rows in parallel 7-8 GB/s, one row at a time 13 GB/s, and 20+ with the cheap widening
-/// below). Each row runs 4 accumulators over 64-wide steps of k: on AVX-512 a 32-wide block is
-/// split into its even and odd elements (bf16: a shift and a mask of one load, no shuffle; f32:
-/// two permutes of two loads, the same values in the same lanes), multiplied by `xp`, the
-/// activation row permuted alike (gemv_permute_x); a last 32-block goes to accumulators 0 and 1,
-/// a last full vector and the partial tail to accumulator 0 in plain order; the row's value is
-/// reduce((a0 + a1) + (a2 + a3)). f32 and bf16 weights (widened) take the same chain, bit for bit.
+/// M = 1: a thread's range of weight rows is split into gemv_streams = 4 contiguous parts that
+/// are read in lockstep, one row of each per pass: 4 long sequential streams through memory
+/// (the rows of a matrix are contiguous), which the hardware prefetchers follow from the first
+/// lines and which keep more reads in flight than one stream (measured on the 2-core Xeon, from
+/// DRAM, one thread: 4096 × 4096 f32 11.6 -> 13.2 GB/s, bf16 8.9 -> 11.3; 1024 × 512 bf16 10.4
+/// -> 11.5; a plain one-stream read of the same bytes 12-13). Several adjacent rows read in
+/// parallel would instead be several short streams when K is small (a MoE expert's 512 to
+/// 1024), which the prefetchers learn too late (AMD EPYC, 1024 × 512 bf16: 8 adjacent rows 7-8
+/// GB/s, one row at a time 13). Each row runs 4 accumulators over 64-wide steps of k: on
+/// AVX-512 a 32-wide block is split into its even and odd elements (bf16: a shift and a mask of
+/// one load, no shuffle; f32: two permutes of two loads, the same values in the same lanes),
+/// multiplied by `xp`, the activation row permuted alike (gemv_permute_x); a last 32-block goes
+/// to accumulators 0 and 1, a last full vector and the partial tail to accumulator 0 in plain
+/// order; the row's value is reduce((a0 + a1) + (a2 + a3)). f32 and bf16 weights (widened) take
+/// the same chain, bit for bit, and a row's chain does not depend on its group.
 inline constexpr index_t gemv_blk = 2 * L;
+inline constexpr index_t gemv_streams = 4;
 
 /// xp for gemv_row1: per 32-block (AVX-512) xp[b + i] = x[b + 2i], xp[b + 16 + i] = x[b + 2i + 1];
 /// the rest (and elsewhere all of it) unpermuted.
@@ -551,60 +556,105 @@ inline void split_even_odd(const float* p, __m512& even, __m512& odd) {
 }
 #endif
 
-template <class W>
-void gemv_row1(const float* a, const float* xp, const W* b, index_t ldb, index_t K, index_t j0,
-               index_t j1, float* raw) {
+/// The dots of S weight rows br[0 .. S) with the activation row, in lockstep (x loaded once
+/// per step for all S); each row runs the same 4-accumulator chain whatever S is, so a row's
+/// value does not depend on which rows it was grouped with.
+template <index_t S, class W>
+void gemv_row1_group(const float* a, const float* xp, const W* const* br, index_t K,
+                     float* const* out) {
   const index_t kv = K / L * L;
 #if defined(__AVX512F__)
   const index_t k64 = K / (2 * gemv_blk) * (2 * gemv_blk), k32 = K / gemv_blk * gemv_blk;
 #else
-  const index_t k64 = K / (4 * L) * (4 * L), k32 = k64;
+  const index_t k64 = K / (4 * L) * (4 * L);
   (void)xp;
 #endif
-  for (index_t j = j0; j < j1; ++j) {
-    const W* br = b + j * ldb;
-    batch<float> acc0(0.0f), acc1(0.0f), acc2(0.0f), acc3(0.0f);
-    index_t k = 0;
+  batch<float> acc[std::size_t(S)][4];
+  for (index_t s = 0; s < S; ++s) {
+    for (auto& v : acc[s]) v = batch<float>(0.0f);
+  }
+  index_t k = 0;
 #if defined(__AVX512F__)
-    for (; k < k64; k += 2 * gemv_blk) {
+  for (; k < k64; k += 2 * gemv_blk) {
+    const batch<float> x0 = simd::load(xp + k), x1 = simd::load(xp + k + L),
+                       x2 = simd::load(xp + k + 2 * L), x3 = simd::load(xp + k + 3 * L);
+    for (index_t s = 0; s < S; ++s) {
       __m512 e0, o0, e1, o1;
-      split_even_odd(br + k, e0, o0);
-      split_even_odd(br + k + gemv_blk, e1, o1);
-      acc0 = fmadd(simd::load(xp + k), batch<float>(e0), acc0);
-      acc1 = fmadd(simd::load(xp + k + L), batch<float>(o0), acc1);
-      acc2 = fmadd(simd::load(xp + k + 2 * L), batch<float>(e1), acc2);
-      acc3 = fmadd(simd::load(xp + k + 3 * L), batch<float>(o1), acc3);
+      split_even_odd(br[s] + k, e0, o0);
+      split_even_odd(br[s] + k + gemv_blk, e1, o1);
+      acc[s][0] = fmadd(x0, batch<float>(e0), acc[s][0]);
+      acc[s][1] = fmadd(x1, batch<float>(o0), acc[s][1]);
+      acc[s][2] = fmadd(x2, batch<float>(e1), acc[s][2]);
+      acc[s][3] = fmadd(x3, batch<float>(o1), acc[s][3]);
     }
-    if (k < k32) {
+  }
+  if (k < k32) {
+    const batch<float> x0 = simd::load(xp + k), x1 = simd::load(xp + k + L);
+    for (index_t s = 0; s < S; ++s) {
       __m512 e0, o0;
-      split_even_odd(br + k, e0, o0);
-      acc0 = fmadd(simd::load(xp + k), batch<float>(e0), acc0);
-      acc1 = fmadd(simd::load(xp + k + L), batch<float>(o0), acc1);
-      k += gemv_blk;
+      split_even_odd(br[s] + k, e0, o0);
+      acc[s][0] = fmadd(x0, batch<float>(e0), acc[s][0]);
+      acc[s][1] = fmadd(x1, batch<float>(o0), acc[s][1]);
     }
+    k += gemv_blk;
+  }
 #else
-    for (; k < k64; k += 4 * L) {
-      acc0 = fmadd(simd::load(a + k), load_w(br + k), acc0);
-      acc1 = fmadd(simd::load(a + k + L), load_w(br + k + L), acc1);
-      acc2 = fmadd(simd::load(a + k + 2 * L), load_w(br + k + 2 * L), acc2);
-      acc3 = fmadd(simd::load(a + k + 3 * L), load_w(br + k + 3 * L), acc3);
+  for (; k < k64; k += 4 * L) {
+    for (index_t s = 0; s < S; ++s) {
+      for (index_t u = 0; u < 4; ++u) {
+        acc[s][u] = fmadd(simd::load(a + k + u * L), load_w(br[s] + k + u * L), acc[s][u]);
+      }
     }
+  }
 #endif
-    (void)k32;
-    for (; k < kv; k += L) acc0 = fmadd(simd::load(a + k), load_w(br + k), acc0);
-    if (kv < K) {
-      acc0 = fmadd(simd::load_partial(a + kv, K - kv), load_w_partial(br + kv, K - kv), acc0);
+  for (; k < kv; k += L) {
+    const batch<float> x0 = simd::load(a + k);
+    for (index_t s = 0; s < S; ++s) acc[s][0] = fmadd(x0, load_w(br[s] + k), acc[s][0]);
+  }
+  if (kv < K) {
+    const batch<float> x0 = simd::load_partial(a + kv, K - kv);
+    for (index_t s = 0; s < S; ++s) {
+      acc[s][0] = fmadd(x0, load_w_partial(br[s] + kv, K - kv), acc[s][0]);
     }
-    raw[j - j0] = simd::reduce_sum((acc0 + acc1) + (acc2 + acc3));
+  }
+  for (index_t s = 0; s < S; ++s) {
+    *out[s] = simd::reduce_sum((acc[s][0] + acc[s][1]) + (acc[s][2] + acc[s][3]));
+  }
+}
+
+/// raw[j - j0] = dot(a, B[j, :]) for j in [j0, j1): the range split into gemv_streams
+/// contiguous parts read in lockstep (the remainder rows one at a time).
+template <class W>
+void gemv_row1(const float* a, const float* xp, const W* b, index_t ldb, index_t K, index_t j0,
+               index_t j1, float* raw) {
+  constexpr index_t S = gemv_streams;
+  const index_t per = (j1 - j0) / S;
+  const W* br[std::size_t(S)];
+  float* out[std::size_t(S)];
+  for (index_t r = 0; r < per; ++r) {
+    for (index_t s = 0; s < S; ++s) {
+      br[s] = b + (j0 + s * per + r) * ldb;
+      out[s] = raw + s * per + r;
+    }
+    gemv_row1_group<S>(a, xp, br, K, out);
+  }
+  for (index_t j = j0 + S * per; j < j1; ++j) {
+    br[0] = b + j * ldb;
+    out[0] = raw + (j - j0);
+    gemv_row1_group<1>(a, xp, br, K, out);
   }
 }
 
 template <index_t M, class W>
 void gemv_rows(const float* a, index_t lda, const W* b, index_t ldb, index_t K, index_t j0,
                index_t j1, float* raw, index_t ldr) {
-  // B rows per pass: at least 4 independent chains, and 8 weight streams for M = 1 (more
-  // streams in flight read DRAM faster here: 8 rows +3 % f32, +6 % bf16 over 4)
-  constexpr index_t RB = M == 1 ? 8 : (M <= 2 ? 4 : (M <= 4 ? 2 : 1));
+  // B rows per pass: R·M accumulators, each one chain over k (so R changes no result bit).
+  // With 32 vector registers (AVX-512) up to 24 accumulators: the loads per FMA fall from
+  // (1 + M)/M (R = 1) to (R + M)/(R·M), which is what bounds M = 4..8 here (2-core Xeon, 4096²
+  // from DRAM, 1 thread, M = 8: R = 1 24 GFLOP/s, R = 3 see the file header); with 16 (AVX2)
+  // at most 8.
+  constexpr index_t RB =
+      L >= 16 ? (M <= 2 ? 6 : (M <= 4 ? 4 : 3)) : (M == 1 ? 8 : (M <= 2 ? 4 : (M <= 4 ? 2 : 1)));
   const index_t kv = K / L * L;
   index_t j = j0;
   auto block = [&]<index_t R>(index_t jb) {

@@ -46,6 +46,7 @@
 #include <limits>
 #include <new>
 #include <span>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -565,6 +566,69 @@ SEQMIX_ATTN_INLINE inline T dot_inline(const T* a, const T* b, index_t n) {
   return sum;
 }
 
+#if defined(__AVX512F__)
+/// out[i] = Σ_lanes r[i] for 16 vectors: pairs of rows added within 128-bit lanes (unpack,
+/// shuffle), then the four 128-bit lanes (shuffle_f32x4): 15 adds and 30 shuffles for 16 sums.
+inline __m512 reduce16(const batch<float>* r) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = r[2 * i], b = r[2 * i + 1];
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  }
+  const __m512 v01 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+  const __m512 v23 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xDD));
+}
+#endif
+
+/// s[j] = scale · (q · k_j) for the kn keys k_j = k + j·ks of a decode block. L keys at a time,
+/// one accumulator per key over the vectors of q, and (AVX-512, f32) the 16 key sums reduced
+/// together by a transpose-and-add tree (reduce16) rather than by one horizontal reduction per
+/// key (xsimd 8.1's haddp would do it, but its AVX-512 version returns the lanes permuted):
+/// that reduction was most of the score cost at K = 64 (the GQA decode of 8 query heads per KV
+/// head is compute-bound at ~8 FLOP per cached byte). The last kn mod L keys take dot_inline.
+/// A key's score depends only on kn and its index in the block (never on threads).
+template <class T>
+SEQMIX_ATTN_INLINE inline void block_scores(const T* q, const T* k, index_t ks, index_t K,
+                                            index_t kn, T scale, T* s) {
+  constexpr index_t Lt = L<T>;
+  const index_t kv = K / Lt * Lt;
+  index_t j = 0;
+  if (kv > 0) {
+    for (; j + Lt <= kn; j += Lt) {
+      batch<T> acc[static_cast<std::size_t>(Lt)];
+      for (auto& a : acc) a = batch<T>(T(0));
+      for (index_t d = 0; d < kv; d += Lt) {
+        const batch<T> qd = simd::load(q + d);
+        for (index_t u = 0; u < Lt; ++u) {
+          acc[u] = simd::fma(qd, simd::load(k + (j + u) * ks + d), acc[u]);
+        }
+      }
+      alignas(64) T r[static_cast<std::size_t>(Lt)];
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_store_ps(r, reduce16(acc));
+      } else
+#endif
+      {
+        for (index_t u = 0; u < Lt; ++u) r[u] = simd::reduce_sum(acc[u]);
+      }
+      for (index_t u = 0; u < Lt; ++u) {
+        const T* ku = k + (j + u) * ks;
+        for (index_t d = kv; d < K; ++d) r[u] += q[d] * ku[d];
+        s[j + u] = scale * r[u];
+      }
+    }
+  }
+  for (; j < kn; ++j) s[j] = scale * dot_inline(q, k + j * ks, K);
+}
+
 /// Partial state of rows [r0, r1) (row r = t·nhead + g) of `job` over keys [j0, j1):
 /// m[r] (NaN after a NaN or +inf score, -inf when no key was visible), l[r] and the
 /// unnormalised acc row r at acc + t·a_ts + g·a_hs (indexing m and l by r - r0).
@@ -599,10 +663,10 @@ void partial_rows(const row_job<T>& job, const params<T>& p, index_t r0, index_t
         alignas(64) std::array<T, blk> s;
         T bmax = ninf;
         bool bad = false;
+        block_scores(qr, kj, run.k_stride, K, kn, p.scale, s.data());
         for (index_t j = 0; j < kn; ++j) {
-          const T x = p.scale * dot_inline(qr, kj + j * run.k_stride, K);
+          const T x = s[static_cast<std::size_t>(j)];
           bad = bad || x != x || x == -ninf;  // NaN, or +inf (whose softmax is inf/inf)
-          s[static_cast<std::size_t>(j)] = x;
           bmax = std::max(bmax, x);
         }
         if (bad) {  // kept out of max and exp (whose argument conversion is UB for NaN)
