@@ -53,6 +53,10 @@
 //    0.73-0.82x / 0.75-0.81x OpenBLAS 0.3.21 (its SKYLAKEX kernel) to 0.81-0.93x / 0.85-0.93x;
 //    KC 128/384, MR 14, NC 256/512, MC 96 and an ir-outer loop order all measured within noise
 //    of KC 256, MR 12, NC 1024, MC 192 (ir-outer and KC 384 a little slower).
+//    The same Xeon quiet (2026-12-03, bench_peak 198 GFLOP/s per thread): f32 1 thread 100-126
+//    GFLOP/s (0.86-0.95x OpenBLAS), 2 threads 208-231 (0.94-0.99x); decode from DRAM, 4096 ×
+//    4096, 1 thread: M = 1 f32 12.6 GB/s, bf16 14.1 (Eigen 13.9, OpenBLAS 13.0 f32; a plain
+//    one-stream read 11.6), M = 8 f32 40 GFLOP/s, bf16 59 (were 24 / 31 with one B row per pass).
 #pragma once
 
 #include <algorithm>
@@ -651,8 +655,8 @@ void gemv_rows(const float* a, index_t lda, const W* b, index_t ldb, index_t K, 
   // B rows per pass: R·M accumulators, each one chain over k (so R changes no result bit).
   // With 32 vector registers (AVX-512) up to 24 accumulators: the loads per FMA fall from
   // (1 + M)/M (R = 1) to (R + M)/(R·M), which is what bounds M = 4..8 here (2-core Xeon, 4096²
-  // from DRAM, 1 thread, M = 8: R = 1 24 GFLOP/s, R = 3 see the file header); with 16 (AVX2)
-  // at most 8.
+  // from DRAM, 1 thread, M = 8 f32: R = 1 24 GFLOP/s, R = 3 40; bf16 31 -> 59); with 16
+  // registers (AVX2) at most 8. (M = 1 takes gemv_row1.)
   constexpr index_t RB =
       L >= 16 ? (M <= 2 ? 6 : (M <= 4 ? 4 : 3)) : (M == 1 ? 8 : (M <= 2 ? 4 : (M <= 4 ? 2 : 1)));
   const index_t kv = K / L * L;

@@ -619,14 +619,45 @@ SEQMIX_ATTN_INLINE inline void block_scores(const T* q, const T* k, index_t ks, 
       {
         for (index_t u = 0; u < Lt; ++u) r[u] = simd::reduce_sum(acc[u]);
       }
-      for (index_t u = 0; u < Lt; ++u) {
-        const T* ku = k + (j + u) * ks;
-        for (index_t d = kv; d < K; ++d) r[u] += q[d] * ku[d];
-        s[j + u] = scale * r[u];
+      if (kv < K) {  // the K tail, per key
+        for (index_t u = 0; u < Lt; ++u) {
+          const T* ku = k + (j + u) * ks;
+          for (index_t d = kv; d < K; ++d) r[u] += q[d] * ku[d];
+        }
       }
+      simd::store(s + j, batch<T>::load_aligned(r) * batch<T>(scale));
     }
   }
   for (; j < kn; ++j) s[j] = scale * dot_inline(q, k + j * ks, K);
+}
+
+/// max of s[0 .. n), and `bad` = whether any is NaN or +inf (vectorised: the scalar loop's
+/// compare-and-or chain was a quarter of the decode time at K = 64). A score is bad iff
+/// !(x < +inf), one ordered compare for both cases.
+template <class T>
+SEQMIX_ATTN_INLINE inline T block_max(const T* s, index_t n, bool& bad) {
+  constexpr index_t Lt = L<T>;
+  const T pinf = std::numeric_limits<T>::infinity();
+  const batch<T> vinf(pinf);
+  batch<T> vmax(-pinf);
+  auto ok = batch<T>(T(0)) < vinf;  // all true
+  index_t j = 0;
+  for (; j + Lt <= n; j += Lt) {
+    const batch<T> v = simd::load(s + j);
+    ok = ok & (v < vinf);
+    vmax = xsimd::max(vmax, v);
+  }
+  alignas(64) T lanes[static_cast<std::size_t>(Lt)];
+  vmax.store_aligned(lanes);
+  T m = -pinf;
+  for (index_t u = 0; u < Lt; ++u) m = std::max(m, lanes[u]);
+  bool b = !xsimd::all(ok);
+  for (; j < n; ++j) {
+    b = b || !(s[j] < pinf);
+    m = std::max(m, s[j]);
+  }
+  bad = b;
+  return m;
 }
 
 /// Partial state of rows [r0, r1) (row r = t·nhead + g) of `job` over keys [j0, j1):
@@ -661,14 +692,9 @@ void partial_rows(const row_job<T>& job, const params<T>& p, index_t r0, index_t
         const T* vj = run.v + (a - run_start) * run.v_stride;
         const T* qr = job.q + t * job.q_tstride + g * job.q_hstride;
         alignas(64) std::array<T, blk> s;
-        T bmax = ninf;
-        bool bad = false;
         block_scores(qr, kj, run.k_stride, K, kn, p.scale, s.data());
-        for (index_t j = 0; j < kn; ++j) {
-          const T x = s[static_cast<std::size_t>(j)];
-          bad = bad || x != x || x == -ninf;  // NaN, or +inf (whose softmax is inf/inf)
-          bmax = std::max(bmax, x);
-        }
+        bool bad = false;  // a NaN, or +inf (whose softmax is inf/inf) among the scores
+        const T bmax = block_max(s.data(), kn, bad);
         if (bad) {  // kept out of max and exp (whose argument conversion is UB for NaN)
           mr = std::numeric_limits<T>::quiet_NaN();
           continue;
@@ -676,7 +702,13 @@ void partial_rows(const row_job<T>& job, const params<T>& p, index_t r0, index_t
         const T m_new = std::max(mr, bmax);
         const T m_use = m_new == ninf ? T(0) : m_new;
         const T alpha = std::exp(mr - m_use);
-        for (index_t j = 0; j < kn; ++j) s[static_cast<std::size_t>(j)] -= m_use;
+        {
+          index_t j = 0;
+          for (; j + L<T> <= kn; j += L<T>) {
+            simd::store(s.data() + j, simd::load(s.data() + j) - batch<T>(m_use));
+          }
+          for (; j < kn; ++j) s[static_cast<std::size_t>(j)] -= m_use;
+        }
         simd::exp(s.data(), s.data(), kn);
         l[r - r0] = l[r - r0] * alpha + simd::sum(s.data(), kn);
         mr = m_new;
