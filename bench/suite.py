@@ -6,7 +6,8 @@ Runs (from a Release build directory):
   bench/bench_peak      machine limits: FMA GFLOP/s and memory GB/s on 1..all threads
   bench/bench_suite     every mixer, both forms, softmax attention, over a T sweep
   bench/memory_probe    measured peak working memory of each form as T grows
-and writes into --out: peak.json, suite.json, memory.json, report.md, time_per_token.png,
+  bench/bench_layers    GDN and Mamba2 layers against the gated attention layer over T
+and writes into --out: peak.json, suite.json, memory.json, layers.json, report.md, time_per_token.png,
 memory.png. Needs Debian's python3 with matplotlib (falls back to the table alone without it).
 """
 
@@ -194,6 +195,7 @@ def main():
     peak_json = os.path.join(args.out, "peak.json")
     suite_json = os.path.join(args.out, "suite.json")
     memory_json = os.path.join(args.out, "memory.json")
+    layers_json = os.path.join(args.out, "layers.json")
     commit = git_commit()
 
     peak_after_json = os.path.join(args.out, "peak_after.json")
@@ -210,6 +212,14 @@ def main():
              f"--benchmark_context=cpu={cpu_name()}",
              f"--benchmark_context=seqmix_min_time={min_time}",
              f"--benchmark_context=seqmix_repetitions={args.repetitions}"])
+        # the layer tier at hidden 1024 (bench_layers): GDN and Mamba2 layers against the gated
+        # attention layer over T, f32, the sweep's largest thread count
+        layer_threads = max(int(t) for t in threads.split(","))
+        run([os.path.join(bench_dir, "bench_layers"),
+             f"--benchmark_filter=layer_prefill/[012]/[0-9]+/{layer_threads}/0/",
+             f"--benchmark_min_time={min_time}", f"--benchmark_repetitions={args.repetitions}",
+             "--benchmark_report_aggregates_only=true", f"--benchmark_out={layers_json}",
+             "--benchmark_out_format=json", f"--benchmark_context=commit={commit}"])
         with open(memory_json, "w") as f:
             print("+ memory_probe", flush=True)
             subprocess.run([os.path.join(bench_dir, "memory_probe"), f"--sweep={sweep}"],
@@ -317,6 +327,44 @@ def main():
                     dec = {t: only for t in all_t}
                 out(f"| {m} | {crossover(all_t, pre, soft_pre) if pre else '—'} | "
                     f"{crossover(all_t, dec, soft_dec) if dec and soft_dec else '—'} |")
+
+    if os.path.exists(layers_json):
+        # layer_prefill/<kind>/<T>/<threads>/<dtype>: kind 0 GDN, 1 gated attention, 2 Mamba2
+        names = {0: "Gated DeltaNet layer", 1: "gated attention layer", 2: "Mamba2 layer"}
+        lay = defaultdict(dict)
+        lay_threads = None
+        for r in load_benchmarks(layers_json)[1]:
+            nums = [int(x) for x in r["plain"][1:] if x.isdigit()]
+            if r["plain"][0] != "layer_prefill" or len(nums) < 4:
+                continue
+            kind, t, lay_threads = nums[0], nums[1], nums[2]
+            lay[kind][t] = r
+        if lay:
+            lt = sorted({t for s_ in lay.values() for t in s_})
+            out(f"\n## Layers: O(N) vs O(N²) at the layer level (bench_layers, hidden 1024, "
+                f"B = 1, f32, {lay_threads} thread{'s' if lay_threads != 1 else ''})\n")
+            out("GDN: 8 key / 16 value heads × 64; gated attention: 16 heads × 64, 4 KV heads, "
+                "partial RoPE; Mamba2: 16 heads × 64, state 128. Prefill of T tokens, "
+                "projections included: µs per token, % of the FMA peak (projection and mixer "
+                "FLOP), and the attention layer's time over the layer's.\n")
+            out("| layer | " + " | ".join(f"T={t}" for t in lt) + " |")
+            out("| --- | " + " | ".join("---" for _ in lt) + " |")
+            att = lay.get(1, {})
+            fma = peak["fma"].get(lay_threads)
+            for kind in sorted(lay):
+                cells = []
+                for t in lt:
+                    r = lay[kind].get(t)
+                    if not r or not r["tokens"]:
+                        cells.append("—")
+                        continue
+                    c = f"{1e6 / r['tokens']:.1f} µs"
+                    if fma and r["flops"]:
+                        c += f", {100 * r['flops'] / fma:.0f} %"
+                    if kind != 1 and t in att:
+                        c += f", {att[t]['seconds'] / r['seconds']:.2f}×"
+                    cells.append(c)
+                out(f"| {names.get(kind, kind)} | " + " | ".join(cells) + " |")
 
     out("\n## Peak working memory (measured: bytes allocated during one call, inputs excluded)\n")
     mem_series = defaultdict(dict)

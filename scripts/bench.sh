@@ -12,5 +12,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cmake --preset release
-cmake --build --preset release --target bench_peak bench_suite memory_probe
+cmake --build --preset release --target bench_peak bench_suite memory_probe bench_layers
 exec /usr/bin/python3 bench/suite.py --build build/release --out build/release/bench-report "$@"
