@@ -54,7 +54,9 @@
 //    KC 128/384, MR 14, NC 256/512, MC 96 and an ir-outer loop order all measured within noise
 //    of KC 256, MR 12, NC 1024, MC 192 (ir-outer and KC 384 a little slower).
 //    The same Xeon quiet (2026-12-03, bench_peak 198 GFLOP/s per thread): f32 1 thread 100-126
-//    GFLOP/s (0.86-0.95x OpenBLAS), 2 threads 208-231 (0.94-0.99x); decode from DRAM, 4096 ×
+//    GFLOP/s (0.86-0.95x OpenBLAS), 2 threads 208-231 (0.94-0.99x); later, probe 229: 1 thread
+//    123-149 against Eigen 3.4's 139-156 and OpenBLAS's 154-176 (Eigen is faster on 1 thread
+//    here), 2 threads 262-292 against OpenBLAS 297-337; decode from DRAM, 4096 ×
 //    4096, 1 thread: M = 1 f32 12.6 GB/s, bf16 14.1 (Eigen 13.9, OpenBLAS 13.0 f32; a plain
 //    one-stream read 11.6), M = 8 f32 40 GFLOP/s, bf16 59 (were 24 / 31 with one B row per pass).
 #pragma once
