@@ -44,8 +44,6 @@ namespace {
 using seqmix::bf16;
 using seqmix::index_t;
 
-const double peak_per_thread = seqmix_bench::peak_flops_per_thread();
-
 std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
@@ -73,8 +71,7 @@ double process_cpu_seconds() {
 void gemm_counters(benchmark::State& state, double flops, int threads, double cpu_seconds) {
   using benchmark::Counter;
   state.counters["GFLOPs"] = Counter(flops * 1e-9, Counter::kIsIterationInvariantRate);
-  state.counters["pct_peak"] =
-      Counter(flops * 100.0 / (peak_per_thread * threads), Counter::kIsIterationInvariantRate);
+  seqmix_bench::report_peak_share(state, flops, threads);
   if (cpu_seconds > 0) {
     state.counters["GFLOPs_cpu"] =
         flops * 1e-9 * double(state.iterations()) * threads / cpu_seconds;
