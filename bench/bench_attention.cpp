@@ -4,10 +4,11 @@
 //  - BM_softmax_attention_prefill  {T, D, threads}: causal forward_chunked (flash-style tiles).
 //      FLOP = H · (2·T²·D [QKᵀ] + 2·T²·D [PV]) / 2 (causal half) = 2·H·T²·D.
 //  - BM_softmax_attention_decode   {L, D, Hkv, threads}: one step against a full cache of L
-//      tokens (written directly, truncated back to L after each step); Hkv = 8 (MHA) or 2 (GQA,
-//      4 query heads per kv head). bytes = Hkv·(L+1)·2·D·4 (K and V read once: the split-KV
-//      decode reads each kv head's rows once for its query heads); FLOP = H · 4·(L+1)·D.
-//      Beyond the L3 (L·Hkv·D large) this is the DRAM read rate; below it, cache-resident.
+//      tokens (written directly, truncated back to L after each step); Hkv = 8 (MHA), 2 (GQA,
+//      4 query heads per kv head) or 1 (8 per kv head, as Qwen3-Next's 16 / 2). bytes =
+//      Hkv·(L+1)·2·D·4 (K and V read once: the split-KV decode reads each kv head's rows once for
+//      its query heads); FLOP = H · 4·(L+1)·D. Beyond the L3 (L·Hkv·D large) this is the DRAM read
+//      rate; below it, cache-resident.
 //  - BM_softmax_attention_short_prefill {L, n, Hkv, threads}: n new tokens into a cache of L
 //      (D = 128); n <= 16 takes the split-KV row path, n = 17 the 64-row query tiles.
 //  - BM_sliding_window_attention_prefill {T, W, threads}: D = 64; FLOP = 2·H·D·Σ_t min(t+1, W)·2
@@ -192,7 +193,7 @@ BENCHMARK(BM_softmax_attention_prefill)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_softmax_attention_decode)
     ->ArgNames({"L", "D", "Hkv", "threads"})
-    ->ArgsProduct({{1024, 4096, 8192, 16384, 32768, 65536}, {64, 128}, {8, 2}, {1, 2}})
+    ->ArgsProduct({{1024, 4096, 8192, 16384, 32768, 65536}, {64, 128}, {8, 2, 1}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_softmax_attention_short_prefill)

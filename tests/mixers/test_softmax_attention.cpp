@@ -98,6 +98,35 @@ TEST_CASE("softmax_attention: reference vs chunked vs recurrent over T, D, windo
   }
 }
 
+TEST_CASE("softmax_attention: decode of 1-9 query heads per kv head over head widths",
+          "[attention][cache]") {
+  // The decode step takes the query heads of a kv head 4, 2 or 1 at a time (sharing each key
+  // and value load) and holds 4, 8 or 16 value vectors per pass: G = 3, 5, 9 leave remainders,
+  // the widths cover K and V tails, V = 136 (8 + 0.5 vectors) and V = 256 (16 vectors).
+  auto rng = make_rng(31);
+  struct widths {
+    index_t K, V;
+  };
+  for (index_t G : {1, 3, 4, 5, 8, 9}) {
+    for (const widths w :
+         {widths{16, 16}, widths{64, 64}, widths{24, 136}, widths{128, 128}, widths{80, 256}}) {
+      const problem p{1, 140, 2 * G, 2, w.K, w.V};
+      const auto in = attn::make_inputs(p, rng);
+      for (index_t W : {p.T, index_t(70)}) {
+        INFO("G " << G << " K " << w.K << " V " << w.V << " W " << W);
+        softmax_attention<float> m({.window = W});
+        SEQMIX_CHECK_CLOSE(attn::reference_out(in, {}, W), run_recurrent(m, in), float_tol);
+      }
+    }
+  }
+  const problem p{2, 140, 10, 2, 24, 136};  // the double path (8 lanes: 2 keys × 4 rows)
+  const auto in = attn::make_inputs(p, rng);
+  softmax_attention<double> m;
+  tensor<double, 4> o({p.B, p.T, p.H, p.V});
+  m.forward_recurrent(in.q, in.k, in.v, o);
+  SEQMIX_CHECK_CLOSE(attn::reference_out(in), o, double_tol);
+}
+
 TEST_CASE("softmax_attention: double instantiation matches the reference tightly", "[attention]") {
   auto rng = make_rng(2);
   const problem p{2, 150, 4, 2, 24, 40};
