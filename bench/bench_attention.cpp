@@ -8,7 +8,8 @@
 //      4 query heads per kv head) or 1 (8 per kv head, as Qwen3-Next's 16 / 2). bytes =
 //      Hkv·(L+1)·2·D·4 (K and V read once: the split-KV decode reads each kv head's rows once for
 //      its query heads); FLOP = H · 4·(L+1)·D. Beyond the L3 (L·Hkv·D large) this is the DRAM read
-//      rate; below it, cache-resident.
+//      rate; below it, cache-resident. threads: 1, 2 and the powers of two up to the machine's
+//      hardware threads (seqmix_bench::thread_counts).
 //  - BM_softmax_attention_short_prefill {L, n, Hkv, threads}: n new tokens into a cache of L
 //      (D = 128); n <= 16 takes the split-KV row path, n = 17 the 64-row query tiles.
 //  - BM_sliding_window_attention_prefill {T, W, threads}: D = 64; FLOP = 2·H·D·Σ_t min(t+1, W)·2
@@ -193,7 +194,8 @@ BENCHMARK(BM_softmax_attention_prefill)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_softmax_attention_decode)
     ->ArgNames({"L", "D", "Hkv", "threads"})
-    ->ArgsProduct({{1024, 4096, 8192, 16384, 32768, 65536}, {64, 128}, {8, 2, 1}, {1, 2}})
+    ->ArgsProduct({{1024, 4096, 8192, 16384, 32768, 65536}, {64, 128}, {8, 2, 1},
+                   seqmix_bench::thread_counts()})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_softmax_attention_short_prefill)

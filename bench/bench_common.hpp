@@ -4,7 +4,10 @@
 // next to its benchmark and counts multiply and add as two operations.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
+#include <thread>
+#include <vector>
 
 #include <benchmark/benchmark.h>
 
@@ -28,6 +31,15 @@ inline void use_threads(int n) {
 #if SEQMIX_HAS_OPENMP
   omp_set_num_threads(n);
 #endif
+}
+
+/// Thread counts a scaling benchmark registers: 1, 2, then 4, 8, 16, ... while the machine has
+/// that many hardware threads (on the 2-core dev VM: 1 and 2; on the 16-core device: up to 16).
+inline std::vector<std::int64_t> thread_counts() {
+  const auto hw = static_cast<std::int64_t>(std::thread::hardware_concurrency());
+  std::vector<std::int64_t> t{1, 2};
+  for (std::int64_t n = 4; n <= hw; n *= 2) t.push_back(n);
+  return t;
 }
 
 /// bench_peak's FMA peak per thread (FLOP/s) of the machine a report is made for:

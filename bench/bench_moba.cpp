@@ -25,6 +25,10 @@
 //   decode, 1 thread: MoBA 68 / 114 / 170 us at L = 4096 / 16384 / 65536, full decode 788 /
 //     5437 / 11439 us (67x at 65536). MoBA's growth with L is its selected keys coming from
 //     DRAM instead of cache (8 heads x ~480 keys x 512 B = 1.9 MB a step), not its gates.
+//   decode after the GQA-grouped row path (2026-12-03, same Xeon, quiet, 3 interleaved rounds
+//     old / new, 1 thread): MoBA 41-43 -> 30-33 us at L = 4096, 111-117 -> 86-100 us at 65536;
+//     full decode 250 -> 171-204 us, 4551-6510 -> 3822-4543 us (moba_attention::step's
+//     selected chunks now go through the same decode engine as softmax_attention::step).
 //   cache: 1032 bytes per token (Hkv = 2, D = 64: 1024 of keys and values, 8 of chunk means).
 #include <random>
 #include <vector>
