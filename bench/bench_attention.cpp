@@ -194,7 +194,9 @@ BENCHMARK(BM_softmax_attention_prefill)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_softmax_attention_decode)
     ->ArgNames({"L", "D", "Hkv", "threads"})
-    ->ArgsProduct({{1024, 4096, 8192, 16384, 32768, 65536}, {64, 128}, {8, 2, 1},
+    ->ArgsProduct({{1024, 4096, 8192, 16384, 32768, 65536},
+                   {64, 128},
+                   {8, 2, 1},
                    seqmix_bench::thread_counts()})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
