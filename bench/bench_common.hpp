@@ -25,11 +25,13 @@ inline const bool context_registered = [] {
   return true;
 }();
 
-/// Sets the thread count used by seqmix kernels (and OpenMP) for one benchmark run.
+/// Sets the thread count used by seqmix kernels (and OpenMP) for one benchmark run; n = 0: every
+/// processor. (omp_set_num_threads(0) is not "all": libgomp takes it as 1, which made every
+/// "all threads" row of bench_models single-threaded; the 16-core device showed it.)
 inline void use_threads(int n) {
   seqmix::set_num_threads(n);
 #if SEQMIX_HAS_OPENMP
-  omp_set_num_threads(n);
+  omp_set_num_threads(n > 0 ? n : omp_get_num_procs());
 #endif
 }
 

@@ -19,6 +19,8 @@
 //   model_decode/T/kind/dtype/threads    one decode step at context T (after a T-token prefill
 //                                        on every thread)
 //   kind: 0 = hybrid (3:1), 1 = all attention; dtype: 0 = f32, 1 = bf16; threads: 0 = all
+//   (every processor since 2026-12-03; before, use_threads(0) left libgomp at 1 thread, so
+//   the "0" rows recorded earlier ran on one thread)
 //
 // Counters: tokens/s; cache_MB (the model cache's bytes at T + the decode steps); decode also
 // read_MB (weights read per token + the cache) and bytes (read_MB per step time). The hybrid's
@@ -34,7 +36,9 @@
 //
 // The 0.5b shape, measured 2026-12-03 on the quiet 2-core AMD EPYC VM: docs/bench/models.md
 // (prefill 360 / 658 tok/s at T=1024 on 1 / 2 threads, 65-77 % of the FMA peak; decode 51.1 ms
-// at T=1024 and 72.3 ms at T=32768 on 1 thread, f32, 11.8 GB/s).
+// at T=1024 and 72.3 ms at T=32768 on 1 thread, f32, 11.8 GB/s). The 16-core device
+// (2026-12-03, all 16 threads): prefill 1013 tok/s at T=1024, 875 at 32768; decode 7.2 ms at
+// 1k, 10.7 ms at 32k (docs/bench/models.md).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
