@@ -820,12 +820,33 @@ void merge_row(index_t ns, const T* m, const T* l, index_t ms, const T* acc, ind
   simd::scale(o, T(1) / lsum, V);
 }
 
+/// Runs every row of `job` over keys [j0, j1) of `runs` in one piece (no splits): 32 rows at
+/// a time accumulated straight in their o rows, each finished there with its sink.
+template <class T>
+void rows_direct(const row_job<T>& job, const key_run<T>* runs, int nruns, const params<T>& p,
+                 index_t j0, index_t j1) {
+  constexpr index_t chunk = 32;
+  const index_t rows = job.ntok * job.nhead, G = job.nhead;
+  std::array<T, chunk> m, l;
+  for (index_t r0 = 0; r0 < rows; r0 += chunk) {
+    const index_t r1 = std::min(rows, r0 + chunk);
+    partial_rows(job, runs, nruns, p, r0, r1, j0, j1, job.o, job.o_tstride, job.o_hstride, m.data(),
+                 l.data());
+    for (index_t r = r0; r < r1; ++r) {
+      T* o = job.o + (r / G) * job.o_tstride + (r % G) * job.o_hstride;
+      const T sink = job.sinks ? job.sinks[r % G] : -std::numeric_limits<T>::infinity();
+      merge_row(index_t(1), m.data() + (r - r0), l.data() + (r - r0), 0, o, 0, sink, o,
+                p.value_dim);
+    }
+  }
+}
+
 }  // namespace detail
 
 /// Decode: G query rows q[g] ([K], already unscaled) of the heads of one GQA group attend over
 /// every key of nruns runs of cached rows (a ring buffer's two pieces, MoBA's selected chunks);
 /// o[g] ([V], stride o_stride) is used as the accumulator. The engine's row path in one piece
-/// (no splits), 32 rows at a time; allocates nothing. p.window is not applied: the runs are the
+/// (no splits, detail::rows_direct); allocates nothing. p.window is not applied: the runs are the
 /// keys.
 template <class T>
 void decode_group(const T* q, index_t q_stride, index_t G, const key_run<T>* runs, int nruns, T* o,
@@ -837,20 +858,10 @@ void decode_group(const T* q, index_t q_stride, index_t G, const key_run<T>* run
   index_t n = 0;
   for (int r = 0; r < nruns; ++r) n += runs[r].n;
   job.pos0 = n - 1;  // the one token sees keys 0 .. n - 1
+  job.sinks = sinks;
   params<T> pw = p;
   pw.window = 0;
-  constexpr index_t chunk = 32;
-  std::array<T, chunk> m, l;
-  for (index_t r0 = 0; r0 < G; r0 += chunk) {
-    const index_t r1 = std::min(G, r0 + chunk);
-    detail::partial_rows(job, runs, nruns, pw, r0, r1, 0, n, o, 0, o_stride, m.data(), l.data());
-    for (index_t r = r0; r < r1; ++r) {
-      T* og = o + r * o_stride;
-      const T sink = sinks ? sinks[r] : -std::numeric_limits<T>::infinity();
-      detail::merge_row(index_t(1), m.data() + (r - r0), l.data() + (r - r0), 0, og, 0, sink, og,
-                        pw.value_dim);
-    }
-  }
+  detail::rows_direct(job, runs, nruns, pw, 0, n);
 }
 
 /// Scratch elements (of T) that run_row_jobs callers without a heap budget pass on the stack.
@@ -894,20 +905,8 @@ void run_row_jobs(index_t njobs, JobOf&& job_of, const params<T>& p, T* scratch,
       const row_job<T> job = job_of(j0 + index_t(b));
       const index_t rows = job.ntok * job.nhead, G = job.nhead;
       const index_t end = job.pos0 + job.ntok;
-      if (per[b] == 0) {  // direct: the rows in chunks, each accumulated in o and finished there
-        constexpr index_t chunk = 32;
-        std::array<T, chunk> m, l;
-        for (index_t r0 = 0; r0 < rows; r0 += chunk) {
-          const index_t r1 = std::min(rows, r0 + chunk);
-          detail::partial_rows(job, p, r0, r1, first[b], end, job.o, job.o_tstride, job.o_hstride,
-                               m.data(), l.data());
-          for (index_t r = r0; r < r1; ++r) {
-            T* o = job.o + (r / G) * job.o_tstride + (r % G) * job.o_hstride;
-            const T sink = job.sinks ? job.sinks[r % G] : -std::numeric_limits<T>::infinity();
-            detail::merge_row(index_t(1), m.data() + (r - r0), l.data() + (r - r0), 0, o, 0, sink,
-                              o, V);
-          }
-        }
+      if (per[b] == 0) {  // direct: accumulated in o and finished there
+        detail::rows_direct(job, job.runs.data(), job.nruns, p, first[b], end);
         return;
       }
       const index_t s = it - item0[b];
