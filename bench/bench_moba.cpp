@@ -36,6 +36,17 @@
 //     full decode 250 -> 171-204 us, 4551-6510 -> 3822-4543 us (moba_attention::step's
 //     selected chunks now go through the same decode engine as softmax_attention::step).
 //   cache: 1032 bytes per token (Hkv = 2, D = 64: 1024 of keys and values, 8 of chunk means).
+//   2026-12-04: the 2-core AMD EPYC (bench_peak 108 GFLOP/s), quiet, T = 32768, 1 thread: MoBA
+//     786 ms, selected bound 459 ms (1.71x; T = 8192: 149 / 115 ms, 1.30x). Profile: earlier
+//     chunks' rows 53 % (at the bound's own rate, ~71 GFLOP/s; a third of it the per-row softmax),
+//     gates + top-k 22 % (the gate FMAs at ~79 ms are at the FMA peak; the top-k the rest),
+//     own chunk 8 %, K/V tile transposes and prefetches 5.5 %, copies 4 %, inversion 3.5 %. The
+//     per-row softmax of the earlier-chunk rows now takes the R rows' rescale factors from one
+//     vector exp (it was a libm exp per row) and each row max from a shuffle tree: on the
+//     16-core Xeon device, 1 thread, 4 interleaved rounds, MoBA 569-641 -> 495-560 ms (median
+//     577 -> 549), selected bound 340-377 ms (median 358): 1.61x -> 1.53x. Tried and dropped: a
+//     parallel (bottom-up) top-k insertion instead of the sinking one (no faster: its
+//     data-dependent branches cost what the serial chain did).
 #include <random>
 #include <vector>
 

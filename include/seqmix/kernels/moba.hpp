@@ -32,9 +32,10 @@
 //     Time O(T·(k-1/2)·c·(K+V)): never a T×T matrix, never all keys per query.
 //  Memory: O(T·(k + K + V)) selection, query copy and state + O(n·Q + Q·(K+V+Bk)) scratch per
 //  thread, grow-only (sized before the parallel region).
-//  Measured (H = 8, Hkv = 2, D = 64, c = 64, k = 8, T = 32768, 1 thread, loaded 2-core Xeon):
-//  1.6x the time of dense flash tiles over the same number of (query, key) pairs (a window of
-//  480 keys); about 0.25 of MoBA's time is its gate, which dense attention does not have.
+//  Measured (H = 8, Hkv = 2, D = 64, c = 64, k = 8, T = 32768, 1 thread): 1.5-1.6x the time of
+//  dense flash tiles over the same number of (query, key) pairs (a window of 480 keys) on Intel
+//  Xeons, 1.7x on the AMD EPYC (bench/bench_moba.cpp); about a fifth of MoBA's time is its gate
+//  and top-k, which dense attention does not have.
 //
 // Decode (one query row per head against a moba cache): gates of every complete chunk with the
 // means stored transposed ([K, chunks], chunks along the lanes: the same fma sequence over d as
@@ -287,17 +288,6 @@ inline constexpr index_t kvec = key_tile / L<T>;  // key vectors per tile (4 flo
 #define SEQMIX_MOBA_INLINE
 #endif
 
-/// Largest lane (a tree: no serial chain of dependent max operations). A NaN lane may or may
-/// not win; either way the row's exp(s - max) then carries the NaN into its sum.
-template <class T>
-inline T hmax(const batch<T>& x) {
-  alignas(64) std::array<T, static_cast<std::size_t>(L<T>)> a;
-  x.store_aligned(a.data());
-  for (std::size_t n = a.size() / 2; n > 0; n /= 2)
-    for (std::size_t i = 0; i < n; ++i) a[i] = std::max(a[i], a[i + n]);
-  return a[0];
-}
-
 /// s[r][0:Bk] = scale · Σ_d q_r[d] · kt[d][0:Bk] for R rows.
 template <class T, index_t R>
 SEQMIX_MOBA_INLINE inline void row_scores(const T* const* qr, const T* kt, index_t K, T scale,
@@ -362,27 +352,36 @@ inline void row_block(const T* const* qr, T* const* st, const T* kt, index_t kn,
   const index_t K = p.key_dim, V = p.value_dim;
   const T ninf = -std::numeric_limits<T>::infinity();
   row_scores<T, R>(qr, kt, K, p.scale, s);
-  alignas(64) std::array<T, static_cast<std::size_t>(R)> alpha;
+  // The rows' block maxima and rescale factors: one vector exp for all R alphas (lanes >= R
+  // idle), each row's max by a shuffle tree. A NaN score may or may not win its row's max;
+  // either way the row's exp(s - max) then carries the NaN into its sum.
+  static_assert(R <= L<T>, "one alpha lane per row");
+  alignas(64) std::array<T, static_cast<std::size_t>(L<T>)> alpha{}, arg{}, mnew{};
   std::array<T*, static_cast<std::size_t>(R)> acc;
   for (index_t r = 0; r < R; ++r) {
     T* sr = s + r * key_tile;
     for (index_t j = kn; j < key_tile; ++j) sr[j] = ninf;  // lanes past the tile's keys
     batch<T> mv = simd::load(sr);
     for (index_t c = 1; c < kvec<T>; ++c) mv = xsimd::max(mv, simd::load(sr + c * L<T>));
-    const T mx = hmax(mv);
-    T* state = st[r];
-    const T m_old = state[0], m_new = std::max(m_old, mx);
+    const T m_old = st[r][0], m_new = std::max(m_old, simd::reduce_max(mv));
     const T m_use = m_new == ninf ? T(0) : m_new;
+    mnew[static_cast<std::size_t>(r)] = m_new;
+    arg[static_cast<std::size_t>(r)] = m_old - m_use;  // -inf (m_old = -inf) gives alpha 0
+  }
+  at::exp_nonpositive<T>(batch<T>::load_aligned(arg.data())).store_aligned(alpha.data());
+  for (index_t r = 0; r < R; ++r) {
+    T* sr = s + r * key_tile;
+    const T m_new = mnew[static_cast<std::size_t>(r)];
+    const batch<T> mu(m_new == ninf ? T(0) : m_new);
     batch<T> sum(T(0));
     for (index_t c = 0; c < kvec<T>; ++c) {
-      const batch<T> e = at::exp_nonpositive<T>(simd::load(sr + c * L<T>) - batch<T>(m_use));
+      const batch<T> e = at::exp_nonpositive<T>(simd::load(sr + c * L<T>) - mu);
       simd::store(sr + c * L<T>, e);
       sum += e;
     }
-    const T al = m_old == ninf ? T(0) : std::exp(m_old - m_use);
-    alpha[static_cast<std::size_t>(r)] = al;
+    T* state = st[r];
     state[0] = m_new;
-    state[1] = state[1] * al + xsimd::hadd(sum);
+    state[1] = state[1] * alpha[static_cast<std::size_t>(r)] + xsimd::hadd(sum);
     acc[static_cast<std::size_t>(r)] = state + L<T>;
   }
   const index_t Vfull = V / (4 * L<T>)*(4 * L<T>), Vvec = V / L<T> * L<T>;
