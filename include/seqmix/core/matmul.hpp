@@ -59,6 +59,14 @@
 //    here), 2 threads 262-292 against OpenBLAS 297-337; decode from DRAM, 4096 ×
 //    4096, 1 thread: M = 1 f32 12.6 GB/s, bf16 14.1 (Eigen 13.9, OpenBLAS 13.0 f32; a plain
 //    one-stream read 11.6), M = 8 f32 40 GFLOP/s, bf16 59 (were 24 / 31 with one B row per pass).
+//  * The AMD EPYC again, quiet (2026-12-04, bench_peak 108-109 / 210-212 GFLOP/s on 1 / 2
+//    threads; medians of 3 interleaved calls, the 1- and 2-thread rows in separate processes:
+//    OpenBLAS's idle pthread workers spin in sched_yield and, left over from a 2-thread row, cost
+//    a 1-thread row of the same process up to 10 %): f32 1 thread 81-94 GFLOP/s (74-86 % of the
+//    probe; M = 512, N = K = 1024 the lowest, B's packing ~7 % of it), OpenBLAS 84-99, Eigen
+//    73-78; 2 threads 162-195 (76-92 %), OpenBLAS 142-178. bf16_dot 150-183 / 270-368 GFLOP/s
+//    (1.8-2.0x f32). Decode M = 1 from DRAM, 4096 x 4096: f32 19.0 GB/s, bf16 17.7, a plain
+//    read of the same buffers 18.6 (1.02x / 0.95x); 2 threads 28.8 / 27.9 against 29.1.
 #pragma once
 
 #include <algorithm>
@@ -414,6 +422,25 @@ inline void pack_a(const float* a, index_t lda, index_t i0, index_t mc, index_t 
     float* d = dst + t * kc * MR;
     const index_t rows = std::min(MR, mc - t * MR);
     const float* src = a + (i0 + t * MR) * lda + p0;
+#if defined(__AVX512F__)
+    if (rows == MR && MR <= 16) {
+      // 16 k at a time through an in-register transpose (rows MR..15 zero), stored as 16 k-rows
+      // of MR floats (masked): the scalar gather below was ~5 % of an M = 512 call's time
+      const __mmask16 keep = static_cast<__mmask16>((1u << MR) - 1u);
+      index_t k = 0;
+      for (; k + 16 <= kc; k += 16) {
+        __m512 r[16];
+        for (index_t i = 0; i < 16; ++i)
+          r[i] = i < MR ? _mm512_loadu_ps(src + i * lda + k) : _mm512_setzero_ps();
+        transpose16(r);
+        for (index_t kk = 0; kk < 16; ++kk) _mm512_mask_storeu_ps(d + (k + kk) * MR, keep, r[kk]);
+      }
+      for (; k < kc; ++k) {
+        for (index_t r = 0; r < MR; ++r) d[k * MR + r] = src[r * lda + k];
+      }
+      continue;
+    }
+#endif
     if (rows == MR) {
       for (index_t k = 0; k < kc; ++k) {
         for (index_t r = 0; r < MR; ++r) d[k * MR + r] = src[r * lda + k];
@@ -659,8 +686,9 @@ void gemv_rows(const float* a, index_t lda, const W* b, index_t ldb, index_t K, 
   // (1 + M)/M (R = 1) to (R + M)/(R·M), which is what bounds M = 4..8 here (2-core Xeon, 4096²
   // from DRAM, 1 thread, M = 8 f32: R = 1 24 GFLOP/s, R = 3 40; bf16 31 -> 59); with 16
   // registers (AVX2) at most 8. (M = 1 takes gemv_row1.)
+  static_assert(M >= 2 && M <= gemv_max_m);
   constexpr index_t RB =
-      L >= 16 ? (M <= 2 ? 6 : (M <= 4 ? 4 : 3)) : (M == 1 ? 8 : (M <= 2 ? 4 : (M <= 4 ? 2 : 1)));
+      L >= 16 ? (M <= 2 ? 6 : (M <= 4 ? 4 : 3)) : (M <= 2 ? 4 : (M <= 4 ? 2 : 1));
   const index_t kv = K / L * L;
   index_t j = j0;
   auto block = [&]<index_t R>(index_t jb) {
@@ -698,7 +726,8 @@ template <class W, index_t... I>
 void gemv_dispatch(std::integer_sequence<index_t, I...>, index_t M, const float* a, index_t lda,
                    const W* b, index_t ldb, index_t K, index_t j0, index_t j1, float* raw,
                    index_t ldr) {
-  ((M == I + 1 ? gemv_rows<I + 1>(a, lda, b, ldb, K, j0, j1, raw, ldr) : void()), ...);
+  // M = 2 .. gemv_max_m (M = 1 takes gemv_row1)
+  ((M == I + 2 ? gemv_rows<I + 2>(a, lda, b, ldb, K, j0, j1, raw, ldr) : void()), ...);
 }
 
 // ---- bf16 pair-dot path (opt-in) -----------------------------------------------------------
@@ -1160,8 +1189,8 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
       if (j1 <= j0) return;
       const index_t n = j1 - j0;
       float* raw = scratch(4, static_cast<std::size_t>(M * n));
-      gemv_dispatch(std::make_integer_sequence<index_t, gemv_max_m>{}, M, ap, lda, bp, ldb, K, j0,
-                    j1, raw, n);
+      gemv_dispatch(std::make_integer_sequence<index_t, gemv_max_m - 1>{}, M, ap, lda, bp, ldb, K,
+                    j0, j1, raw, n);
       for (index_t m = 0; m < M; ++m) ep.row(m, j0, n, raw + m * n);
     });
     return;
