@@ -20,7 +20,10 @@
 // single-threaded (EIGEN_DONT_PARALLELIZE); OpenBLAS with openblas_set_num_threads(threads). Run
 // with
 //   --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
-// so the three libraries alternate under the same load.
+// so the three libraries alternate under the same load, and once per thread count
+// (--benchmark_filter='/threads:1/', then '/threads:2/'): OpenBLAS's pthread workers spin in
+// sched_yield for a while after each call, and left over from a 2-thread row they slowed the
+// 1-thread rows of the same process by up to 10 % on the 2-core AMD EPYC (2026-12-04).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
