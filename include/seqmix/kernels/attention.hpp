@@ -676,6 +676,44 @@ SEQMIX_ATTN_INLINE inline T block_max(const T* s, index_t n, bool& bad) {
   return m;
 }
 
+/// One online-softmax step of R rows (MoBA's and NSA's rows against a key tile, keys along the
+/// lanes) whose scores are all visible or already -inf: row r's nvec vectors at s + r·ld are
+/// replaced by p = exp(s - m_new), *m[r] and *l[r] updated (l = l·alpha + Σp), alpha[r] =
+/// exp(m_old - m_new) (0 when m_old = -inf), for all R rows by one vector exp. Each row's max is
+/// a shuffle tree; a NaN score may or may not win it, and exp(s - max) then carries the NaN
+/// into the row's sum either way (NaN in, NaN out).
+template <class T, index_t R>
+SEQMIX_ATTN_INLINE inline void rows_online_softmax(T* s, index_t ld, index_t nvec, T* const* m,
+                                                   T* const* l, T* alpha) {
+  static_assert(R >= 1 && R <= L<T>, "one alpha lane per row");
+  const T ninf = -std::numeric_limits<T>::infinity();
+  alignas(64) std::array<T, static_cast<std::size_t>(L<T>)> arg{}, al{};
+  std::array<T, static_cast<std::size_t>(R)> mu{};
+  for (index_t r = 0; r < R; ++r) {
+    const T* sr = s + r * ld;
+    batch<T> mv = simd::load(sr);
+    for (index_t c = 1; c < nvec; ++c) mv = xsimd::max(mv, simd::load(sr + c * L<T>));
+    const T m_old = *m[r], m_new = std::max(m_old, simd::reduce_max(mv));
+    const T m_use = m_new == ninf ? T(0) : m_new;
+    *m[r] = m_new;
+    mu[static_cast<std::size_t>(r)] = m_use;
+    arg[static_cast<std::size_t>(r)] = m_old - m_use;  // -inf when m_old is: alpha 0
+  }
+  exp_nonpositive<T>(batch<T>::load_aligned(arg.data())).store_aligned(al.data());
+  for (index_t r = 0; r < R; ++r) {
+    T* sr = s + r * ld;
+    const batch<T> mv(mu[static_cast<std::size_t>(r)]);
+    batch<T> sum(T(0));
+    for (index_t c = 0; c < nvec; ++c) {
+      const batch<T> e = exp_nonpositive<T>(simd::load(sr + c * L<T>) - mv);
+      simd::store(sr + c * L<T>, e);
+      sum += e;
+    }
+    alpha[r] = al[static_cast<std::size_t>(r)];
+    *l[r] = *l[r] * alpha[r] + simd::reduce_sum(sum);
+  }
+}
+
 /// One online-softmax step of R rows of one token (rows r .. r + R - 1 of a job: the same
 /// visible keys) over the kn keys at kj / vj: scores, then per row the block max (a NaN or +inf
 /// score makes the row NaN: kept out of max and exp, whose argument conversion is UB for NaN;

@@ -352,38 +352,16 @@ inline void row_block(const T* const* qr, T* const* st, const T* kt, index_t kn,
   const index_t K = p.key_dim, V = p.value_dim;
   const T ninf = -std::numeric_limits<T>::infinity();
   row_scores<T, R>(qr, kt, K, p.scale, s);
-  // The rows' block maxima and rescale factors: one vector exp for all R alphas (lanes >= R
-  // idle), each row's max by a shuffle tree. A NaN score may or may not win its row's max;
-  // either way the row's exp(s - max) then carries the NaN into its sum.
-  static_assert(R <= L<T>, "one alpha lane per row");
-  alignas(64) std::array<T, static_cast<std::size_t>(L<T>)> alpha{}, arg{}, mnew{};
-  std::array<T*, static_cast<std::size_t>(R)> acc;
+  std::array<T, static_cast<std::size_t>(R)> alpha;
+  std::array<T*, static_cast<std::size_t>(R)> acc, mp, lp;
   for (index_t r = 0; r < R; ++r) {
     T* sr = s + r * key_tile;
     for (index_t j = kn; j < key_tile; ++j) sr[j] = ninf;  // lanes past the tile's keys
-    batch<T> mv = simd::load(sr);
-    for (index_t c = 1; c < kvec<T>; ++c) mv = xsimd::max(mv, simd::load(sr + c * L<T>));
-    const T m_old = st[r][0], m_new = std::max(m_old, simd::reduce_max(mv));
-    const T m_use = m_new == ninf ? T(0) : m_new;
-    mnew[static_cast<std::size_t>(r)] = m_new;
-    arg[static_cast<std::size_t>(r)] = m_old - m_use;  // -inf (m_old = -inf) gives alpha 0
+    mp[static_cast<std::size_t>(r)] = st[r];
+    lp[static_cast<std::size_t>(r)] = st[r] + 1;
+    acc[static_cast<std::size_t>(r)] = st[r] + L<T>;
   }
-  at::exp_nonpositive<T>(batch<T>::load_aligned(arg.data())).store_aligned(alpha.data());
-  for (index_t r = 0; r < R; ++r) {
-    T* sr = s + r * key_tile;
-    const T m_new = mnew[static_cast<std::size_t>(r)];
-    const batch<T> mu(m_new == ninf ? T(0) : m_new);
-    batch<T> sum(T(0));
-    for (index_t c = 0; c < kvec<T>; ++c) {
-      const batch<T> e = at::exp_nonpositive<T>(simd::load(sr + c * L<T>) - mu);
-      simd::store(sr + c * L<T>, e);
-      sum += e;
-    }
-    T* state = st[r];
-    state[0] = m_new;
-    state[1] = state[1] * alpha[static_cast<std::size_t>(r)] + xsimd::hadd(sum);
-    acc[static_cast<std::size_t>(r)] = state + L<T>;
-  }
+  at::rows_online_softmax<T, R>(s, key_tile, kvec<T>, mp.data(), lp.data(), alpha.data());
   const index_t Vfull = V / (4 * L<T>)*(4 * L<T>), Vvec = V / L<T> * L<T>;
   index_t c0 = 0;
   for (; c0 < Vfull; c0 += 4 * L<T>) row_pv<T, R, 4>(s, kn, v, V, alpha.data(), acc.data(), c0);

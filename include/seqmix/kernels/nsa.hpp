@@ -540,16 +540,6 @@ inline void kl_mask(T* x, index_t n) {
   for (index_t j = std::max<index_t>(n, 0); j < kl_tile; ++j) x[j] = ninf;
 }
 
-/// Largest lane (a fixed tree).
-template <class T>
-inline T kl_hmax(const batch<T>& x) {
-  alignas(64) std::array<T, static_cast<std::size_t>(L<T>)> a;
-  x.store_aligned(a.data());
-  for (std::size_t n = a.size() / 2; n > 0; n /= 2)
-    for (std::size_t i = 0; i < n; ++i) a[i] = std::max(a[i], a[i + n]);
-  return a[0];
-}
-
 /// Compressed branch of R rows (heads r0 .. r0+R-1) over nv > 0 block means; adds the rows'
 /// probabilities to w.score[0:nv] unless the selection is given.
 template <class T, index_t R>
@@ -568,7 +558,7 @@ inline void kl_compressed_rows(const token_problem<T>& tp, const params<T>& p, i
     kl_mask(sr + nvp - kl_tile, nv - (nvp - kl_tile));
     batch<T> mv(ninf);
     for (index_t c = 0; c < nvp; c += L<T>) mv = xsimd::max(mv, simd::load(sr + c));
-    const T mx = kl_hmax(mv);
+    const T mx = simd::reduce_max(mv);
     const batch<T> m_use(mx == ninf ? T(0) : mx);
     batch<T> sum(T(0));
     for (index_t c = 0; c < nvp; c += L<T>) {
@@ -601,27 +591,16 @@ inline void kl_compressed_rows(const token_problem<T>& tp, const params<T>& p, i
 template <class T, index_t R>
 inline void kl_selected_rows(const params<T>& p, const T* q, const T* kt, index_t ld, index_t kn,
                              const T* v, index_t vs, T* m, T* l, T* acc, index_t as, T* s) {
-  const T ninf = -std::numeric_limits<T>::infinity();
   kl_scores<T, R>(q, p.key_dim, kt, ld, s, kl_tile);
-  alignas(64) std::array<T, static_cast<std::size_t>(R)> alpha;
+  std::array<T, static_cast<std::size_t>(R)> alpha;
+  std::array<T*, static_cast<std::size_t>(R)> mp, lp;
   for (index_t r = 0; r < R; ++r) {
-    T* sr = s + r * kl_tile;
-    if (kn < kl_tile) kl_mask(sr, kn);
-    batch<T> mv = simd::load(sr);
-    for (index_t c = 1; c < kl_vec<T>; ++c) mv = xsimd::max(mv, simd::load(sr + c * L<T>));
-    const T m_old = m[r], m_new = std::max(m_old, kl_hmax(mv));
-    const T m_use = m_new == ninf ? T(0) : m_new;
-    batch<T> sum(T(0));
-    for (index_t c = 0; c < kl_vec<T>; ++c) {
-      const batch<T> e = exp_nonpositive<T>(simd::load(sr + c * L<T>) - batch<T>(m_use));
-      simd::store(sr + c * L<T>, e);
-      sum += e;
-    }
-    const T al = m_old == ninf ? T(0) : std::exp(m_old - m_use);
-    alpha[static_cast<std::size_t>(r)] = al;
-    m[r] = m_new;
-    l[r] = l[r] * al + simd::reduce_sum(sum);
+    if (kn < kl_tile) kl_mask(s + r * kl_tile, kn);
+    mp[static_cast<std::size_t>(r)] = m + r;
+    lp[static_cast<std::size_t>(r)] = l + r;
   }
+  kernels::attention::detail::rows_online_softmax<T, R>(s, kl_tile, kl_vec<T>, mp.data(), lp.data(),
+                                                        alpha.data());
   kl_pv_all<T, R>(s, kl_tile, kn, v, vs, p.value_dim, alpha.data(), acc, as);
 }
 
