@@ -46,7 +46,8 @@
 //     16-core Xeon device, 1 thread, 4 interleaved rounds, MoBA 569-641 -> 495-560 ms (median
 //     577 -> 549), selected bound 340-377 ms (median 358): 1.61x -> 1.53x. Tried and dropped: a
 //     parallel (bottom-up) top-k insertion instead of the sinking one (no faster: its
-//     data-dependent branches cost what the serial chain did).
+//     data-dependent branches cost what the serial chain did), and a two-pass top-k (a
+//     threshold from 8-chunk group maxima, then scalar insertion of the candidates: no faster).
 #include <random>
 #include <vector>
 

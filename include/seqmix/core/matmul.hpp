@@ -422,33 +422,23 @@ inline void pack_a(const float* a, index_t lda, index_t i0, index_t mc, index_t 
     float* d = dst + t * kc * MR;
     const index_t rows = std::min(MR, mc - t * MR);
     const float* src = a + (i0 + t * MR) * lda + p0;
+    index_t k = 0;
 #if defined(__AVX512F__)
-    if (rows == MR && MR <= 16) {
-      // 16 k at a time through an in-register transpose (rows MR..15 zero), stored as 16 k-rows
-      // of MR floats (masked): the scalar gather below was ~5 % of an M = 512 call's time
+    if constexpr (MR <= 16) {
+      // 16 k at a time through an in-register transpose (rows past `rows` zero), stored as 16
+      // k-rows of MR floats (masked): the scalar gather below was ~5 % of an M = 512 call's time
       const __mmask16 keep = static_cast<__mmask16>((1u << MR) - 1u);
-      index_t k = 0;
       for (; k + 16 <= kc; k += 16) {
         __m512 r[16];
         for (index_t i = 0; i < 16; ++i)
-          r[i] = i < MR ? _mm512_loadu_ps(src + i * lda + k) : _mm512_setzero_ps();
+          r[i] = i < rows ? _mm512_loadu_ps(src + i * lda + k) : _mm512_setzero_ps();
         transpose16(r);
         for (index_t kk = 0; kk < 16; ++kk) _mm512_mask_storeu_ps(d + (k + kk) * MR, keep, r[kk]);
       }
-      for (; k < kc; ++k) {
-        for (index_t r = 0; r < MR; ++r) d[k * MR + r] = src[r * lda + k];
-      }
-      continue;
     }
 #endif
-    if (rows == MR) {
-      for (index_t k = 0; k < kc; ++k) {
-        for (index_t r = 0; r < MR; ++r) d[k * MR + r] = src[r * lda + k];
-      }
-    } else {
-      for (index_t k = 0; k < kc; ++k) {
-        for (index_t r = 0; r < MR; ++r) d[k * MR + r] = r < rows ? src[r * lda + k] : 0.0f;
-      }
+    for (; k < kc; ++k) {
+      for (index_t r = 0; r < MR; ++r) d[k * MR + r] = r < rows ? src[r * lda + k] : 0.0f;
     }
   }
 }
