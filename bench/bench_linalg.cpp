@@ -3,11 +3,15 @@
 // process, so the ratios are measured under the same machine load.
 //
 //   matmul/<lib>/M/N/K/threads   C[M,N] = A[M,K]·B[N,K]ᵀ, f32: lib = seqmix | eigen | openblas
+//                                | seqmix packed (3: linalg::packed_weights, packed once)
 //   matmul_bf16/<mode>/M/N/K/t   bf16 weights: mode 0 = exact (widened), 1 = bf16_dot (A rounded
-//                                to bf16; AMX tiles where the CPU and OS allow, else vdpbf16ps)
+//                                to bf16; AMX tiles where the CPU and OS allow, else vdpbf16ps),
+//                                2 / 3 = the same on packed_weights (bf16_dot on vdpbf16ps)
 //   gemv/<lib>/dtype/N/K/t       M = 1 decode over a rotating set of weight matrices (> 512 MiB
-//                                in all, so the weights come from DRAM); bytes = weight bytes
-//   gemv_m/M/dtype/N/K/t         seqmix with M = 2..8 rows (batched decode), weights as above
+//                                in all, so the weights come from DRAM); bytes = weight bytes;
+//                                lib 3 = seqmix on packed_weights (a packed copy of the set)
+//   gemv_m/M/dtype/N/K/t         seqmix with M = 2..8 rows (batched decode), weights as above;
+//                                dtype 0 f32, 1 bf16, 2 / 3 the same packed
 //   dram_read/t                  a plain read of the same rotating buffers (the bandwidth bound)
 //
 // Counters: GFLOPs (2·M·N·K per iteration), pct_peak (of bench_peak's FMA peak per thread:
@@ -35,6 +39,7 @@
 #include <Eigen/Core>
 
 #include <seqmix/core/matmul.hpp>
+#include <seqmix/core/packed_weights.hpp>
 
 #include "bench_common.hpp"
 
@@ -81,7 +86,7 @@ void gemm_counters(benchmark::State& state, double flops, int threads, double cp
   }
 }
 
-enum lib { seqmix_lib = 0, eigen_lib = 1, openblas_lib = 2 };
+enum lib { seqmix_lib = 0, eigen_lib = 1, openblas_lib = 2, packed_lib = 3 };
 
 void BM_matmul(benchmark::State& state) {
   const auto which = static_cast<lib>(state.range(0));
@@ -94,6 +99,15 @@ void BM_matmul(benchmark::State& state) {
   using rowmat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   Eigen::Map<const rowmat> ea(a.data(), M, K), eb(b.data(), N, K);
   Eigen::Map<rowmat> ec(c.data(), M, N);
+  seqmix::linalg::packed_weights packed;
+  if (which == packed_lib) packed = seqmix::linalg::packed_weights({b.data(), {N, K}});
+  auto ours = [&] {
+    if (which == packed_lib) {
+      seqmix::linalg::matmul({a.data(), {M, K}}, packed, {c.data(), {M, N}});
+    } else {
+      seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}});
+    }
+  };
 #if defined(SEQMIX_BENCH_OPENBLAS)
   if (which == openblas_lib) openblas_set_num_threads(threads);
 #else
@@ -110,7 +124,8 @@ void BM_matmul(benchmark::State& state) {
   for (auto _ : state) {
     switch (which) {
       case seqmix_lib:
-        seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}});
+      case packed_lib:
+        ours();
         break;
       case eigen_lib:
         ec.noalias() = ea * eb.transpose();
@@ -129,7 +144,7 @@ void BM_matmul(benchmark::State& state) {
   gemm_counters(state, 2.0 * double(M) * double(N) * double(K), threads,
                 process_cpu_seconds() - cpu0);
 #if defined(SEQMIX_BENCH_OPENBLAS)
-  if (which == seqmix_lib) {
+  if (which == seqmix_lib || which == packed_lib) {
     // x_openblas: OpenBLAS's time / seqmix's, from 3 interleaved pairs of calls right after the
     // timed loop (best of each: the two see the same machine load, which on a shared machine
     // moves more between benchmark rows than between these calls)
@@ -137,7 +152,7 @@ void BM_matmul(benchmark::State& state) {
     double best_s = 1e30, best_o = 1e30, cpu_s = 1e30, cpu_o = 1e30;
     for (int r = 0; r < 3; ++r) {
       const double t0 = wall_seconds(), c0 = process_cpu_seconds();
-      seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}});
+      ours();
       const double t1 = wall_seconds(), c1 = process_cpu_seconds();
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M), static_cast<int>(N),
                   static_cast<int>(K), 1.0f, a.data(), static_cast<int>(K), b.data(),
@@ -152,12 +167,12 @@ void BM_matmul(benchmark::State& state) {
     state.counters["x_openblas_cpu"] = cpu_o / cpu_s;
   }
 #endif
-  static const char* names[] = {"seqmix", "eigen", "openblas"};
+  static const char* names[] = {"seqmix", "eigen", "openblas", "seqmix packed"};
   state.SetLabel(names[which]);
 }
 
 void BM_matmul_bf16(benchmark::State& state) {
-  const bool dot = state.range(0) != 0;
+  const bool dot = state.range(0) % 2 != 0, pack = state.range(0) >= 2;
   const index_t M = state.range(1), N = state.range(2), K = state.range(3);
   const int threads = static_cast<int>(state.range(4));
   seqmix_bench::use_threads(threads);
@@ -168,9 +183,18 @@ void BM_matmul_bf16(benchmark::State& state) {
   std::vector<float> c(static_cast<std::size_t>(M * N));
   seqmix::linalg::matmul_options o;
   if (dot) o.precision = seqmix::linalg::matmul_precision::bf16_dot;
+  seqmix::linalg::packed_weights packed;
+  if (pack) packed = seqmix::linalg::packed_weights({b.data(), {N, K}});
+  auto ours = [&] {
+    if (pack) {
+      seqmix::linalg::matmul({a.data(), {M, K}}, packed, {c.data(), {M, N}}, o);
+    } else {
+      seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}}, o);
+    }
+  };
   const double cpu0 = process_cpu_seconds();
   for (auto _ : state) {
-    seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}}, o);
+    ours();
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
   }
@@ -182,7 +206,7 @@ void BM_matmul_bf16(benchmark::State& state) {
     double best_b = 1e30, best_f = 1e30, cpu_b = 1e30, cpu_f = 1e30;
     for (int r = 0; r < 3; ++r) {
       const double t0 = wall_seconds(), c0 = process_cpu_seconds();
-      seqmix::linalg::matmul({a.data(), {M, K}}, {b.data(), {N, K}}, {c.data(), {M, N}}, o);
+      ours();
       const double t1 = wall_seconds(), c1 = process_cpu_seconds();
       seqmix::linalg::matmul({a.data(), {M, K}}, {bf.data(), {N, K}}, {c.data(), {M, N}});
       const double t2 = wall_seconds(), c2 = process_cpu_seconds();
@@ -194,8 +218,9 @@ void BM_matmul_bf16(benchmark::State& state) {
     state.counters["x_f32"] = best_f / best_b;
     state.counters["x_f32_cpu"] = cpu_f / cpu_b;
   }
-  state.SetLabel(dot ? std::string("seqmix bf16_dot (") + seqmix::linalg::bf16_dot_engine() + ")"
-                     : std::string("seqmix bf16 exact"));
+  const std::string engine = pack ? "avx512_bf16" : seqmix::linalg::bf16_dot_engine();
+  state.SetLabel(std::string(pack ? "seqmix packed" : "seqmix") +
+                 (dot ? " bf16_dot (" + engine + ")" : std::string(" bf16 exact")));
 }
 
 // Rotating weights for the decode benchmarks: more than 512 MiB in all, so each call's weights
@@ -228,6 +253,18 @@ weight_set<W>& weights(index_t N, index_t K) {
   return set;
 }
 
+/// The weight set above packed (linalg::packed_weights, the same values).
+template <class W>
+std::vector<seqmix::linalg::packed_weights>& packed_set(index_t N, index_t K) {
+  static std::vector<seqmix::linalg::packed_weights> set = [&] {
+    std::vector<seqmix::linalg::packed_weights> out;
+    for (const auto& m : weights<W>(N, K).mats)
+      out.emplace_back(seqmix::tensor_view<const W, 2>(m.data(), {N, K}));
+    return out;
+  }();
+  return set;
+}
+
 /// A plain read of n floats (sum of every element, threads over contiguous ranges, as
 /// bench_peak's BM_mem_read): the bandwidth bound of the decode benchmarks.
 float plain_read(const float* w, index_t n, int threads) {
@@ -250,7 +287,7 @@ void BM_gemv(benchmark::State& state) {
   seqmix_bench::use_threads(threads);
   const auto x = random_floats(static_cast<std::size_t>(K), 4);
   std::vector<float> y(static_cast<std::size_t>(N));
-  if (which != seqmix_lib && is16) {
+  if (which != seqmix_lib && which != packed_lib && is16) {
     state.SkipWithError("bf16 weights: seqmix only");
     return;
   }
@@ -269,7 +306,20 @@ void BM_gemv(benchmark::State& state) {
   std::size_t it = 0;
   double bytes = 0;
   const double cpu0 = process_cpu_seconds();
-  if (is16) {
+  if (which == packed_lib) {
+    auto run = [&](const auto& set) {
+      for (auto _ : state) {
+        seqmix::linalg::matmul({x.data(), {1, K}}, set[it++ % set.size()], {y.data(), {1, N}});
+        benchmark::DoNotOptimize(y.data());
+      }
+    };
+    if (is16) {
+      run(packed_set<bf16>(N, K));
+    } else {
+      run(packed_set<float>(N, K));
+    }
+    bytes = double(N * K) * (is16 ? 2.0 : 4.0);
+  } else if (is16) {
     auto& set = weights<bf16>(N, K);
     for (auto _ : state) {
       const auto& w = set.mats[it++ % set.mats.size()];
@@ -299,6 +349,8 @@ void BM_gemv(benchmark::State& state) {
                       w.data(), static_cast<int>(K), x.data(), 1, 0.0f, y.data(), 1);
 #endif
           break;
+        case packed_lib:
+          break;
       }
       benchmark::DoNotOptimize(y.data());
     }
@@ -315,7 +367,8 @@ void BM_gemv(benchmark::State& state) {
       using WT = typename std::decay_t<decltype(set.mats[0])>::value_type;
       const std::size_t m = set.mats.size();
       for (int r = 0; r < 6; ++r) {
-        const auto& w = set.mats[it++ % m];
+        const std::size_t wi = it++ % m;
+        const auto& w = set.mats[wi];
         const auto& other = set.mats[it++ % m];
         const double t0 = wall_seconds(), c0 = process_cpu_seconds();
         if (which == openblas_lib) {
@@ -333,6 +386,8 @@ void BM_gemv(benchmark::State& state) {
             Eigen::Map<Eigen::VectorXf> ey(y.data(), N);
             ey.noalias() = ew * ex;
           }
+        } else if (which == packed_lib) {
+          seqmix::linalg::matmul({x.data(), {1, K}}, packed_set<WT>(N, K)[wi], {y.data(), {1, N}});
         } else {
           seqmix::linalg::matmul({x.data(), {1, K}}, {w.data(), {N, K}}, {y.data(), {1, N}});
         }
@@ -362,7 +417,7 @@ void BM_gemv(benchmark::State& state) {
       Counter(2.0 * double(N * K) * 1e-9, Counter::kIsIterationInvariantRate);
   if (cpu > 0)
     state.counters["GBs_cpu"] = bytes * 1e-9 * double(state.iterations()) * threads / cpu;
-  static const char* names[] = {"seqmix", "eigen", "openblas"};
+  static const char* names[] = {"seqmix", "eigen", "openblas", "seqmix packed"};
   state.SetLabel(std::string(names[which]) + (is16 ? " bf16" : " f32"));
 }
 
@@ -396,7 +451,7 @@ void BM_dram_read(benchmark::State& state) {
 /// weights from DRAM as in BM_gemv; GBs = weight bytes per second, GFLOPs = 2·M·N·K per second.
 void BM_gemv_m(benchmark::State& state) {
   const index_t M = state.range(0);
-  const bool is16 = state.range(1) != 0;
+  const bool is16 = state.range(1) % 2 != 0, pack = state.range(1) >= 2;
   const index_t N = state.range(2), K = state.range(3);
   const int threads = static_cast<int>(state.range(4));
   seqmix_bench::use_threads(threads);
@@ -410,11 +465,24 @@ void BM_gemv_m(benchmark::State& state) {
       benchmark::DoNotOptimize(y.data());
     }
   };
-  if (is16) {
+  auto run_packed = [&](const auto& set) {
+    for (auto _ : state) {
+      seqmix::linalg::matmul({x.data(), {M, K}}, set[it++ % set.size()], {y.data(), {M, N}});
+      benchmark::DoNotOptimize(y.data());
+    }
+  };
+  if (pack) {
+    if (is16) {
+      run_packed(packed_set<bf16>(N, K));
+    } else {
+      run_packed(packed_set<float>(N, K));
+    }
+  } else if (is16) {
     run(weights<bf16>(N, K));
   } else {
     run(weights<float>(N, K));
   }
+  state.SetLabel(std::string(pack ? "packed " : "") + (is16 ? "bf16" : "f32"));
   using benchmark::Counter;
   const double bytes = double(N * K) * (is16 ? 2.0 : 4.0);
   state.counters["GBs"] = Counter(bytes * 1e-9, Counter::kIsIterationInvariantRate);
@@ -429,8 +497,7 @@ void gemm_shapes(benchmark::internal::Benchmark* b, bool libs) {
                                                       {4096, 1024, 1024}, {4096, 4096, 4096}};
   for (int threads : {1, 2}) {
     for (const auto& s : shapes) {
-      for (int l = 0; l < 3; ++l) {
-        if (!libs && l == 2) continue;
+      for (int l = 0; l < 4; ++l) {
         if (libs && l == eigen_lib && threads != 1) continue;
         b->Args({l, s[0], s[1], s[2], threads});
       }
@@ -449,20 +516,21 @@ void BM_matmul_bf16_args(benchmark::internal::Benchmark* b) {
 void BM_gemv_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"lib", "bf16", "N", "K", "threads"});
   for (int threads : {1, 2}) {
-    for (int l = 0; l < 3; ++l) {
+    for (int l = 0; l < 4; ++l) {
       if (l == eigen_lib && threads != 1) continue;
       b->Args({l, 0, 4096, 4096, threads});
     }
     b->Args({0, 1, 4096, 4096, threads});
+    b->Args({packed_lib, 1, 4096, 4096, threads});
   }
   b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
 }
 
 void BM_gemv_m_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"M", "bf16", "N", "K", "threads"});
+  b->ArgNames({"M", "dtype", "N", "K", "threads"});
   for (int threads : {1, 2}) {
     for (index_t m : {2, 4, 8}) {
-      for (int is16 : {0, 1}) b->Args({m, is16, 4096, 4096, threads});
+      for (int dtype : {0, 1, 2, 3}) b->Args({m, dtype, 4096, 4096, threads});
     }
   }
   b->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);

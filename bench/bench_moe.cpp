@@ -2,14 +2,16 @@
 // seqmix::moe, the full MoE feed-forward block (router + top-k + SwiGLU experts + combine), in
 // both forms (docs/math.md §6; peer figures: docs/bench/peers.md, ggml mul_mat_id).
 //
-//   moe_grouped/E/k/D/I/T/threads/skew   forward_grouped, f32 weights; skew = 1: a router bias
-//                                        toward expert 0 (it gets most first choices), to show
-//                                        the load balance over threads
+//   moe_grouped/E/k/D/I/T/threads/skew/packed   forward_grouped, f32 weights; skew = 1: a
+//                                        router bias toward expert 0 (it gets most first
+//                                        choices), to show the load balance over threads;
+//                                        packed = 1: moe_options::pack_experts
 //   moe_read_bound/k/D/I/threads/wbytes  a plain read of the bytes one decode token reads, in
 //                                        the same process (the bandwidth bound)
-//   moe_decode/dtype/E/k/D/I/threads     forward_per_token on one token (T = 1), rotating over
-//                                        copies of the block (> 512 MiB of weights in all, so
-//                                        the experts come from DRAM); dtype 0 = f32, 1 = bf16
+//   moe_decode/dtype/E/k/D/I/threads/packed   forward_per_token on one token (T = 1), rotating
+//                                        over copies of the block (> 512 MiB of weights in all,
+//                                        so the experts come from DRAM); dtype f32 or bf16;
+//                                        packed = 1: moe_options::pack_experts
 //
 // Counters: tokens (tokens/s); GFLOPs of the block, cost convention 2·T·D·E (router) +
 // 2·T·k·3·D·I (experts); pct_peak of the FMA peak (bench_peak: 117 GFLOP/s per thread);
@@ -110,6 +112,8 @@ void BM_moe_grouped(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(5));
   const bool skew = state.range(6) != 0;
   seqmix_bench::use_threads(threads);
+  auto opt = seqmix::moe_options::mixtral(k);
+  opt.pack_experts = state.range(7) != 0;
   auto b = random_block<float>(E, D, I, 7);
   auto x = random_x(T, D, 11);
   if (skew) {
@@ -119,7 +123,7 @@ void BM_moe_grouped(benchmark::State& state) {
       for (index_t d = 0; d < 8; ++d) x(t, d) += 1.0f;
     for (index_t d = 0; d < 8; ++d) b.router(0, d) = 1.0f;
   }
-  const auto m = b.make(seqmix::moe_options::mixtral(k));
+  const auto m = b.make(opt);
   seqmix::tensor<float, 2> y({T, D});
   km::balance_stats stats;
   double busy_max = 0, busy_mean = 0, n = 0, cbusy_max = 0, cbusy_mean = 0;
@@ -181,6 +185,8 @@ void BM_moe_decode(benchmark::State& state) {
   const index_t E = state.range(0), k = state.range(1), D = state.range(2), I = state.range(3);
   const int threads = static_cast<int>(state.range(4));
   seqmix_bench::use_threads(threads);
+  auto opt = seqmix::moe_options::mixtral(k);
+  opt.pack_experts = state.range(5) != 0;
   const double block_bytes = double(E) * (3.0 * double(D) * double(I) + double(D)) * sizeof(W);
   const index_t copies = std::max<index_t>(2, index_t(600.0 * 1024 * 1024 / block_bytes) + 1);
   std::vector<block_weights<W>> blocks;
@@ -188,7 +194,7 @@ void BM_moe_decode(benchmark::State& state) {
   blocks.reserve(static_cast<std::size_t>(copies));
   for (index_t c = 0; c < copies; ++c)
     blocks.push_back(random_block<W>(E, D, I, 100 + std::uint64_t(c)));
-  for (const auto& b : blocks) mixers.push_back(b.make(seqmix::moe_options::mixtral(k)));
+  for (const auto& b : blocks) mixers.push_back(b.make(opt));
   const auto xs = random_x(64, D, 5);
   seqmix::tensor<float, 1> y({D});
   std::size_t i = 0;
@@ -268,29 +274,23 @@ void BM_moe_read_bound(benchmark::State& state) {
 // E=8, top-2, D=512, I=1024, T=512 (the ggml peer's case), uniform and skewed; E=64 top-8
 // D=1024 I=512 T=2048 (DeepSeek-style fine-grained).
 BENCHMARK(BM_moe_grouped)
-    ->ArgNames({"E", "k", "D", "I", "T", "threads", "skew"})
-    ->Args({8, 2, 512, 1024, 512, 1, 0})
-    ->Args({8, 2, 512, 1024, 512, 2, 0})
-    ->Args({8, 2, 512, 1024, 512, 1, 1})
-    ->Args({8, 2, 512, 1024, 512, 2, 1})
-    ->Args({64, 8, 1024, 512, 2048, 1, 0})
-    ->Args({64, 8, 1024, 512, 2048, 2, 0})
+    ->ArgNames({"E", "k", "D", "I", "T", "threads", "skew", "packed"})
+    ->ArgsProduct({{8}, {2}, {512}, {1024}, {512}, {1, 2}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{64}, {8}, {1024}, {512}, {2048}, {1, 2}, {0}, {0, 1}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_moe_decode<float>)
     ->Name("moe_decode/f32")
-    ->ArgNames({"E", "k", "D", "I", "threads"})
-    ->Args({8, 2, 512, 1024, 1})
-    ->Args({8, 2, 512, 1024, 2})
-    ->Args({64, 8, 1024, 512, 1})
+    ->ArgNames({"E", "k", "D", "I", "threads", "packed"})
+    ->ArgsProduct({{8}, {2}, {512}, {1024}, {1, 2}, {0, 1}})
+    ->ArgsProduct({{64}, {8}, {1024}, {512}, {1}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_moe_decode<bf16>)
     ->Name("moe_decode/bf16")
-    ->ArgNames({"E", "k", "D", "I", "threads"})
-    ->Args({8, 2, 512, 1024, 1})
-    ->Args({8, 2, 512, 1024, 2})
-    ->Args({64, 8, 1024, 512, 1})
+    ->ArgNames({"E", "k", "D", "I", "threads", "packed"})
+    ->ArgsProduct({{8}, {2}, {512}, {1024}, {1, 2}, {0, 1}})
+    ->ArgsProduct({{64}, {8}, {1024}, {512}, {1}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

@@ -10,6 +10,7 @@
 #include <seqmix/core/io/mapped_file.hpp>
 #include <seqmix/core/matmul.hpp>
 #include <seqmix/core/memory.hpp>
+#include <seqmix/core/packed_weights.hpp>
 #include <seqmix/core/parallel.hpp>
 #include <seqmix/core/safetensors.hpp>
 #include <seqmix/core/simd.hpp>

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // linalg::matmul against a double reference: odd sizes on both paths (decode M <= 8 and the
 // blocked GEMM, K across several KC blocks), every epilogue, accumulate vs overwrite, strided
-// views, bf16 weights, bitwise thread invariance, argument errors, and Eigen's global state.
+// views, bf16 weights, bitwise thread invariance, argument errors, and Eigen's global state;
+// packed_weights: the same bits as the unpacked GEMM for M > 8 and for every row at any M.
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -12,6 +13,7 @@
 #include <Eigen/Core>
 
 #include <seqmix/core/matmul.hpp>
+#include <seqmix/core/packed_weights.hpp>
 
 #include "alloc_counter.hpp"
 #include "testing.hpp"
@@ -445,4 +447,201 @@ TEST_CASE("Eigen's thread setting is never touched by seqmix", "[core][matmul][e
 #if SEQMIX_HAS_OPENMP
   REQUIRE(omp_get_max_threads() == omp_before);
 #endif
+}
+
+// ---- packed_weights ---------------------------------------------------------------------------
+
+namespace {
+
+/// matmul on packed weights of p's B (f32 or bf16) into p.cv.
+void run_packed(problem& p, const linalg::packed_weights& pw, const matmul_options& o) {
+  p.reset_c();
+  linalg::matmul(p.av, pw, p.cv, o);
+}
+
+std::vector<float> rows_of(const problem& p, index_t m) {
+  std::vector<float> out;
+  for (index_t i = 0; i < m; ++i) {
+    for (index_t j = 0; j < p.N; ++j) out.push_back(p.cv(i, j));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("packed_weights: against the double reference, every epilogue, both dtypes",
+          "[core][matmul][packed]") {
+  auto rng = testing::make_rng(11);
+  for (auto [M, N, K] : {std::array<index_t, 3>{1, 65, 257},
+                         {2, 33, 31},
+                         {3, 17, 1},
+                         {5, 100, 64},
+                         {8, 31, 300},
+                         {9, 65, 513},
+                         {40, 257, 33},
+                         {100, 45, 270}}) {
+    for (int layout : {0, 1, 2}) {
+      problem p(M, N, K, layout, rng);
+      for (bool use16 : {false, true}) {
+        const linalg::packed_weights pw =
+            use16 ? linalg::packed_weights(p.b16v) : linalg::packed_weights(p.bv);
+        REQUIRE(pw.rows() == N);
+        REQUIRE(pw.cols() == K);
+        REQUIRE(pw.is_bf16() == use16);
+        for (int variant = 0; variant < 3; ++variant) {
+          matmul_options o;
+          if (variant == 0) {
+            o.bias = p.biasv;
+            o.act = activation::silu;
+          } else if (variant == 1) {
+            o.row_scale = p.scalev;
+            o.residual = p.resv;
+            o.act = activation::gelu_tanh;
+          } else {
+            o.accumulate = true;
+            o.act = activation::gelu;
+            if (use16) o.precision = matmul_precision::bf16_dot;
+          }
+          INFO("layout " << layout << " bf16 " << use16 << " variant " << variant);
+          run_packed(p, pw, o);
+          p.check(o, use16, o.precision == matmul_precision::bf16_dot);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("packed_weights: M > 8 bitwise equal to the unpacked GEMM, each row the same for any M",
+          "[core][matmul][packed]") {
+  auto rng = testing::make_rng(12);
+  for (auto [N, K] : {std::array<index_t, 2>{65, 257}, {31, 2}, {300, 1025}, {40, 7}}) {
+    for (bool use16 : {false, true}) {
+      problem p(21, N, K, 1, rng);
+      const linalg::packed_weights pw =
+          use16 ? linalg::packed_weights(p.b16v) : linalg::packed_weights(p.bv);
+      matmul_options o;
+      o.bias = p.biasv;
+      o.act = activation::silu;
+      // unpacked GEMM (M = 21 > 8)
+      p.reset_c();
+      if (use16) {
+        linalg::matmul(p.av, p.b16v, p.cv, o);
+      } else {
+        linalg::matmul(p.av, p.bv, p.cv, o);
+      }
+      const std::vector<float> gemm = rows_of(p, 21);
+      run_packed(p, pw, o);
+      INFO("N=" << N << " K=" << K << " bf16 " << use16);
+      REQUIRE(rows_of(p, 21) == gemm);
+      // the decode path on the first m rows: the same bits as those rows of the GEMM
+      for (index_t m = 1; m <= 9; ++m) {
+        problem q = p;
+        q.av = tensor_view<const float, 2>(p.a.data(), {m, K}, p.av.strides());
+        q.cv = tensor_view<float, 2>(q.c.data(), {m, N}, p.cv.strides());
+        q.reset_c();
+        q.cv = tensor_view<float, 2>(q.c.data(), {m, N}, p.cv.strides());
+        linalg::matmul(q.av, pw, q.cv, o);
+        const std::vector<float> head(gemm.begin(), gemm.begin() + m * N);
+        INFO("m=" << m);
+        REQUIRE(rows_of(q, m) == head);
+      }
+    }
+  }
+#if defined(__AVX512BF16__)
+  // bf16_dot, M > 8: the pair kernel on the stored pairs, as on pairs packed per call
+  problem p(30, 77, 301, 0, rng);
+  const linalg::packed_weights pw(p.b16v);
+  matmul_options o;
+  o.precision = matmul_precision::bf16_dot;
+  p.reset_c();
+  linalg::matmul(p.av, p.b16v, p.cv, o);
+  const std::vector<float> raw = rows_of(p, 30);
+  run_packed(p, pw, o);
+  REQUIRE(rows_of(p, 30) == raw);
+#endif
+}
+
+TEST_CASE("packed_weights: bitwise identical for 1, 2, 3 and 7 threads, no steady-state allocation",
+          "[core][matmul][packed][threads]") {
+  auto rng = testing::make_rng(13);
+  for (auto [M, N, K] : {std::array<index_t, 3>{1, 300, 100},
+                         {3, 129, 65},
+                         {8, 1100, 40},
+                         {100, 200, 300},
+                         {257, 40, 70}}) {
+    problem p(M, N, K, 1, rng);
+    for (int mode : {0, 1, 2}) {
+      const bool use16 = mode > 0;
+      linalg::packed_weights pw;
+      {
+        scoped_num_threads scope(3);  // packing threaded too: the panels do not depend on it
+        pw = use16 ? linalg::packed_weights(p.b16v) : linalg::packed_weights(p.bv);
+      }
+      matmul_options o;
+      o.bias = p.biasv;
+      o.residual = p.resv;
+      if (mode == 2) o.precision = matmul_precision::bf16_dot;
+      std::vector<float> one;
+      for (int threads : {1, 2, 3, 7}) {
+        scoped_num_threads scope(threads);
+        if (threads > 1) testing::require_team(threads);
+        run_packed(p, pw, o);
+        if (threads == 1) {
+          one = p.c;
+          testing::allocation_scope alloc;
+          run_packed(p, pw, o);
+          REQUIRE(alloc.stats().count == 0);
+        } else {
+          INFO("M=" << M << " N=" << N << " K=" << K << " mode " << mode << " threads=" << threads);
+          REQUIRE(std::memcmp(one.data(), p.c.data(), one.size() * sizeof(float)) == 0);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("packed_weights: copies, empty weights and bad arguments",
+          "[core][matmul][packed][errors]") {
+  auto rng = testing::make_rng(14);
+  problem p(12, 40, 33, 0, rng);
+  const linalg::packed_weights pw(p.bv);
+  const linalg::packed_weights copy = pw;  // deep copy, same panels
+  REQUIRE(copy.bytes() == pw.bytes());
+  REQUIRE(pw.bytes() == std::size_t(64) * 33 * 4);  // two panels of 32 columns
+  run_packed(p, pw, {});
+  const std::vector<float> first = p.c;
+  run_packed(p, copy, {});
+  REQUIRE(first == p.c);
+  REQUIRE(linalg::packed_weights(p.b16v).bytes() == std::size_t(64) * 17 * 4);
+
+  const linalg::packed_weights none;
+  REQUIRE(none.empty());
+  std::vector<float> c(8, 3.0f);
+  linalg::matmul(tensor_view<const float, 2>(c.data(), {2, 0}), none,
+                 tensor_view<float, 2>(c.data() + 4, {2, 0}));
+  REQUIRE(c[4] == 3.0f);
+
+  auto expect = [](auto&& call, const std::string& arg) {
+    try {
+      call();
+      FAIL("no error for argument " << arg);
+    } catch (const shape_error& e) {
+      const std::string msg = e.what();
+      INFO(msg);
+      REQUIRE(msg.find("argument '" + arg + "'") != std::string::npos);
+    }
+  };
+  std::vector<float> buf(4096, 0.5f);
+  const tensor_view<const float, 2> a(buf.data(), {4, 8});
+  const tensor_view<float, 2> cv(buf.data() + 1000, {4, 40});
+  expect([&] { linalg::matmul(a, pw, cv); }, "b");  // K = 33 packed, a has 8
+  const tensor_view<const float, 2> a33(buf.data(), {4, 33});
+  expect([&] { linalg::matmul(a33, pw, tensor_view<float, 2>(buf.data() + 1000, {4, 39})); }, "c");
+  expect([&] { linalg::matmul(a33, pw, cv, {.precision = matmul_precision::bf16_dot}); },
+         "options");
+  expect(
+      [&] {
+        linalg::packed_weights(tensor_view<const float, 2>(buf.data(), {6, 8}, {1, 6}));
+      },
+      "w");  // rows must be inner-contiguous
 }

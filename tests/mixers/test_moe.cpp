@@ -605,6 +605,41 @@ TEST_CASE("moe: 1 vs N threads bitwise, skewed routing", "[moe]") {
   }
 }
 
+TEST_CASE("moe: pack_experts: the grouped form on packed experts", "[moe][packed]") {
+  // groups of > 8 rows take the same GEMM chains packed or not (bitwise); smaller groups the
+  // panels' GEMV (rounding); every case against the double reference; 1 vs N threads bitwise
+  auto rng = seqmix::testing::make_rng(39);
+  for (const auto [E, D, I, S, T] :
+       {std::array<index_t, 5>{4, 64, 48, 40, 200}, {8, 37, 70, 0, 61}, {16, 50, 33, 21, 7}}) {
+    for (const bool is_gated : {true, false}) {
+      const auto b = make_block(E, D, I, S, rng);
+      const auto x = seqmix::testing::random_normal<float, 2>({T, D}, rng, 1.0);
+      auto o = moe_f::options::qwen_moe(true, 2);
+      o.gated = is_gated;
+      const moe_f plain(o, weights_of(b, false, S > 0, S > 0, is_gated));
+      o.pack_experts = true;
+      const moe_f packed(o, weights_of(b, false, S > 0, S > 0, is_gated));
+      const auto want = run(plain, x, true);
+      const auto got = run(packed, x, true);
+      INFO("E=" << E << " D=" << D << " I=" << I << " S=" << S << " T=" << T << " gated "
+                << is_gated);
+      if (T == 200) CHECK(bitwise_equal(want.y, got.y));  // ~100 rows per expert
+      const auto c = compare(want.y, got.y);
+      INFO(c.report);
+      CHECK(c.rel_rms <= 1e-6);
+      const auto xd = seqmix::testing::cast<double>(x);
+      const auto ref = reference::moe<double>(xd, ref_weights_of(b, false, S > 0, S > 0, is_gated),
+                                              route_of(o), {o.activation, o.gated});
+      check_against_reference(ref, got, 2);
+      for (const int n : {2, 3}) {
+        const seqmix::scoped_num_threads st(n);
+        seqmix::testing::require_team(n);
+        CHECK(bitwise_equal(got.y, run(packed, x, true).y));
+      }
+    }
+  }
+}
+
 TEST_CASE("moe: per-token form allocates nothing in steady state", "[moe]") {
   auto rng = seqmix::testing::make_rng(41);
   const index_t E = 16, D = 50, I = 33, S = 21;

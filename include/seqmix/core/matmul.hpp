@@ -7,6 +7,9 @@
 // `nn.Linear.weight`), C f32. Every term of the epilogue is optional and fused into the store of
 // the output tile (one pass over C). act ∈ {none, SiLU, GELU (erf), GELU (tanh)}.
 //
+// Weights used for many calls are better packed once: core/packed_weights.hpp (the same
+// kernels, no per-call packing of B, a faster decode GEMV; layers' weight_matrix does it).
+//
 // Cost: 2·M·N·K FLOP. Reads B once per call (each thread its own columns), A once per B slab
 // of up to 1024 columns. Scratch per thread (grow-only, reused: steady-state calls allocate
 // nothing): the packed B slab (<= 16 MiB, f32), an A block (192 KiB) and partial-sum tiles.
@@ -490,21 +493,28 @@ inline void micro_tile(index_t kc, const float* ap, const float* bp, float* tile
   }
 }
 
-/// Serial blocked GEMM of rows [m0, m1) × columns [n0, n1) (A inner-contiguous).
-template <class W>
-void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K, index_t m0,
-                index_t m1, index_t n0, index_t n1, const epilogue& ep) {
-  index_t nc_max = slab_bytes / (index_t(sizeof(float)) * std::max<index_t>(K, 1) * NR) * NR;
-  nc_max = std::clamp<index_t>(nc_max, NR, max_nc);
+/// Columns per B slab of a thread (whole NR panels; the slab of K × NC floats <= slab_bytes).
+inline index_t slab_columns(index_t K) {
+  const index_t nc = slab_bytes / (index_t(sizeof(float)) * std::max<index_t>(K, 1) * NR) * NR;
+  return std::clamp<index_t>(nc, NR, max_nc);
+}
+
+/// Serial blocked GEMM of rows [m0, m1) × columns [n0, n1) (A inner-contiguous; n0 a multiple
+/// of NR). `slab(jc, nc)` returns B's columns [jc, jc + nc) as packed K × NR panels (panel jr at
+/// + jr·K·NR): packed here from the checkpoint layout (gemm_block), or already packed once at
+/// load (packed_weights). Every output is the same fma chain whichever source B comes from.
+template <class Slab>
+void gemm_block_on(const float* a, index_t lda, index_t K, index_t m0, index_t m1, index_t n0,
+                   index_t n1, const epilogue& ep, Slab&& slab) {
+  const index_t nc_max = slab_columns(K);
   const index_t panels_max = nc_max / NR;
   const index_t kc_max = std::min(KC, K);
-  float* bpack = scratch(0, static_cast<std::size_t>(panels_max * NR * K));
   float* tiles = scratch(1, static_cast<std::size_t>((MC / MR) * panels_max * MR * NR));
   float* apack = scratch(2, static_cast<std::size_t>(MC * kc_max));
   for (index_t jc = n0; jc < n1; jc += nc_max) {
     const index_t nc = std::min(nc_max, n1 - jc);
     const index_t panels = (nc + NR - 1) / NR;
-    pack_b(b, ldb, jc, nc, K, bpack);
+    const float* bpack = slab(jc, nc);
     for (index_t ic = m0; ic < m1; ic += MC) {
       const index_t mc = std::min(MC, m1 - ic);
       for (index_t pc = 0; pc < K; pc += KC) {
@@ -525,6 +535,39 @@ void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K,
       }
     }
   }
+}
+
+/// gemm_block_on with B in the checkpoint layout [N, K], packed slab by slab into scratch.
+template <class W>
+void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K, index_t m0,
+                index_t m1, index_t n0, index_t n1, const epilogue& ep) {
+  float* bpack = scratch(0, static_cast<std::size_t>(slab_columns(K) * K));
+  gemm_block_on(a, lda, K, m0, m1, n0, n1, ep, [&](index_t jc, index_t nc) {
+    pack_b(b, ldb, jc, nc, K, bpack);
+    return static_cast<const float*>(bpack);
+  });
+}
+
+/// Splits an M × N product over threads: whole NR panels of columns per thread, or whole MR
+/// tiles of rows when there are fewer panels than threads (narrow N); block(m0, m1, n0, n1).
+template <class Block>
+void split_gemm(index_t M, index_t N, Block&& block) {
+  const index_t T = std::max(1, num_threads());
+  const index_t panels = (N + NR - 1) / NR;
+  const index_t row_tiles = (M + MR - 1) / MR;
+  const bool by_cols = panels >= T || panels >= row_tiles;
+  const index_t parts = std::min<index_t>(T, by_cols ? panels : row_tiles);
+  parallel_for(parts, [&](index_t t) {
+    if (by_cols) {
+      const index_t n0 = std::min(N, panels * t / parts * NR);
+      const index_t n1 = std::min(N, panels * (t + 1) / parts * NR);
+      if (n1 > n0) block(index_t(0), M, n0, n1);
+    } else {
+      const index_t m0 = std::min(M, row_tiles * t / parts * MR);
+      const index_t m1 = std::min(M, row_tiles * (t + 1) / parts * MR);
+      if (m1 > m0) block(m0, m1, index_t(0), N);
+    }
+  });
 }
 
 // ---- decode path (M <= 8) ------------------------------------------------------------------
@@ -743,25 +786,13 @@ inline void round_row_bf16(const float* src, index_t sa, float* dst, index_t n) 
   }
 }
 
-#if defined(__AVX512BF16__)
-inline constexpr bool has_bf16_dot = true;
-
-inline std::uint32_t* scratch_pairs(int which, std::size_t n) {
-  thread_local std::vector<std::uint32_t> buf[2];  // B slab, A block
-  auto& v = buf[which];
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
 inline std::uint32_t pair_bits(std::uint16_t even, std::uint16_t odd) {
   return std::uint32_t(even) | (std::uint32_t(odd) << 16);
 }
-/// The bf16 bits of a float that already holds a bf16 value (A after round_row_bf16).
-inline std::uint16_t bf16_bits(float x) {
-  return static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(x) >> 16);
-}
 
-/// B rows [j0, j0 + nc) as ceil(nc / NR) panels of ceil(K / 2) × NR pairs (k = 2q, 2q + 1).
+/// B rows [j0, j0 + nc) as ceil(nc / NR) panels of ceil(K / 2) × NR pairs (k = 2q, 2q + 1; the
+/// odd element past K and the columns past nc zero), panel p at dst + p·K2·NR (pair rows
+/// [ceil(K / 2), K2) zero). The layout of the pair kernel and of packed bf16 weights.
 inline void pack_b_pairs(const bf16* b, index_t ldb, index_t j0, index_t nc, index_t K,
                          std::uint32_t* dst, index_t K2) {
   const index_t Kq = (K + 1) / 2;  // pair rows holding data; rows [Kq, K2) are zero
@@ -770,6 +801,7 @@ inline void pack_b_pairs(const bf16* b, index_t ldb, index_t j0, index_t nc, ind
     const index_t cols = std::min(NR, nc - p * NR);
     const bf16* src = b + (j0 + p * NR) * ldb;
     index_t q = 0;
+#if defined(__AVX512F__)
     if (cols == NR) {
       // 16 rows × 16 pairs (32 bf16) at a time: a 32-bit 16×16 transpose through registers
       for (; 2 * (q + 16) <= K; q += 16) {
@@ -781,6 +813,7 @@ inline void pack_b_pairs(const bf16* b, index_t ldb, index_t j0, index_t nc, ind
         }
       }
     }
+#endif
     for (; q < Kq; ++q) {
       const index_t k = 2 * q;
       for (index_t jj = 0; jj < NR; ++jj) {
@@ -790,6 +823,21 @@ inline void pack_b_pairs(const bf16* b, index_t ldb, index_t j0, index_t nc, ind
     }
     std::fill(d + Kq * NR, d + K2 * NR, std::uint32_t(0));
   }
+}
+
+#if defined(__AVX512BF16__)
+inline constexpr bool has_bf16_dot = true;
+
+inline std::uint32_t* scratch_pairs(int which, std::size_t n) {
+  thread_local std::vector<std::uint32_t> buf[2];  // B slab, A block
+  auto& v = buf[which];
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+/// The bf16 bits of a float that already holds a bf16 value (A after round_row_bf16).
+inline std::uint16_t bf16_bits(float x) {
+  return static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(x) >> 16);
 }
 
 /// The whole of A (rows [0, M), rounded to bf16 here: nearest-even, exactly as bf16_from_float)
@@ -867,23 +915,28 @@ inline void micro_tile_pairs(index_t kc2, const std::uint32_t* ap, const std::ui
   }
 }
 
-/// gemm_block on bf16 pairs: A packed by pack_a_pairs_all (Mt tiles), rows [m0, m1) with m0 a
-/// multiple of MR.
-inline void gemm_block_pairs(const std::uint32_t* apk, index_t Mt, const bf16* b, index_t ldb,
-                             index_t K, index_t m0, index_t m1, index_t n0, index_t n1,
-                             const epilogue& ep) {
+/// Columns per pair slab of a thread (whole NR panels, <= slab_bytes).
+inline index_t pair_slab_columns(index_t K2) {
+  const index_t nc =
+      slab_bytes / (index_t(sizeof(std::uint32_t)) * std::max<index_t>(K2, 1) * NR) * NR;
+  return std::clamp<index_t>(nc, NR, max_nc);
+}
+
+/// gemm_block_on for bf16 pairs: A packed by pack_a_pairs_all (Mt tiles), rows [m0, m1) with
+/// m0 a multiple of MR; `slab(jc, nc)` returns B's columns [jc, jc + nc) as pair panels of
+/// K2 = ceil(K / 2) rows (packed here, or at load by packed_weights).
+template <class Slab>
+void gemm_block_pairs_on(const std::uint32_t* apk, index_t Mt, index_t K, index_t m0, index_t m1,
+                         index_t n0, index_t n1, const epilogue& ep, Slab&& slab) {
   static_assert(L == 16 && NR == 32 && KC % 2 == 0, "the pair kernel is written for 12 x 32");
   const index_t K2 = (K + 1) / 2;
-  index_t nc_max =
-      slab_bytes / (index_t(sizeof(std::uint32_t)) * std::max<index_t>(K2, 1) * NR) * NR;
-  nc_max = std::clamp<index_t>(nc_max, NR, max_nc);
+  const index_t nc_max = pair_slab_columns(K2);
   const index_t panels_max = nc_max / NR;
-  std::uint32_t* bpack = scratch_pairs(0, static_cast<std::size_t>(panels_max * NR * K2));
   float* tiles = scratch(1, static_cast<std::size_t>((MC / MR) * panels_max * MR * NR));
   for (index_t jc = n0; jc < n1; jc += nc_max) {
     const index_t nc = std::min(nc_max, n1 - jc);
     const index_t panels = (nc + NR - 1) / NR;
-    pack_b_pairs(b, ldb, jc, nc, K, bpack, K2);
+    const std::uint32_t* bpack = slab(jc, nc);
     for (index_t ic = m0; ic < m1; ic += MC) {
       const index_t mc = std::min(MC, m1 - ic);
       for (index_t pc = 0; pc < K; pc += KC) {
@@ -905,6 +958,23 @@ inline void gemm_block_pairs(const std::uint32_t* apk, index_t Mt, const bf16* b
       }
     }
   }
+}
+
+/// A rounded to bf16 and packed once for all threads (each thread packs whole tiles), then
+/// gemm_block_pairs_on over the threads' parts (split_gemm); `slab` as there.
+template <class Slab>
+void gemm_pairs(tensor_view<const float, 2> a, index_t N, const epilogue& ep, Slab&& slab) {
+  const index_t M = a.extent(0), K = a.extent(1);
+  const index_t T = std::max(1, num_threads());
+  const index_t Mt = (M + MR - 1) / MR;
+  std::uint32_t* apk = scratch_pairs(1, static_cast<std::size_t>(Mt * MR * ((K + 1) / 2)));
+  const index_t pack_parts = std::min<index_t>(T, Mt);
+  parallel_for(pack_parts, [&](index_t t) {
+    pack_a_pairs_all(a, Mt * t / pack_parts, Mt * (t + 1) / pack_parts, apk);
+  });
+  split_gemm(M, N, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+    gemm_block_pairs_on(apk, Mt, K, m0, m1, n0, n1, ep, slab);
+  });
 }
 #else
 inline constexpr bool has_bf16_dot = false;
@@ -1046,15 +1116,14 @@ bool overlap(const V1& x, const V2& y) {
   return !(a1 < b0 || b1 < a0);
 }
 
-template <class W>
-void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<float, 2> c,
-         const matmul_options& opt) {
-  const checker check{"linalg::matmul"};
+/// The checks every matmul makes besides those of B itself (A, C, the options; B's span for
+/// the aliasing checks), and the epilogue they resolve to.
+inline epilogue checked_epilogue(const checker& check, tensor_view<const float, 2> a, index_t N,
+                                 std::pair<const char*, const char*> b_span,
+                                 tensor_view<float, 2> c, const matmul_options& opt) {
   if (a.data() == nullptr && a.size() != 0) check.fail("a", "is null");
-  const index_t M = a.extent(0), K = a.extent(1), N = b.extent(0);
-  check.shape("b", b, {any_extent, K});
+  const index_t M = a.extent(0);
   check.shape("c", c, {M, N});
-  if (b.size() != 0) check.inner_contiguous("b", b);
   if (present(opt.bias)) check.shape("bias", opt.bias, {N});
   if (present(opt.row_scale)) check.shape("row_scale", opt.row_scale, {M});
   if (present(opt.residual)) {
@@ -1065,17 +1134,14 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
     }
   }
   if (overlap(a, c)) check.fail("c", "overlaps a (the output must not alias an input)");
-  if (overlap(b, c)) check.fail("c", "overlaps b (the output must not alias an input)");
+  const auto [c0, c1] = span_of(c);
+  if (b_span.first && c0 && !(c1 < b_span.first || b_span.second < c0)) {
+    check.fail("c", "overlaps b (the output must not alias an input)");
+  }
   if (present(opt.bias) && overlap(opt.bias, c)) check.fail("c", "overlaps bias");
   if (present(opt.row_scale) && overlap(opt.row_scale, c)) check.fail("c", "overlaps row_scale");
-  if constexpr (std::is_same_v<W, float>) {
-    if (opt.precision == matmul_precision::bf16_dot) {
-      check.fail("options", "precision bf16_dot needs bf16 weights b (b is f32)");
-    }
-  }
   if (M > 1 && N > 0 && c.stride(0) == 0) check.fail("c", "has row stride 0");
   if (N > 1 && c.stride(1) == 0) check.fail("c", "has column stride 0");
-  if (M == 0 || N == 0) return;
 
   epilogue ep{};
   ep.c = c.data();
@@ -1092,16 +1158,58 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
   ep.accumulate = opt.accumulate;
   ep.vector = (N == 1 || ep.csc == 1) && (!ep.bias || N == 1 || ep.sb == 1) &&
               (!ep.res || N == 1 || ep.csr == 1);
+  return ep;
+}
 
-  if (K == 0) {  // empty product: the epilogue on zeros
-    float* zeros = scratch(3, static_cast<std::size_t>(N));
-    std::fill_n(zeros, N, 0.0f);
-    for (index_t i = 0; i < M; ++i) ep.row(i, 0, N, zeros);
-    return;
+/// An empty output or an empty product (K = 0: the epilogue on zeros): done, returns true.
+inline bool trivial_product(const epilogue& ep, index_t M, index_t N, index_t K) {
+  if (M == 0 || N == 0) return true;
+  if (K != 0) return false;
+  float* zeros = scratch(3, static_cast<std::size_t>(N));
+  std::fill_n(zeros, N, 0.0f);
+  for (index_t i = 0; i < M; ++i) ep.row(i, 0, N, zeros);
+  return true;
+}
+
+/// A with unit inner stride (rounded to bf16 for the bf16_dot option): `a` itself, or a copy in
+/// scratch. Returns the data, lda through the argument.
+inline const float* unit_stride_a(tensor_view<const float, 2> a, bool round_a, index_t& lda) {
+  const index_t M = a.extent(0), K = a.extent(1);
+  lda = a.stride(0);
+  if (!round_a && (K <= 1 || a.stride(1) == 1)) return a.data();
+  float* acopy = scratch(3, static_cast<std::size_t>(M * K));
+  for (index_t i = 0; i < M; ++i) {
+    const float* src = a.data() + i * a.stride(0);
+    float* dst = acopy + i * K;
+    if (round_a) {
+      round_row_bf16(src, a.stride(1), dst, K);
+    } else {
+      for (index_t k = 0; k < K; ++k) dst[k] = src[k * a.stride(1)];
+    }
   }
+  lda = K;
+  return acopy;
+}
+
+template <class W>
+void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<float, 2> c,
+         const matmul_options& opt) {
+  const checker check{"linalg::matmul"};
+  const index_t M = a.extent(0), K = a.extent(1), N = b.extent(0);
+  check.shape("b", b, {any_extent, K});
+  if (b.size() != 0) check.inner_contiguous("b", b);
+  if constexpr (std::is_same_v<W, float>) {
+    if (opt.precision == matmul_precision::bf16_dot) {
+      check.fail("options", "precision bf16_dot needs bf16 weights b (b is f32)");
+    }
+  }
+  const epilogue ep = checked_epilogue(check, a, N, span_of(b), c, opt);
+  if (trivial_product(ep, M, N, K)) return;
 
   const bool round_a = opt.precision == matmul_precision::bf16_dot;
   const index_t T = std::max(1, num_threads());
+  const W* bp = b.data();
+  const index_t ldb = b.stride(0);
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<W, bf16>) {
     bool pairs = round_a && M > gemv_max_m;
@@ -1109,53 +1217,21 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
     pairs = pairs && !amx_usable();
 #endif
     if (pairs) {
-      // vdpbf16ps: A rounded and packed once for all threads (each thread packs whole tiles),
-      // then threads own column ranges of whole NR panels, or row ranges of whole MR tiles when
-      // there are fewer panels than threads (as the f32 GEMM below)
-      const index_t Mt = (M + MR - 1) / MR, panels = (N + NR - 1) / NR;
-      std::uint32_t* apk = scratch_pairs(1, static_cast<std::size_t>(Mt * MR * ((K + 1) / 2)));
-      const index_t pack_parts = std::min<index_t>(T, Mt);
-      parallel_for(pack_parts, [&](index_t t) {
-        pack_a_pairs_all(a, Mt * t / pack_parts, Mt * (t + 1) / pack_parts, apk);
-      });
-      const bool by_cols = panels >= T || panels >= Mt;
-      const index_t parts = std::min<index_t>(T, by_cols ? panels : Mt);
-      const bf16* bp = b.data();
-      parallel_for(parts, [&](index_t t) {
-        if (by_cols) {
-          const index_t n0 = std::min(N, panels * t / parts * NR);
-          const index_t n1 = std::min(N, panels * (t + 1) / parts * NR);
-          if (n1 > n0) gemm_block_pairs(apk, Mt, bp, b.stride(0), K, 0, M, n0, n1, ep);
-        } else {
-          const index_t m0 = std::min(M, Mt * t / parts * MR);
-          const index_t m1 = std::min(M, Mt * (t + 1) / parts * MR);
-          if (m1 > m0) gemm_block_pairs(apk, Mt, bp, b.stride(0), K, m0, m1, 0, N, ep);
-        }
+      // vdpbf16ps: each thread packs its B slabs into pairs as it goes
+      const index_t K2 = (K + 1) / 2;
+      gemm_pairs(a, N, ep, [&](index_t jc, index_t nc) {
+        std::uint32_t* bpack =
+            scratch_pairs(0, static_cast<std::size_t>(pair_slab_columns(K2) * K2));
+        pack_b_pairs(bp, ldb, jc, nc, K, bpack, K2);
+        return static_cast<const std::uint32_t*>(bpack);
       });
       return;
     }
   }
 #endif
 
-  // A with unit inner stride (and rounded to bf16 for the bf16_dot option); otherwise a copy.
-  const float* ap = a.data();
-  index_t lda = a.stride(0);
-  if (round_a || (K > 1 && a.stride(1) != 1)) {
-    float* acopy = scratch(3, static_cast<std::size_t>(M * K));
-    for (index_t i = 0; i < M; ++i) {
-      const float* src = a.data() + i * a.stride(0);
-      float* dst = acopy + i * K;
-      if (round_a) {
-        round_row_bf16(src, a.stride(1), dst, K);
-      } else {
-        for (index_t k = 0; k < K; ++k) dst[k] = src[k * a.stride(1)];
-      }
-    }
-    ap = acopy;
-    lda = K;
-  }
-  const W* bp = b.data();
-  const index_t ldb = b.stride(0);
+  index_t lda = 0;
+  const float* ap = unit_stride_a(a, round_a, lda);
 
   if (M <= gemv_max_m) {
     // Decode: threads over N in contiguous ranges of weight rows (multiples of 4).
@@ -1210,25 +1286,8 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
   }
 #endif
 
-  // GEMM: threads own column ranges of whole NR panels, or row ranges of whole MR tiles when
-  // there are fewer panels than threads (narrow N).
-  const index_t panels = (N + NR - 1) / NR;
-  const index_t row_tiles = (M + MR - 1) / MR;
-  const bool by_cols = panels >= T || panels >= row_tiles;
-  const index_t parts = std::min<index_t>(T, by_cols ? panels : row_tiles);
-  auto block = [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+  split_gemm(M, N, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
     gemm_block(ap, lda, bp, ldb, K, m0, m1, n0, n1, ep);
-  };
-  parallel_for(parts, [&](index_t t) {
-    if (by_cols) {
-      const index_t n0 = std::min(N, panels * t / parts * NR);
-      const index_t n1 = std::min(N, panels * (t + 1) / parts * NR);
-      if (n1 > n0) block(0, M, n0, n1);
-    } else {
-      const index_t m0 = std::min(M, row_tiles * t / parts * MR);
-      const index_t m1 = std::min(M, row_tiles * (t + 1) / parts * MR);
-      if (m1 > m0) block(m0, m1, 0, N);
-    }
   });
 }
 

@@ -412,8 +412,10 @@ class mla_attention {
     }
     l.kv_norm_ =
         rms_norm::load(who, scope, "kv_a_layernorm.weight", r, cfg.kv_norm_eps, norm_weight::plain);
+    // the checkpoint layout: make_absorbed and matmul_rows read its rows
     l.kv_b_ = weight_matrix::load(who, scope, {"kv_b_proj.weight"},
-                                  {H * (cfg.qk_nope_dim + cfg.v_dim)}, r);
+                                  {H * (cfg.qk_nope_dim + cfg.v_dim)}, r, {},
+                                  weight_layout::checkpoint);
     l.out_ = weight_matrix::load(who, scope, {"o_proj.weight"}, {D}, H * cfg.v_dim);
     typename softmax_attention<float>::options opt;
     opt.scale = cfg.scale;
@@ -550,11 +552,11 @@ class mla_attention {
     if (kv_b_.is_bf16()) {
       tensor<bf16, 2> t({H * r, dn});
       transpose(kv_b_.b16(), t);
-      wk_t_ = weight_matrix(std::move(t));
+      wk_t_ = weight_matrix(std::move(t), weight_layout::checkpoint);
     } else {
       tensor<float, 2> t({H * r, dn});
       transpose(kv_b_.f32(), t);
-      wk_t_ = weight_matrix(std::move(t));
+      wk_t_ = weight_matrix(std::move(t), weight_layout::checkpoint);
     }
   }
   // c [M, b_rows] = a · (rows [lo, hi) of w)ᵀ, in w's dtype
