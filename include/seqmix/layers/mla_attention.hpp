@@ -413,9 +413,9 @@ class mla_attention {
     l.kv_norm_ =
         rms_norm::load(who, scope, "kv_a_layernorm.weight", r, cfg.kv_norm_eps, norm_weight::plain);
     // the checkpoint layout: make_absorbed and matmul_rows read its rows
-    l.kv_b_ = weight_matrix::load(who, scope, {"kv_b_proj.weight"},
-                                  {H * (cfg.qk_nope_dim + cfg.v_dim)}, r, {},
-                                  weight_layout::checkpoint);
+    l.kv_b_ =
+        weight_matrix::load(who, scope, {"kv_b_proj.weight"}, {H * (cfg.qk_nope_dim + cfg.v_dim)},
+                            r, {}, weight_layout::checkpoint);
     l.out_ = weight_matrix::load(who, scope, {"o_proj.weight"}, {D}, H * cfg.v_dim);
     typename softmax_attention<float>::options opt;
     opt.scale = cfg.scale;
