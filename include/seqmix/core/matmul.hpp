@@ -70,6 +70,8 @@
 //    73-78; 2 threads 162-195 (76-92 %), OpenBLAS 142-178. bf16_dot 150-183 / 270-368 GFLOP/s
 //    (1.8-2.0x f32). Decode M = 1 from DRAM, 4096 x 4096: f32 19.0 GB/s, bf16 17.7, a plain
 //    read of the same buffers 18.6 (1.02x / 0.95x); 2 threads 28.8 / 27.9 against 29.1.
+//  * The same VM later that day, probe 116 / 229 (docs/bench/linalg.md): f32 1 thread 95-102
+//    GFLOP/s (82-87 %), 2 threads 186-206 (81-90 %); on packed_weights 99-106 / 190-205.
 #pragma once
 
 #include <algorithm>
