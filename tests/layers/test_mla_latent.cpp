@@ -91,6 +91,7 @@ pair_of_layers load_pair(layers::mla_attention_config c, dtype type, const std::
   auto e = layers::mla_attention::load(ck, "L.", c);
   c.cache = layers::mla_cache::latent;
   auto l = layers::mla_attention::load(ck, "L.", c);
+  std::filesystem::remove(path);  // the layers hold copies (every run used to leave one behind)
   return {std::move(e), std::move(l)};
 }
 

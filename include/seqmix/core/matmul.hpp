@@ -550,13 +550,14 @@ void gemm_block(const float* a, index_t lda, const W* b, index_t ldb, index_t K,
   });
 }
 
-/// Splits an M × N product over threads: whole NR panels of columns per thread, or whole MR
-/// tiles of rows when there are fewer panels than threads (narrow N); block(m0, m1, n0, n1).
+/// Splits an M × N product over threads: whole NR panels of columns per thread, or whole
+/// tiles of `tile` rows (the micro-kernel's MR, AMX's 32) when there are fewer panels than
+/// threads (narrow N); block(m0, m1, n0, n1).
 template <class Block>
-void split_gemm(index_t M, index_t N, Block&& block) {
+void split_gemm(index_t M, index_t N, Block&& block, index_t tile = MR) {
   const index_t T = std::max(1, num_threads());
   const index_t panels = (N + NR - 1) / NR;
-  const index_t row_tiles = (M + MR - 1) / MR;
+  const index_t row_tiles = (M + tile - 1) / tile;
   const bool by_cols = panels >= T || panels >= row_tiles;
   const index_t parts = std::min<index_t>(T, by_cols ? panels : row_tiles);
   parallel_for(parts, [&](index_t t) {
@@ -565,8 +566,8 @@ void split_gemm(index_t M, index_t N, Block&& block) {
       const index_t n1 = std::min(N, panels * (t + 1) / parts * NR);
       if (n1 > n0) block(index_t(0), M, n0, n1);
     } else {
-      const index_t m0 = std::min(M, row_tiles * t / parts * MR);
-      const index_t m1 = std::min(M, row_tiles * (t + 1) / parts * MR);
+      const index_t m0 = std::min(M, row_tiles * t / parts * tile);
+      const index_t m1 = std::min(M, row_tiles * (t + 1) / parts * tile);
       if (m1 > m0) block(m0, m1, index_t(0), N);
     }
   });
@@ -1270,19 +1271,13 @@ void run(tensor_view<const float, 2> a, tensor_view<const W, 2> b, tensor_view<f
       const index_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
       std::uint16_t* a16 = scratch_bf16(static_cast<std::size_t>(Mp * Kp));
       pack_a_amx(ap, lda, M, K, Mp, Kp, a16);
-      const index_t col_panels = (N + NR - 1) / NR, row_blocks = Mp / 32;
-      const bool cols = col_panels >= T || col_panels >= row_blocks;
-      const index_t parts = std::min<index_t>(T, cols ? col_panels : row_blocks);
-      parallel_for(parts, [&](index_t t) {
-        if (cols) {
-          const index_t n0 = std::min(N, col_panels * t / parts * NR);
-          const index_t n1 = std::min(N, col_panels * (t + 1) / parts * NR);
-          if (n1 > n0) gemm_block_amx(a16, Kp, M, bp, ldb, K, 0, Mp, n0, n1, ep);
-        } else {
-          const index_t m0 = row_blocks * t / parts * 32, m1 = row_blocks * (t + 1) / parts * 32;
-          if (m1 > m0) gemm_block_amx(a16, Kp, M, bp, ldb, K, m0, m1, 0, N, ep);
-        }
-      });
+      // rows in blocks of 32 over the padded Mp (the A copy is padded with zero rows)
+      split_gemm(
+          Mp, N,
+          [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+            gemm_block_amx(a16, Kp, M, bp, ldb, K, m0, m1, n0, n1, ep);
+          },
+          32);
       return;
     }
   }

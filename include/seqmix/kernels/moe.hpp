@@ -36,8 +36,10 @@
 //    its rows and running its expert's three GEMMs single-threaded (matmul inside the region is
 //    serial); a row block of an expert never has <= 8 rows unless the whole group does, so every
 //    row takes the same fma chain for any thread count and block size (bitwise identical results);
-//    then the combine over tokens in slot order. Cost 2·T·D·E + 2·T·k·(2 or 1 + 1)·D·I FLOP (+
-//    shared), memory T·k·D floats of permuted outputs + per thread rows×(D + 2I) gathered rows.
+//    then the combine over tokens in slot order. With expert_set::pack() (moe_options::
+//    pack_experts) the expert GEMMs run on packed_weights copies instead (no B packing per call).
+//    Cost 2·T·D·E + 2·T·k·(2 or 1 + 1)·D·I FLOP (+ shared), memory T·k·D floats of permuted outputs
+//    + per thread rows×(D + 2I) gathered rows.
 //  * per token (inference / decode): per token, route, then per chosen expert three GEMVs
 //    (matmul's M = 1 path, threaded over output rows) accumulating into y_t; no permutation
 //    buffers; scratch is grow-only thread_local, so steady-state calls allocate nothing. Reads
@@ -193,6 +195,15 @@ template <class W>
 struct mlp_weights {
   tensor_view<const W, 2> gate{}, up{}, down{};
   bool present() const { return up.data() != nullptr; }
+
+  /// Optional packed copies for the grouped form, as expert_set::pack().
+  linalg::packed_weights packed_gate, packed_up, packed_down;
+  void pack() {
+    packed_gate = gate.data() ? linalg::packed_weights(gate) : linalg::packed_weights();
+    packed_up = linalg::packed_weights(up);
+    packed_down = linalg::packed_weights(down);
+  }
+  bool is_packed() const noexcept { return present() && !packed_up.empty(); }
 };
 
 /// Optional router outputs the caller wants back (absent views are not written).
@@ -772,9 +783,15 @@ result run_grouped(const checker& check, const problem<W>& p) {
       if (it.expert == E) {
         // shared expert over tokens [r0, r1): straight into y, scaled by its gate
         const auto xs = p.x.template slice<0>(it.r0, it.r1);
-        mlp_rows(p.expert, xs, p.shared->gate, p.shared->up, p.shared->down, hb, ub,
-                 p.y.template slice<0>(it.r0, it.r1), tensor_view<const float, 1>(sg + it.r0, {n}),
-                 false);
+        const auto ys = p.y.template slice<0>(it.r0, it.r1);
+        const tensor_view<const float, 1> gs(sg + it.r0, {n});
+        const auto& sh = *p.shared;
+        if (sh.is_packed()) {
+          mlp_rows(p.expert, xs, sh.packed_gate, sh.packed_up, sh.packed_down, hb, ub, ys, gs,
+                   false);
+        } else {
+          mlp_rows(p.expert, xs, sh.gate, sh.up, sh.down, hb, ub, ys, gs, false);
+        }
         continue;
       }
       const index_t e = it.expert, pos0 = off[e] + it.r0;

@@ -54,11 +54,12 @@ struct moe_options {
   /// share experts) the grouped form reads no more; the per-token form wins on one token (no
   /// permutation, every thread on the same GEMVs).
   index_t switch_over_t = 2;
-  /// Pack the experts' matrices once (linalg::packed_weights, a second copy of them): the
-  /// grouped form's expert GEMMs then skip packing B per call and expert (AMD EPYC, E = 8,
-  /// top-2, D = 512, I = 1024, T = 512: 42 -> 36 ms on 1 thread, 23.5 -> 19.5 on 2). Its
-  /// outputs are bitwise those of the unpacked grouped form (the same micro-kernel chains;
-  /// groups of <= 8 rows take the panels' GEMV, equal to rounding).
+  /// Pack the experts' (and the shared expert's) matrices once (linalg::packed_weights, a
+  /// second copy of them): the grouped form's expert GEMMs then skip packing B per call and
+  /// expert (AMD EPYC, E = 8, top-2, D = 512, I = 1024, T = 512: 50 -> 36 ms on 1 thread,
+  /// 28 -> 19.5 on 2; docs/bench/linalg.md). Groups of > 8 rows give the unpacked grouped
+  /// form's bits (the same micro-kernel chains), smaller ones the panels' GEMV (equal to
+  /// rounding). The per-token form keeps the checkpoint layout.
   bool pack_experts = false;
 
   /// MixtralSparseMoeBlock: softmax, top-k, renormalised (= softmax of the top-k logits).
@@ -123,7 +124,10 @@ class moe {
 
   moe(options opt, weights w) : opt_(std::move(opt)), w_(std::move(w)) {
     validate();
-    if (opt_.pack_experts) w_.experts.pack();
+    if (opt_.pack_experts) {
+      w_.experts.pack();
+      if (w_.shared.present()) w_.shared.pack();
+    }
   }
 
   const options& get_options() const { return opt_; }
