@@ -55,8 +55,7 @@ void probe_file(const std::string& path) {
     r2 = rss_kib();
   }
   std::printf("%s: %zu tensors, %.3f MB; open %.3f ms, RSS +%ld KiB; after one element +%ld KiB\n",
-              path.c_str(), f.size(), static_cast<double>(bytes) * 1e-6, open_ms, r1 - r0,
-              r2 - r0);
+              path.c_str(), f.size(), static_cast<double>(bytes) * 1e-6, open_ms, r1 - r0, r2 - r0);
 }
 
 /// A model folder: its checkpoint file(s), then the model built from it.
