@@ -5,13 +5,14 @@
 //   moe_grouped/E/k/D/I/T/threads/skew/packed   forward_grouped, f32 weights; skew = 1: a
 //                                        router bias toward expert 0 (it gets most first
 //                                        choices), to show the load balance over threads;
-//                                        packed = 1: moe_options::pack_experts
+//                                        packed: moe_options::pack_experts (1, the
+//                                        default) or off (0: B packed per call)
 //   moe_read_bound/k/D/I/threads/wbytes  a plain read of the bytes one decode token reads, in
 //                                        the same process (the bandwidth bound)
-//   moe_decode/dtype/E/k/D/I/threads     forward_per_token on one token (T = 1), rotating over
-//                                        copies of the block (> 512 MiB of weights in all, so
-//                                        the experts come from DRAM); dtype 0 = f32, 1 = bf16
-//                                        (pack_experts does not change this form: not a row)
+//   moe_decode/dtype/E/k/D/I/threads/packed   forward_per_token on one token (T = 1),
+//                                        rotating over copies of the block (> 512 MiB of
+//                                        weights in all, so the experts come from DRAM);
+//                                        packed as above (the GEMVs on the panels)
 //
 // Counters: tokens (tokens/s); GFLOPs of the block, cost convention 2·T·D·E (router) +
 // 2·T·k·3·D·I (experts); pct_peak of the FMA peak (bench_peak: 117 GFLOP/s per thread);
@@ -185,7 +186,8 @@ void BM_moe_decode(benchmark::State& state) {
   const index_t E = state.range(0), k = state.range(1), D = state.range(2), I = state.range(3);
   const int threads = static_cast<int>(state.range(4));
   seqmix_bench::use_threads(threads);
-  const auto opt = seqmix::moe_options::mixtral(k);
+  auto opt = seqmix::moe_options::mixtral(k);
+  opt.pack_experts = state.range(5) != 0;  // the GEMVs on the packed panels
   const double block_bytes = double(E) * (3.0 * double(D) * double(I) + double(D)) * sizeof(W);
   const index_t copies = std::max<index_t>(2, index_t(600.0 * 1024 * 1024 / block_bytes) + 1);
   std::vector<block_weights<W>> blocks;
@@ -280,16 +282,16 @@ BENCHMARK(BM_moe_grouped)
     ->UseRealTime();
 BENCHMARK(BM_moe_decode<float>)
     ->Name("moe_decode/f32")
-    ->ArgNames({"E", "k", "D", "I", "threads"})
-    ->ArgsProduct({{8}, {2}, {512}, {1024}, {1, 2}})
-    ->ArgsProduct({{64}, {8}, {1024}, {512}, {1}})
+    ->ArgNames({"E", "k", "D", "I", "threads", "packed"})
+    ->ArgsProduct({{8}, {2}, {512}, {1024}, {1, 2}, {0, 1}})
+    ->ArgsProduct({{64}, {8}, {1024}, {512}, {1}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_moe_decode<bf16>)
     ->Name("moe_decode/bf16")
-    ->ArgNames({"E", "k", "D", "I", "threads"})
-    ->ArgsProduct({{8}, {2}, {512}, {1024}, {1, 2}})
-    ->ArgsProduct({{64}, {8}, {1024}, {512}, {1}})
+    ->ArgNames({"E", "k", "D", "I", "threads", "packed"})
+    ->ArgsProduct({{8}, {2}, {512}, {1024}, {1, 2}, {0, 1}})
+    ->ArgsProduct({{64}, {8}, {1024}, {512}, {1}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

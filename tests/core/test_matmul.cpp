@@ -648,3 +648,68 @@ TEST_CASE("packed_weights: copies, empty weights and bad arguments",
       },
       "w");  // rows must be inner-contiguous
 }
+
+TEST_CASE("matmul_panels: a panel range gives those columns of matmul, bit for bit",
+          "[core][matmul][packed]") {
+  // ranges that split the panels as a caller's threads would, every epilogue option, both
+  // dtypes, strided A and C; columns outside the range keep their values
+  auto rng = testing::make_rng(15);
+  constexpr index_t NR = linalg::packed_weights::panel_width();
+  for (auto [M, N, K] : {std::array<index_t, 3>{1, 100, 65}, {3, 33, 7}, {8, 200, 130}}) {
+    for (const int layout : {0, 2}) {
+      problem p(M, N, K, layout, rng);
+      for (const bool use_bf16 : {false, true}) {
+        const linalg::packed_weights pw =
+            use_bf16 ? linalg::packed_weights(p.b16v) : linalg::packed_weights(p.bv);
+        for (const matmul_options& o :
+             {matmul_options{}, matmul_options{.bias = p.biasv, .act = activation::silu},
+              matmul_options{.row_scale = p.scalev, .accumulate = true},
+              matmul_options{.act = activation::gelu, .residual = p.resv}}) {
+          INFO("M=" << M << " N=" << N << " K=" << K << " layout " << layout << " bf16 "
+                    << use_bf16);
+          run_packed(p, pw, o);
+          const std::vector<float> want = p.c;
+          const index_t P = pw.panels();
+          for (const index_t parts : {index_t(1), index_t(2), index_t(3)}) {
+            p.reset_c();
+            for (index_t t = 0; t < parts; ++t) {
+              linalg::matmul_panels(p.av, pw, P * t / parts, P * (t + 1) / parts, p.cv, o);
+            }
+            REQUIRE(p.c == want);
+          }
+          // one range alone: the columns past it untouched
+          p.reset_c();
+          const index_t q1 = std::min<index_t>(P, 1);
+          linalg::matmul_panels(p.av, pw, 0, q1, p.cv, o);
+          for (index_t i = 0; i < M; ++i) {
+            for (index_t j = 0; j < N; ++j) {
+              const bool inside = j < q1 * NR;
+              const auto at = static_cast<std::size_t>(i * p.cv.stride(0) + j * p.cv.stride(1));
+              REQUIRE(p.cv(i, j) == (inside ? want[at] : p.c0at(i, j)));
+            }
+          }
+        }
+      }
+    }
+  }
+  // bad arguments name the argument
+  problem p(9, 40, 16, 0, rng);
+  const linalg::packed_weights pw(p.bv);
+  auto expect = [](auto&& call, const std::string& arg) {
+    try {
+      call();
+      FAIL("no error for argument " << arg);
+    } catch (const shape_error& e) {
+      const std::string msg = e.what();
+      INFO(msg);
+      REQUIRE(msg.find("seqmix::linalg::matmul_panels") != std::string::npos);
+      REQUIRE(msg.find("argument '" + arg + "'") != std::string::npos);
+    }
+  };
+  expect([&] { linalg::matmul_panels(p.av, pw, 0, 1, p.cv); }, "a");  // M = 9 > 8
+  const auto a8 = p.av.slice<0>(0, 8);
+  const auto c8 = p.cv.slice<0>(0, 8);
+  expect([&] { linalg::matmul_panels(a8, pw, 0, pw.panels() + 1, c8); }, "q0, q1");
+  expect([&] { linalg::matmul_panels(a8, pw, 1, 0, c8); }, "q0, q1");
+  expect([&] { linalg::matmul_panels(a8, pw, -1, 1, c8); }, "q0, q1");
+}

@@ -605,9 +605,10 @@ TEST_CASE("moe: 1 vs N threads bitwise, skewed routing", "[moe]") {
   }
 }
 
-TEST_CASE("moe: pack_experts: the grouped form on packed experts", "[moe][packed]") {
-  // groups of > 8 rows take the same GEMM chains packed or not (bitwise); smaller groups the
-  // panels' GEMV (rounding); every case against the double reference; 1 vs N threads bitwise
+TEST_CASE("moe: pack_experts: both forms on packed experts", "[moe][packed]") {
+  // grouped: groups of > 8 rows take the same GEMM chains packed or not (bitwise); smaller
+  // groups the panels' GEMV (rounding). Per token: every GEMV on the panels (rounding against
+  // the checkpoint layout). Every case against the double reference; 1 vs N threads bitwise.
   auto rng = seqmix::testing::make_rng(39);
   for (const auto [E, D, I, S, T] :
        {std::array<index_t, 5>{4, 64, 48, 40, 200}, {8, 37, 70, 0, 61}, {16, 50, 33, 21, 7}}) {
@@ -616,6 +617,7 @@ TEST_CASE("moe: pack_experts: the grouped form on packed experts", "[moe][packed
       const auto x = seqmix::testing::random_normal<float, 2>({T, D}, rng, 1.0);
       auto o = moe_f::options::qwen_moe(true, 2);
       o.gated = is_gated;
+      o.pack_experts = false;
       const moe_f plain(o, weights_of(b, false, S > 0, S > 0, is_gated));
       o.pack_experts = true;
       const moe_f packed(o, weights_of(b, false, S > 0, S > 0, is_gated));
@@ -631,10 +633,17 @@ TEST_CASE("moe: pack_experts: the grouped form on packed experts", "[moe][packed
       const auto ref = reference::moe<double>(xd, ref_weights_of(b, false, S > 0, S > 0, is_gated),
                                               route_of(o), {o.activation, o.gated});
       check_against_reference(ref, got, 2);
+      const auto want_p = run(plain, x, false);
+      const auto got_p = run(packed, x, false);
+      const auto cp = compare(want_p.y, got_p.y);
+      INFO("per token: " << cp.report);
+      CHECK(cp.rel_rms <= 1e-6);
+      check_against_reference(ref, got_p, 2);
       for (const int n : {2, 3}) {
         const seqmix::scoped_num_threads st(n);
         seqmix::testing::require_team(n);
         CHECK(bitwise_equal(got.y, run(packed, x, true).y));
+        CHECK(bitwise_equal(got_p.y, run(packed, x, false).y));
       }
     }
   }
@@ -646,21 +655,27 @@ TEST_CASE("moe: per-token form allocates nothing in steady state", "[moe]") {
   auto b = make_block(E, D, I, S, rng);
   const auto x = seqmix::testing::random_normal<float, 2>({3, D}, rng);
   auto o = moe_f::options::deepseek_v3(4, 2, 2.0f, 4);
+  o.pack_experts = false;
   const moe_f m(o, weights_of(b, true, true, false));
+  o.pack_experts = true;
+  const moe_f mp(o, weights_of(b, true, true, false));
   tensor<float, 2> y({3, D});
   tensor<float, 1> y1({D});
   tensor<float, 2> logits({3, E}), w({3, 4});
   tensor<index_t, 2> ids({3, 4});
-  for (const int n : {1, 2}) {
-    const seqmix::scoped_num_threads st(n);
-    m.forward_per_token(x, y, {logits, ids, w});  // warm-up: scratch grows
-    m.step(x.view().select<0>(0), y1);
-    const seqmix::testing::allocation_scope scope;
-    for (int rep = 0; rep < 3; ++rep) {
-      m.forward_per_token(x, y, {logits, ids, w});
-      m.step(x.view().select<0>(1), y1);
+  for (const moe_f* mm : {&m, &mp}) {
+    for (const int n : {1, 2}) {
+      const seqmix::scoped_num_threads st(n);
+      mm->forward_per_token(x, y, {logits, ids, w});  // warm-up: scratch grows
+      mm->step(x.view().select<0>(0), y1);
+      INFO("packed " << (mm == &mp) << ", threads " << n);  // (its string outside the scope)
+      const seqmix::testing::allocation_scope scope;
+      for (int rep = 0; rep < 3; ++rep) {
+        mm->forward_per_token(x, y, {logits, ids, w});
+        mm->step(x.view().select<0>(1), y1);
+      }
+      CHECK(scope.stats().count == 0);
     }
-    CHECK(scope.stats().count == 0);
   }
   // the grouped form allocates nothing in steady state either (thread_local scratch)
   {

@@ -3,6 +3,7 @@
 //
 //   packed_weights pw(w);                // w: [N, K] f32 or bf16, the checkpoint layout
 //   linalg::matmul(x, pw, y, options);   // y [M, N] = x [M, K] · wᵀ, the same epilogue options
+//   linalg::matmul_panels(x, pw, q0, q1, y, options);   // M <= 8: only panels [q0, q1), serial
 //
 // Layout: ceil(N / NR) panels of NR = 32 columns (AVX-512; 16 on AVX2), k-major, columns past N
 // zero:
@@ -80,6 +81,8 @@ class packed_weights {
   /// Internal: rows of k (f32: K) or of k-pairs (bf16: ceil(K / 2)) per panel.
   index_t panel_depth() const noexcept { return bf16_ ? (k_ + 1) / 2 : k_; }
   index_t panels() const noexcept { return (n_ + matmul_detail::NR - 1) / matmul_detail::NR; }
+  /// Columns of output per panel (linalg::matmul_panels' unit).
+  static constexpr index_t panel_width() noexcept { return matmul_detail::NR; }
   /// [first, last] byte of the storage (nullptrs when empty), for the aliasing checks.
   std::pair<const char*, const char*> span() const noexcept {
     if (!bytes_) return {nullptr, nullptr};
@@ -268,10 +271,23 @@ void panel_dispatch(std::integer_sequence<index_t, I...>, index_t M, const float
   ((M == I + 1 ? panel_range<I + 1, Pairs>(a, lda, panels, K, q0, q1, N, ep) : void()), ...);
 }
 
-inline void run_packed(tensor_view<const float, 2> a, const packed_weights& b,
-                       tensor_view<float, 2> c, const matmul_options& opt) {
-  const checker check{"linalg::matmul"};
-  const index_t M = a.extent(0), K = a.extent(1), N = b.rows();
+/// Panels [q0, q1) of an M <= 8 product on the calling thread (a: unit inner stride).
+inline void panel_range_of(const float* a, index_t lda, const packed_weights& b, index_t M,
+                           index_t q0, index_t q1, const epilogue& ep) {
+  const index_t K = b.cols(), N = b.rows();
+  constexpr auto ms = std::make_integer_sequence<index_t, gemv_max_m>{};
+  if (b.is_bf16()) {
+    panel_dispatch<true>(ms, M, a, lda, b.pair_panels(), K, q0, q1, N, ep);
+  } else {
+    panel_dispatch<false>(ms, M, a, lda, b.f32_panels(), K, q0, q1, N, ep);
+  }
+}
+
+/// The checks both packed entry points share; returns the product's epilogue.
+inline epilogue checked_packed(const checker& check, tensor_view<const float, 2> a,
+                               const packed_weights& b, tensor_view<float, 2> c,
+                               const matmul_options& opt) {
+  const index_t K = a.extent(1);
   if (b.cols() != K) {
     check.fail("b", "packed weights of " + std::to_string(b.rows()) + " × " +
                         std::to_string(b.cols()) + " do not match a's K = " + std::to_string(K) +
@@ -280,7 +296,14 @@ inline void run_packed(tensor_view<const float, 2> a, const packed_weights& b,
   if (!b.is_bf16() && opt.precision == matmul_precision::bf16_dot) {
     check.fail("options", "precision bf16_dot needs bf16 weights b (b is f32)");
   }
-  const epilogue ep = checked_epilogue(check, a, N, b.span(), c, opt);
+  return checked_epilogue(check, a, b.rows(), b.span(), c, opt);
+}
+
+inline void run_packed(tensor_view<const float, 2> a, const packed_weights& b,
+                       tensor_view<float, 2> c, const matmul_options& opt) {
+  const checker check{"linalg::matmul"};
+  const index_t M = a.extent(0), K = a.extent(1), N = b.rows();
+  const epilogue ep = checked_packed(check, a, b, c, opt);
   if (trivial_product(ep, M, N, K)) return;
   const bool round_a = opt.precision == matmul_precision::bf16_dot;
 
@@ -302,18 +325,9 @@ inline void run_packed(tensor_view<const float, 2> a, const packed_weights& b,
   if (M <= gemv_max_m) {
     const index_t T = std::max(1, num_threads());
     const index_t parts = std::min<index_t>(T, P);
-    const void* panels =
-        b.is_bf16() ? static_cast<const void*>(pairs) : static_cast<const void*>(fp);
     parallel_for(parts, [&](index_t t) {
       const index_t q0 = P * t / parts, q1 = P * (t + 1) / parts;
-      if (q1 <= q0) return;
-      if (b.is_bf16()) {
-        panel_dispatch<true>(std::make_integer_sequence<index_t, gemv_max_m>{}, M, ap, lda, panels,
-                             K, q0, q1, N, ep);
-      } else {
-        panel_dispatch<false>(std::make_integer_sequence<index_t, gemv_max_m>{}, M, ap, lda, panels,
-                              K, q0, q1, N, ep);
-      }
+      if (q1 > q0) panel_range_of(ap, lda, b, M, q0, q1, ep);
     });
     return;
   }
@@ -339,6 +353,39 @@ inline void run_packed(tensor_view<const float, 2> a, const packed_weights& b,
 inline void matmul(tensor_view<const float, 2> a, const packed_weights& b, tensor_view<float, 2> c,
                    const matmul_options& options = {}) {
   matmul_detail::run_packed(a, b, c, options);
+}
+
+/// The columns [q0·NR, min(N, q1·NR)) of matmul(a, b, c, options) (NR = packed_weights::
+/// panel_width(), panels [q0, q1) of b.panels()), for M <= 8 rows, on the calling thread: no
+/// parallel region, for callers that split the output over their own threads (the MoE
+/// per-token form inside its region). c is the whole [M, N] output; its other columns are not
+/// touched. The columns have the bits matmul(a, b, c, options) gives them.
+inline void matmul_panels(tensor_view<const float, 2> a, const packed_weights& b, index_t q0,
+                          index_t q1, tensor_view<float, 2> c, const matmul_options& options = {}) {
+  using namespace matmul_detail;
+  const checker check{"linalg::matmul_panels"};
+  const index_t M = a.extent(0), K = a.extent(1), N = b.rows();
+  const epilogue ep = checked_packed(check, a, b, c, options);
+  if (M > gemv_max_m) {
+    check.fail("a", "has " + std::to_string(M) + " rows; at most " + std::to_string(gemv_max_m) +
+                        " expected (the panel GEMV; matmul takes any M)");
+  }
+  if (q0 < 0 || q1 < q0 || q1 > b.panels()) {
+    check.fail("q0, q1", "panel range [" + std::to_string(q0) + ", " + std::to_string(q1) +
+                             ") is not within [0, " + std::to_string(b.panels()) +
+                             ") (b's panels of " + std::to_string(NR) + " columns)");
+  }
+  if (M == 0 || q1 == q0) return;
+  const index_t j0 = q0 * NR, nc = std::min(N, q1 * NR) - j0;
+  if (K == 0) {
+    float* zeros = scratch(3, static_cast<std::size_t>(nc));
+    std::fill_n(zeros, nc, 0.0f);
+    for (index_t i = 0; i < M; ++i) ep.row(i, j0, nc, zeros);
+    return;
+  }
+  index_t lda = 0;
+  const float* ap = unit_stride_a(a, options.precision == matmul_precision::bf16_dot, lda);
+  panel_range_of(ap, lda, b, M, q0, q1, ep);
 }
 
 }  // namespace seqmix::linalg

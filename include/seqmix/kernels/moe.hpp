@@ -37,11 +37,13 @@
 //    serial); a row block of an expert never has <= 8 rows unless the whole group does, so every
 //    row takes the same fma chain for any thread count and block size (bitwise identical results);
 //    then the combine over tokens in slot order. With expert_set::pack() (moe_options::
-//    pack_experts) the expert GEMMs run on packed_weights copies instead (no B packing per call).
+//    pack_experts) the expert GEMMs run on packed_weights copies instead (no B packing per call),
+//    and so do the per-token form's GEMVs (whole panels per thread).
 //    Cost 2·T·D·E + 2·T·k·(2 or 1 + 1)·D·I FLOP (+ shared), memory T·k·D floats of permuted outputs
 //    + per thread rows×(D + 2I) gathered rows.
 //  * per token (inference / decode): per token, route, then per chosen expert three GEMVs
-//    (matmul's M = 1 path, threaded over output rows) accumulating into y_t; no permutation
+//    (matmul's M = 1 path, or linalg::matmul_panels on packed experts; threaded over output
+//    rows, in whole panels when packed) accumulating into y_t; no permutation
 //    buffers; scratch is grow-only thread_local, so steady-state calls allocate nothing. Reads
 //    k·(3 or 2)·D·I weights per token: bandwidth-bound.
 // Losses are summed in double over fixed 64-token blocks (grouped) or tokens (per token), so
@@ -173,11 +175,11 @@ struct expert_set {
     down.push_back(down_e);
   }
 
-  /// Optional copies of the matrices packed for linalg::matmul (pack()): when present the
-  /// grouped form's expert GEMMs run on them and no longer pack 3 matrices per call and
-  /// expert (the per-token form keeps the views: its row-streaming GEMV reads a MoE expert's
-  /// short rows 5-8 % faster than the panels). A second copy of the weights in memory; pack()
-  /// again after changing them.
+  /// Optional copies of the matrices packed for linalg::matmul (pack()): when present both
+  /// forms run on them (the grouped form's expert GEMMs no longer pack 3 matrices per call and
+  /// expert; the per-token form's GEMVs read the panels) and the views are not read. A copy of
+  /// the weights (a checkpoint's mapped pages are read once, by pack()); pack() again after
+  /// changing them.
   std::vector<linalg::packed_weights> packed_gate, packed_up, packed_down;
   void pack() {
     packed_gate.clear();
@@ -857,6 +859,45 @@ result run_grouped(const checker& check, const problem<W>& p) {
   return res;
 }
 
+namespace detail {
+
+/// Output rows [r0, r1) of one GEMV (a thread's slice in the per-token form).
+struct row_range {
+  index_t r0 = 0, r1 = 0;
+};
+template <class W>
+index_t up_rows(const tensor_view<const W, 2>& m) {
+  return m.extent(0);
+}
+inline index_t up_rows(const linalg::packed_weights& m) {
+  return m.rows();
+}
+/// Thread tid's slice of the N output rows of m among nt: an even split on the checkpoint
+/// layout, whole panels on packed weights.
+template <class W>
+row_range thread_rows(const tensor_view<const W, 2>& m, index_t tid, index_t nt) {
+  const index_t N = m.extent(0);
+  return {N * tid / nt, N * (tid + 1) / nt};
+}
+inline row_range thread_rows(const linalg::packed_weights& m, index_t tid, index_t nt) {
+  const index_t P = m.panels(), NR = linalg::packed_weights::panel_width(), N = m.rows();
+  return {std::min(N, P * tid / nt * NR), std::min(N, P * (tid + 1) / nt * NR)};
+}
+/// out[:, r0:r1) = x · m[r0:r1)ᵀ with options o, on this thread (out: the whole [1, N] row).
+template <class W>
+void gemv_rows(const tensor_view<const float, 2>& x, const tensor_view<const W, 2>& m,
+               const row_range& r, tensor_view<float, 2> out, const linalg::matmul_options& o) {
+  linalg::matmul(x, m.template slice<0>(r.r0, r.r1), out.template slice<1>(r.r0, r.r1), o);
+}
+inline void gemv_rows(const tensor_view<const float, 2>& x, const linalg::packed_weights& m,
+                      const row_range& r, tensor_view<float, 2> out,
+                      const linalg::matmul_options& o) {
+  const index_t NR = linalg::packed_weights::panel_width();
+  linalg::matmul_panels(x, m, r.r0 / NR, (r.r1 + NR - 1) / NR, out, o);
+}
+
+}  // namespace detail
+
 /// Per-token (inference / decode) form. p validated by the front. Allocates nothing once its
 /// thread_local scratch (and matmul's) has grown to the shapes used.
 template <class W>
@@ -939,46 +980,60 @@ result run_per_token(const checker& check, const problem<W>& p) {
   float* sg = scratch<float>(3, T);  // shared gates (the losses' scratch 3 is free again)
   if (has_shared) shared_gates(p, sg, T);
   const expert_options eo = p.expert;
-  auto hidden = [&](const tensor_view<const float, 2>& xt, tensor_view<const W, 2> gate,
-                    tensor_view<const W, 2> up, float* h, float* u, index_t r0, index_t r1) {
-    const index_t n = r1 - r0;
-    if (n <= 0) return;
+  // On packed experts (expert_set::pack) every GEMV runs on the panels, a thread's slice in
+  // whole panels; the shared expert and the routed ones take the same layout, so phase B's
+  // slice of y is one range for both.
+  const bool packed = ex.is_packed() && (!has_shared || p.shared->is_packed());
+  const linalg::packed_weights no_gate;  // stands for an absent gate matrix (never read)
+  // hidden vector(s) of one matrix pair into h (and u), the thread's slice of its rows
+  auto hidden = [&](const tensor_view<const float, 2>& xt, const auto& gate, const auto& up,
+                    float* h, float* u, index_t tid, index_t nt) {
+    const index_t rows = up_rows(up);
+    const row_range r = thread_rows(up, tid, nt);
+    if (r.r1 <= r.r0) return;
     linalg::matmul_options first{};
     first.act = matmul_act(eo.act);
+    const tensor_view<float, 2> hv(h, {1, rows}), uv(u, {1, rows});
     if (eo.gated) {
-      linalg::matmul(xt, gate.template slice<0>(r0, r1), tensor_view<float, 2>(h + r0, {1, n}),
-                     first);
-      linalg::matmul(xt, up.template slice<0>(r0, r1), tensor_view<float, 2>(u + r0, {1, n}), {});
+      gemv_rows(xt, gate, r, hv, first);
+      gemv_rows(xt, up, r, uv, {});
     } else {
-      linalg::matmul(xt, up.template slice<0>(r0, r1), tensor_view<float, 2>(h + r0, {1, n}),
-                     first);
+      gemv_rows(xt, up, r, hv, first);
     }
-    finish_hidden(eo.act, eo.gated, h + r0, u + r0, n);
+    finish_hidden(eo.act, eo.gated, h + r.r0, u + r.r0, r.r1 - r.r0);
   };
   auto phase_a = [&](index_t t, index_t tid, index_t nt) {
     const auto xt = p.x.template slice<0>(t, t + 1);  // [1, D]
     if (has_shared) {
-      hidden(xt, p.shared->gate, p.shared->up, hb + k * width, ub + k * width, S * tid / nt,
-             S * (tid + 1) / nt);
+      const auto& s = *p.shared;
+      if (packed) {
+        hidden(xt, s.packed_gate, s.packed_up, hb + k * width, ub + k * width, tid, nt);
+      } else {
+        hidden(xt, s.gate, s.up, hb + k * width, ub + k * width, tid, nt);
+      }
     }
     for (index_t j = 0; j < k; ++j) {
       const index_t a = t * k + j;
       if (!kept[a]) continue;
-      const index_t e = ids[a];
-      hidden(xt, eo.gated ? ex.gate[uz(e)] : tensor_view<const W, 2>{}, ex.up[uz(e)],
-             hb + j * width, ub + j * width, I * tid / nt, I * (tid + 1) / nt);
+      const auto e = uz(ids[a]);
+      if (packed) {
+        hidden(xt, eo.gated ? ex.packed_gate[e] : no_gate, ex.packed_up[e], hb + j * width,
+               ub + j * width, tid, nt);
+      } else {
+        hidden(xt, eo.gated ? ex.gate[e] : tensor_view<const W, 2>{}, ex.up[e], hb + j * width,
+               ub + j * width, tid, nt);
+      }
     }
   };
-  auto phase_b = [&](index_t t, index_t tid, index_t nt) {
-    const index_t d0 = D * tid / nt, d1 = D * (tid + 1) / nt, n = d1 - d0;
-    if (n <= 0) return;
-    const auto yt = p.y.template slice<0>(t, t + 1).template slice<1>(d0, d1);  // [1, n]
+  // y_t's slice [d0, d1): the shared expert into sh, the kept experts accumulated into y_t
+  auto down_pass = [&](index_t t, const row_range& r, const auto& shared_down,
+                       const auto& expert_down) {
+    const auto yt = p.y.template slice<0>(t, t + 1);  // [1, D]
     if (has_shared) {
       linalg::matmul_options o{};
       o.row_scale = tensor_view<const float, 1>(sg + t, {1});
-      linalg::matmul(tensor_view<const float, 2>(hb + k * width, {1, S}),
-                     p.shared->down.template slice<0>(d0, d1),
-                     tensor_view<float, 2>(sh + d0, {1, n}), o);
+      gemv_rows(tensor_view<const float, 2>(hb + k * width, {1, S}), shared_down, r,
+                tensor_view<float, 2>(sh, {1, D}), o);
     }
     bool any = false;
     for (index_t j = 0; j < k; ++j) {
@@ -987,16 +1042,29 @@ result run_per_token(const checker& check, const problem<W>& p) {
       linalg::matmul_options o{};
       o.row_scale = tensor_view<const float, 1>(wts + a, {1});
       o.accumulate = any;
-      linalg::matmul(tensor_view<const float, 2>(hb + j * width, {1, I}),
-                     ex.down[uz(ids[a])].template slice<0>(d0, d1), yt, o);
+      gemv_rows(tensor_view<const float, 2>(hb + j * width, {1, I}), expert_down(ids[a]), r, yt, o);
       any = true;
     }
-    float* yr = yt.data();
-    const index_t ys = p.y.stride(1);
+    float* yr = yt.data() + r.r0 * p.y.stride(1);
+    const index_t ys = p.y.stride(1), n = r.r1 - r.r0;
     if (!any) {
-      for (index_t d = 0; d < n; ++d) yr[d * ys] = has_shared ? sh[d0 + d] : 0.0f;
+      for (index_t d = 0; d < n; ++d) yr[d * ys] = has_shared ? sh[r.r0 + d] : 0.0f;
     } else if (has_shared) {
-      for (index_t d = 0; d < n; ++d) yr[d * ys] = yr[d * ys] + sh[d0 + d];
+      for (index_t d = 0; d < n; ++d) yr[d * ys] = yr[d * ys] + sh[r.r0 + d];
+    }
+  };
+  auto phase_b = [&](index_t t, index_t tid, index_t nt) {
+    if (packed) {
+      const auto& d0 = ex.packed_down[0];
+      const row_range r = thread_rows(d0, tid, nt);
+      if (r.r1 <= r.r0) return;
+      down_pass(t, r, has_shared ? p.shared->packed_down : d0,
+                [&](index_t e) -> const linalg::packed_weights& { return ex.packed_down[uz(e)]; });
+    } else {
+      const row_range r = thread_rows(ex.down[0], tid, nt);
+      if (r.r1 <= r.r0) return;
+      down_pass(t, r, has_shared ? p.shared->down : ex.down[0],
+                [&](index_t e) { return ex.down[uz(e)]; });
     }
   };
 #if SEQMIX_HAS_OPENMP

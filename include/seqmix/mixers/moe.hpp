@@ -54,13 +54,17 @@ struct moe_options {
   /// share experts) the grouped form reads no more; the per-token form wins on one token (no
   /// permutation, every thread on the same GEMVs).
   index_t switch_over_t = 2;
-  /// Pack the experts' (and the shared expert's) matrices once (linalg::packed_weights, a
-  /// second copy of them): the grouped form's expert GEMMs then skip packing B per call and
-  /// expert (AMD EPYC, E = 8, top-2, D = 512, I = 1024, T = 512: 50 -> 36 ms on 1 thread,
-  /// 28 -> 19.5 on 2; docs/bench/linalg.md). Groups of > 8 rows give the unpacked grouped
-  /// form's bits (the same micro-kernel chains), smaller ones the panels' GEMV (equal to
-  /// rounding). The per-token form keeps the checkpoint layout.
-  bool pack_experts = false;
+  /// Pack the experts' (and the shared expert's) matrices once, at construction
+  /// (linalg::packed_weights): both forms then run on the panels and the weight views are not
+  /// read again. The grouped form's expert GEMMs skip packing B per call and expert (AMD EPYC,
+  /// E = 8, top-2, D = 512, I = 1024, T = 512: 42-50 -> 36 ms on 1 thread, 28-29 -> 19.5-21 on
+  /// 2; expert GEMMs 48-67 % -> 66-77 % of peak; docs/bench/linalg.md); the per-token form's
+  /// GEMVs stay within 1.2x of the weight-read bound. Costs a copy of the experts in memory (a
+  /// checkpoint's mapped pages are read once, here, and then left to the page cache) and the
+  /// packing time. Off: the views are read as stored (the grouped form packs per call).
+  /// Groups of > 8 rows give the unpacked grouped form's bits (the same micro-kernel chains),
+  /// the per-token form and smaller groups the panels' GEMV (equal to rounding).
+  bool pack_experts = true;
 
   /// MixtralSparseMoeBlock: softmax, top-k, renormalised (= softmax of the top-k logits).
   static moe_options mixtral(index_t k = 2) {
