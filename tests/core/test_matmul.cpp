@@ -164,6 +164,25 @@ void run_and_check(problem& p, const matmul_options& o, bool bf16_weights = fals
 
 }  // namespace
 
+namespace {
+
+/// call() must throw a shape_error whose message names the function `fn` (if not empty) and
+/// the argument `arg`.
+template <class F>
+void expect_arg_error(F&& call, const std::string& fn, const std::string& arg) {
+  try {
+    call();
+    FAIL("no error for argument " << arg);
+  } catch (const shape_error& e) {
+    const std::string msg = e.what();
+    INFO(msg);
+    if (!fn.empty()) REQUIRE(msg.find(fn) != std::string::npos);
+    REQUIRE(msg.find("argument '" + arg + "'") != std::string::npos);
+  }
+}
+
+}  // namespace
+
 TEST_CASE("matmul: odd sizes against a double reference", "[core][matmul]") {
   auto rng = testing::make_rng(1);
   for (index_t M : {1, 2, 3, 5, 8, 9, 13, 17, 65}) {
@@ -372,15 +391,7 @@ TEST_CASE("matmul: bad arguments throw shape_error naming them", "[core][matmul]
   const tensor_view<const float, 2> b(d + 100, {6, 8});
   const tensor_view<float, 2> c(d + 1000, {4, 6});
   auto expect = [](auto&& call, const std::string& arg) {
-    try {
-      call();
-      FAIL("no error for argument " << arg);
-    } catch (const shape_error& e) {
-      const std::string msg = e.what();
-      INFO(msg);
-      REQUIRE(msg.find("seqmix::linalg::matmul") != std::string::npos);
-      REQUIRE(msg.find("argument '" + arg + "'") != std::string::npos);
-    }
+    expect_arg_error(call, "seqmix::linalg::matmul", arg);
   };
   expect([&] { linalg::matmul(a, tensor_view<const float, 2>(d + 100, {6, 7}), c); }, "b");
   expect([&] { linalg::matmul(a, b, tensor_view<float, 2>(d + 1000, {4, 5})); }, "c");
@@ -624,16 +635,7 @@ TEST_CASE("packed_weights: copies, empty weights and bad arguments",
                  tensor_view<float, 2>(c.data() + 4, {2, 0}));
   REQUIRE(c[4] == 3.0f);
 
-  auto expect = [](auto&& call, const std::string& arg) {
-    try {
-      call();
-      FAIL("no error for argument " << arg);
-    } catch (const shape_error& e) {
-      const std::string msg = e.what();
-      INFO(msg);
-      REQUIRE(msg.find("argument '" + arg + "'") != std::string::npos);
-    }
-  };
+  auto expect = [](auto&& call, const std::string& arg) { expect_arg_error(call, "", arg); };
   std::vector<float> buf(4096, 0.5f);
   const tensor_view<const float, 2> a(buf.data(), {4, 8});
   const tensor_view<float, 2> cv(buf.data() + 1000, {4, 40});
@@ -696,15 +698,7 @@ TEST_CASE("matmul_panels: a panel range gives those columns of matmul, bit for b
   problem p(9, 40, 16, 0, rng);
   const linalg::packed_weights pw(p.bv);
   auto expect = [](auto&& call, const std::string& arg) {
-    try {
-      call();
-      FAIL("no error for argument " << arg);
-    } catch (const shape_error& e) {
-      const std::string msg = e.what();
-      INFO(msg);
-      REQUIRE(msg.find("seqmix::linalg::matmul_panels") != std::string::npos);
-      REQUIRE(msg.find("argument '" + arg + "'") != std::string::npos);
-    }
+    expect_arg_error(call, "seqmix::linalg::matmul_panels", arg);
   };
   expect([&] { linalg::matmul_panels(p.av, pw, 0, 1, p.cv); }, "a");  // M = 9 > 8
   const auto a8 = p.av.slice<0>(0, 8);
