@@ -4,11 +4,12 @@
 //
 //   seqmix-generate --model DIR --prompt-ids 1,2,3 --max-new-tokens N [--threads N]
 //                   [--dump-logits FILE.safetensors] [--temperature T --top-p P --seed S]
-//                   [--mla-cache expanded|latent]
+//                   [--mla-cache expanded|latent] [--pack-experts on|off]
 //
 // --mla-cache picks the cache of Kimi-Linear's MLA layers: the expanded K/V (default) or the
 // latent c + k_rot (17.8x less memory per token, faster decode on long contexts; other models
-// ignore it).
+// ignore it). --pack-experts off reads the MoE experts through the checkpoint's mapping instead
+// of a packed copy (default on; off for a checkpoint larger than memory).
 // Prints (stdout) `generated_ids: a,b,...` and the prefill / decode throughput; with
 // --dump-logits writes `prefill.logits` [T, V] (every prompt position) and `decode.logits`
 // [N, V] (row j: the logits that chose new token j: the prompt's last row, then each decode
@@ -37,7 +38,7 @@ namespace {
   std::cerr << "seqmix-generate: " << why << "\n"
             << "usage: seqmix-generate --model DIR --prompt-ids 1,2,3 --max-new-tokens N "
                "[--threads N] [--dump-logits FILE.safetensors] [--temperature T] [--top-p P] "
-               "[--seed S] [--mla-cache expanded|latent]\n";
+               "[--seed S] [--mla-cache expanded|latent] [--pack-experts on|off]\n";
   std::exit(2);
 }
 
@@ -119,6 +120,13 @@ int main(int argc, char** argv) {
         load.mla_cache = seqmix::layers::mla_cache::latent;
       } else {
         usage("--mla-cache expects 'expanded' or 'latent', got '" + v + "'");
+      }
+    } else if (a == "--pack-experts") {
+      const std::string v = value();
+      if (v == "on" || v == "off") {
+        load.pack_experts = v == "on";
+      } else {
+        usage("--pack-experts expects 'on' or 'off', got '" + v + "'");
       }
     } else if (a == "--seed") {
       so.seed = static_cast<std::uint64_t>(parse_int(a, value()));

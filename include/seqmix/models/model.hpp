@@ -175,6 +175,11 @@ struct load_options {
   /// (layers/mla_attention.hpp gives the memory and the measured decode speed of both). Models
   /// without MLA layers ignore it.
   std::optional<layers::mla_cache> mla_cache{};
+  /// Pack the MoE experts at load (moe_options::pack_experts; unset: its default, on): both
+  /// forms then run on the packed copy, which is resident memory of the experts' size. Off:
+  /// the experts are read through the checkpoint's mapping as stored (for a checkpoint larger
+  /// than RAM; prefill's expert GEMMs then pack per call, ~15-25 % slower).
+  std::optional<bool> pack_experts{};
 };
 
 namespace detail {
@@ -347,6 +352,7 @@ class hybrid_model {
     hybrid_model m;
     m.cfg_ = resolve_layout(cfg, ck);
     if (opt.mla_cache) m.cfg_.mla.cache = *opt.mla_cache;
+    if (opt.pack_experts) m.cfg_.moe.routing.pack_experts = *opt.pack_experts;
     m.check_tensors(ck, opt);
     const model_config& c = m.cfg_;
     const index_t D = c.hidden, V = c.vocab;
