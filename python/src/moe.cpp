@@ -2,7 +2,8 @@
 // Binding of the MoE feed-forward block (mixers/moe.hpp) with transformers' weight layout:
 // router gate.weight [E, D], experts.gate_up_proj [E, 2I, D], experts.down_proj [E, D, I],
 // optional shared expert and its sigmoid gate, e_score_correction_bias. float32 weights and
-// activations; the weights are used in place (the object keeps the arrays alive).
+// activations; the experts are packed once at construction (pack_experts=True, a copy) or used
+// in place (pack_experts=False); the object keeps the arrays alive either way.
 #include <string>
 
 #include <seqmix/mixers/moe.hpp>
@@ -22,9 +23,10 @@ class moe_object {
              index_t topk_group, float routed_scaling_factor, py::object bias,
              py::object shared_gate_proj, py::object shared_up_proj, py::object shared_down_proj,
              py::object shared_expert_gate, const std::string& activation, bool gated,
-             float capacity_factor, const std::string& drop, bool compute_losses)
+             float capacity_factor, const std::string& drop, bool compute_losses, bool pack_experts)
       : c_("seqmix.MoE", false) {
     moe<float>::options o;
+    o.pack_experts = pack_experts;
     o.top_k = top_k;
     o.renormalize = norm_topk_prob;
     o.n_group = n_group;
@@ -144,20 +146,23 @@ void bind_moe(py::module_& m) {
       "expert), transformers' weight layout, float32. Router kinds: 'softmax_topk' (Mixtral with\n"
       "norm_topk_prob=True, Qwen2/3-MoE, Qwen3-Next), 'topk_softmax' (GraniteMoe), 'sigmoid_bias'\n"
       "(DeepSeek-V3 / Kimi: e_score_correction_bias, n_group, topk_group,\n"
-      "routed_scaling_factor). Weights are used in place, not copied.")
+      "routed_scaling_factor). The experts are packed once at construction (a copy: build a new\n"
+      "object after changing them) unless pack_experts=False, which uses the arrays in place.")
       .def(py::init<py::object, py::object, py::object, index_t, const std::string&, bool, index_t,
                     index_t, float, py::object, py::object, py::object, py::object, py::object,
-                    const std::string&, bool, float, const std::string&, bool>(),
+                    const std::string&, bool, float, const std::string&, bool, bool>(),
            "router_weight"_a, "gate_up_proj"_a, "down_proj"_a, py::kw_only(), "top_k"_a = 2,
            "router"_a = "softmax_topk", "norm_topk_prob"_a = false, "n_group"_a = 1,
            "topk_group"_a = 1, "routed_scaling_factor"_a = 1.0f, "e_score_correction_bias"_a = none,
            "shared_gate_proj"_a = none, "shared_up_proj"_a = none, "shared_down_proj"_a = none,
            "shared_expert_gate"_a = none, "activation"_a = "silu", "gated"_a = true,
            "capacity_factor"_a = 0.0f, "drop"_a = "by_score", "compute_losses"_a = true,
+           "pack_experts"_a = true,
            "router_weight: [E, D] (gate.weight); gate_up_proj: [E, 2I, D] (rows 0..I-1 gate,\n"
            "I..2I-1 up; [E, I, D] when gated=False); down_proj: [E, D, I]; shared_*_proj:\n"
            "[S, D] / [S, D] / [D, S]; shared_expert_gate: [1, D]; e_score_correction_bias: [E].\n"
-           "capacity_factor: 0 = unlimited, else C = ceil(T k / E * factor).")
+           "capacity_factor: 0 = unlimited, else C = ceil(T k / E * factor). pack_experts: pack\n"
+           "the experts once (faster prefill; a copy) or read the arrays in place.")
       .def("forward", &moe_object::forward, "x"_a, "form"_a = "auto", "return_router"_a = false,
            "x: [T, D] or [B, T, D] float32. form: 'auto', 'grouped' (prefill) or 'per_token'\n"
            "(decode). Returns y (x's shape), or (y, info) with return_router=True: info has\n"

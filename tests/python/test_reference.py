@@ -319,6 +319,8 @@ def test_moe_against_torch():
     gate_up = rnd(E, 2 * I, D, gen=gen).float() * 0.2
     down = rnd(E, D, I, gen=gen).float() * 0.2
     m = seqmix.MoE(router, gate_up, down, top_k=k, norm_topk_prob=True)
+    in_place = seqmix.MoE(router, gate_up, down, top_k=k, norm_topk_prob=True,
+                          pack_experts=False)
     xd = x.double()
     p = torch.softmax(xd @ router.double().T, -1)
     w, ids = p.topk(k, -1)
@@ -334,4 +336,9 @@ def test_moe_against_torch():
         out = m.forward(x, form=form)
         assert isinstance(out, torch.Tensor)
         assert_close(out, y, 2e-5, form)
+        assert_close(in_place.forward(x, form=form), y, 2e-5, form + ", pack_experts=False")
     assert_close(m(x.reshape(1, T, D)).reshape(T, D), y, 2e-5, "[B, T, D] input")
+    # pack_experts=False reads the arrays in place: a change of the weights is seen
+    down.mul_(2.0)
+    assert_close(in_place.forward(x, form="per_token"), 2.0 * y, 4e-5, "in place after a change")
+    assert_close(m.forward(x, form="per_token"), y, 2e-5, "packed copy keeps its weights")

@@ -62,7 +62,9 @@ kernels::moe::result moe_backward(const moe_options& opt, const typename moe<W>:
   const checker check{"moe_backward"};
   // weights and options: the forward's own checks, reported under this function's name
   try {
-    const moe<W> layer(opt, w);
+    moe_options checked = opt;
+    checked.pack_experts = false;  // only the checks: no packed copy of the experts
+    const moe<W> layer(checked, w);
     (void)layer;
   } catch (const shape_error& e) {
     std::string m = e.what();
