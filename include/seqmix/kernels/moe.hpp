@@ -198,7 +198,7 @@ struct mlp_weights {
   tensor_view<const W, 2> gate{}, up{}, down{};
   bool present() const { return up.data() != nullptr; }
 
-  /// Optional packed copies for the grouped form, as expert_set::pack().
+  /// Optional packed copies for both forms, as expert_set::pack().
   linalg::packed_weights packed_gate, packed_up, packed_down;
   void pack() {
     packed_gate = gate.data() ? linalg::packed_weights(gate) : linalg::packed_weights();
@@ -865,11 +865,12 @@ namespace detail {
 struct row_range {
   index_t r0 = 0, r1 = 0;
 };
+/// N, the output rows of a [N, K] matrix in either layout.
 template <class W>
-index_t up_rows(const tensor_view<const W, 2>& m) {
+index_t out_rows(const tensor_view<const W, 2>& m) {
   return m.extent(0);
 }
-inline index_t up_rows(const linalg::packed_weights& m) {
+inline index_t out_rows(const linalg::packed_weights& m) {
   return m.rows();
 }
 /// Thread tid's slice of the N output rows of m among nt: an even split on the checkpoint
@@ -988,7 +989,7 @@ result run_per_token(const checker& check, const problem<W>& p) {
   // hidden vector(s) of one matrix pair into h (and u), the thread's slice of its rows
   auto hidden = [&](const tensor_view<const float, 2>& xt, const auto& gate, const auto& up,
                     float* h, float* u, index_t tid, index_t nt) {
-    const index_t rows = up_rows(up);
+    const index_t rows = out_rows(up);
     const row_range r = thread_rows(up, tid, nt);
     if (r.r1 <= r.r0) return;
     linalg::matmul_options first{};
